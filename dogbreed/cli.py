@@ -1,0 +1,175 @@
+"""The one typer app: each command loads config and calls one library function."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+
+from dogbreed.config import ConfigError, ScanConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Find dogs and people in photo archives and name each dog's breed.")
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/scan.yaml).")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="'default' or a model artifact folder.")]
+
+
+def _setup_logging(log_file: str | None, verbose: bool = False) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Errors a user can cause become one sentence and a documented exit code, not a traceback."""
+    from dogbreed.models import ModelError
+    from dogbreed.scan import EXIT_FAILED, EXIT_LOCKED, EXIT_REFUSED, EXIT_USAGE, ScanRefused
+    from dogbreed.store import ScanLocked
+
+    try:
+        yield
+    except (ConfigError, ModelError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    except ScanLocked as e:
+        typer.echo(f"refused: {e}", err=True)
+        raise typer.Exit(EXIT_LOCKED) from None
+    except ScanRefused as e:
+        typer.echo(f"refused: {e}", err=True)
+        raise typer.Exit(EXIT_REFUSED) from None
+    except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+
+
+def _scan_config(config: Path | None, **overrides) -> ScanConfig:
+    return load_config(ScanConfig, config, overrides)
+
+
+@app.command()
+def scan(
+    roots: Annotated[list[str], typer.Argument(help="Folders or URIs (s3://...) to scan recursively.")],
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder for Parquet runs.")] = None,
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    mode: Annotated[Optional[str], typer.Option(help="missing (new/changed only) or all.")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray address to join; default: RAY_ADDRESS or a local Ray.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be processed, change nothing.")] = False,
+    allow_empty_roots: Annotated[Optional[bool], typer.Option("--allow-empty-roots", help="Accept a root that became empty.")] = None,
+    log_file: Annotated[Optional[str], typer.Option(help="Append log lines to this file.")] = None,
+    progress: Annotated[Optional[bool], typer.Option("--progress", help="Show Ray Data progress bars.")] = None,
+) -> None:
+    """Scan photo folders into Parquet: one row per file, committed atomically; exit 0 ok, 3 bad photos, 4/5 refused."""
+    with _user_errors():
+        cfg = _scan_config(config, roots=roots, out=out, model=model, mode=mode, address=address,
+                           allow_empty_roots=allow_empty_roots, log_file=log_file, progress=progress)
+        _setup_logging(cfg.log_file)
+        from dogbreed.scan import run_scan
+
+        summary = run_scan(cfg, dry_run=dry_run)
+    logging.getLogger("dogbreed").info(summary.line())
+    typer.echo(summary.line())
+    if not dry_run:
+        typer.echo(f"Parquet: {Path(summary.out).absolute() / 'runs' / str(summary.run_id)}")
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Photo files.")],
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    annotate: Annotated[Optional[Path], typer.Option(help="Write copies with the answer drawn on them here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per photo.")] = False,
+) -> None:
+    """Print the dog-app answer per photo: 'dog: <breed> (p)', 'human: looks like <breed> (p)' or 'neither'."""
+    with _user_errors():
+        cfg = _scan_config(config, model=model)
+        from dogbreed.evaluate import analyze
+        from dogbreed.report import annotate as draw, describe
+
+        df = analyze([str(p) for p in images], cfg)
+    for row in df.to_dict("records"):
+        if as_json:
+            typer.echo(json.dumps({k: row[k] for k in ("path", "status", "error", "dog_score", "breed", "breed_prob",
+                                                         "face_count")}, default=str))
+        else:
+            typer.echo(f"{row['path']}: {describe(row)}")
+        if annotate and row["status"] not in ("error", "skipped"):
+            from PIL import Image
+
+            annotate.mkdir(parents=True, exist_ok=True)
+            with Image.open(row["path"]) as im:
+                draw(im, row).convert("RGB").save(annotate / (Path(row["path"]).stem + ".annotated.jpg"), quality=90)
+
+
+@app.command()
+def evaluate(
+    folders: Annotated[list[str], typer.Argument(help="Labelled folders: breed subfolders, or folders named humans/ or other/.")],
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """Assess the detectors and the breed classifier on labelled photos, the way the dog-app did."""
+    with _user_errors():
+        cfg = _scan_config(config, model=model)
+        from dogbreed.evaluate import evaluate as run_evaluate
+
+        figures = run_evaluate(folders, cfg)
+    if as_json:
+        typer.echo(json.dumps(figures, indent=2))
+        return
+    for key, value in figures.items():
+        typer.echo(f"{key:>24}: {value:.1%}" if isinstance(value, float) else f"{key:>24}: {value}")
+
+
+@app.command()
+def latest(
+    out_dir: Annotated[Path, typer.Argument(help="Scan output folder.")],
+    model_id: Annotated[Optional[str], typer.Option(help="Only rows of this model (default: any).")] = None,
+    csv: Annotated[Optional[Path], typer.Option(help="Write the table as CSV here.")] = None,
+    parquet: Annotated[Optional[Path], typer.Option(help="Write the table as Parquet here.")] = None,
+) -> None:
+    """The current answer per existing photo (latest successful-or-error row), as a table or file."""
+    from dogbreed.results import latest as read_latest
+
+    df = read_latest(out_dir, model_id=model_id)
+    if csv:
+        df.to_csv(csv, index=False)
+    if parquet:
+        df.to_parquet(parquet, index=False)
+    if not csv and not parquet:
+        typer.echo(df[["path", "status", "breed", "breed_prob", "dog_score", "face_count"]].to_string(index=False))
+    typer.echo(f"{len(df)} photos; " + ", ".join(f"{k} {v}" for k, v in df["status"].value_counts().items()), err=True)
+
+
+@app.command()
+def report(
+    out_dir: Annotated[Path, typer.Argument(help="Scan output folder (the one holding runs/).")],
+    html: Annotated[Path, typer.Option("--html", help="HTML file to write.")] = Path("report.html"),
+    max_gallery: Annotated[int, typer.Option(min=0, help="Most photos in the gallery, taken in turn from each status.")] = 200,
+    thumb_size: Annotated[int, typer.Option(min=32, help="Longest side of a gallery thumbnail, in pixels.")] = 320,
+) -> None:
+    """Write one self-contained HTML report of a scan: summary, breed chart, dog scores, annotated gallery, errors."""
+    from dogbreed.report import ReportError, build_report
+
+    try:
+        path = build_report(out_dir, html, max_gallery=max_gallery, thumb_size=thumb_size)
+    except ReportError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(str(path))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

@@ -1,0 +1,131 @@
+"""Typed configuration for the jobs, read from configs/*.yaml plus command-line overrides.
+
+Unknown keys and wrong types fail with the key's dotted name and the file they came from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used; the message names the key."""
+
+
+class _Strict(BaseModel):
+    # extra="forbid": a misspelt key is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class FaceConfig(_Strict):
+    """OpenCV Haar-cascade face detection, run on a downscaled grayscale copy."""
+
+    cascade: str = Field("haarcascade_frontalface_alt2.xml", description="file in cv2.data.haarcascades, or a path; alt2 has far fewer false faces on fur than _default")
+    max_side: int = Field(640, ge=64, description="longest side of the grayscale copy the cascade sees")
+    scale_factor: float = Field(1.1, gt=1.0, description="cascade pyramid step")
+    min_neighbors: int = Field(7, ge=0, description="overlapping detections a face needs; higher = fewer false faces on fur")
+    min_size: int = Field(24, ge=8, description="smallest face, in pixels of the downscaled copy")
+
+
+class DecodeConfig(_Strict):
+    """CPU decode tasks: read, orient, reduce, and detect faces."""
+
+    max_pixels: int = Field(180_000_000, ge=1, description="decompression-bomb guard on declared width*height")
+    max_bytes: int = Field(200_000_000, ge=1, description="files larger than this are refused unread")
+    timeout_s: float = Field(60.0, gt=0, description="per-photo decode limit; a slower photo becomes an error row")
+    batch_size: int = Field(16, ge=1, description="photos per decode batch")
+    concurrency: int | None = Field(None, ge=1, description="max parallel decode tasks; null = as many as CPUs allow")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per decode task")
+
+
+class InferenceConfig(_Strict):
+    """The actor pool that runs the network; one GPU per actor when the cluster has GPUs."""
+
+    batch_size: int = Field(32, ge=1, description="images per forward pass")
+    concurrency: int | None = Field(None, ge=1, description="number of actors; null = one per GPU, or 1 on CPU")
+    num_gpus: float | Literal["auto"] = Field("auto", description="GPUs per actor; auto = 1 if the cluster has GPUs, else 0")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per actor (also its torch threads on CPU)")
+
+
+class ScanConfig(_Strict):
+    """Everything the scan job needs; see configs/scan.yaml for the documented defaults."""
+
+    roots: list[str] = Field(default_factory=list, description="folders or URIs (s3://, gs://) to scan recursively")
+    out: str | None = Field(None, description="output folder (Parquet runs, manifests, lock)")
+    model: str = Field("default", description="'default' (offline EfficientNet-Lite0) or a model artifact folder")
+    address: str | None = Field(None, description="Ray address; null = RAY_ADDRESS or a local Ray started here")
+    mode: Literal["missing", "all"] = Field("missing", description="missing = only new/changed files; all = everything")
+    top_k: int = Field(3, ge=1, le=20, description="breeds kept per photo")
+    dog_threshold: float = Field(0.5, ge=0.0, le=1.0, description="dog score (probability mass on dog classes) for 'dog'")
+    count_dingo_as_dog: bool = Field(True, description="ImageNet class 273 (dingo) counts as a dog")
+    include_hidden: bool = Field(False, description="scan names starting with '.' too")
+    extensions: list[str] = Field(
+        default_factory=lambda: [".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".heic", ".heif"],
+        description="files with other extensions get a 'skipped' row and are not opened",
+    )
+    allow_empty_roots: bool = Field(False, description="accept a root that is empty although earlier runs saw files")
+    max_deleted_fraction: float = Field(0.5, ge=0.0, le=1.0, description="refuse a run that would mark more than this share of known files deleted")
+    log_file: str | None = Field(None, description="append the job's log lines here")
+    progress: bool = Field(False, description="show Ray Data progress bars")
+    face: FaceConfig = Field(default_factory=FaceConfig)
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+    node[leaf] = value
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'"
+    return f"{source}: key '{key}': {first['msg']} (got {first.get('input')!r})"
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> C:
+    """Build a `cls` config from an optional YAML file plus dotted-key overrides (None values are ignored)."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+        data = loaded
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, dotted, value)
+            if path is None:
+                source = "command-line options"
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """The resolved config as YAML, saved beside every run's output."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

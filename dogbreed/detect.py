@@ -1,0 +1,59 @@
+"""The detectors and the per-photo decision: Haar faces, the ImageNet dog score, dog/human/neither.
+
+The dog score is the softmax probability mass on ImageNet's dog classes (151-268, plus 273 dingo by
+default), not the argmax rule of the original dog-app: a photo whose mass is spread over several
+similar breeds is still clearly a dog. Breed probabilities are conditional on "dog" (renormalised over
+the breed classes), so a human's "looks like" breed is meaningful too.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import numpy as np
+
+from dogbreed.config import FaceConfig
+
+
+@lru_cache(maxsize=4)
+def _cascade(name: str):
+    import cv2
+
+    path = name if os.path.isfile(name) else os.path.join(cv2.data.haarcascades, name)
+    clf = cv2.CascadeClassifier(path)
+    if clf.empty():
+        raise ValueError(f"Haar cascade {name!r} could not be loaded")
+    return clf
+
+
+def detect_faces(gray: np.ndarray, scale: float, cfg: FaceConfig) -> list[tuple[int, int, int, int]]:
+    """Face boxes (x, y, w, h) in full-size pixels, from a downscaled grayscale copy `scale` times smaller."""
+    import cv2
+
+    found = _cascade(cfg.cascade).detectMultiScale(
+        gray, scaleFactor=cfg.scale_factor, minNeighbors=cfg.min_neighbors, minSize=(cfg.min_size, cfg.min_size)
+    )
+    return [tuple(int(round(v * scale)) for v in box) for box in (found if len(found) else [])]
+
+
+def dog_scores(imagenet_probs: np.ndarray, dog_indices: list[int]) -> np.ndarray:
+    """Probability mass on the dog classes, per row."""
+    return imagenet_probs[:, dog_indices].sum(axis=1)
+
+
+def decide(dog_score: float, face_count: int, dog_threshold: float) -> str:
+    """dog / human / dog_and_human / neither for one decoded photo."""
+    is_dog = dog_score >= dog_threshold
+    if is_dog and face_count:
+        return "dog_and_human"
+    if is_dog:
+        return "dog"
+    return "human" if face_count else "neither"
+
+
+def top_k(probs: np.ndarray, names: list[str], k: int) -> list[list[tuple[str, float]]]:
+    """Per row, the k most probable (name, prob) pairs, best first."""
+    k = min(k, probs.shape[1])
+    idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [[(names[j], float(p[j])) for j in row] for p, row in zip(probs, idx)]

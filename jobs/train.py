@@ -1,0 +1,22 @@
+"""Fine-tune a breed classifier: `ray job submit -- python jobs/train.py --config configs/train.yaml --set data=DIR --set out=DIR`."""
+
+import argparse
+
+import yaml
+
+from dogbreed.train import fit
+from dogbreed.train_config import load_train_config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="configs/train.yaml", help="YAML file of TrainConfig keys")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (YAML value)")
+    args = parser.parse_args()
+    overrides = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
+    result = fit(load_train_config(args.config, overrides))
+    print(f"model {result.model_id} written to {result.artifact_dir}: {result.metrics}")
+
+
+if __name__ == "__main__":
+    main()

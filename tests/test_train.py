@@ -1,0 +1,313 @@
+"""Tests of the fine-tuning job: loop functions on plain tensors, data splits, and real Ray Train runs on tiny data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+from dogbreed import train, train_data
+from dogbreed.config import ConfigError
+from dogbreed.models import BreedNet, ModelError, Preprocessing, create_backbone, load_artifact, save_artifact
+from dogbreed.train_config import TrainConfig, load_train_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "train.yaml"
+TINY = "test_efficientnet"  # builds offline with random weights; its ImageNet head is random, fine here
+CLASSES = ("001.Red_circle", "002.Green_square", "003.Blue_triangle")
+
+
+def _draw(shape: int, rng: np.random.Generator) -> Image.Image:
+    img = Image.new("RGB", (64, 64), tuple(int(v) for v in rng.integers(0, 60, 3)))
+    draw = ImageDraw.Draw(img)
+    x, y = (int(v) for v in rng.integers(4, 24, 2))
+    s = int(rng.integers(20, 36))
+    colour = [(220, 40, 40), (40, 200, 60), (50, 70, 230)][shape]
+    if shape == 0:
+        draw.ellipse([x, y, x + s, y + s], fill=colour)
+    elif shape == 1:
+        draw.rectangle([x, y, x + s, y + s], fill=colour)
+    else:
+        draw.polygon([(x, y + s), (x + s, y + s), (x + s // 2, y)], fill=colour)
+    return img
+
+
+def make_folders(root: Path, n: int = 12, classes=CLASSES, seed: int = 0) -> Path:
+    """3 classes x n coloured-shape photos in class-per-folder layout."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            _draw(c, rng).save(root / name / f"{i:03d}.jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    return make_folders(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> Path:
+    """Fixed random weights for the tiny backbone, so a test can tell what changed."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_file(create_backbone(TINY).state_dict(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 2**20)
+    yield
+    ray.shutdown()
+
+
+def tiny_config(data: Path, out: Path, weights: Path, **overrides) -> TrainConfig:
+    """The real configs/train.yaml, shrunk for the CPU."""
+    return load_train_config(str(CONFIG), {"data": str(data), "out": str(out), "backbone": TINY, "weights": str(weights),
+                                           "input_size": 64, "batch_size": 8, "epochs": 1, "lr": 0.01} | overrides)
+
+
+# ---- loop functions on plain tensors ------------------------------------------------------------------------
+
+
+def test_train_one_epoch_lowers_loss_on_a_learnable_problem():
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    y = (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 1).long()
+    batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 256, 32)]
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    optimizer, scheduler = train.make_optimizer([{"params": model.parameters(), "lr": 0.05}], 0.0, 5 * len(batches))
+    before = train.evaluate(model, batches, nn.CrossEntropyLoss())
+    for _ in range(5):
+        stats = train.train_one_epoch(model, batches, nn.CrossEntropyLoss(), optimizer, scheduler)
+    after = train.evaluate(model, batches, nn.CrossEntropyLoss())
+    assert stats.n == 256
+    assert after.loss < 0.6 * before.loss
+    assert after.acc > 0.85
+
+
+def test_discriminative_lrs_decrease_and_imagenet_head_stays_frozen():
+    net = BreedNet(create_backbone(TINY), 3)
+    train.set_trainable(net, 3)
+    groups = train.param_groups(net, 3, lr=1e-3, lr_decay=0.5)
+    assert [g["name"] for g in groups] == ["breed_head", "backbone_top1", "backbone_top2", "backbone_top3"]
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 5e-4, 2.5e-4, 1.25e-4])
+    in_groups = {id(p) for g in groups for p in g["params"]}
+    trainable = {id(p) for p in net.parameters() if p.requires_grad}
+    assert in_groups == trainable
+    assert not any(p.requires_grad for p in net.backbone.get_classifier().parameters())
+    assert not any(p.requires_grad for p in net.backbone.conv_stem.parameters())
+
+
+def test_freeze_trains_only_the_breed_head():
+    net = BreedNet(create_backbone(TINY), 3)
+    train.set_trainable(net, 0)
+    assert {n for n, p in net.named_parameters() if p.requires_grad} == {"breed_head.weight", "breed_head.bias"}
+    train.set_train_mode(train.BreedLogits(net))
+    assert net.breed_head.training and not net.backbone.bn1.training  # frozen BatchNorm keeps its statistics
+
+
+def test_one_cycle_schedule_warms_up_then_decays():
+    params = [nn.Parameter(torch.zeros(1))]
+    optimizer, scheduler = train.make_optimizer([{"params": params, "lr": 0.1}], 0.0, total_steps=20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step() if scheduler.last_epoch + 1 < 20 else None
+    peak = int(np.argmax(lrs))
+    assert 0 < peak < 19 and lrs[peak] == pytest.approx(0.1, rel=0.05)
+    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
+    assert lrs[-1] < lrs[0] < lrs[peak]
+
+
+# ---- data --------------------------------------------------------------------------------------------------
+
+
+def test_stratified_split_is_seeded_balanced_and_disjoint():
+    items = [(f"p{c}_{i}", c) for c in range(3) for i in range(20)]
+    a = train_data.stratified_split(items, (0.8, 0.1, 0.1), seed=1)
+    assert a == train_data.stratified_split(items, (0.8, 0.1, 0.1), seed=1)
+    assert a != train_data.stratified_split(items, (0.8, 0.1, 0.1), seed=2)
+    assert [len(p) for p in a] == [48, 6, 6]
+    assert all(sum(1 for _, y in part if y == c) == len(part) // 3 for part in a for c in range(3))
+    assert sorted(sum(a, [])) == sorted(items)
+
+
+def test_splits_for_each_folder_layout(tmp_path):
+    plain = make_folders(tmp_path / "plain", n=10, classes=("Golden_retriever", "Beagle"))
+    s = train_data.make_splits(str(plain))
+    assert s.class_names == ["Beagle", "Golden retriever"]
+    assert (len(s.train), len(s.val), len(s.test)) == (16, 2, 2)
+
+    make_folders(tmp_path / "stanford" / "Images", n=4, classes=("n02085620-Chihuahua", "n02085782-Japanese_spaniel"))
+    assert train_data.make_splits(str(tmp_path / "stanford")).class_names == ["Chihuahua", "Japanese spaniel"]
+
+    for split in ("train", "valid", "test"):
+        make_folders(tmp_path / "dogImages" / split, n=3, classes=("001.Affenpinscher", "002.Afghan_hound"))
+    s = train_data.make_splits(str(tmp_path / "dogImages"))
+    assert s.class_names == ["Affenpinscher", "Afghan hound"]
+    assert (len(s.train), len(s.val), len(s.test)) == (6, 6, 6)
+    assert all("/valid/" in p for p, _ in s.val)
+
+    plain_val = make_folders(tmp_path / "plain_val", n=2, classes=("Golden_retriever", "Beagle"), seed=1)
+    s2 = train_data.make_splits(str(plain), val_data=str(plain_val))
+    assert (len(s2.train), len(s2.val), len(s2.test)) == (18, 4, 2)  # only the test part is carved out
+    assert s2.fingerprint != train_data.make_splits(str(plain)).fingerprint
+
+
+def test_val_folder_with_an_unknown_breed_is_refused(tmp_path):
+    make_folders(tmp_path / "train", n=3, classes=("A", "B"))
+    make_folders(tmp_path / "val", n=3, classes=("A", "C"))
+    with pytest.raises(train_data.DataError, match="C"):
+        train_data.make_splits(str(tmp_path / "train"), val_data=str(tmp_path / "val"))
+
+
+def test_fingerprint_changes_with_the_photos(tmp_path):
+    root = make_folders(tmp_path / "d", n=3)
+    before = train_data.fingerprint({"data": root})
+    assert before == train_data.fingerprint({"data": root})
+    (root / CLASSES[0] / "000.jpg").unlink()
+    assert train_data.fingerprint({"data": root}) != before
+
+
+def test_decode_batch_augments_and_drops_unreadable_photos(shapes, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    paths = np.array([str(shapes / CLASSES[0] / "000.jpg"), str(bad), str(shapes / CLASSES[1] / "000.jpg")])
+    prep = Preprocessing(input_size=48)
+    out = train_data.decode_batch({"path": paths, "label": np.array([0, 0, 1])}, prep, train=False)
+    assert out["x"].shape == (2, 3, 48, 48) and out["x"].dtype == np.float32
+    assert out["label"].tolist() == [0, 1]
+    again = train_data.decode_batch({"path": paths, "label": np.array([0, 0, 1])}, prep, train=False)
+    assert np.array_equal(out["x"], again["x"])  # evaluation is deterministic
+    aug = [train_data.decode_batch({"path": paths[:1], "label": np.array([0])}, prep, train=True)["x"] for _ in range(3)]
+    assert not all(np.array_equal(aug[0], a) for a in aug[1:])  # training photos are augmented
+
+
+def test_config_rejects_unknown_keys_and_bad_modes(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'epoch'"):
+        load_train_config(str(CONFIG), {"data": "d", "out": "o", "epoch": 3})
+    with pytest.raises(ConfigError, match="mode"):
+        load_train_config(str(CONFIG), {"data": "d", "out": "o", "mode": "partial"})
+    with pytest.raises(ConfigError, match="'out' must be set"):
+        load_train_config(str(CONFIG), {"data": "d"})
+
+
+# ---- artifacts ---------------------------------------------------------------------------------------------
+
+
+def _tiny_spec():
+    from dogbreed.models import ModelSpec
+
+    return ModelSpec(backbone=TINY, class_names=["A", "B", "C"], breed_source="head",
+                     preprocessing=Preprocessing(input_size=64), training={"mode": "freeze"})
+
+
+def test_artifact_round_trip(tmp_path):
+    net = BreedNet(create_backbone(TINY), 3).eval()
+    model_id = save_artifact(net, _tiny_spec(), tmp_path)
+    loaded = load_artifact(tmp_path)
+    assert loaded.model_id == model_id and loaded.spec.breed_source == "head"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(net(x), loaded.net(x)):
+            torch.testing.assert_close(a, b)
+
+
+def test_tampered_artifact_fails_to_load(tmp_path):
+    save_artifact(BreedNet(create_backbone(TINY), 3), _tiny_spec(), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="does not match the hash"):
+        load_artifact(tmp_path)
+
+
+# ---- through Ray Train -------------------------------------------------------------------------------------
+
+
+def test_two_stage_run_through_ray_train_writes_a_usable_artifact(ray_local, shapes, tiny_weights, tmp_path):
+    cfg = tiny_config(shapes, tmp_path / "model", tiny_weights, mode="two-stage", head_epochs=1, unfreeze_blocks=1)
+    result = train.fit(cfg)
+
+    loaded = load_artifact(result.artifact_dir)
+    assert loaded.model_id == result.model_id
+    assert loaded.spec.breed_source == "head"
+    assert loaded.spec.class_names == ["Red circle", "Green square", "Blue triangle"]
+    assert loaded.spec.preprocessing.input_size == 64
+    assert loaded.spec.training["mode"] == "two-stage" and loaded.spec.training["epochs"] == 2
+    assert len(loaded.spec.training["data_fingerprint"]) == 64
+    assert 0.0 <= result.metrics["test_top1"] <= result.metrics["test_top5"] == 1.0  # 3 breeds: top-5 holds all
+
+    start = BreedNet(create_backbone(TINY, tiny_weights), 3)
+    trained, fresh = loaded.net.backbone.state_dict(), start.backbone.state_dict()
+    for name in ("classifier.weight", "classifier.bias", "conv_stem.weight", "blocks.0.0.conv_dw.weight"):
+        torch.testing.assert_close(trained[name], fresh[name])  # the dog detector and lower layers are untouched
+    assert not torch.equal(trained["conv_head.weight"], fresh["conv_head.weight"])  # the top group trained
+
+    out = result.artifact_dir
+    history = (out / "history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,stage,train_loss") and [r.split(",")[1] for r in history[1:]] == ["head", "finetune"]
+    for name in ("curves.png", "test/confusion.png", "test/confusion.csv", "test/per_breed.csv", "train_config.yaml"):
+        assert (out / name).stat().st_size > 0, name
+    assert json.loads((out / "test" / "metrics.json").read_text())["n"] == 3
+
+    again = train.evaluate_artifact(out, str(shapes))
+    assert again["n"] == 36 and len(again["per_breed"]) == 3
+
+
+def test_changed_setup_refuses_to_resume(tmp_path, shapes, tiny_weights):
+    cfg = tiny_config(shapes, tmp_path / "model", tiny_weights)
+    train._check_resume(cfg, tmp_path / "model")
+    (tmp_path / "model" / cfg.run_name).mkdir()
+    train._check_resume(cfg.model_copy(update={"num_workers": 2}), tmp_path / "model")  # resources may change
+    with pytest.raises(ConfigError, match="lr"):
+        train._check_resume(cfg.model_copy(update={"lr": 0.5}), tmp_path / "model")
+
+
+def _job(shapes: Path, out: Path, weights: Path) -> list[str]:
+    sets = {"data": shapes, "out": out, "backbone": TINY, "weights": weights, "input_size": 64, "batch_size": 8,
+            "epochs": 4, "patience": 10, "cache_features": False}
+    return [sys.executable, str(REPO / "jobs" / "train.py"), "--config", str(CONFIG),
+            *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_last_checkpoint(shapes, tiny_weights, tmp_path):
+    out = tmp_path / "model"
+    first = subprocess.Popen(_job(shapes, out, tiny_weights), cwd=REPO, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((out / "run").glob("checkpoint_*")) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(1.0)  # let the snapshot naming the checkpoint land
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray processes it started: a crashed node
+        first.wait()
+    assert not (out / "model.json").exists(), "the first run finished before it could be killed"
+
+    second = subprocess.run(_job(shapes, out, tiny_weights), cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stderr[-3000:]
+    training = load_artifact(out).spec.training
+    assert training["resumed_at_epochs"] and training["resumed_at_epochs"][0] >= 1
+    assert [int(r.split(",")[0]) for r in (out / "history.csv").read_text().splitlines()[1:]] == [1, 2, 3, 4]
