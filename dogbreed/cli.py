@@ -74,13 +74,21 @@ def scan(
         cfg = _scan_config(config, roots=roots, out=out, model=model, mode=mode, address=address,
                            allow_empty_roots=allow_empty_roots, log_file=log_file, progress=progress)
         _setup_logging(cfg.log_file)
-        from dogbreed.scan import run_scan
+        from dogbreed.scan import EXIT_OK, run_scan
 
         summary = run_scan(cfg, dry_run=dry_run)
     logging.getLogger("dogbreed").info(summary.line())
+    if dry_run:
+        for title, paths, total in (("would process", summary.would_process, summary.processed),
+                                    ("would record as deleted", summary.would_delete, summary.counts.get("deleted", 0))):
+            if total:
+                typer.echo(f"{title} ({total}, first {len(paths)}):")
+                for path in paths:
+                    typer.echo(f"  {path!r}" if not path.isprintable() else f"  {path}")
+        typer.echo(summary.line())
+        raise typer.Exit(EXIT_OK)
     typer.echo(summary.line())
-    if not dry_run:
-        typer.echo(f"Parquet: {Path(summary.out).absolute() / 'runs' / str(summary.run_id)}")
+    typer.echo(f"Parquet: {Path(summary.out).absolute() / 'runs' / str(summary.run_id)}")
     raise typer.Exit(summary.exit_code)
 
 
@@ -169,6 +177,69 @@ def report(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(str(path))
+
+
+AddressOpt = Annotated[Optional[str], typer.Option("--address", help="Ray dashboard URL, e.g. http://HEAD:8265; default: RAY_ADDRESS.")]
+
+
+@contextmanager
+def _submit_errors() -> Iterator[None]:
+    """SubmitError (no address, unreachable, token, GPUs, bad config) -> one sentence and exit 2: nothing ran."""
+    from dogbreed.submit import EXIT_NOT_SUBMITTED, SubmitError
+
+    try:
+        yield
+    except SubmitError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(EXIT_NOT_SUBMITTED) from None
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Argument(help="scan or train; the arguments after it go to jobs/<job>.py.")],
+    address: AddressOpt = None,
+    config: ConfigOpt = None,
+    follow: Annotated[bool, typer.Option("--follow/--no-follow", help="Stream the job's logs and exit as it did.")] = True,
+) -> None:
+    """Run a job on a Ray cluster through its Jobs API; paths in the arguments must exist on the cluster's nodes."""
+    from dogbreed.submit import submit as run_submit
+
+    with _submit_errors():
+        result = run_submit(job, list(ctx.args), address=address, config=config, follow=follow)
+    if follow:
+        typer.echo(f"{result.job_id}: {result.status} {result.message}".rstrip(), err=True)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def jobs(address: AddressOpt = None) -> None:
+    """List the cluster's jobs, newest first."""
+    from dogbreed.submit import list_jobs
+
+    with _submit_errors():
+        rows = list_jobs(address)
+    for r in rows:
+        typer.echo(f"{r['job_id']:<44} {r['status']:<10} {r['started']:<20} {r['entrypoint']}")
+
+
+@app.command()
+def logs(job_id: Annotated[str, typer.Argument(help="Job id from `dogbreed jobs`.")], address: AddressOpt = None) -> None:
+    """Print a job's logs so far."""
+    from dogbreed.submit import job_logs
+
+    with _submit_errors():
+        typer.echo(job_logs(job_id, address), nl=False)
+
+
+@app.command()
+def stop(job_id: Annotated[str, typer.Argument(help="Job id from `dogbreed jobs`.")], address: AddressOpt = None) -> None:
+    """Stop a running job (its scan run is discarded; the output keeps its last committed run)."""
+    from dogbreed.submit import stop_job
+
+    with _submit_errors():
+        stopped = stop_job(job_id, address)
+    typer.echo(f"{job_id}: {'stop requested' if stopped else 'already ended'}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -42,9 +42,18 @@ def dog_scores(imagenet_probs: np.ndarray, dog_indices: list[int]) -> np.ndarray
     return imagenet_probs[:, dog_indices].sum(axis=1)
 
 
-def decide(dog_score: float, face_count: int, dog_threshold: float) -> str:
-    """dog / human / dog_and_human / neither for one decoded photo."""
-    is_dog = dog_score >= dog_threshold
+def top1_is_dog(imagenet_probs: np.ndarray, dog_indices: list[int]) -> np.ndarray:
+    """Whether each row's most likely ImageNet class is a dog class."""
+    return np.isin(imagenet_probs.argmax(axis=1), dog_indices)
+
+
+def decide(dog_score: float, face_count: int, dog_threshold: float, top1_is_dog: bool = False) -> str:
+    """dog / human / dog_and_human / neither for one decoded photo.
+
+    A dog is seen when the dog mass reaches the threshold, or when the single most likely ImageNet class
+    is a dog (the classic dog-app rule), which catches dogs whose remaining mass spreads over wild canids.
+    """
+    is_dog = dog_score >= dog_threshold or top1_is_dog
     if is_dog and face_count:
         return "dog_and_human"
     if is_dog:

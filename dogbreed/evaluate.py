@@ -103,7 +103,7 @@ def evaluate(folders: list[str], cfg: ScanConfig) -> dict[str, float | int]:
     cfg = cfg.model_copy(update={"top_k": max(cfg.top_k, 5)})
     df = analyze(photos.paths, cfg)
     cat = np.array(photos.category)
-    is_dog = (df["dog_score"].fillna(0).to_numpy() >= cfg.dog_threshold)
+    is_dog = df["status"].isin(["dog", "dog_and_human"]).to_numpy()
     has_face = df["face_count"].fillna(0).to_numpy() > 0
     report: dict[str, float | int] = {"photos": len(df), "errors": int((df["status"] == "error").sum())}
     for c in ("dog", "human", "other"):

@@ -282,10 +282,13 @@ def load_artifact(model_dir: str | Path) -> LoadedModel:
     num_breeds = len(spec.class_names) if spec.breed_source == "head" else None
     net = BreedNet(backbone, num_breeds)
     state = read_weights(model_dir / WEIGHTS_FILE)
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    fits = f"{model_dir}: weights do not fit backbone {spec.backbone!r} with {num_breeds or 0} breeds"
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatch
+        raise ModelError(f"{fits} ({str(e).splitlines()[-1].strip()})") from None
     if missing or unexpected:
-        raise ModelError(f"{model_dir}: weights do not fit backbone {spec.backbone!r} with {num_breeds or 0} breeds "
-                         f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+        raise ModelError(f"{fits} (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
     return LoadedModel(net.eval(), spec, model_id)
 
 

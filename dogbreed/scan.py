@@ -31,6 +31,8 @@ from dogbreed.store import OutputStore, new_run_id, utcnow
 log = logging.getLogger("dogbreed.scan")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BAD_PHOTOS, EXIT_REFUSED, EXIT_LOCKED = 0, 1, 2, 3, 4, 5
+DRY_RUN_PREVIEW = 10  # paths a dry run lists of each kind
+DECODE_BATCHES_PER_WORKER = 200  # a decode worker process exits after this many batches (max_calls)
 
 
 class ScanRefused(RuntimeError):
@@ -61,6 +63,8 @@ class ScanSummary:
     seconds: float = 0.0
     images_per_s: float = 0.0
     dry_run: bool = False
+    would_process: list[str] = field(default_factory=list)  # dry run: the first paths a run would process
+    would_delete: list[str] = field(default_factory=list)  # dry run: the first paths it would record as deleted
 
     @property
     def exit_code(self) -> int:
@@ -68,8 +72,11 @@ class ScanSummary:
 
     def line(self) -> str:
         c = self.counts
-        head = "dry run" if self.dry_run else f"run {self.run_id}"
-        return (f"{head}: {self.listed} files, {self.processed} processed, {self.unchanged} unchanged; "
+        if self.dry_run:
+            return (f"dry run: {self.listed} files; would process {self.processed} (new, changed or not yet done "
+                    f"for model {self.model_id}), skip {self.unchanged} unchanged, record {c.get('deleted', 0)} "
+                    f"as deleted; nothing written to {self.out}")
+        return (f"run {self.run_id}: {self.listed} files, {self.processed} processed, {self.unchanged} unchanged; "
                 f"dogs {c.get('dog', 0)}, humans {c.get('human', 0)}, dog+human {c.get('dog_and_human', 0)}, "
                 f"neither {c.get('neither', 0)}, errors {c.get('error', 0)}, skipped {c.get('skipped', 0)}, "
                 f"deleted {c.get('deleted', 0)}; {self.images_per_s:.1f} images/s; {self.seconds:.1f} s; out {self.out}")
@@ -198,17 +205,23 @@ def run_pipeline(todo: list[FileEntry], cfg: ScanConfig, run_id: str, dest: Path
         _decode_stage, batch_size=cfg.decode.batch_size, batch_format="numpy", num_cpus=cfg.decode.num_cpus,
         compute=ray.data.TaskPoolStrategy(size=cfg.decode.concurrency),
         fn_kwargs=dict(prep=spec.preprocessing, face=cfg.face, decode_cfg=cfg.decode, extensions=cfg.extensions),
+        # Recycling decode workers bounds what a leak or heap fragmentation from huge photos can build up. It
+        # also makes the remote args differ from the actors', so Ray Data does not fuse decoding into the
+        # inference actors, where it would run off the main thread and the per-photo SIGALRM timeout is void.
+        max_calls=DECODE_BATCHES_PER_WORKER,
     )
     ds = ds.map_batches(
         _InferStage, batch_size=cfg.inference.batch_size, batch_format="numpy", num_gpus=num_gpus,
         # Ray Data restarts a killed actor and retries its batches (max_restarts=-1, max_task_retries=-1 by
-        # default); a killed decode task is retried by Ray (max_retries=3). Nothing is lost either way.
+        # default), as Ray retries a decode task whose worker died (max_retries=3); _verify then checks the rows.
         num_cpus=cfg.inference.num_cpus, compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs=dict(run_id=run_id, model=cfg.model, top_k=cfg.top_k, dog_threshold=cfg.dog_threshold,
                                    count_dingo=cfg.count_dingo_as_dog,
                                    num_threads=None if num_gpus else max(1, int(cfg.inference.num_cpus))),
     )
     ds.write_parquet(str(dest), min_rows_per_file=50_000, row_group_size=10_000)
+    if log.isEnabledFor(logging.DEBUG):  # where the time went, per operator (dogbreed bench reads this)
+        log.debug("Ray Data stats:\n%s", ds.stats())
 
 
 def _verify(dest: Path, todo: list[FileEntry], run_id: str) -> None:
@@ -284,6 +297,8 @@ def run_scan(cfg: ScanConfig, dry_run: bool = False) -> ScanSummary:
         summary = ScanSummary(None, str(cfg.out), model_id, plan.listed, len(plan.todo), plan.unchanged, dry_run=dry_run)
         if dry_run:
             summary.counts = {"to_process": len(plan.todo), "deleted": len(plan.deleted)}
+            summary.would_process = [e.path for e in plan.todo[:DRY_RUN_PREVIEW]]
+            summary.would_delete = plan.deleted[:DRY_RUN_PREVIEW]
             return summary
         run_id = new_run_id()
         dest = store.stage(run_id)

@@ -7,6 +7,7 @@ because the scan uses it as the dog detector.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -23,9 +24,11 @@ from dogbreed.models import BreedNet, ModelSpec, Preprocessing, create_backbone,
 from dogbreed.train_config import TrainConfig
 
 STATE_FILE = "state.pt"
+WARMUP_FRACTION = 0.3  # share of a stage's steps spent raising the lr (one-cycle); early stopping waits it out
 CONFIG_FILE = "train_config.yaml"
 # Keys that may change between a killed run and its restart without invalidating its checkpoints.
-_RESUME_FREE_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "torch_threads", "max_failures", "address", "feature_actors", "progress"}
+_RESUME_FREE_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "torch_threads", "feature_actors", "max_failures",
+                     "address", "progress"}
 
 
 # ---- what trains -------------------------------------------------------------------------------------------
@@ -53,6 +56,25 @@ def layer_groups(backbone: nn.Module) -> list[list[nn.Parameter]]:
     return [g for g in ordered if g]
 
 
+def init_breed_head(net: BreedNet, class_folders: list[str]) -> int:
+    """Warm start: copy the ImageNet classifier row of each breed that is an ImageNet class; returns how many.
+
+    The head then starts at the zero-shot ImageNet answer instead of chance; other breeds keep random rows.
+    """
+    from dogbreed.labels import imagenet_index_for
+
+    classifier = net.backbone.get_classifier()
+    copied = 0
+    with torch.no_grad():
+        for row, folder in enumerate(class_folders):
+            index = imagenet_index_for(folder)
+            if index is not None:
+                net.breed_head.weight[row].copy_(classifier.weight[index])
+                net.breed_head.bias[row].copy_(classifier.bias[index])
+                copied += 1
+    return copied
+
+
 def set_trainable(net: BreedNet, unfreeze_blocks: int) -> None:
     """Freeze the backbone except its top `unfreeze_blocks` layer groups; the breed head always trains."""
     net.backbone.requires_grad_(False)
@@ -74,7 +96,7 @@ def make_optimizer(groups: list[dict[str, Any]], weight_decay: float, total_step
     """AdamW plus a one-cycle schedule (warm-up then cosine decay) peaking at each group's own lr."""
     optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[g["lr"] for g in groups], total_steps=max(total_steps, 2), pct_start=0.3)
+        optimizer, max_lr=[g["lr"] for g in groups], total_steps=max(total_steps, 2), pct_start=WARMUP_FRACTION)
     return optimizer, scheduler
 
 
@@ -173,12 +195,14 @@ class Stage:
     epochs: int
     unfreeze: int
     from_features: bool
+    lr: float  # peak lr of the breed head; lower groups get lr * lr_decay**depth
 
 
 def stages(cfg: TrainConfig) -> list[Stage]:
     """freeze: head only; finetune: top blocks from the start; two-stage: head, then top blocks."""
-    head = Stage("head", cfg.head_epochs if cfg.mode == "two-stage" else cfg.epochs, 0, cfg.cache_features)
-    tuned = Stage("finetune", cfg.epochs, cfg.unfreeze_blocks, False)
+    head = Stage("head", cfg.head_epochs if cfg.mode == "two-stage" else cfg.epochs, 0, cfg.cache_features, cfg.lr)
+    tuned_lr = cfg.finetune_lr if cfg.mode == "two-stage" and cfg.finetune_lr else cfg.lr
+    tuned = Stage("finetune", cfg.epochs, cfg.unfreeze_blocks, False, tuned_lr)
     return {"freeze": [head], "finetune": [tuned], "two-stage": [head, tuned]}[cfg.mode]
 
 
@@ -247,7 +271,7 @@ def _run_stage(net: BreedNet, stage: Stage, state: RunState, saved: dict | None,
     device = ray.train.torch.get_device()
     set_trainable(net, stage.unfreeze)
     model = ray.train.torch.prepare_model(BreedLogits(net, stage.from_features))
-    optimizer, scheduler = make_optimizer(param_groups(net, stage.unfreeze, cfg.lr, cfg.lr_decay),
+    optimizer, scheduler = make_optimizer(param_groups(net, stage.unfreeze, stage.lr, cfg.lr_decay),
                                           cfg.weight_decay, stage.epochs * steps_per_epoch)
     if saved is not None and state.stage_epoch > 0:
         optimizer.load_state_dict(saved["optimizer"])
@@ -262,7 +286,7 @@ def _run_stage(net: BreedNet, stage: Stage, state: RunState, saved: dict | None,
         state.epoch, state.stage_epoch = state.epoch + 1, state.stage_epoch + 1
         if va.loss < state.best_val_loss:
             state.best_val_loss, state.best_epoch, state.stale, best = va.loss, state.epoch, 0, _cpu_state(net)
-        else:
+        elif state.stage_epoch > math.ceil(WARMUP_FRACTION * stage.epochs):  # a rising lr may lift val loss
             state.stale += 1
         state.stage_done = state.stale >= cfg.patience or state.stage_epoch >= stage.epochs
         metrics = {"epoch": state.epoch, "stage": stage.name, "train_loss": tr.loss, "train_acc": tr.acc,
@@ -281,7 +305,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     if not cfg.use_gpu:
         torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
-    net = BreedNet(create_backbone(cfg.backbone, cfg.weights, cfg.pretrained), config["num_classes"])
+    net = BreedNet(create_backbone(cfg.backbone, cfg.weights, cfg.pretrained), len(config["class_folders"]))
+    if cfg.head_init == "imagenet":
+        init_breed_head(net, config["class_folders"])
     net.to(ray.train.torch.get_device())
     if cfg.use_gpu:
         net.to(memory_format=torch.channels_last)
@@ -309,11 +335,13 @@ class TrainResult:
 
 
 def _init_ray(address: str | None, progress: bool = False) -> None:
+    """Join the given cluster (or RAY_ADDRESS), else start a private local Ray: never another user's `ray start`."""
     import ray
     import ray.data
 
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False)
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, **({"include_dashboard": False} if address == "local" else {}))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = ctx.enable_operator_progress_bars = progress
 
@@ -351,7 +379,7 @@ def _run_trainer(cfg: TrainConfig, out: Path, splits: train_data.Splits, prep: P
     steps = math.ceil(len(splits.train) / (cfg.num_workers * cfg.batch_size))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "num_classes": len(splits.class_folders),
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "class_folders": splits.class_folders,
                            "steps_per_epoch": steps},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
@@ -394,7 +422,8 @@ def fit(cfg: TrainConfig) -> TrainResult:
                 "val_data": cfg.val_data, "test_data": cfg.test_data, "data_fingerprint": splits.fingerprint,
                 "split_sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
                 "unfreeze_blocks": cfg.unfreeze_blocks if cfg.mode != "freeze" else 0, "lr": cfg.lr,
-                "lr_decay": cfg.lr_decay, "label_smoothing": cfg.label_smoothing, "seed": cfg.seed,
+                "lr_decay": cfg.lr_decay, "head_init": cfg.head_init,
+                "finetune_lr": cfg.finetune_lr, "label_smoothing": cfg.label_smoothing, "seed": cfg.seed,
                 "resumed_at_epochs": saved["run"]["resumed_at"]}
     spec = ModelSpec(backbone=cfg.backbone, class_names=splits.class_names, breed_source="head",
                      preprocessing=prep, metrics={"val_loss": best["val_loss"], "val_top1": best["val_acc"]},
@@ -408,9 +437,10 @@ def fit(cfg: TrainConfig) -> TrainResult:
 
 
 def evaluate_artifact(model_dir: str | Path, items: list[train_data.Item] | str, class_folders: list[str] | None = None,
-                      out_dir: str | Path | None = None, actors: int = 1, use_gpu: bool = False) -> dict[str, Any]:
+                      out_dir: str | Path | None = None, actors: int = 1, use_gpu: bool = False,
+                      address: str | None = None) -> dict[str, Any]:
     """Top-1/top-5, per-breed accuracy and confusion of an artifact on labelled photos (a class-folder path or items)."""
-    _init_ray(None)
+    _init_ray(address)
     spec, _ = read_artifact_spec(model_dir)
     if isinstance(items, (str, Path)):
         folders = class_folders or _folders_for(spec.class_names, items)

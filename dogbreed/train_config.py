@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -24,11 +25,13 @@ class TrainConfig(_Strict):
     weights: str | None = Field(None, description="local weights file; null = offline default (or random for other backbones)")
     pretrained: bool = Field(False, description="download timm hub weights (needs network)")
     input_size: int | None = Field(None, ge=32, description="square input side; null = the model's own")
+    head_init: Literal["imagenet", "random"] = Field("imagenet", description="start breed rows from the ImageNet classifier")
     mode: Literal["freeze", "finetune", "two-stage"] = Field("freeze", description="what trains; see train.yaml")
     epochs: int = Field(10, ge=1, description="epochs of the main stage (the unfrozen stage in two-stage)")
     head_epochs: int = Field(3, ge=1, description="two-stage only: head-only epochs before unfreezing")
     unfreeze_blocks: int = Field(2, ge=0, description="top layer groups of the backbone that train in finetune/two-stage")
     lr: float = Field(1e-3, gt=0, description="peak learning rate of the breed head")
+    finetune_lr: float | None = Field(None, gt=0, description="two-stage: peak head lr once unfrozen; null = lr")
     lr_decay: float = Field(0.3, gt=0, le=1.0, description="each lower layer group gets lr x lr_decay^depth")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="cross-entropy label smoothing")
@@ -57,7 +60,7 @@ class TrainConfig(_Strict):
         return self.epochs + (self.head_epochs if self.mode == "two-stage" else 0)
 
 
-def load_train_config(path: str | None = None, overrides: dict | None = None) -> TrainConfig:
+def load_train_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
     """TrainConfig from YAML plus overrides; data and out must be set by one of them."""
     cfg = load_config(TrainConfig, path, overrides)
     for key in ("data", "out"):

@@ -32,10 +32,18 @@ def write_history(history: list[dict[str, Any]], out_dir: str | Path) -> tuple[P
         writer.writerows(history)
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [h["epoch"] for h in history]
+    best = min(history, key=lambda h: h["val_loss"])["epoch"]
     for ax, metric in zip(axes, ("loss", "acc")):
         for split in ("train", "val"):
             ax.plot(epochs, [h[f"{split}_{metric}"] for h in history], marker="o", label=split)
+        ax.axvline(best, color="grey", linestyle=":", label=f"kept (epoch {best})")
+        for prev, h in zip(history, history[1:]):
+            if h["stage"] != prev["stage"]:
+                ax.axvline(h["epoch"] - 0.5, color="black", linewidth=0.8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_title({"loss": "cross-entropy loss", "acc": "top-1 accuracy"}[metric])
         ax.grid(alpha=0.3)

@@ -1,11 +1,18 @@
-"""Fine-tune a breed classifier: `ray job submit -- python jobs/train.py --config configs/train.yaml --set data=DIR --set out=DIR`."""
+"""Fine-tune a breed classifier (Ray Train) and write a model artifact.
+
+ray job submit -- python jobs/train.py --config configs/train.yaml --set data=DIR --set out=DIR
+"""
 
 import argparse
+import sys
+from pathlib import Path
 
 import yaml
 
-from dogbreed.train import fit
-from dogbreed.train_config import load_train_config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shipped working dir, when not pip-installed
+
+from dogbreed.train import fit  # noqa: E402
+from dogbreed.train_config import load_train_config  # noqa: E402
 
 
 def main() -> None:

@@ -1,0 +1,490 @@
+"""Speed benchmark (issue 6): the classic dog-app loop, the scan end to end and the stage bounds, on the same photos.
+
+Each measurement is one function returning a :class:`Measure`; :func:`run_benchmark` runs them all in one go on
+generated full-size JPEGs (real photos upscaled) and on the original small photos, and :func:`format_report`
+prints the figures. Performance targets are checked here, never in timed tests.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from dogbreed.config import ScanConfig
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SAMPLES = Path(__file__).resolve().parent / "samples"
+SOURCE_FOLDERS = ("imagewoof/val-unseen", "humans", "other")  # dogs, faces and neither, taken in turn
+CLASSIC_CASCADE = "haarcascade_frontalface_default.xml"  # what the dog-app used
+TARGET_VS_CLASSIC = 10.0  # issue 6: the scan end to end, 12-MP photos, on a 2-core CPU
+TARGET_VS_BOUND = 0.8
+
+
+@dataclass
+class Measure:
+    """One throughput figure: images over seconds, where the time went, and peak memory where measured."""
+
+    name: str
+    images: int
+    seconds: float
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage (summed over workers for the scan)
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)  # "driver", "actor", "decode worker"
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------- photos
+def find_sources(limit: int = 90) -> list[Path]:
+    """Real photos to build the benchmark from: ../shared/data when present (dogs, faces, neither in turn), else the samples."""
+    folders = [sorted(p for p in (SHARED / f).rglob("*") if p.is_file()) for f in SOURCE_FOLDERS if (SHARED / f).is_dir()]
+    if any(folders):
+        mixed = [p for group in zip(*[f for f in folders if f]) for p in group]
+        return mixed[:limit]
+    print(f"note: {SHARED} is absent; building the benchmark from the {len(list(SAMPLES.iterdir()))} bundled samples")
+    return sorted(p for p in SAMPLES.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+
+
+def make_photos(sources: list[Path], folder: Path, n: int, size: tuple[int, int] | None = None,
+                quality: int = 92, noise: float = 8.0, start: int = 0) -> list[Path]:
+    """n JPEGs in folder: the sources in turn, as they are (size None) or scaled to cover `size` and centre-cropped.
+
+    Upscaled photos get mild sensor-like noise so that their files are as large as a phone's (about 3 MB at 12 MP).
+    Photos already there are kept, so a re-run does not regenerate them.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    grain = None
+    paths = []
+    for i in range(start, start + n):
+        src = sources[i % len(sources)]
+        path = folder / f"{i:04d}_{src.stem}.jpg"
+        paths.append(path)
+        if path.exists():
+            continue
+        im = Image.open(src).convert("RGB")
+        if size is not None:
+            s = max(size[0] / im.width, size[1] / im.height)
+            im = im.resize((round(im.width * s), round(im.height * s)), Image.Resampling.BICUBIC)
+            left, top = (im.width - size[0]) // 2, (im.height - size[1]) // 2
+            im = im.crop((left, top, left + size[0], top + size[1]))
+            if noise:
+                if grain is None:
+                    grain = np.random.default_rng(0).normal(0, noise, (size[1], size[0], 3)).astype(np.int16)
+                im = Image.fromarray(np.clip(np.asarray(im, np.int16) + grain, 0, 255).astype(np.uint8))
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=quality)
+        path.write_bytes(buf.getvalue())
+    return paths
+
+
+# ------------------------------------------------------------------------------------------ memory
+def _status_kb(pid: int | str, key: str) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return 0.0
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """pid -> command line of every process below root (Ray's raylet and its workers, for a local Ray)."""
+    parent, cmd = {}, {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    cmd[int(d)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, IndexError, ValueError):
+                continue
+    out, todo = {}, [root]
+    while todo:
+        p = todo.pop()
+        for child, par in parent.items():
+            if par == p and child not in out:
+                out[child] = cmd.get(child, "")
+                todo.append(child)
+    return out
+
+
+class PeakMemory:
+    """Peak RSS (MiB) of this driver and of the Ray worker processes below it while the block runs.
+
+    The driver's peak is the kernel's high-water mark (reset on entry); workers are sampled every `every` s,
+    the inference actor ("MapWorker") apart from the decode task workers.
+    """
+
+    def __init__(self, every: float = 0.2):
+        self.every, self.peaks = every, {"driver": 0.0, "actor": 0.0, "decode worker": 0.0}
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        for pid, cmd in _descendants(os.getpid()).items():
+            if not cmd.startswith("ray::") or "Dashboard" in cmd or "RuntimeEnv" in cmd:
+                continue
+            kind = "actor" if "MapWorker" in cmd else "decode worker"
+            self.peaks[kind] = max(self.peaks[kind], _status_kb(pid, "VmRSS") / 1024)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def __enter__(self) -> "PeakMemory":
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM: the peak of this block, not of the whole benchmark
+        except OSError:
+            pass
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peaks["driver"] = _status_kb("self", "VmHWM") / 1024
+
+
+# ------------------------------------------------------------------------------------ measurements
+def classic_loop(paths: list[Path], model: str = "default") -> Measure:
+    """The dog-app loop: full PIL decode, default Haar cascade on the full-size gray image, then batch-of-one
+    forward passes, one for the dog detector and another for the breed (each with its own preprocessing)."""
+    import cv2
+    import torch
+    from torchvision import transforms as T
+
+    from dogbreed import labels
+    from dogbreed.models import load_model
+
+    loaded = load_model(model)
+    net, prep = loaded.net.eval(), loaded.spec.preprocessing
+    cascade = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, CLASSIC_CASCADE))
+    to_tensor = T.Compose([T.Resize(prep.resize_to), T.CenterCrop(prep.input_size), T.ToTensor(),
+                           T.Normalize(prep.mean, prep.std)])
+    dogs = labels.dog_class_indices(False)
+    stages = {"decode": 0.0, "faces": 0.0, "model": 0.0}
+    dogs_seen = 0
+    t_all = time.perf_counter()
+    for path in paths:
+        t0 = time.perf_counter()
+        rgb = Image.open(path).convert("RGB")
+        t1 = time.perf_counter()
+        cascade.detectMultiScale(cv2.cvtColor(np.asarray(rgb), cv2.COLOR_RGB2GRAY))
+        t2 = time.perf_counter()
+        with torch.no_grad():  # each detector preprocesses the photo itself, as the app's functions did
+            imagenet, _ = net(to_tensor(rgb).unsqueeze(0))  # dog detector: is the top class a dog?
+            dogs_seen += dogs[0] <= int(imagenet.argmax()) <= dogs[-1]
+            net(to_tensor(rgb).unsqueeze(0))  # breed classifier: a second batch-of-one pass, for every photo
+        stages["decode"] += t1 - t0
+        stages["faces"] += t2 - t1
+        stages["model"] += time.perf_counter() - t2
+    return Measure(f"classic loop ({dogs_seen} dogs)", len(paths), time.perf_counter() - t_all, stages)
+
+
+@dataclass
+class _Threads:
+    """Pin torch's and OpenCV's thread pools for one measurement, then restore them."""
+
+    n: int | None
+
+    def __enter__(self) -> None:
+        import cv2
+        import torch
+
+        self._saved = torch.get_num_threads(), cv2.getNumThreads()
+        if self.n:
+            torch.set_num_threads(self.n)
+            cv2.setNumThreads(self.n)
+
+    def __exit__(self, *exc) -> None:
+        import cv2
+        import torch
+
+        torch.set_num_threads(self._saved[0])
+        cv2.setNumThreads(self._saved[1])
+
+
+def decode_only(paths: list[Path], cfg: ScanConfig) -> tuple[Measure, list]:
+    """Read + reduced decode + model crop + face copy, one photo at a time on one core; also returns the decoded photos."""
+    from dogbreed.images import decode, read_bytes
+    from dogbreed.models import describe_model
+
+    prep = describe_model(cfg.model)[0].preprocessing
+    with _Threads(1):
+        t = time.perf_counter()
+        decoded = [decode(read_bytes(str(p), cfg.decode.max_bytes), prep, cfg.face.max_side, cfg.decode.max_pixels)
+                   for p in paths]
+        seconds = time.perf_counter() - t
+    return Measure("decode only (1 core)", len(paths), seconds, {"decode": seconds}), decoded
+
+
+def faces_only(decoded: list, cfg: ScanConfig) -> Measure:
+    """The project's Haar cascade on the decoded face copies, on one core."""
+    from dogbreed import detect
+
+    with _Threads(1):
+        detect._cascade(cfg.face.cascade)
+        t = time.perf_counter()
+        for d in decoded:
+            detect.detect_faces(d.gray, d.gray_scale, cfg.face)
+        seconds = time.perf_counter() - t
+    return Measure("faces only (1 core)", len(decoded), seconds, {"faces": seconds})
+
+
+def model_only(decoded: list, cfg: ScanConfig, predictor, threads: int | None) -> Measure:
+    """BreedPredictor's batched forward pass on the 224-px crops (threads None = the library default)."""
+    crops = np.stack([d.model_input for d in decoded])
+    b = cfg.inference.batch_size
+    with _Threads(threads):
+        predictor._forward(crops[:b])  # warm-up: first-call allocations are not throughput
+        t = time.perf_counter()
+        for i in range(0, len(crops), b):
+            predictor._forward(crops[i:i + b])
+        seconds = time.perf_counter() - t
+    label = f"{threads} core" + ("s" if threads and threads > 1 else "") if threads else "all cores"
+    return Measure(f"model only ({label})", len(crops), seconds, {"model": seconds})
+
+
+def in_process(paths: list[Path], cfg: ScanConfig, predictor) -> Measure:
+    """The in-process stage bound: the scan's own Decoder and BreedPredictor in one loop in this process (reduced
+    decode, Haar on the small copy, one batched pass per inference batch), libraries at their default threads."""
+    from dogbreed.predictors import Decoder
+
+    decoder = Decoder(predictor.spec.preprocessing, cfg.face, cfg.decode)
+    b = cfg.inference.batch_size
+    stages = {"decode+faces": 0.0, "model": 0.0}
+    t_all = time.perf_counter()
+    for i in range(0, len(paths), b):
+        chunk = [str(p) for p in paths[i:i + b]]
+        t0 = time.perf_counter()
+        batch = decoder({"path": np.array(chunk, dtype=object), "size_bytes": np.zeros(len(chunk), np.int64),
+                         "mtime_ns": np.zeros(len(chunk), np.int64)})
+        t1 = time.perf_counter()
+        predictor(batch)
+        stages["decode+faces"] += t1 - t0
+        stages["model"] += time.perf_counter() - t1
+    return Measure("in-process loop", len(paths), time.perf_counter() - t_all, stages)
+
+
+def ray_startup(num_cpus: int | None = None) -> float:
+    """Seconds to start a private local Ray (it stays up for the scans; ray_shutdown() times the other end)."""
+    import ray
+
+    if ray.is_initialized():
+        raise RuntimeError("Ray is already initialised in this process; the benchmark times its own local Ray")
+    t = time.perf_counter()
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    return time.perf_counter() - t
+
+
+def ray_shutdown() -> float:
+    import ray
+
+    t = time.perf_counter()
+    ray.shutdown()
+    return time.perf_counter() - t
+
+
+class _StatsLog:
+    """Catches the Ray Data stats that run_pipeline logs at DEBUG, to tell where a scan's time went."""
+
+    def __enter__(self) -> "_StatsLog":
+        import logging
+
+        self.text, self._log = "", logging.getLogger("dogbreed.scan")
+        outer = self
+
+        class _Catch(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if record.getMessage().startswith("Ray Data stats"):
+                    outer.text = record.getMessage()
+
+        self._handler, self._level = _Catch(logging.DEBUG), self._log.level
+        self._log.addHandler(self._handler)
+        self._log.setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._log.removeHandler(self._handler)
+        self._log.setLevel(self._level)
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Remote wall seconds per Ray Data operator, summed over its tasks ("Operator 1 MapBatches(...): ...")."""
+        out, op = {}, None
+        for line in self.text.splitlines():
+            if line.startswith("Operator "):
+                op = line.split(":", 1)[0].split(" ", 2)[-1]
+            elif op and "Remote wall time" in line:
+                out[op] = _seconds(line.rsplit(",", 1)[-1].replace("total", "").strip())
+        return out
+
+
+def _seconds(text: str) -> float:
+    for unit, scale in (("us", 1e-6), ("ms", 1e-3), ("s", 1.0)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * scale
+    return float("nan")
+
+
+def scan(roots: list[Path], out: Path, cfg: ScanConfig) -> Measure:
+    """run_scan end to end on a fresh output folder, in the Ray already started (images/s excludes Ray's own startup)."""
+    from dogbreed.scan import run_scan
+
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = cfg.model_copy(update={"roots": [str(r) for r in roots], "out": str(out), "mode": "missing"})
+    with PeakMemory() as mem, _StatsLog() as stats:
+        t = time.perf_counter()
+        summary = run_scan(cfg)
+        seconds = time.perf_counter() - t
+    if summary.counts.get("error", 0):
+        raise RuntimeError(f"benchmark scan had errors: {summary.line()}")
+    return Measure(f"scan of {summary.processed}", summary.processed, seconds, stats.stage_seconds(), dict(mem.peaks))
+
+
+# ------------------------------------------------------------------------------------------- the run
+@dataclass
+class SizeResult:
+    """Every figure for one kind of photo (12-MP or the small originals)."""
+
+    label: str
+    mean_mb: float
+    measures: dict[str, Measure]  # classic, scan_n, scan_3n, decode, faces, model_1, model_all, in_process
+    ray_overhead_s: float  # Ray start + stop, charged to the "with startup" figure
+    cores: int
+
+    def rate(self, key: str) -> float:
+        return self.measures[key].images_per_s
+
+    @property
+    def scan_with_startup(self) -> float:
+        m = self.measures["scan_3n"]
+        return m.images / (m.seconds + self.ray_overhead_s)
+
+    @property
+    def scan_marginal(self) -> float:
+        """images/s between the two archive sizes: the scan's steady rate, without its fixed costs."""
+        a, b = self.measures["scan_n"], self.measures["scan_3n"]
+        return (b.images - a.images) / (b.seconds - a.seconds) if b.seconds > a.seconds else float("inf")
+
+    @property
+    def ideal_bound(self) -> float:
+        """All cores busy on the per-photo work with no overhead: cores / (decode + faces + model seconds per photo, 1 core)."""
+        per_photo = sum(1.0 / self.rate(k) for k in ("decode", "faces", "model_1"))
+        return self.cores / per_photo
+
+    @property
+    def best_bound(self) -> float:
+        return max(self.rate("in_process"), self.ideal_bound)
+
+    def ratios(self) -> dict[str, float]:
+        scan = self.rate("scan_3n")
+        return {"scan / classic": scan / self.rate("classic"), "scan / in-process": scan / self.rate("in_process"),
+                "scan / best bound": scan / self.best_bound}
+
+
+@dataclass
+class BenchReport:
+    sizes: list[SizeResult]
+    ray_start_s: float
+    ray_stop_s: float
+    load: list[tuple[str, float]]  # (moment, 1-minute load average) through the run
+    cores: int
+
+
+def _load(moments: list[tuple[str, float]], what: str) -> None:
+    moments.append((what, os.getloadavg()[0]))
+
+
+def run_benchmark(workdir: Path, cfg: ScanConfig, n: int = 60, classic_n: int = 8, size: tuple[int, int] = (4000, 3000),
+                  quality: int = 92, sources: list[Path] | None = None, small: bool = True,
+                  log: Callable[[str], None] = print) -> BenchReport:
+    """Generate the photos in workdir, then measure everything on them in one run (scans first, on a fresh Ray)."""
+    from dogbreed.predictors import BreedPredictor
+
+    sources = sources or find_sources()
+    cores = int(os.cpu_count() or 1)
+    kinds = [(f"{size[0]}x{size[1]} JPEG q{quality}", size)] + ([("small (the originals)", None)] if small else [])
+    folders = {}
+    for label, sz in kinds:
+        base = workdir / ("full" if sz else "small")
+        log(f"photos: {label} in {base}")
+        folders[label] = (make_photos(sources, base / "a", n, sz, quality),
+                          make_photos(sources, base / "b", 2 * n, sz, quality, start=n))
+    load: list[tuple[str, float]] = []
+    _load(load, "start")
+    measures: dict[str, dict[str, Measure]] = {label: {} for label, _ in kinds}
+    start_s = ray_startup(cores)
+    try:
+        for label, _ in kinds:
+            a, b = folders[label]
+            log(f"scan: {label}")
+            measures[label]["scan_n"] = scan([a[0].parent], workdir / "out", cfg)
+            measures[label]["scan_3n"] = scan([a[0].parent, b[0].parent], workdir / "out", cfg)
+            _load(load, f"after scans, {label}")
+    finally:
+        stop_s = ray_shutdown()
+    predictor = BreedPredictor(cfg.model, cfg.top_k, cfg.dog_threshold, cfg.count_dingo_as_dog)
+    results = []
+    for label, _ in kinds:
+        a, _b = folders[label]
+        m = measures[label]
+        log(f"stage bounds: {label}")
+        m["decode"], decoded = decode_only(a, cfg)
+        m["faces"] = faces_only(decoded, cfg)
+        m["model_1"] = model_only(decoded, cfg, predictor, 1)
+        m["model_all"] = model_only(decoded, cfg, predictor, None)
+        m["in_process"] = in_process(a, cfg, predictor)
+        log(f"classic loop: {label}")
+        m["classic"] = classic_loop(a[:classic_n], cfg.model)
+        _load(load, f"after bounds, {label}")
+        mean_mb = float(np.mean([p.stat().st_size for p in a])) / 1e6
+        results.append(SizeResult(label, mean_mb, m, start_s + stop_s, cores))
+    return BenchReport(results, start_s, stop_s, load, cores)
+
+
+_ROWS = [("classic", "classic loop (full decode, Haar on full size, 2 x batch-1 forward)"),
+         ("scan_n", "scan end to end, N photos"), ("scan_3n", "scan end to end, 3N photos"),
+         ("decode", "decode only, 1 core"), ("faces", "faces only, 1 core"), ("model_1", "model only, 1 core"),
+         ("model_all", "model only, all cores"), ("in_process", "in-process loop (stage bound)")]
+
+
+def _ok(met: bool) -> str:
+    return "met" if met else "MISSED"
+
+
+def format_report(report: BenchReport) -> str:
+    """The figures as a plain-text table per kind of photo."""
+    lines = [f"machine: {report.cores} cores; Ray start {report.ray_start_s:.1f} s, stop {report.ray_stop_s:.1f} s",
+             "load (1-min average, this benchmark included): " + ", ".join(f"{w} {v:.2f}" for w, v in report.load)]
+    for r in report.sizes:
+        m = r.measures
+        lines += ["", f"{r.label}: N = {m['scan_n'].images}, mean file {r.mean_mb:.2f} MB",
+                  f"  {'measurement':<66}{'photos':>7}{'seconds':>9}{'images/s':>10}  where the time goes (s)"]
+        for key, title in _ROWS:
+            x = m[key]
+            where = ", ".join(f"{k} {v:.1f}" for k, v in x.stages.items())
+            lines.append(f"  {title:<66}{x.images:>7}{x.seconds:>9.1f}{x.images_per_s:>10.2f}  {where}")
+        lines += [f"  {'scan, 3N, with Ray start + stop':<82}{r.scan_with_startup:>10.2f}",
+                  f"  {'scan, marginal rate between N and 3N (no fixed costs)':<82}{r.scan_marginal:>10.2f}",
+                  f"  {'ideal pipeline bound: cores / (decode + faces + model s per photo)':<82}{r.ideal_bound:>10.2f}",
+                  "  ratios (scan = 3N, without Ray start): " + ", ".join(f"{k} {v:.2f}" for k, v in r.ratios().items()),
+                  f"  targets: scan >= {TARGET_VS_CLASSIC:g} x classic: {_ok(r.ratios()['scan / classic'] >= TARGET_VS_CLASSIC)}; "
+                  f"scan >= {TARGET_VS_BOUND:.0%} of the in-process bound: {_ok(r.ratios()['scan / in-process'] >= TARGET_VS_BOUND)}",
+                  "  peak RSS MiB: " + "; ".join(
+                      f"{k}: " + ", ".join(f"{w} {v:.0f}" for w, v in m[k].peak_rss_mb.items())
+                      for k in ("scan_n", "scan_3n"))]
+    return "\n".join(lines)

@@ -1,0 +1,245 @@
+"""Running the jobs on a Ray cluster through its Jobs API: ship the project, follow the logs, exit as the job did.
+
+`dogbreed submit scan|train`, `dogbreed jobs`, `dogbreed logs` and `dogbreed stop` call the functions here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import socket
+import sys
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+from urllib.parse import urlsplit
+
+import yaml
+
+from dogbreed.config import ConfigError, ScanConfig, load_config
+
+JOBS = {"scan": ("jobs/scan.py", "configs/scan.yaml"), "train": ("jobs/train.py", "configs/train.yaml")}
+
+# Never shipped: environments, outputs, caches and tests. Ray also honours the project's .gitignore.
+EXCLUDES = [".venv/", "venv/", ".git/", "out/", "build/", "bench-out/", "tests/", "shared/", "tmp_*",
+            "**/__pycache__/", "*.egg-info/", ".pytest_cache/", "*.parquet", "*.html"]
+
+# What `dogbreed submit` exits with when the job never gave an exit code of its own.
+EXIT_OK, EXIT_FAILED, EXIT_NOT_SUBMITTED, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 6, 130
+
+_ADDRESS_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # Ray's own, in Ray's order of precedence
+
+
+class SubmitError(RuntimeError):
+    """The job could not be submitted or looked up (no address, cluster unreachable, bad config, too few GPUs)."""
+
+
+@dataclass
+class JobOutcome:
+    """How a submitted job ended; `exit_code` is what `dogbreed submit` exits with."""
+
+    job_id: str
+    status: str
+    exit_code: int
+    message: str = ""
+
+
+def resolve_address(address: str | None) -> str:
+    """The dashboard address: the given one, else $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS."""
+    for value in (address, *(os.environ.get(v) for v in _ADDRESS_VARS)):
+        if value:
+            return value if "://" in value else f"http://{value}"
+    raise SubmitError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+
+
+def _auth_headers(token: str | None) -> dict[str, str] | None:
+    """A bearer token for clusters started with RAY_AUTH_MODE=token.
+
+    Ray's client adds the token itself only when this process has RAY_AUTH_MODE=token; a token given
+    here or in $RAY_AUTH_TOKEN is sent either way (a cluster without authentication ignores it).
+    """
+    token = token or os.environ.get("RAY_AUTH_TOKEN")
+    if not token and os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text(encoding="utf-8").strip()
+    return {"Authorization": f"Bearer {token}"} if token else None
+
+
+@contextmanager
+def _address_env_cleared() -> Iterator[None]:
+    # JobSubmissionClient lets $RAY_ADDRESS override an explicit address; an explicit --address must win.
+    saved = {v: os.environ.pop(v) for v in _ADDRESS_VARS if v in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def connect(address: str | None = None, token: str | None = None, timeout_s: float = 10.0):
+    """A JobSubmissionClient for the cluster, or SubmitError naming the address it could not reach."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    url = resolve_address(address)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SubmitError(f"cluster address {url} is not a dashboard URL like http://HEAD:8265")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:  # a quick probe: the Jobs client itself has no connect timeout and can hang for minutes
+        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise SubmitError(f"cannot reach the Ray dashboard at {url} ({e.strerror or e}); "
+                          "is the head running and its dashboard port open to you?") from None
+    try:
+        with _address_env_cleared():
+            return JobSubmissionClient(url, headers=_auth_headers(token))
+    except AuthenticationError:
+        raise SubmitError(f"the cluster at {url} requires a token: set RAY_AUTH_TOKEN (or RAY_AUTH_MODE=token "
+                          "with ~/.ray/auth_token) to the cluster's token") from None
+    except (ConnectionError, RuntimeError) as e:
+        raise SubmitError(f"the Ray dashboard at {url} did not answer as a Jobs API: {e}") from None
+
+
+def project_root() -> Path:
+    """The folder holding jobs/ and configs/: beside the dogbreed package (editable install), else the cwd."""
+    for candidate in (Path(__file__).resolve().parents[1], Path.cwd()):
+        if (candidate / "jobs" / "scan.py").is_file() and (candidate / "dogbreed").is_dir():
+            return candidate
+    raise SubmitError("cannot find the project folder (with jobs/ and dogbreed/): run this from your checkout")
+
+
+def _overrides(args: list[str]) -> dict[str, Any]:
+    """`--set key=value` pairs among pass-through train arguments (for the GPU check)."""
+    pairs = [b for a, b in zip(args, args[1:]) if a == "--set"] + [a[6:] for a in args if a.startswith("--set=")]
+    return {k: yaml.safe_load(v) for k, _, v in (p.partition("=") for p in pairs)}
+
+
+def gpus_wanted(kind: str, config: Path, args: list[str]) -> float:
+    """GPUs the job insists on (0 when it adapts to what it finds); also validates the config file locally."""
+    if kind == "scan":
+        num_gpus = load_config(ScanConfig, config).inference.num_gpus
+        return 0.0 if num_gpus == "auto" else float(num_gpus)
+    from dogbreed.train_config import TrainConfig
+
+    cfg = load_config(TrainConfig, config, _overrides(args))
+    return float(cfg.num_workers) if cfg.use_gpu else 0.0
+
+
+def cluster_gpus(client) -> float:
+    """GPUs on the cluster's alive nodes now, from the dashboard's state API (an autoscaler may add more later)."""
+    r = client._do_request("GET", "/api/v0/nodes?limit=10000&detail=true")  # same auth and TLS as the client
+    if r.status_code != 200:
+        raise SubmitError(f"cannot list the cluster's nodes: HTTP {r.status_code}")
+    nodes = r.json()["data"]["result"]["result"]
+    return sum(n.get("resources_total", {}).get("GPU", 0) for n in nodes if n.get("state") == "ALIVE")
+
+
+def entrypoint(kind: str, config: Path, args: list[str], root: Path) -> str:
+    """The shell command the cluster runs: the job script with the shipped config and the pass-through args."""
+    script, _ = JOBS[kind]
+    try:
+        rel = config.resolve().relative_to(root)
+    except ValueError:
+        raise SubmitError(f"config {config} is outside the project folder {root} that is shipped to the cluster; "
+                          "put it under configs/") from None
+    return shlex.join(["python", script, "--config", rel.as_posix(), *args])
+
+
+def runtime_env(root: Path) -> dict[str, Any]:
+    """Ship the project as the job's working dir: it is the driver's cwd and on every worker's PYTHONPATH."""
+    return {"working_dir": str(root), "excludes": EXCLUDES, "env_vars": {"PYTHONUNBUFFERED": "1"}}
+
+
+def submit(kind: str, args: list[str], address: str | None = None, config: str | Path | None = None,
+           follow: bool = True, token: str | None = None, out: TextIO | None = None) -> JobOutcome:
+    """Submit `jobs/<kind>.py --config CONFIG ARGS...`; with follow, stream its logs and wait for the outcome."""
+    if kind not in JOBS:
+        raise SubmitError(f"unknown job {kind!r}: choose one of {', '.join(JOBS)}")
+    root = project_root()
+    config = Path(config) if config else root / JOBS[kind][1]
+    try:
+        wanted = gpus_wanted(kind, config, args)
+    except ConfigError as e:
+        raise SubmitError(str(e)) from None
+    command = entrypoint(kind, config, args, root)
+    client = connect(address, token)
+    if wanted and (have := cluster_gpus(client)) < wanted:
+        raise SubmitError(f"the config asks for {wanted:g} GPUs but the cluster has {have:g}; "
+                          "add GPU workers or set the job to use none")
+    job_id = f"dogbreed-{kind}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+    client.submit_job(entrypoint=command, submission_id=job_id, runtime_env=runtime_env(root),
+                      metadata={"dogbreed_job": kind})
+    out = out or sys.stdout
+    print(f"submitted {job_id}: {command}", file=out, flush=True)
+    if not follow:
+        return JobOutcome(job_id, "PENDING", EXIT_OK, "not followed")
+    return follow_job(client, job_id, out)
+
+
+def follow_job(client, job_id: str, out: TextIO) -> JobOutcome:
+    """Stream a job's logs until it ends; Ctrl-C stops following but leaves the job running."""
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    try:
+        asyncio.run(tail())
+    except KeyboardInterrupt:
+        print(f"\nstopped following; {job_id} keeps running (dogbreed stop {job_id} stops it)", file=out)
+        return JobOutcome(job_id, "RUNNING", EXIT_INTERRUPTED, "interrupted")
+    return outcome(client, job_id)
+
+
+def outcome(client, job_id: str) -> JobOutcome:
+    """The job's status mapped to an exit code: the driver's own where Ray recorded it."""
+    info = client.get_job_info(job_id)
+    status = _status(info.status)
+    code = getattr(info, "driver_exit_code", None)
+    if status == "SUCCEEDED":
+        exit_code = code or EXIT_OK
+    elif status == "FAILED":
+        exit_code = code if code else EXIT_FAILED
+    elif status == "STOPPED":
+        exit_code = EXIT_STOPPED
+    else:
+        exit_code = EXIT_FAILED
+    return JobOutcome(job_id, status, exit_code, info.message or "")
+
+
+def list_jobs(address: str | None = None, token: str | None = None) -> list[dict[str, Any]]:
+    """The cluster's jobs, newest first: id, status, start time (UTC), entrypoint."""
+    rows = []
+    for j in connect(address, token).list_jobs():
+        started = datetime.fromtimestamp(j.start_time / 1000, timezone.utc) if j.start_time else None
+        rows.append({"job_id": j.submission_id or j.job_id, "status": _status(j.status),
+                     "started": f"{started:%Y-%m-%d %H:%M:%S}" if started else "", "entrypoint": j.entrypoint})
+    return sorted(rows, key=lambda r: r["started"], reverse=True)
+
+
+def job_logs(job_id: str, address: str | None = None, token: str | None = None) -> str:
+    """A job's logs so far."""
+    client = connect(address, token)
+    _check_known(client, job_id)
+    return client.get_job_logs(job_id)
+
+
+def stop_job(job_id: str, address: str | None = None, token: str | None = None) -> bool:
+    """Ask the cluster to stop a job; False when it had already ended."""
+    client = connect(address, token)
+    _check_known(client, job_id)
+    return client.stop_job(job_id)
+
+
+def _check_known(client, job_id: str) -> None:
+    try:
+        client.get_job_info(job_id)
+    except RuntimeError:
+        raise SubmitError(f"the cluster has no job {job_id!r} (see `dogbreed jobs`)") from None
+
+
+def _status(status: Any) -> str:
+    return str(getattr(status, "value", status))

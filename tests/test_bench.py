@@ -1,0 +1,47 @@
+"""The speed benchmark produces every figure on a few tiny photos; no timing is asserted (targets live in the benchmark)."""
+
+import math
+
+import pytest
+from PIL import Image
+
+from dogbreed import bench
+
+KEYS = ("classic", "scan_n", "scan_3n", "decode", "faces", "model_1", "model_all", "in_process")
+
+
+def test_make_photos_scales_crops_and_keeps_existing_files(tmp_path, write_photo):
+    sources = [write_photo(tmp_path / "src" / f"s{i}.png", seed=i, size=(40, 30 + 10 * i)) for i in range(2)]
+    paths = bench.make_photos(sources, tmp_path / "full", 3, size=(64, 48))
+    assert [Image.open(p).size for p in paths] == [(64, 48)] * 3
+    assert paths[2].name.endswith("_s0.jpg")  # sources are taken in turn
+    stamp = paths[0].stat().st_mtime_ns
+    assert bench.make_photos(sources, tmp_path / "full", 3, size=(64, 48)) == paths
+    assert paths[0].stat().st_mtime_ns == stamp  # a re-run does not regenerate
+
+
+def test_benchmark_produces_every_figure(tmp_path, write_photo, scan_config):
+    sources = [write_photo(tmp_path / "src" / f"s{i}.jpg", seed=i) for i in range(3)]
+    cfg = scan_config([], tmp_path / "unused")
+    report = bench.run_benchmark(tmp_path / "work", cfg, n=2, classic_n=2, size=(320, 240), sources=sources,
+                                 small=False, log=lambda line: None)
+    assert report.ray_start_s > 0 and report.ray_stop_s > 0 and report.load
+    (r,) = report.sizes
+    for key in KEYS:
+        m = r.measures[key]
+        assert m.images > 0 and m.seconds > 0 and m.images_per_s > 0 and m.stages, key
+        assert all(v >= 0 for v in m.stages.values()), key
+    assert (r.measures["scan_n"].images, r.measures["scan_3n"].images) == (2, 6)
+    for key in ("scan_n", "scan_3n"):
+        assert any("_decode_stage" in k for k in r.measures[key].stages)  # Ray Data's per-operator seconds
+        assert all(r.measures[key].peak_rss_mb[k] > 0 for k in ("driver", "actor", "decode worker"))
+    scan = r.rate("scan_3n")
+    ratios = r.ratios()
+    assert ratios["scan / classic"] == pytest.approx(scan / r.rate("classic"))
+    assert ratios["scan / in-process"] == pytest.approx(scan / r.rate("in_process"))
+    assert ratios["scan / best bound"] == pytest.approx(scan / r.best_bound)
+    assert r.best_bound >= max(r.rate("in_process"), r.ideal_bound)
+    assert 0 < r.scan_with_startup < scan and math.isfinite(r.ideal_bound)
+    text = bench.format_report(report)
+    for _, title in bench._ROWS:
+        assert title in text

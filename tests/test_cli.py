@@ -1,0 +1,60 @@
+"""The typer app end to end through typer's runner: same library functions, clear errors, exit codes."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from dogbreed.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "dogbreed" / "samples"
+runner = CliRunner()
+
+
+def test_predict_prints_the_dog_app_answers(tmp_path):
+    r = runner.invoke(app, ["predict", str(SAMPLES / "Labrador_retriever_06457.jpg"), str(SAMPLES / "grace_hopper.jpg"),
+                            str(SAMPLES / "coffee.png"), "--annotate", str(tmp_path / "ann")])
+    assert r.exit_code == 0, r.output
+    lines = r.output.strip().splitlines()
+    assert lines[0].endswith("dog: Labrador retriever (0.95)")
+    assert "human: looks like " in lines[1] and lines[2].endswith("neither")
+    assert len(list((tmp_path / "ann").glob("*.jpg"))) == 3
+
+
+def test_predict_json_and_bad_file(tmp_path):
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not a photo")
+    r = runner.invoke(app, ["predict", "--json", str(bad)])
+    assert r.exit_code == 0
+    row = json.loads(r.output.strip())
+    assert row["status"] == "error" and row["error"] == "not a recognised image format"
+
+
+def test_bad_config_is_one_sentence_and_exit_2(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("inference:\n  batch_size: many\n")
+    r = runner.invoke(app, ["scan", str(SAMPLES), "--out", str(tmp_path / "o"), "--config", str(cfg)])
+    assert r.exit_code == 2
+    assert "key 'inference.batch_size'" in r.output and "Traceback" not in r.output
+
+
+def test_missing_model_is_exit_2(tmp_path):
+    r = runner.invoke(app, ["predict", str(SAMPLES / "coffee.png"), "--model", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_missing_root_is_refused_with_exit_4(tmp_path):
+    r = runner.invoke(app, ["scan", str(tmp_path / "unmounted"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 4 and "does not exist" in r.output
+    assert not (tmp_path / "o" / "runs").exists()
+
+
+@pytest.mark.shared_data
+def test_evaluate_command(shared_data):
+    r = runner.invoke(app, ["evaluate", "--json", str(shared_data / "humans"), str(shared_data / "other")])
+    assert r.exit_code == 0, r.output
+    figures = json.loads(r.output)
+    assert figures["human_photos"] == 60 and figures["face_detected_in_human"] >= 0.95

@@ -1,0 +1,54 @@
+"""Typed config: the shipped YAML validates, overrides apply, mistakes name the key and the file."""
+
+from pathlib import Path
+
+import pytest
+
+from dogbreed.config import ConfigError, ScanConfig, dump_config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_scan_yaml_matches_the_typed_defaults():
+    # configs/scan.yaml documents every knob; its values are the code's defaults, so the two cannot drift.
+    assert load_config(ScanConfig, ROOT / "configs" / "scan.yaml") == ScanConfig()
+
+
+def test_overrides_win_and_none_means_not_given():
+    cfg = load_config(ScanConfig, ROOT / "configs" / "scan.yaml",
+                      {"out": "/x", "model": None, "inference.batch_size": 7, "face.min_neighbors": 3})
+    assert (cfg.out, cfg.model, cfg.inference.batch_size, cfg.face.min_neighbors) == ("/x", "default", 7, 3)
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("decode:\n  batchsize: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key 'decode\.batchsize'"):
+        load_config(ScanConfig, f)
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("top_k: lots\n")
+    with pytest.raises(ConfigError, match=r"key 'top_k'.*'lots'"):
+        load_config(ScanConfig, f)
+
+
+@pytest.mark.parametrize("text, message", [("- a\n- b\n", "top level must be a mapping"), ("a: [\n", "not valid YAML")])
+def test_malformed_files(tmp_path, text, message):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(ScanConfig, f)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(ScanConfig, tmp_path / "nope.yaml")
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = ScanConfig(roots=["/a"], out="/o", dog_threshold=0.4)
+    f = tmp_path / "r.yaml"
+    f.write_text(dump_config(cfg))
+    assert load_config(ScanConfig, f) == cfg

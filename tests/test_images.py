@@ -1,0 +1,121 @@
+"""Decoding: reduced JPEG decode, EXIF orientation, any mode to RGB, the model crop and the face copy."""
+
+import io
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dogbreed.images import ImageError, decode, gray_copy, model_crop
+from dogbreed.models import Preprocessing
+
+PREP = Preprocessing()
+
+
+def _jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def _gradient(w: int, h: int) -> Image.Image:
+    x = np.linspace(0, 255, w, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 255, h, dtype=np.float32)[:, None, None]
+    return Image.fromarray(np.concatenate([np.broadcast_to(x, (h, w, 1)), np.broadcast_to(y, (h, w, 1)),
+                                           np.full((h, w, 1), 128, np.float32)], axis=2).astype(np.uint8))
+
+
+def test_large_jpeg_uses_dct_scaling_but_reports_full_size(monkeypatch):
+    from PIL import JpegImagePlugin
+
+    drafts = []
+    orig = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        r = orig(self, mode, size)
+        drafts.append((size, self.size))
+        return r
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    d = decode(_jpeg(_gradient(4000, 3000)), PREP, face_max_side=640)
+    assert (d.width, d.height) == (4000, 3000)
+    assert drafts and drafts[0][1][0] <= 1000  # decoded at 1/4 scale or smaller, not 4000 px wide
+    assert d.model_input.shape == (224, 224, 3) and d.model_input.dtype == np.uint8
+    assert max(d.gray.shape) <= 640 and d.gray_scale == pytest.approx(4000 / d.gray.shape[1])
+
+
+def test_exif_rotation_swaps_the_frame():
+    img = _gradient(600, 400)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise for display
+    d = decode(_jpeg(img, exif=exif.tobytes()), PREP)
+    assert (d.width, d.height) == (400, 600)
+    assert d.gray.shape[0] > d.gray.shape[1]  # portrait after orientation
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "I;16", "1"])
+def test_any_mode_becomes_rgb(mode):
+    img = _gradient(300, 260).convert("RGBA" if mode in ("LA", "RGBA") else "RGB")
+    if mode == "I;16":
+        img = Image.fromarray(np.asarray(img.convert("L"), dtype=np.uint16) * 257)
+        assert img.mode.startswith("I;16")
+    else:
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, "TIFF" if mode in ("CMYK",) else "PNG")
+    d = decode(buf.getvalue(), PREP)
+    assert d.model_input.shape == (224, 224, 3)
+    if mode == "I;16":  # 16-bit is rescaled, not clipped to white
+        assert 60 < d.model_input.mean() < 200
+
+
+def test_transparent_pixels_composite_on_white():
+    img = Image.new("RGBA", (300, 300), (0, 0, 0, 0))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    assert decode(buf.getvalue(), PREP).model_input.min() == 255
+
+
+def test_model_crop_matches_timm_eval_transform():
+    import timm.data
+    import torch
+
+    img = _gradient(500, 320)
+    t = timm.data.create_transform(input_size=(3, 224, 224), crop_pct=0.875, interpolation="bicubic",
+                                   mean=(0, 0, 0), std=(1 / 255, 1 / 255, 1 / 255))
+    ref = t(img).permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    ours = model_crop(img, PREP)
+    assert np.abs(ref.astype(int) - ours.astype(int)).mean() < 1.5
+
+
+def test_gray_copy_scale():
+    g, scale = gray_copy(_gradient(1280, 960), 640)
+    assert g.shape == (480, 640) and scale == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty file"),
+    (b"hello, I am text\n" * 10, "not a recognised image"),
+    (b"\x00\x00\x00\x18ftypheic" + b"\x00" * 64, "HEIC"),
+])
+def test_bad_bytes_give_one_line_reasons(data, reason):
+    with pytest.raises(ImageError, match=reason) as e:
+        decode(data, PREP)
+    assert "\n" not in str(e.value)
+
+
+def test_truncated_jpeg_is_an_error():
+    data = _jpeg(_gradient(800, 600))
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        decode(data[: len(data) // 2], PREP)
+
+
+def test_decompression_bomb_refused_before_decoding():
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = (100_000).to_bytes(4, "big") + (100_000).to_bytes(4, "big")  # IHDR width, height
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # a valid header, just huge
+    with pytest.raises(ImageError, match="decompression"):
+        decode(bytes(data), PREP)

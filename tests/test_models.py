@@ -1,0 +1,101 @@
+"""The offline default model and model artifacts: safe loading, tamper and mismatch detection."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from dogbreed import models
+from dogbreed.models import BreedNet, ModelError, ModelSpec, Preprocessing
+
+
+@pytest.fixture(scope="module")
+def default():
+    return models.load_default()
+
+
+def test_default_model_is_offline_lite0_with_its_preprocessing(default):
+    assert default.spec.backbone == "tf_efficientnet_lite0"
+    assert default.spec.preprocessing == Preprocessing.from_timm(default.net.backbone)
+    assert len(default.spec.class_names) == 119 and default.spec.class_names[0] == "Chihuahua"
+    assert default.model_id.startswith("tf_efficientnet_lite0@") and default.model_id == models.describe_model()[1]
+
+
+def test_one_pass_gives_imagenet_logits_and_features(default):
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        imagenet, breeds = default.net(x)
+        assert breeds is None and imagenet.shape == (2, 1000)
+        assert torch.allclose(imagenet, default.net.backbone(x), atol=1e-4)  # same as timm's own forward
+
+
+def _tiny_artifact(tmp_path, num_breeds=3):
+    import timm
+
+    net = BreedNet(timm.create_model("test_efficientnet", pretrained=False), num_breeds)
+    spec = ModelSpec(backbone="test_efficientnet", class_names=[f"breed {i}" for i in range(num_breeds)],
+                     breed_source="head", preprocessing=Preprocessing(input_size=64, crop_pct=1.0),
+                     metrics={"top1": 0.5})
+    return net, spec, models.save_artifact(net, spec, tmp_path / "m")
+
+
+def test_artifact_round_trip(tmp_path):
+    net, spec, model_id = _tiny_artifact(tmp_path)
+    loaded = models.load_artifact(tmp_path / "m")
+    assert loaded.model_id == model_id and loaded.spec == spec
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(loaded.net(x)[1], net.eval()(x)[1])
+    assert not list((tmp_path / "m").glob("*.tmp"))
+
+
+def test_tampered_weights_are_refused(tmp_path):
+    _tiny_artifact(tmp_path)
+    w = tmp_path / "m" / models.WEIGHTS_FILE
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="does not match the hash"):
+        models.load_artifact(tmp_path / "m")
+
+
+def test_edited_class_names_are_refused(tmp_path):
+    _tiny_artifact(tmp_path)
+    j = tmp_path / "m" / models.SPEC_FILE
+    doc = json.loads(j.read_text())
+    doc["class_names"][0] = "poodle"
+    j.write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match="edited after saving"):
+        models.load_artifact(tmp_path / "m")
+
+
+def test_mismatched_head_is_refused(tmp_path):
+    net, spec, _ = _tiny_artifact(tmp_path)
+    spec.class_names = spec.class_names + ["extra"]
+    models.save_artifact(net, spec, tmp_path / "m")  # 4 names, weights for 3 breeds
+    with pytest.raises(ModelError, match="do not fit"):
+        models.load_artifact(tmp_path / "m")
+
+
+def test_not_an_artifact(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        models.load_model(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="not a model artifact"):
+        models.load_model(tmp_path / "empty")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (exec, ("open('/tmp/dogbreed-pwned', 'w').write('x')",))
+
+
+def test_pickled_code_is_never_executed(tmp_path):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"w": _Evil()}, f)
+    with pytest.raises(ModelError, match="cannot read weights"):
+        models.read_weights(path)
+    import os
+    assert not os.path.exists("/tmp/dogbreed-pwned")

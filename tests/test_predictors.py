@@ -1,0 +1,75 @@
+"""Batch predictors are pure on numpy batches and usable without Ray; the default model on real photos."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dogbreed.config import FaceConfig
+from dogbreed.models import Preprocessing
+from dogbreed.predictors import BreedPredictor, Decoder
+
+SAMPLES = Path(__file__).resolve().parents[1] / "dogbreed" / "samples"
+EXPECTED = {  # what the sample photos show (see dogbreed/SAMPLES_NOTICE.md)
+    "astronaut.png": "human", "grace_hopper.jpg": "human", "chelsea_cat.png": "neither", "coffee.png": "neither",
+}
+
+
+def _batch(paths):
+    return {"path": np.array([str(p) for p in paths], dtype=object),
+            "size_bytes": np.zeros(len(paths), np.int64), "mtime_ns": np.zeros(len(paths), np.int64)}
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return BreedPredictor(top_k=3)
+
+
+@pytest.fixture(scope="module")
+def decoded():
+    paths = sorted(SAMPLES.glob("*"))
+    return paths, Decoder(Preprocessing(), FaceConfig())(_batch(paths))
+
+
+def test_decoder_sends_only_small_uint8_crops(decoded):
+    paths, batch = decoded
+    assert batch["image"].shape == (len(paths), 224, 224, 3) and batch["image"].dtype == np.uint8
+    assert batch["ok"].all() and (batch["width"] > 0).all()
+
+
+def test_default_model_on_the_sample_photos(predictor, decoded):
+    paths, batch = decoded
+    out = predictor(batch)
+    for path, status, breed, score in zip(paths, out["status"], out["breed"], out["dog_score"]):
+        expected = EXPECTED.get(path.name, "dog")
+        assert status == expected, (path.name, status, score)
+        assert breed is not None
+    by_name = dict(zip([p.name for p in paths], out["breed"]))
+    assert by_name["Labrador_retriever_06457.jpg"] == "Labrador retriever"
+    assert by_name["Curly-coated_retriever_03896.jpg"] == "curly-coated retriever"
+    for ranked in out["breeds"]:
+        probs = [b["prob"] for b in ranked]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-6
+
+
+def test_predictor_is_pure(predictor, decoded):
+    _, batch = decoded
+    before = {k: v.copy() for k, v in batch.items()}
+    a, b = predictor(batch), predictor(batch)
+    assert all(np.array_equal(before[k], batch[k]) for k in ("image", "status", "face_count"))
+    assert np.allclose(a["dog_score"], b["dog_score"]) and list(a["breed"]) == list(b["breed"])
+
+
+def test_error_rows_pass_through_without_inference(predictor, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really")
+    batch = Decoder(Preprocessing())(_batch([bad, SAMPLES / "coffee.png"]))
+    out = predictor(batch)
+    assert list(out["status"]) == ["error", "neither"]
+    assert np.isnan(out["dog_score"][0]) and out["breeds"][0] is None and out["error"][0]
+
+
+def test_all_bad_batch(predictor, tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"")
+    out = predictor(Decoder(Preprocessing())(_batch([tmp_path / "a.jpg"])))
+    assert list(out["status"]) == ["error"] and out["error"][0] == "empty file (0 bytes)"
