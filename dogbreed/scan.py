@@ -219,7 +219,10 @@ def run_pipeline(todo: list[FileEntry], cfg: ScanConfig, run_id: str, dest: Path
                                    count_dingo=cfg.count_dingo_as_dog,
                                    num_threads=None if num_gpus else max(1, int(cfg.inference.num_cpus))),
     )
-    ds.write_parquet(str(dest), min_rows_per_file=50_000, row_group_size=10_000)
+    if os.environ.get("XP_RESV") == "0":
+        ctx.op_resource_reservation_enabled = False
+    wargs = {"ray_remote_args": {"num_cpus": float(os.environ["XP_WCPU"])}} if os.environ.get("XP_WCPU") else {}
+    ds.write_parquet(str(dest), min_rows_per_file=50_000, row_group_size=10_000, **wargs)
     if log.isEnabledFor(logging.DEBUG):  # where the time went, per operator (dogbreed bench reads this)
         log.debug("Ray Data stats:\n%s", ds.stats())
 
