@@ -179,6 +179,31 @@ def report(
     typer.echo(str(path))
 
 
+@app.command()
+def train(
+    data: Annotated[str, typer.Argument(help="Labelled photos: breed subfolders, Stanford Images/, or dogImages/{train,valid,test}.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Model artifact folder; checkpoints and results go beside it.")],
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/train.yaml).")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="freeze, finetune or two-stage.")] = None,
+    val: Annotated[Optional[str], typer.Option("--val", help="Separate labelled folder for model selection.")] = None,
+    test: Annotated[Optional[str], typer.Option("--test", help="Separate labelled folder for the final test report.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs of the main stage.")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Ray Train workers (one GPU each with --gpu).")] = None,
+    gpu: Annotated[Optional[bool], typer.Option("--gpu/--cpu", help="One GPU per worker (bf16, channels_last).")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray address to join; default: RAY_ADDRESS or a local Ray.")] = None,
+) -> None:
+    """Fine-tune a breed classifier with Ray Train; the same --out resumes a killed run."""
+    with _user_errors():
+        from dogbreed.train import fit
+        from dogbreed.train_config import load_train_config
+
+        cfg = load_train_config(config, {"data": data, "out": out, "mode": mode, "val_data": val, "test_data": test,
+                                         "epochs": epochs, "num_workers": workers, "use_gpu": gpu, "address": address})
+        _setup_logging(None)
+        result = fit(cfg)
+    typer.echo(json.dumps({"model_id": result.model_id, "artifact": str(result.artifact_dir), **result.metrics}))
+
+
 AddressOpt = Annotated[Optional[str], typer.Option("--address", help="Ray dashboard URL, e.g. http://HEAD:8265; default: RAY_ADDRESS.")]
 
 

@@ -166,18 +166,24 @@ def rows_to_table(rows: dict[str, Any], run_id: str) -> pa.Table:
     return results.to_table(cols)
 
 
-def _inference_resources(cfg: ScanConfig) -> tuple[float, int]:
-    """(GPUs per actor, number of actors) from the config and what the cluster has."""
+def _inference_resources(cfg: ScanConfig) -> tuple[float, int, int]:
+    """(GPUs per actor, number of actors, number of decode tasks) from the config and what the cluster has.
+
+    Decode concurrency null = every CPU the actors do not reserve: on a 2-core CPU box 2 x 0.75 + 0.5.
+    """
     import ray
 
-    gpus_in_cluster = ray.cluster_resources().get("GPU", 0)
+    resources = ray.cluster_resources()
+    gpus_in_cluster = resources.get("GPU", 0)
     num_gpus = cfg.inference.num_gpus
     if num_gpus == "auto":
         num_gpus = 1.0 if gpus_in_cluster >= 1 else 0.0
     if num_gpus and gpus_in_cluster < num_gpus:
         raise ScanRefused(f"the config asks for {num_gpus} GPU per inference actor but the cluster has {gpus_in_cluster:g} GPUs")
     actors = cfg.inference.concurrency or (max(1, int(gpus_in_cluster // num_gpus)) if num_gpus else 1)
-    return float(num_gpus), actors
+    free_cpus = resources.get("CPU", 1) - actors * cfg.inference.num_cpus
+    decoders = cfg.decode.concurrency or max(1, int(free_cpus / cfg.decode.num_cpus + 1e-6))
+    return float(num_gpus), actors, decoders
 
 
 def _work_table(todo: list[FileEntry]) -> pa.Table:
@@ -196,14 +202,20 @@ def run_pipeline(todo: list[FileEntry], cfg: ScanConfig, run_id: str, dest: Path
     spec, _ = describe_model(cfg.model)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
-    num_gpus, actors = _inference_resources(cfg)
-    table = _work_table(todo)
-    # Small blocks keep every decode task busy and the pipeline streaming; paths are tiny.
-    block = max(cfg.decode.batch_size, 1)
-    ds = ray.data.from_arrow([table.slice(i, block) for i in range(0, table.num_rows, block)])
+    num_gpus, actors, decoders = _inference_resources(cfg)
+    # The operators are sized here. Ray Data's reservation allocator would also hold CPUs back for the write stage,
+    # which on 2 cores leaves room for one decode task at a time. A dataset copies the context when it is created.
+    reservation, ctx.op_resource_reservation_enabled = ctx.op_resource_reservation_enabled, False
+    try:
+        table = _work_table(todo)
+        # Small blocks keep every decode task busy and the pipeline streaming; paths are tiny.
+        block = max(cfg.decode.batch_size, 1)
+        ds = ray.data.from_arrow([table.slice(i, block) for i in range(0, table.num_rows, block)])
+    finally:
+        ctx.op_resource_reservation_enabled = reservation
     ds = ds.map_batches(
         _decode_stage, batch_size=cfg.decode.batch_size, batch_format="numpy", num_cpus=cfg.decode.num_cpus,
-        compute=ray.data.TaskPoolStrategy(size=cfg.decode.concurrency),
+        compute=ray.data.TaskPoolStrategy(size=min(decoders, -(-table.num_rows // block))),
         fn_kwargs=dict(prep=spec.preprocessing, face=cfg.face, decode_cfg=cfg.decode, extensions=cfg.extensions),
         # Recycling decode workers bounds what a leak or heap fragmentation from huge photos can build up. It
         # also makes the remote args differ from the actors', so Ray Data does not fuse decoding into the
@@ -219,10 +231,8 @@ def run_pipeline(todo: list[FileEntry], cfg: ScanConfig, run_id: str, dest: Path
                                    count_dingo=cfg.count_dingo_as_dog,
                                    num_threads=None if num_gpus else max(1, int(cfg.inference.num_cpus))),
     )
-    if os.environ.get("XP_RESV") == "0":
-        ctx.op_resource_reservation_enabled = False
-    wargs = {"ray_remote_args": {"num_cpus": float(os.environ["XP_WCPU"])}} if os.environ.get("XP_WCPU") else {}
-    ds.write_parquet(str(dest), min_rows_per_file=50_000, row_group_size=10_000, **wargs)
+    # Writing a block of result rows takes milliseconds: a quarter CPU lets it slip in between decode tasks.
+    ds.write_parquet(str(dest), min_rows_per_file=50_000, row_group_size=10_000, ray_remote_args={"num_cpus": 0.25})
     if log.isEnabledFor(logging.DEBUG):  # where the time went, per operator (dogbreed bench reads this)
         log.debug("Ray Data stats:\n%s", ds.stats())
 

@@ -288,7 +288,10 @@ def _run_stage(net: BreedNet, stage: Stage, state: RunState, saved: dict | None,
             state.best_val_loss, state.best_epoch, state.stale, best = va.loss, state.epoch, 0, _cpu_state(net)
         elif state.stage_epoch > math.ceil(WARMUP_FRACTION * stage.epochs):  # a rising lr may lift val loss
             state.stale += 1
-        state.stage_done = state.stale >= cfg.patience or state.stage_epoch >= stage.epochs
+        if cfg.select == "last":  # the annealed end of the one-cycle schedule, not the lowest val loss
+            state.best_epoch, best = state.epoch, _cpu_state(net)
+        stopped = cfg.patience is not None and state.stale >= cfg.patience
+        state.stage_done = stopped or state.stage_epoch >= stage.epochs
         metrics = {"epoch": state.epoch, "stage": stage.name, "train_loss": tr.loss, "train_acc": tr.acc,
                    "val_loss": va.loss, "val_acc": va.acc, "lr": optimizer.param_groups[0]["lr"],
                    "seconds": time.perf_counter() - t0}

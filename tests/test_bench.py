@@ -7,7 +7,7 @@ from PIL import Image
 
 from dogbreed import bench
 
-KEYS = ("classic", "scan_n", "scan_3n", "decode", "faces", "model_1", "model_all", "in_process")
+KEYS = ("classic", "scan_cold", "scan_n", "scan_3n", "decode", "faces", "model_1", "model_all", "in_process")
 
 
 def test_make_photos_scales_crops_and_keeps_existing_files(tmp_path, write_photo):
@@ -25,14 +25,14 @@ def test_benchmark_produces_every_figure(tmp_path, write_photo, scan_config):
     cfg = scan_config([], tmp_path / "unused")
     report = bench.run_benchmark(tmp_path / "work", cfg, n=2, classic_n=2, size=(320, 240), sources=sources,
                                  small=False, log=lambda line: None)
-    assert report.ray_start_s > 0 and report.ray_stop_s > 0 and report.load
+    assert report.ray_start_s > 0 and report.ray_stop_s > 0 and report.ray_workers_s >= 0 and report.load
     (r,) = report.sizes
     for key in KEYS:
         m = r.measures[key]
         assert m.images > 0 and m.seconds > 0 and m.images_per_s > 0 and m.stages, key
         assert all(v >= 0 for v in m.stages.values()), key
     assert (r.measures["scan_n"].images, r.measures["scan_3n"].images) == (2, 6)
-    for key in ("scan_n", "scan_3n"):
+    for key in ("scan_cold", "scan_n", "scan_3n"):
         assert any("_decode_stage" in k for k in r.measures[key].stages)  # Ray Data's per-operator seconds
         assert all(r.measures[key].peak_rss_mb[k] > 0 for k in ("driver", "actor", "decode worker"))
     scan = r.rate("scan_3n")
