@@ -45,21 +45,21 @@ class Measure:
 
 
 # ---------------------------------------------------------------------------------------------- photos
-def find_sources(limit: int = 90) -> list[Path]:
+def find_sources(limit: int = 90, log: Callable[[str], None] = print) -> list[Path]:
     """Real photos to build the benchmark from: ../shared/data when present (dogs, faces, neither in turn), else the samples."""
     folders = [sorted(p for p in (SHARED / f).rglob("*") if p.is_file()) for f in SOURCE_FOLDERS if (SHARED / f).is_dir()]
     if any(folders):
         mixed = [p for group in zip(*[f for f in folders if f]) for p in group]
         return mixed[:limit]
-    print(f"note: {SHARED} is absent; building the benchmark from the {len(list(SAMPLES.iterdir()))} bundled samples")
+    log(f"note: {SHARED} is absent; the benchmark is built from the bundled samples in {SAMPLES} instead")
     return sorted(p for p in SAMPLES.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
 
 
 def make_photos(sources: list[Path], folder: Path, n: int, size: tuple[int, int] | None = None,
                 quality: int = 92, noise: float = 8.0, start: int = 0) -> list[Path]:
-    """n JPEGs in folder: the sources in turn, as they are (size None) or scaled to cover `size` and centre-cropped.
+    """n JPEGs in folder: the sources in turn, copied as they are (size None) or scaled to cover `size` and centre-cropped.
 
-    Upscaled photos get mild sensor-like noise so that their files are as large as a phone's (about 3 MB at 12 MP).
+    Upscaled photos get mild sensor-like noise so that their files are as large as a phone's (3-4 MB at 12 MP).
     Photos already there are kept, so a re-run does not regenerate them.
     """
     folder.mkdir(parents=True, exist_ok=True)
@@ -70,6 +70,9 @@ def make_photos(sources: list[Path], folder: Path, n: int, size: tuple[int, int]
         path = folder / f"{i:04d}_{src.stem}.jpg"
         paths.append(path)
         if path.exists():
+            continue
+        if size is None and src.suffix.lower() in (".jpg", ".jpeg"):
+            shutil.copyfile(src, path)
             continue
         im = Image.open(src).convert("RGB")
         if size is not None:
@@ -101,23 +104,26 @@ def _status_kb(pid: int | str, key: str) -> float:
 
 def _descendants(root: int) -> dict[int, str]:
     """pid -> command line of every process below root (Ray's raylet and its workers, for a local Ray)."""
-    parent, cmd = {}, {}
+    parent = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
                 with open(f"/proc/{d}/stat") as f:
                     parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    cmd[int(d)] = f.read().replace(b"\0", b" ").decode(errors="replace")
             except (OSError, IndexError, ValueError):
                 continue
-    out, todo = {}, [root]
+    children: dict[int, list[int]] = {}
+    for pid, par in parent.items():
+        children.setdefault(par, []).append(pid)
+    out, todo = {}, list(children.get(root, []))
     while todo:
-        p = todo.pop()
-        for child, par in parent.items():
-            if par == p and child not in out:
-                out[child] = cmd.get(child, "")
-                todo.append(child)
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                out[pid] = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        todo += children.get(pid, [])
     return out
 
 
@@ -128,7 +134,7 @@ class PeakMemory:
     the inference actor ("MapWorker") apart from the decode task workers.
     """
 
-    def __init__(self, every: float = 0.2):
+    def __init__(self, every: float = 0.5):
         self.every, self.peaks = every, {"driver": 0.0, "actor": 0.0, "decode worker": 0.0}
         self._stop = threading.Event()
 
@@ -416,7 +422,7 @@ def run_benchmark(workdir: Path, cfg: ScanConfig, n: int = 60, classic_n: int = 
     """Generate the photos in workdir, then measure everything on them in one run (scans first, on a fresh Ray)."""
     from dogbreed.predictors import BreedPredictor
 
-    sources = sources or find_sources()
+    sources = sources or find_sources(log=log)
     cores = int(os.cpu_count() or 1)
     kinds = [(f"{size[0]}x{size[1]} JPEG q{quality}", size)] + ([("small (the originals)", None)] if small else [])
     folders = {}

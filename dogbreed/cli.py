@@ -204,6 +204,24 @@ def train(
     typer.echo(json.dumps({"model_id": result.model_id, "artifact": str(result.artifact_dir), **result.metrics}))
 
 
+@app.command()
+def bench(
+    photos: Annotated[int, typer.Option(min=2, help="N: the scan runs on N and on 3N photos; 60+ amortises Ray's fixed costs.")] = 60,
+    classic: Annotated[int, typer.Option(min=1, help="Photos (of the N) for the slow classic dog-app loop.")] = 8,
+    workdir: Annotated[Path, typer.Option(help="Generated photos are kept here and reused by the next run.")] = Path("/tmp/dogbreed-bench"),
+    small: Annotated[bool, typer.Option("--small/--no-small", help="Also measure the original small photos.")] = True,
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+) -> None:
+    """Speed benchmark: the classic dog-app loop vs. the scan end to end vs. the stage bounds, on 12-MP and small photos."""
+    with _user_errors():
+        cfg = _scan_config(config, model=model)
+        from dogbreed.bench import format_report, run_benchmark
+
+        report = run_benchmark(workdir, cfg, n=photos, classic_n=classic, small=small)
+    typer.echo(format_report(report))
+
+
 AddressOpt = Annotated[Optional[str], typer.Option("--address", help="Ray dashboard URL, e.g. http://HEAD:8265; default: RAY_ADDRESS.")]
 
 

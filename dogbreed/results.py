@@ -49,6 +49,21 @@ SCHEMA = pa.schema([
     ("infer_node", pa.string()),        # Ray node id of the inference actor
 ])
 
+
+
+def _with_pandas_dtypes(schema: pa.Schema) -> pa.Schema:
+    """Attach pandas metadata so integer columns read back as nullable Int32/Int64 in every file.
+
+    Without it, pandas turns an int column into float64 only in files that happen to hold a null (an error
+    row), so dtypes would drift between runs.
+    """
+    nullable = {pa.int32(): "Int32", pa.int64(): "Int64"}
+    empty = pd.DataFrame({f.name: pd.Series([], dtype=nullable.get(f.type, "object")) for f in schema})
+    return schema.with_metadata(pa.Schema.from_pandas(empty, preserve_index=False).metadata)
+
+
+SCHEMA = _with_pandas_dtypes(SCHEMA)
+
 OK_STATUSES = ("dog", "human", "dog_and_human", "neither")
 STATUSES = OK_STATUSES + ("error", "skipped", "deleted")
 

@@ -420,8 +420,9 @@ def fit(cfg: TrainConfig) -> TrainResult:
     net.load_state_dict(saved["best_model"])
     history = saved["run"]["history"]
     train_report.write_history(history, out)
-    best = min(history, key=lambda h: h["val_loss"])
-    training = {"mode": cfg.mode, "epochs": len(history), "best_epoch": best["epoch"], "data": cfg.data,
+    best = min(history, key=lambda h: h["val_loss"]) if cfg.select == "best" else history[-1]
+    training = {"mode": cfg.mode, "epochs": len(history), "best_epoch": best["epoch"], "select": cfg.select,
+                "data": cfg.data,
                 "val_data": cfg.val_data, "test_data": cfg.test_data, "data_fingerprint": splits.fingerprint,
                 "split_sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
                 "unfreeze_blocks": cfg.unfreeze_blocks if cfg.mode != "freeze" else 0, "lr": cfg.lr,

@@ -73,3 +73,15 @@ def test_all_bad_batch(predictor, tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"")
     out = predictor(Decoder(Preprocessing())(_batch([tmp_path / "a.jpg"])))
     assert list(out["status"]) == ["error"] and out["error"][0] == "empty file (0 bytes)"
+
+
+def test_uri_roots_need_no_code_change():
+    # A pyarrow filesystem URI (file:// here, s3:// or gs:// on a cluster) lists and decodes like a local path.
+    from dogbreed.images import list_files
+
+    uri_entries = list(list_files(SAMPLES.as_uri()))
+    local_entries = list(list_files(str(SAMPLES)))
+    assert [e.path for e in uri_entries] == [SAMPLES.as_uri() + "/" + Path(e.path).name for e in local_entries]
+    assert [e.size for e in uri_entries] == [e.size for e in local_entries]
+    batch = Decoder(Preprocessing())(_batch([e.path for e in uri_entries[:2]]))
+    assert batch["ok"].all()
