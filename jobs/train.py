@@ -12,7 +12,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shipped working dir, when not pip-installed
 
 from dogbreed.train import fit  # noqa: E402
-from dogbreed.train_config import load_train_config  # noqa: E402
+from dogbreed.train_config import ConfigError, load_train_config  # noqa: E402
 
 
 def main() -> None:
@@ -21,7 +21,11 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (YAML value)")
     args = parser.parse_args()
     overrides = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
-    result = fit(load_train_config(args.config, overrides))
+    try:
+        cfg = load_train_config(args.config, overrides)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    result = fit(cfg)
     print(f"model {result.model_id} written to {result.artifact_dir}: {result.metrics}")
 
 
