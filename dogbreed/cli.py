@@ -104,7 +104,8 @@ def predict(
     with _user_errors():
         cfg = _scan_config(config, model=model)
         from dogbreed.evaluate import analyze
-        from dogbreed.report import annotate as draw, describe
+        from dogbreed.report import annotate as draw
+        from dogbreed.report import describe
 
         df = analyze([str(p) for p in images], cfg)
     for row in df.to_dict("records"):

@@ -29,7 +29,6 @@ def _cascade(name: str):
 
 def detect_faces(gray: np.ndarray, scale: float, cfg: FaceConfig) -> list[tuple[int, int, int, int]]:
     """Face boxes (x, y, w, h) in full-size pixels, from a downscaled grayscale copy `scale` times smaller."""
-    import cv2
 
     found = _cascade(cfg.cascade).detectMultiScale(
         gray, scaleFactor=cfg.scale_factor, minNeighbors=cfg.min_neighbors, minSize=(cfg.min_size, cfg.min_size)

@@ -158,7 +158,7 @@ def default_weights_path() -> Path:
 
 
 def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = None, pretrained: bool = False) -> nn.Module:
-    """A timm ImageNet classifier by name: weights from a local file, from timm's hub (pretrained=True), or the offline default."""
+    """A timm ImageNet classifier by name: weights from a local file, timm's hub (pretrained=True), or the offline default."""
     import timm
 
     try:
@@ -262,7 +262,8 @@ def read_artifact_spec(model_dir: str | Path) -> tuple[ModelSpec, str]:
         raise ModelError(f"{model_dir} was written by a newer dogbreed (format {spec.format_version})")
     sha = _sha256_file(weights_path)
     if sha != doc.get("weights_sha256"):
-        raise ModelError(f"{weights_path} does not match the hash in {spec_path}: the artifact was modified or copied incompletely")
+        raise ModelError(f"{weights_path} does not match the hash in {spec_path}: "
+                         "the artifact was modified or copied incompletely")
     model_id = _model_id(spec, sha)
     if doc.get("model_id") not in (None, model_id):
         raise ModelError(f"{spec_path} was edited after saving (model_id no longer matches its content)")

@@ -237,7 +237,8 @@ def build_report(out_dir: str | Path, html_path: str | Path, max_gallery: int = 
     out_dir, html_path = Path(out_dir), Path(html_path)
     runs = results.manifests(out_dir)
     if not runs:
-        raise ReportError(f"{out_dir} has no committed scan run (expected {out_dir / results.RUNS_DIR}/<run_id>/{results.MANIFEST}).")
+        expected = f"{out_dir / results.RUNS_DIR}/<run_id>/{results.MANIFEST}"
+        raise ReportError(f"{out_dir} has no committed scan run (expected {expected}).")
     rows = results.latest(out_dir)
     status_counts = {s: int((rows["status"] == s).sum()) for s in results.STATUSES if s != "deleted"}
     problems = rows[rows["status"].isin(PROBLEM_STATUSES)].sort_values("path")

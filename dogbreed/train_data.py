@@ -67,7 +67,9 @@ def _split_roots(root: Path) -> dict[str, Path] | None:
     """The dog-app layout's train/valid/test subfolders, or None when the folder is not split."""
     found = {}
     for split, names in _SPLIT_NAMES.items():
-        found.update({split: root / n for n in names if (root / n).is_dir()})
+        present = [root / n for n in names if (root / n).is_dir()]
+        if present:
+            found[split] = present[0]
     return found if "train" in found and "val" in found else None
 
 

@@ -135,8 +135,8 @@ def test_scan_gives_every_hostile_file_exactly_one_row_with_its_status(corpus, s
     summary, rows = scanned
     assert rows["path"].is_unique, rows["path"][rows["path"].duplicated()].tolist()
     assert sorted(rows["path"]) == sorted(str(root / c.name) for c in cases)  # x.jpg (a folder) has no row
-    by_path = rows.set_index("path")
-    outcome = {path: (status, None if pd.isna(error) else error) for path, status, error in rows[["path", "status", "error"]].values}
+    outcome = {path: (status, None if pd.isna(error) else error)
+               for path, status, error in rows[["path", "status", "error"]].values}
     problems = [p for c in cases for p in _problems(c, *outcome[str(root / c.name)])]
     assert not problems, "\n".join(problems)
     assert summary.exit_code == 3  # bad photos are reported to cron, not hidden
