@@ -39,6 +39,11 @@ def imagenet_wnids() -> list[str]:
     return [info.index_to_label_name(i) for i in range(1000)]
 
 
+def readable(name: str) -> str:
+    """Sentence case for display: ImageNet writes 'golden retriever' beside 'Labrador retriever'."""
+    return name[:1].upper() + name[1:]
+
+
 def dog_class_indices(count_dingo: bool = True) -> list[int]:
     """ImageNet indices whose probability mass makes the dog score."""
     return list(DOG_RANGE) + ([DINGO] if count_dingo else [])

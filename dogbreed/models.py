@@ -209,7 +209,7 @@ def default_spec(count_dingo: bool = True) -> ModelSpec:
     names = labels.imagenet_names()
     return ModelSpec(
         backbone=DEFAULT_BACKBONE,
-        class_names=[names[i] for i in idx],
+        class_names=[labels.readable(names[i]) for i in idx],
         breed_source="imagenet",
         imagenet_breed_indices=idx,
         preprocessing=Preprocessing(),  # timm's pretrained_cfg for tf_efficientnet_lite0

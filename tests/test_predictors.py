@@ -46,7 +46,7 @@ def test_default_model_on_the_sample_photos(predictor, decoded):
         assert breed is not None
     by_name = dict(zip([p.name for p in paths], out["breed"]))
     assert by_name["Labrador_retriever_06457.jpg"] == "Labrador retriever"
-    assert by_name["Curly-coated_retriever_03896.jpg"] == "curly-coated retriever"
+    assert by_name["Curly-coated_retriever_03896.jpg"] == "Curly-coated retriever"
     for ranked in out["breeds"]:
         probs = [b["prob"] for b in ranked]
         assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-6
