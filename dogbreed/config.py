@@ -49,6 +49,10 @@ class InferenceConfig(_Strict):
     batch_size: int = Field(16, ge=1, description="images per forward pass; 16 is fastest per image on CPU, raise on GPU")
     concurrency: int | None = Field(None, ge=1, description="number of actors; null = one per GPU, or 1 on CPU")
     num_gpus: float | Literal["auto"] = Field("auto", description="GPUs per actor; auto = 1 if the cluster has GPUs, else 0")
+    max_tasks_in_flight: int | None = Field(None, ge=1, description="batches queued per actor; null = Ray Data's default; "
+                                            "1 spreads a short run evenly over every actor")
+    wait_for_actors_s: float = Field(0, ge=0, description="wait up to this long for the whole pool before the first batch "
+                                     "(0 = start with the first actor); on a cluster it keeps one actor from taking every batch")
     num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per actor (on CPU its torch threads = max(1, int(num_cpus)))")
 
 

@@ -206,13 +206,16 @@ def run_pipeline(todo: list[FileEntry], cfg: ScanConfig, run_id: str, dest: Path
     # The operators are sized here. Ray Data's reservation allocator would also hold CPUs back for the write stage,
     # which on 2 cores leaves room for one decode task at a time. A dataset copies the context when it is created.
     reservation, ctx.op_resource_reservation_enabled = ctx.op_resource_reservation_enabled, False
+    wait_before = ctx.wait_for_min_actors_s
+    if cfg.inference.wait_for_actors_s:
+        ctx.wait_for_min_actors_s = cfg.inference.wait_for_actors_s
     try:
         table = _work_table(todo)
         # Small blocks keep every decode task busy and the pipeline streaming; paths are tiny.
         block = max(cfg.decode.batch_size, 1)
         ds = ray.data.from_arrow([table.slice(i, block) for i in range(0, table.num_rows, block)])
     finally:
-        ctx.op_resource_reservation_enabled = reservation
+        ctx.op_resource_reservation_enabled, ctx.wait_for_min_actors_s = reservation, wait_before
     ds = ds.map_batches(
         _decode_stage, batch_size=cfg.decode.batch_size, batch_format="numpy", num_cpus=cfg.decode.num_cpus,
         compute=ray.data.TaskPoolStrategy(size=min(decoders, -(-table.num_rows // block))),
@@ -226,13 +229,16 @@ def run_pipeline(todo: list[FileEntry], cfg: ScanConfig, run_id: str, dest: Path
         _InferStage, batch_size=cfg.inference.batch_size, batch_format="numpy", num_gpus=num_gpus,
         # Ray Data restarts a killed actor and retries its batches (max_restarts=-1, max_task_retries=-1 by
         # default), as Ray retries a decode task whose worker died (max_retries=3); _verify then checks the rows.
-        num_cpus=cfg.inference.num_cpus, compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cfg.inference.num_cpus,
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=cfg.inference.max_tasks_in_flight),
         fn_constructor_kwargs=dict(run_id=run_id, model=cfg.model, top_k=cfg.top_k, dog_threshold=cfg.dog_threshold,
                                    count_dingo=cfg.count_dingo_as_dog,
                                    num_threads=None if num_gpus else max(1, int(cfg.inference.num_cpus))),
     )
     # Writing a block of result rows takes milliseconds: a quarter CPU lets it slip in between decode tasks.
-    ds.write_parquet(str(dest), min_rows_per_file=50_000, row_group_size=10_000, ray_remote_args={"num_cpus": 0.25})
+    # Few, large files suit pandas, DuckDB and Spark; zstd keeps a row near 60 bytes on disk.
+    ds.write_parquet(str(dest), min_rows_per_file=100_000, row_group_size=100_000, compression="zstd",
+                     ray_remote_args={"num_cpus": 0.25})
     if log.isEnabledFor(logging.DEBUG):  # where the time went, per operator (dogbreed bench reads this)
         log.debug("Ray Data stats:\n%s", ds.stats())
 

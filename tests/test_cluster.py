@@ -146,10 +146,9 @@ def test_scan_spreads_over_nodes_and_gives_the_single_node_answers(photos, local
     import ray.data
     from ray.cluster_utils import Cluster
 
-    # Both actors must be up before the first batch, or the first one may take every batch. This is the driver's
-    # Ray Data context (the scan runs in this process); scan.py itself is unchanged.
+    # Both actors must be up before the first batch, and hold one batch at a time, or the first may take every batch.
     ctx = ray.data.DataContext.get_current()
-    wait_before, ctx.wait_for_min_actors_s = ctx.wait_for_min_actors_s, 120
+    wait_before = ctx.wait_for_min_actors_s
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "gcs_server_port": _free_port(), "include_dashboard": False,
         "dashboard_agent_listen_port": _free_port()})
@@ -159,7 +158,8 @@ def test_scan_spreads_over_nodes_and_gives_the_single_node_answers(photos, local
         cluster.wait_for_nodes()
         workers = {n.node_id for n in cluster.worker_nodes}
         cfg = _scan_config(roots=[str(photos)], out=str(tmp_path / "out"), address=cluster.address,
-                           **{"inference.concurrency": 2, "decode.batch_size": 2, "inference.batch_size": 4})
+                           **{"inference.concurrency": 2, "decode.batch_size": 2, "inference.batch_size": 4,
+                              "inference.wait_for_actors_s": 120, "inference.max_tasks_in_flight": 1})
         summary = run_scan(cfg)
     finally:
         ctx.wait_for_min_actors_s = wait_before
