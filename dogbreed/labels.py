@@ -71,6 +71,7 @@ def wnid_from_folder(folder: str) -> str | None:
     return m.group(1) if m else None
 
 
+@lru_cache(maxsize=4096)
 def imagenet_index_for(folder: str) -> int | None:
     """ImageNet class of a breed folder, matched by WordNet id or by any synonym; None if not an ImageNet class."""
     wnid = wnid_from_folder(folder)
