@@ -21,35 +21,56 @@ ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="'default
 
 
 def _setup_logging(log_file: str | None, verbose: bool = False) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    """INFO and up go to the log file; the terminal (or cron's mail) gets warnings and errors only."""
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    handlers: list[logging.Handler] = [console]
     if log_file:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+        try:
+            Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+            handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+        except OSError as e:
+            typer.echo(f"warning: cannot write the log file {log_file}: {e.strerror or e}", err=True)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _fail(code: int, label: str, message: str) -> typer.Exit:
+    """One sentence on stderr, and the same line with its exit code in the log file (cron reads that)."""
+    typer.echo(f"{label}: {message}", err=True)
+    logging.getLogger("dogbreed").info("%s (exit %d): %s", label, code, message)  # INFO: the file, not the console
+    return typer.Exit(code)
+
+
 @contextmanager
 def _user_errors() -> Iterator[None]:
-    """Errors a user can cause become one sentence and a documented exit code, not a traceback."""
+    """Errors a user can cause become one sentence and a documented exit code, not a traceback.
+
+    Only the project's own error types are caught here: a real bug still shows its traceback (and its
+    one-line summary goes to the log file, with exit code 1).
+    """
+    from dogbreed.images import ImageError
+    from dogbreed.listing import RootError
     from dogbreed.models import ModelError
-    from dogbreed.scan import EXIT_FAILED, EXIT_LOCKED, EXIT_REFUSED, EXIT_USAGE, ScanRefused
-    from dogbreed.store import ScanLocked
+    from dogbreed.scan import EXIT_FAILED, EXIT_LOCKED, EXIT_REFUSED, EXIT_USAGE, ScanFailed, ScanRefused
+    from dogbreed.store import OutputError, ScanLocked
 
     try:
         yield
-    except (ConfigError, ModelError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
+    except (ConfigError, ModelError, OutputError) as e:
+        raise _fail(EXIT_USAGE, "error", str(e)) from None
     except ScanLocked as e:
-        typer.echo(f"refused: {e}", err=True)
-        raise typer.Exit(EXIT_LOCKED) from None
-    except ScanRefused as e:
-        typer.echo(f"refused: {e}", err=True)
-        raise typer.Exit(EXIT_REFUSED) from None
-    except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(EXIT_FAILED) from None
+        raise _fail(EXIT_LOCKED, "refused", str(e)) from None
+    except (ScanRefused, RootError) as e:
+        raise _fail(EXIT_REFUSED, "refused", str(e)) from None
+    except (ScanFailed, ImageError) as e:
+        raise _fail(EXIT_FAILED, "failed", str(e)) from None
+    except typer.Exit:
+        raise
+    except Exception as e:
+        logging.getLogger("dogbreed").info("failed (exit %d): %s: %s", EXIT_FAILED, type(e).__name__,
+                                           str(e).splitlines()[0] if str(e) else "")
+        raise
 
 
 def _scan_config(config: Path | None, **overrides) -> ScanConfig:
@@ -66,14 +87,22 @@ def scan(
     address: Annotated[Optional[str], typer.Option(help="Ray address to join; default: RAY_ADDRESS or a local Ray.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be processed, change nothing.")] = False,
     allow_empty_roots: Annotated[Optional[bool], typer.Option("--allow-empty-roots", help="Accept a root that became empty.")] = None,
+    allow_deletions: Annotated[Optional[bool], typer.Option(
+        "--allow-deletions", help="Accept a run that records more than max_deleted_fraction of a root's files as deleted.")] = None,
+    retry_errors: Annotated[Optional[bool], typer.Option(
+        "--retry-errors", help="Also retry error rows that cannot change until their file does (corrupt, crash, hang).")] = None,
     log_file: Annotated[Optional[str], typer.Option(help="Append log lines to this file.")] = None,
-    progress: Annotated[Optional[bool], typer.Option("--progress", help="Show Ray Data progress bars.")] = None,
+    progress: Annotated[Optional[bool], typer.Option(
+        "--progress/--no-progress", help="One progress bar; default: only when stderr is a terminal.")] = None,
 ) -> None:
     """Scan photo folders into Parquet: one row per file, committed atomically; exit 0 ok, 3 bad photos, 4/5 refused."""
+    _setup_logging(log_file)
     with _user_errors():
         cfg = _scan_config(config, roots=roots, out=out, model=model, mode=mode, address=address,
-                           allow_empty_roots=allow_empty_roots, log_file=log_file, progress=progress)
-        _setup_logging(cfg.log_file)
+                           allow_empty_roots=allow_empty_roots, allow_deletions=allow_deletions,
+                           retry_errors=retry_errors, log_file=log_file, progress=progress)
+        if cfg.log_file != log_file:
+            _setup_logging(cfg.log_file)
         from dogbreed.scan import EXIT_OK, run_scan
 
         summary = run_scan(cfg, dry_run=dry_run)
@@ -88,7 +117,6 @@ def scan(
         typer.echo(summary.line())
         raise typer.Exit(EXIT_OK)
     typer.echo(summary.line())
-    typer.echo(f"Parquet: {Path(summary.out).absolute() / 'runs' / str(summary.run_id)}")
     raise typer.Exit(summary.exit_code)
 
 

@@ -33,14 +33,23 @@ class FaceConfig(_Strict):
 
 
 class DecodeConfig(_Strict):
-    """CPU decode tasks: read, orient, reduce, and detect faces."""
+    """CPU decode tasks: read, orient, reduce, and detect faces, each photo inside a sandboxed child process."""
 
     max_pixels: int = Field(180_000_000, ge=1, description="decompression-bomb guard on declared width*height")
     max_bytes: int = Field(200_000_000, ge=1, description="files larger than this are refused unread")
-    timeout_s: float = Field(60.0, gt=0, description="per-photo decode limit; a slower photo becomes an error row")
-    batch_size: int = Field(8, ge=1, description="photos per decode batch (and per Ray block); small = even load, short tail")
+    timeout_s: float = Field(60.0, gt=0, description="per-photo limit; a photo still decoding then is declared hung, "
+                             "its decoder process is killed and it becomes an error row")
+    max_memory_mb: int | None = Field(4096, ge=256, description="memory cap of a decoder process (RLIMIT_DATA); a photo "
+                                      "needing more becomes an error row instead of waking the OOM killer; null = none")
+    plugins: list[str] = Field(default_factory=list, description="Pillow plugins imported in each decoder process: "
+                               "module names or .py files (e.g. pillow_avif)")
+    batch_size: int = Field(8, ge=1, description="photos per decode call; results stream on in blocks of about this many")
+    block_rows: int = Field(2048, ge=1, description="most paths per input block; a small run is cut finer so that every "
+                            "decode task has work")
     concurrency: int | None = Field(None, ge=1, description="max parallel decode tasks; null = as many as CPUs allow")
     num_cpus: float = Field(0.75, gt=0, description="CPUs reserved per decode task; 2 x 0.75 + the CPU actor's 0.5 fill 2 cores")
+    max_retries: int = Field(2, ge=0, description="retries of a decode task whose worker died; then its photos are "
+                             "error rows ('lost'), retried next run")
 
 
 class InferenceConfig(_Strict):
@@ -54,6 +63,8 @@ class InferenceConfig(_Strict):
     wait_for_actors_s: float = Field(0, ge=0, description="wait up to this long for the whole pool before the first batch "
                                      "(0 = start with the first actor); on a cluster it keeps one actor from taking every batch")
     num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per actor (on CPU its torch threads = max(1, int(num_cpus)))")
+    max_restarts: int = Field(3, ge=0, description="restarts of an inference actor that died; never unbounded")
+    max_task_retries: int = Field(3, ge=0, description="retries of a batch whose actor died")
 
 
 class ScanConfig(_Strict):
@@ -72,11 +83,16 @@ class ScanConfig(_Strict):
         default_factory=lambda: [".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".heic", ".heif"],
         description="files with other extensions get a 'skipped' row and are not opened",
     )
+    follow_symlinks: Literal["inside", "all", "none"] = Field(
+        "inside", description="inside = follow links that point inside the roots (others get a 'skipped' row); "
+        "all = follow every link; none = follow no link")
     allow_empty_roots: bool = Field(False, description="accept a root that is empty although earlier runs saw files")
     max_deleted_fraction: float = Field(0.5, ge=0.0, le=1.0,
                                         description="refuse a run that would mark more than this share of known files deleted")
+    allow_deletions: bool = Field(False, description="accept a run that marks more than max_deleted_fraction deleted")
+    retry_errors: bool = Field(False, description="also retry error rows that cannot change until their file does")
     log_file: str | None = Field(None, description="append the job's log lines here")
-    progress: bool = Field(False, description="show Ray Data progress bars")
+    progress: bool | None = Field(None, description="one progress bar; null = only when stderr is a terminal")
     face: FaceConfig = Field(default_factory=FaceConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
@@ -135,3 +151,16 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[st
 def dump_config(cfg: BaseModel) -> str:
     """The resolved config as YAML, saved beside every run's output."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def settings_id(cfg: ScanConfig) -> str:
+    """A short hash of the settings that change a photo's result besides the model (the model has its model_id).
+
+    It is stored in every row: rows made under other settings are due again, so results never silently mix them.
+    """
+    import hashlib
+    import json
+
+    relevant = {"top_k": cfg.top_k, "dog_threshold": cfg.dog_threshold, "count_dingo_as_dog": cfg.count_dingo_as_dog,
+                "face": cfg.face.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]

@@ -27,6 +27,11 @@ def _cascade(name: str):
     return clf
 
 
+def load_face_detector(cfg: FaceConfig) -> None:
+    """Load (and cache) the configured detector now, so that a missing cascade fails once, at start-up."""
+    _cascade(cfg.cascade)
+
+
 def detect_faces(gray: np.ndarray, scale: float, cfg: FaceConfig) -> list[tuple[int, int, int, int]]:
     """Face boxes (x, y, w, h) in full-size pixels, from a downscaled grayscale copy `scale` times smaller."""
 

@@ -15,38 +15,47 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from dogbreed import labels
-from dogbreed.config import ScanConfig
-from dogbreed.images import FileEntry, list_files
+import pyarrow.compute as pc
+
+from dogbreed import labels, results
+from dogbreed.config import ScanConfig, settings_id
+from dogbreed.listing import is_utf8, list_roots, normalise_roots, text_path
 from dogbreed.predictors import BreedPredictor, Decoder
-from dogbreed.scan import rows_to_table
+from dogbreed.store import utcnow
 
 HUMANS, OTHER = "humans", "other"
 
 
 def analyze(paths: Iterable[str], cfg: ScanConfig, predictor: BreedPredictor | None = None,
             batch_size: int = 32) -> pd.DataFrame:
-    """One result row (results.SCHEMA) per path, computed in this process."""
+    """One result row (results.SCHEMA) per path, computed in this process (photos decoded in a sandboxed child)."""
     predictor = predictor or BreedPredictor(cfg.model, cfg.top_k, cfg.dog_threshold, cfg.count_dingo_as_dog)
-    decoder = Decoder(predictor.spec.preprocessing, cfg.face, cfg.decode, extensions=None)
-    entries = []
-    for p in paths:
-        try:
-            st = os.stat(p)
-            entries.append(FileEntry(os.path.abspath(p), st.st_size, st.st_mtime_ns))
-        except OSError as e:
-            entries.append(FileEntry(os.path.abspath(p), 0, 0, f"cannot stat: {e.strerror}"))
+    decoder = Decoder(predictor.spec.preprocessing, cfg.face, cfg.decode)
+    settings = settings_id(cfg)
+    paths = [os.path.abspath(p) for p in paths]
     frames = []
-    for i in range(0, len(entries), batch_size):
-        chunk = entries[i:i + batch_size]
-        batch = {
-            "path": np.array([e.path for e in chunk], dtype=object),
-            "size_bytes": np.array([e.size for e in chunk], dtype=np.int64),
-            "mtime_ns": np.array([e.mtime_ns for e in chunk], dtype=np.int64),
-            "listed_error": np.array([e.error for e in chunk], dtype=object),
-        }
-        frames.append(rows_to_table(predictor(decoder(batch)), run_id="predict").to_pandas())
+    try:
+        for i in range(0, len(paths), batch_size):
+            chunk = paths[i:i + batch_size]
+            stats = [_stat(p) for p in chunk]
+            batch = {
+                "path": np.array([text_path(os.fsencode(p)) for p in chunk], dtype=object),
+                "raw": np.array([None if is_utf8(os.fsencode(p)) else os.fsencode(p) for p in chunk], dtype=object),
+                "size_bytes": np.array([s.st_size if s else 0 for s in stats], dtype=np.int64),
+                "mtime_ns": np.array([s.st_mtime_ns if s else 0 for s in stats], dtype=np.int64),
+                "ctime_ns": np.array([s.st_ctime_ns if s else 0 for s in stats], dtype=np.int64),
+            }
+            frames.append(results.rows_to_table(predictor(decoder(batch)), "predict", settings, utcnow()).to_pandas())
+    finally:
+        decoder.close()
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
 
 
 @dataclass
@@ -63,18 +72,18 @@ def collect(folders: list[str]) -> LabelledPhotos:
     out = LabelledPhotos()
     for folder in folders:
         name = Path(folder.rstrip("/")).name.lower()
-        for e in list_files(folder):
-            if e.error:
-                continue
+        listing = list_roots(normalise_roots([folder]).roots)
+        listing = listing.filter(pc.is_null(listing.column("note_status")))
+        for path in listing.column("path").to_pylist():
             if name in (HUMANS, OTHER):
-                out.paths.append(e.path)
+                out.paths.append(path)
                 out.category.append("human" if name == HUMANS else "other")
                 out.breed.append(None)
                 continue
-            rel = Path(e.path).relative_to(Path(folder).absolute())
+            rel = Path(path).relative_to(Path(folder).resolve())
             if len(rel.parts) < 2:
                 continue  # files directly in a class-folder root have no breed label
-            out.paths.append(e.path)
+            out.paths.append(path)
             out.category.append("dog")
             out.breed.append(rel.parts[0])
     return out

@@ -1,23 +1,22 @@
-"""Listing photo files and decoding them robustly into what the detectors need.
+"""Opening photo files and decoding them robustly into what the detectors and the network need.
 
-Decoding applies EXIF orientation, turns any mode into RGB, uses JPEG DCT scaling (Pillow ``draft``)
-when the photo is much larger than needed, and refuses decompression bombs before decoding a pixel.
-Every failure is an :class:`ImageError` with a one-line reason.
+Decoding applies EXIF orientation, turns any mode into RGB, uses JPEG DCT scaling (Pillow ``draft``) or an
+integer box reduction when the photo is much larger than needed, and refuses decompression bombs before
+decoding a pixel. Memory per pixel stays small: 16-bit and float photos are rescaled to 8 bits in row strips,
+never as full-size float copies. Every failure is an :class:`ImageError` with a one-line reason.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
-import stat
 import warnings
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
-
-from dogbreed.models import Preprocessing
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # Never let Pillow stitch a truncated file together silently: a truncated JPEG is an error row.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -27,19 +26,51 @@ try:  # optional HEIC/HEIF support (pip install dogbreed[heic])
 except ImportError:  # pragma: no cover - depends on the environment
     register_heif_opener = None
 
+FINGERPRINT_CHUNK = 64 * 1024  # bytes hashed from each end of a file
+_STRIP_ROWS = 256  # rows rescaled at a time for 16-bit / float photos
+_REDUCIBLE = {"L", "RGB", "RGBA", "LA", "CMYK", "I", "F"}  # modes Image.reduce accepts
+
 
 class ImageError(Exception):
-    """A file that cannot be turned into a photo; str(e) is a one-line reason."""
+    """A file that cannot be turned into a photo; str(e) is a one-line reason.
+
+    ``permanent`` errors cannot change until the file does (corrupt, not an image, bomb), so an unchanged
+    file is not tried again; transient ones (permission denied, I/O error) are retried on the next run.
+    """
+
+    def __init__(self, reason: str, permanent: bool = True):
+        super().__init__(reason)
+        self.permanent = permanent
 
 
 @dataclass(frozen=True)
-class FileEntry:
-    """One file found under a root, with the identity used for incremental runs."""
+class Preprocessing:
+    """How photos must be prepared for some weights (resize short side to size/crop_pct, centre crop)."""
 
-    path: str
-    size: int
-    mtime_ns: int
-    error: str | None = None  # set when the file is known bad at listing time (e.g. a symlink loop)
+    input_size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    @classmethod
+    def from_timm(cls, model: Any) -> "Preprocessing":
+        """Derive preprocessing from the model's own pretrained config, as timm does."""
+        from timm.data import resolve_data_config
+
+        cfg = resolve_data_config(model=model)
+        return cls(
+            input_size=int(cfg["input_size"][-1]),
+            crop_pct=float(cfg.get("crop_pct", 0.875)),
+            interpolation=str(cfg.get("interpolation", "bicubic")),
+            mean=tuple(float(v) for v in cfg["mean"]),
+            std=tuple(float(v) for v in cfg["std"]),
+        )
+
+    @property
+    def resize_to(self) -> int:
+        """Short side before the centre crop."""
+        return int(round(self.input_size / self.crop_pct))
 
 
 @dataclass
@@ -50,106 +81,49 @@ class Decoded:
     height: int
     model_input: np.ndarray  # uint8 (S, S, 3), resized and centre-cropped per the model's preprocessing
     gray: np.ndarray  # uint8 (h, w), longest side <= face max_side
-    gray_scale: float  # full-size pixels per gray pixel
+    gray_scale: float  # full-size pixels per gray pixel (a scale factor, not a colour)
 
 
-class RootError(Exception):
-    """A root that cannot be scanned (missing, not a folder, unreadable)."""
+def is_uri(path: str | bytes) -> bool:
+    return (b"://" if isinstance(path, bytes) else "://") in path
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
+def fingerprint(size: int, head: bytes, tail: bytes) -> str:
+    """A cheap content fingerprint: size plus the first and last FINGERPRINT_CHUNK bytes (BLAKE2b, 128 bit)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(size.to_bytes(8, "little"))
+    h.update(head)
+    h.update(tail)
+    return h.hexdigest()
 
 
-def _walk_local(root: str, include_hidden: bool) -> Iterator[FileEntry]:
-    """Depth-first, sorted, following directory symlinks once (a loop becomes an error entry)."""
-    seen: set[tuple[int, int]] = set()
-    st = os.stat(root)
-    seen.add((st.st_dev, st.st_ino))
-    stack = [root]
-    while stack:
-        folder = stack.pop()
-        try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as e:
-            yield FileEntry(folder, 0, 0, f"folder unreadable: {e.strerror}")
-            continue
-        subdirs = []
-        for e in entries:
-            if not include_hidden and e.name.startswith("."):
-                continue
-            try:
-                st = e.stat(follow_symlinks=True)
-            except OSError as err:
-                reason = "symlink loop" if err.errno == 40 else f"cannot stat: {err.strerror}"
-                yield FileEntry(e.path, 0, 0, reason)
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                key = (st.st_dev, st.st_ino)
-                if key in seen:
-                    yield FileEntry(e.path, 0, 0, "symlink loop: folder already scanned")
-                    continue
-                seen.add(key)
-                subdirs.append(e.path)
-            elif stat.S_ISREG(st.st_mode):
-                yield FileEntry(e.path, st.st_size, st.st_mtime_ns)
-        stack.extend(reversed(subdirs))
+def fingerprint_of_bytes(data: bytes) -> str:
+    tail = data[-FINGERPRINT_CHUNK:] if len(data) > FINGERPRINT_CHUNK else b""
+    return fingerprint(len(data), data[:FINGERPRINT_CHUNK], tail)
 
 
-def _walk_uri(root: str, include_hidden: bool) -> Iterator[FileEntry]:
-    from pyarrow import fs as pafs
-
-    filesystem, base = pafs.FileSystem.from_uri(root)
-    scheme = root.split("://", 1)[0]
-    infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
-    for info in sorted(infos, key=lambda i: i.path):
-        if info.type != pafs.FileType.File:
-            continue
-        rel = info.path[len(base):]
-        if not include_hidden and any(part.startswith(".") for part in rel.split("/")):
-            continue
-        mtime_ns = int(info.mtime_ns) if info.mtime_ns is not None else 0
-        yield FileEntry(f"{scheme}://{info.path}", int(info.size or 0), mtime_ns)
-
-
-def check_root(root: str) -> None:
-    """Raise RootError unless root is an existing, readable folder (or a reachable URI prefix)."""
-    if _is_uri(root):
-        from pyarrow import fs as pafs
-
-        try:
-            filesystem, base = pafs.FileSystem.from_uri(root)
-            info = filesystem.get_file_info(base)
-        except Exception as e:  # noqa: BLE001 - any filesystem failure refuses the root
-            raise RootError(f"root {root} is unreachable: {str(e).splitlines()[0]}") from None
-        if info.type != pafs.FileType.Directory:
-            raise RootError(f"root {root} is not a folder")
-        return
-    if not os.path.exists(root):
-        raise RootError(f"root {root} does not exist (is the archive mounted?)")
-    if not os.path.isdir(root):
-        raise RootError(f"root {root} is not a folder")
-    if not os.access(root, os.R_OK | os.X_OK):
-        raise RootError(f"root {root} is not readable")
-
-
-def list_files(root: str, include_hidden: bool = False) -> Iterator[FileEntry]:
-    """Every regular file under root, recursively (local folder or pyarrow filesystem URI)."""
-    check_root(root)
-    if _is_uri(root):
-        yield from _walk_uri(root, include_hidden)
-    else:
-        yield from _walk_local(os.path.abspath(root), include_hidden)
-
-
-def read_bytes(path: str, max_bytes: int) -> bytes:
-    """The file's bytes (local path or URI), refusing files over max_bytes."""
+def fingerprint_file(path: str | bytes) -> str | None:
+    """The fingerprint of a local file read from its two ends, or None if it cannot be read."""
     try:
-        if _is_uri(path):
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(FINGERPRINT_CHUNK)
+            tail = b""
+            if size > FINGERPRINT_CHUNK:  # the last chunk, overlapping the first for small files, as above
+                f.seek(size - FINGERPRINT_CHUNK)
+                tail = f.read(FINGERPRINT_CHUNK)
+            return fingerprint(size, head, tail)
+    except OSError:
+        return None
+
+
+def read_bytes(path: str | bytes, max_bytes: int) -> bytes:
+    """The file's bytes (local path, raw bytes path, or URI), refusing files over max_bytes."""
+    try:
+        if is_uri(path):
             from pyarrow import fs as pafs
 
-            filesystem, p = pafs.FileSystem.from_uri(path)
+            filesystem, p = pafs.FileSystem.from_uri(os.fsdecode(path))
             with filesystem.open_input_file(p) as f:
                 if f.size() > max_bytes:
                     raise ImageError(f"file is {f.size()} bytes, over the {max_bytes}-byte limit")
@@ -162,19 +136,32 @@ def read_bytes(path: str, max_bytes: int) -> bytes:
     except ImageError:
         raise
     except IsADirectoryError:
-        raise ImageError("is a folder, not a file") from None
+        raise ImageError("is a folder, not a file", permanent=False) from None
     except PermissionError:
-        raise ImageError("permission denied") from None
+        raise ImageError("permission denied", permanent=False) from None
+    except FileNotFoundError:
+        raise ImageError("vanished before it could be read", permanent=False) from None
     except OSError as e:
-        raise ImageError(f"cannot read: {e.strerror or e}") from None
+        raise ImageError(f"cannot read: {e.strerror or e}", permanent=False) from None
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit, 32-bit int or float gray to 8-bit 'L', a strip of rows at a time (1 byte per pixel kept)."""
+    lo, hi = im.getextrema()
+    top = 65535.0 if im.mode.startswith("I;16") or hi > 255 else 255.0
+    w, h = im.size
+    out = np.empty((h, w), dtype=np.uint8)
+    for y in range(0, h, _STRIP_ROWS):
+        strip = np.asarray(im.crop((0, y, w, min(h, y + _STRIP_ROWS))), dtype=np.float32)
+        np.clip(strip * np.float32(255.0 / top) + np.float32(0.5), 0, 255, out=strip)
+        out[y:y + strip.shape[0]] = strip
+    return Image.fromarray(out, "L")
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB; transparency is composited on white, 16-bit/float is rescaled."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        hi = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        im = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        im = _to_8bit(im)
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -202,6 +189,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageError("not a recognised image format") from None
     except Image.DecompressionBombError:
         raise ImageError("decompression bomb: declared size too large") from None
+    except MemoryError:
+        raise
     except Exception as e:  # noqa: BLE001 - any parser failure is a bad file
         raise ImageError(f"unreadable image header: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     w, h = im.size
@@ -214,7 +203,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 
 def _orientation(im: Image.Image) -> int:
     try:
-        return int(im.getexif().get(0x0112, 1) or 1)
+        return int(im.getexif().get(ExifTags.Base.Orientation, 1) or 1)
     except Exception:  # noqa: BLE001 - broken EXIF must not lose the photo
         return 1
 
@@ -239,6 +228,11 @@ def decode(data: bytes, prep: Preprocessing, face_max_side: int = 640, max_pixel
         raise ImageError(f"corrupt or truncated image data: {msg}") from None
     except Image.DecompressionBombError:
         raise ImageError("decompression bomb: declared size too large") from None
+    factor = int(max(im.size) / max(w, h) / need)  # how many times larger than needed it still is
+    if factor >= 2:  # still much larger than needed (a PNG, or a JPEG beyond 1/8): integer box reduction
+        if im.mode not in _REDUCIBLE:
+            im = _to_rgb(im)
+        im = im.reduce(factor)
     if orientation != 1:
         try:
             im = ImageOps.exif_transpose(im)

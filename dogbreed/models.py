@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dogbreed import labels
+from dogbreed.images import Preprocessing  # noqa: F401 - preprocessing travels with the weights
 
 DEFAULT_MODEL = "default"
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
@@ -28,36 +29,6 @@ SPEC_FILE = "model.json"
 
 class ModelError(ValueError):
     """A model reference that cannot be used (missing, tampered, mismatched); one readable sentence."""
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How photos must be prepared for these weights (resize short side to size/crop_pct, centre crop)."""
-
-    input_size: int = 224
-    crop_pct: float = 0.875
-    interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-
-    @classmethod
-    def from_timm(cls, model: nn.Module) -> "Preprocessing":
-        """Derive preprocessing from the model's own pretrained config, as timm does."""
-        from timm.data import resolve_data_config
-
-        cfg = resolve_data_config(model=model)
-        return cls(
-            input_size=int(cfg["input_size"][-1]),
-            crop_pct=float(cfg.get("crop_pct", 0.875)),
-            interpolation=str(cfg.get("interpolation", "bicubic")),
-            mean=tuple(float(v) for v in cfg["mean"]),
-            std=tuple(float(v) for v in cfg["std"]),
-        )
-
-    @property
-    def resize_to(self) -> int:
-        """Short side before the centre crop."""
-        return int(round(self.input_size / self.crop_pct))
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Callables that Ray Data runs on batches; each loads what it needs once and is pure on numpy batches.
 
 :class:`Decoder` (CPU tasks) turns listed files into 224-px model crops plus Haar face boxes, so only
-small uint8 arrays travel through the object store. :class:`BreedPredictor` (actor pool, GPU when
+small uint8 arrays travel through the object store; each photo is decoded in a sandboxed child process. :class:`BreedPredictor` (actor pool, GPU when
 present) runs one backbone pass per batch for both the dog score and the breed. Both are usable without
 Ray: ``BreedPredictor()(Decoder(...)(batch))``.
 """
@@ -9,20 +9,19 @@ Ray: ``BreedPredictor()(Decoder(...)(batch))``.
 from __future__ import annotations
 
 import json
-import signal
-import threading
-import time
-from contextlib import contextmanager
-from typing import Any
+import os
+from dataclasses import asdict
+from typing import Any, Callable
 
 import numpy as np
 
 from dogbreed import detect
 from dogbreed.config import DecodeConfig, FaceConfig
-from dogbreed.images import ImageError, decode, read_bytes
-from dogbreed.models import Preprocessing
+from dogbreed.images import ImageError, Preprocessing, decode, fingerprint_of_bytes, read_bytes
+from dogbreed.sandbox import Sandbox, SandboxError
 
 Batch = dict[str, np.ndarray]
+PERMANENT, TRANSIENT = "permanent", "transient"  # error kinds: not retried on an unchanged file / retried next run
 
 
 def _node_id() -> str | None:
@@ -34,84 +33,91 @@ def _node_id() -> str | None:
         return None
 
 
-class _DecodeTimeout(BaseException):
-    """Raised by the per-photo alarm. A BaseException so that no `except Exception` (or `except OSError`,
-    which TimeoutError is) inside Pillow or images.py can swallow it and let a slow photo run on."""
+def _import_plugin(name: str) -> None:
+    """Import a Pillow plugin by module name, or from a .py file."""
+    import importlib
+    import importlib.util
+
+    if name.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(f"dogbreed_plugin_{abs(hash(name))}", name)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load decoder plugin {name}")
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    else:
+        importlib.import_module(name)
 
 
-@contextmanager
-def _time_limit(seconds: float):
-    """Raise _DecodeTimeout in this thread after `seconds` (main thread only; elsewhere no limit).
+def photo_worker(prep: dict, face: dict, decode_cfg: dict) -> Callable[[bytes], dict[str, Any]]:
+    """Runs in the sandboxed child (see dogbreed.sandbox): read, fingerprint, decode and find faces, per photo."""
+    prep_, face_, cfg = Preprocessing(**prep), FaceConfig(**face), DecodeConfig(**decode_cfg)
+    for plugin in cfg.plugins:
+        _import_plugin(plugin)
+    detect.load_face_detector(face_)  # fail at start-up, once, if the detector cannot be loaded
 
-    An alarm set by someone else (e.g. pytest-timeout) is re-armed afterwards with its remaining time.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    def one(raw_path: bytes) -> dict[str, Any]:
+        fp = None
+        try:
+            data = read_bytes(raw_path, cfg.max_bytes)
+            fp = fingerprint_of_bytes(data)
+            d = decode(data, prep_, face_.max_side, cfg.max_pixels)
+            del data
+            faces = detect.detect_faces(d.gray, d.gray_scale, face_)
+        except ImageError as e:
+            return {"status": "error", "error": str(e), "error_kind": PERMANENT if e.permanent else TRANSIENT,
+                    "fingerprint": fp}
+        except MemoryError:
+            return {"status": "error", "error": "out of memory while decoding (decode.max_memory_mb)",
+                    "error_kind": PERMANENT, "fingerprint": fp}
+        except Exception as e:  # noqa: BLE001 - one bad photo must never take its batch down
+            msg = str(e).splitlines()[0] if str(e) else ""
+            return {"status": "error", "error": f"{type(e).__name__}: {msg}".strip().rstrip(":"),
+                    "error_kind": PERMANENT, "fingerprint": fp}
+        return {"status": None, "error": None, "error_kind": None, "width": d.width, "height": d.height,
+                "image": d.model_input, "faces": json.dumps(faces), "face_count": len(faces), "fingerprint": fp}
 
-    def _alarm(signum, frame):
-        raise _DecodeTimeout
-
-    old_handler = signal.signal(signal.SIGALRM, _alarm)
-    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
-    started = time.monotonic()
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old_handler)
-        if old_delay:
-            remaining = max(old_delay - (time.monotonic() - started), 1e-3)
-            signal.setitimer(signal.ITIMER_REAL, remaining, old_interval)
+    return one
 
 
 class Decoder:
-    """Read + decode + Haar faces for a batch of listed files (columns path, error)."""
+    """Read + decode + faces for a batch of listed files (columns path, raw), each photo in a sandboxed child.
 
-    def __init__(self, prep: Preprocessing, face: FaceConfig | None = None, decode_cfg: DecodeConfig | None = None,
-                 extensions: list[str] | None = None):
+    A photo that crashes or hangs the child becomes an error row naming the signal or the time limit; the
+    child is restarted for the rest of the batch. The child lives as long as this object.
+    """
+
+    def __init__(self, prep: Preprocessing, face: FaceConfig | None = None, decode_cfg: DecodeConfig | None = None):
         self.prep = prep
         self.face = face or FaceConfig()
         self.cfg = decode_cfg or DecodeConfig()
-        self.extensions = {e.lower() for e in extensions} if extensions else None
-        detect._cascade(self.face.cascade)  # fail here, once, if the cascade is missing
+        self.sandbox = Sandbox("dogbreed.predictors:photo_worker",
+                               {"prep": asdict(prep), "face": self.face.model_dump(), "decode_cfg": self.cfg.model_dump()},
+                               timeout_s=self.cfg.timeout_s, memory_mb=self.cfg.max_memory_mb)
 
-    def _one(self, path: str, listed_error: Any) -> dict[str, Any]:
-        if listed_error:
-            return {"status": "error", "error": str(listed_error)}
-        ext = "." + path.rsplit(".", 1)[-1].lower() if "." in path.rsplit("/", 1)[-1] else ""
-        if self.extensions is not None and ext not in self.extensions:
-            return {"status": "skipped", "error": f"not a photo extension ({ext or 'none'})"}
+    def _one(self, raw: bytes) -> dict[str, Any]:
         try:
-            with _time_limit(self.cfg.timeout_s):
-                data = read_bytes(path, self.cfg.max_bytes)
-                d = decode(data, self.prep, self.face.max_side, self.cfg.max_pixels)
-                faces = detect.detect_faces(d.gray, d.gray_scale, self.face)
-        except ImageError as e:
-            return {"status": "error", "error": str(e)}
-        except _DecodeTimeout:
-            return {"status": "error", "error": f"decoding took longer than {self.cfg.timeout_s:g} s"}
-        except MemoryError:
-            return {"status": "error", "error": "out of memory while decoding"}
-        except Exception as e:  # noqa: BLE001 - one bad photo must never take its batch down
-            return {"status": "error", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()}
-        return {"status": None, "error": None, "width": d.width, "height": d.height, "image": d.model_input,
-                "faces": json.dumps(faces), "face_count": len(faces)}
+            result, failure = self.sandbox(raw)
+        except SandboxError as e:
+            return {"status": "error", "error": str(e), "error_kind": TRANSIENT}
+        if failure is not None:
+            return {"status": "error", "error": failure, "error_kind": PERMANENT}
+        return result
 
     def __call__(self, batch: Batch) -> Batch:
         n = len(batch["path"])
-        errors = batch.get("listed_error", np.full(n, None, dtype=object))
-        rows = [self._one(str(p), e) for p, e in zip(batch["path"], errors)]
+        raws = batch["raw"] if "raw" in batch else [None] * n
+        rows = [self._one(bytes(r) if r is not None else os.fsencode(str(p))) for p, r in zip(batch["path"], raws)]
         size = self.prep.input_size
         images = np.zeros((n, size, size, 3), dtype=np.uint8)
         for i, r in enumerate(rows):
             if r.get("image") is not None:
                 images[i] = r["image"]
-        out = {k: v for k, v in batch.items() if k != "listed_error"}
+        out = dict(batch)
         out.update({
             "ok": np.array([r["status"] is None for r in rows], dtype=bool),
             "status": np.array([r["status"] for r in rows], dtype=object),
             "error": np.array([r["error"] for r in rows], dtype=object),
+            "error_kind": np.array([r.get("error_kind") for r in rows], dtype=object),
+            "fingerprint": np.array([r.get("fingerprint") for r in rows], dtype=object),
             "width": np.array([r.get("width", -1) for r in rows], dtype=np.int32),
             "height": np.array([r.get("height", -1) for r in rows], dtype=np.int32),
             "face_count": np.array([r.get("face_count", 0) for r in rows], dtype=np.int32),
@@ -120,6 +126,9 @@ class Decoder:
             "decode_node": np.array([_node_id()] * n, dtype=object),
         })
         return out
+
+    def close(self) -> None:
+        self.sandbox.close()
 
 
 class BreedPredictor:

@@ -29,11 +29,15 @@ UTC_US = pa.timestamp("us", tz="UTC")
 
 # One row per file found. Documented column by column in README.md ("Output schema").
 SCHEMA = pa.schema([
-    ("path", pa.string()),              # absolute local path or URI of the file
+    ("path", pa.string()),              # absolute local path or URI; bytes that are not UTF-8 written as \xNN
+    ("path_bytes", pa.binary()),        # the exact bytes of the path when it is not valid UTF-8, else null
     ("size_bytes", pa.int64()),         # file size when listed
     ("mtime", UTC_US),                  # modification time when listed
+    ("ctime", UTC_US),                  # inode change time when listed (null on object stores)
+    ("fingerprint", pa.string()),       # BLAKE2b of size + first and last 64 KiB: finds moved files, restored mtimes
     ("status", pa.string()),            # dog | human | dog_and_human | neither | error | skipped | deleted
     ("error", pa.string()),             # one-line reason when status is error/skipped, else null
+    ("error_kind", pa.string()),        # errors: permanent (not retried on an unchanged file) or transient
     ("width", pa.int32()),              # oriented (EXIF-applied) full-size width; null if not decoded
     ("height", pa.int32()),
     ("dog_score", pa.float32()),        # probability mass on ImageNet dog classes, 0..1
@@ -43,6 +47,7 @@ SCHEMA = pa.schema([
     ("face_count", pa.int32()),
     ("faces", pa.list_(BOX)),           # face boxes in full-size oriented pixel coordinates
     ("model_id", pa.string()),          # content hash of the model that produced the row
+    ("settings_id", pa.string()),       # hash of the result-changing settings (thresholds, dingo rule, faces, top_k)
     ("run_id", pa.string()),
     ("processed_at", UTC_US),
     ("decode_node", pa.string()),       # Ray node id of the decode task (proof of distribution)
@@ -57,7 +62,7 @@ def _with_pandas_dtypes(schema: pa.Schema) -> pa.Schema:
     Without it, pandas turns an int column into float64 only in files that happen to hold a null (an error
     row), so dtypes would drift between runs.
     """
-    nullable = {pa.int32(): "Int32", pa.int64(): "Int64"}
+    nullable = {pa.int32(): "Int32", pa.int64(): "Int64"}  # binary columns stay object (bytes or None)
     empty = pd.DataFrame({f.name: pd.Series([], dtype=nullable.get(f.type, "object")) for f in schema})
     return schema.with_metadata(pa.Schema.from_pandas(empty, preserve_index=False).metadata)
 
@@ -84,10 +89,36 @@ def to_table(columns: dict[str, Any]) -> pa.Table:
         if v is None:
             arrays.append(pa.nulls(n, f.type))
             continue
+        if isinstance(v, (pa.Array, pa.ChunkedArray)):
+            arrays.append(v.cast(f.type))
+            continue
         if isinstance(v, np.ndarray) and v.dtype.kind in "OU":
             v = v.tolist()
         arrays.append(pa.array(v, type=f.type, from_pandas=True))
-    return pa.Table.from_arrays(arrays, schema=SCHEMA)
+    return pa.Table.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in arrays],
+                                schema=SCHEMA)
+
+
+def rows_to_table(rows: dict[str, Any], run_id: str, settings_id: str | None, processed_at: Any) -> pa.Table:
+    """Predictor output columns (numpy, one entry per photo) -> a table with exactly SCHEMA."""
+    n = len(rows["path"])
+    ok = np.array([s in OK_STATUSES for s in rows["status"]], dtype=bool)
+    cols = dict(rows)
+    cols["path_bytes"] = rows.get("raw")
+    cols["mtime"] = pa.array(np.asarray(rows["mtime_ns"], dtype=np.int64) // 1000, type=pa.int64()).cast(UTC_US)
+    if "ctime_ns" in rows:
+        cols["ctime"] = pc.cast(pc.divide(pa.array(rows["ctime_ns"], pa.int64(), from_pandas=True), 1000),
+                                pa.int64()).cast(UTC_US)
+    for name in ("width", "height", "face_count"):
+        cols[name] = [int(v) if good else None for v, good in zip(rows[name], ok)]
+    cols["faces"] = [[dict(zip("xywh", b)) for b in json.loads(f)] if good else None for f, good in zip(rows["faces"], ok)]
+    cols["dog_score"] = [float(v) if good else None for v, good in zip(rows["dog_score"], ok)]
+    cols["breed_prob"] = [float(v) if good else None for v, good in zip(rows["breed_prob"], ok)]
+    cols["breeds"] = [list(b) if good else None for b, good in zip(rows["breeds"], ok)]
+    cols["run_id"] = [run_id] * n
+    cols["settings_id"] = [settings_id] * n
+    cols["processed_at"] = pa.array([processed_at] * n, type=UTC_US)
+    return to_table(cols)
 
 
 def run_dirs(out: str | Path) -> list[Path]:
@@ -104,6 +135,26 @@ def manifests(out: str | Path) -> list[dict[str, Any]]:
 def _dataset(out: str | Path) -> pads.Dataset | None:
     files = [str(f) for d in run_dirs(out) for f in sorted(d.glob("*.parquet"))]
     return pads.dataset(files, schema=SCHEMA, format="parquet") if files else None
+
+
+def rows_of(out: str | Path, paths: pa.ChunkedArray, run_ids: pa.ChunkedArray) -> pa.Table:
+    """The committed rows written for (path, run_id) pairs, in the pairs' order (one per pair that exists)."""
+    ds = _dataset(out)
+    if ds is None:
+        return empty_table()
+    found = ds.to_table(filter=pc.field("path").isin(pc.unique(paths)))
+    # Acero joins carry no list or struct columns: join the keys with row numbers, then take.
+    mine = pa.table({"path": found.column("path"), "run_id": found.column("run_id"),
+                     "_j": pa.array(np.arange(found.num_rows, dtype=np.int64))})
+    wanted = pa.table({"path": paths, "run_id": run_ids, "_o": pa.array(np.arange(len(paths), dtype=np.int64))})
+    pairs = wanted.join(mine, keys=["path", "run_id"], join_type="inner").sort_by("_o")
+    order = pairs.column("_j").to_numpy()
+    if len(order) > 1:  # a pair written twice in one run (never, but never two rows for one pair either)
+        keep = np.ones(len(order), dtype=bool)
+        o = pairs.column("_o").to_numpy()
+        keep[1:] = o[1:] != o[:-1]
+        order = order[keep]
+    return found.take(pa.array(order, pa.int64()))
 
 
 def read_all(out: str | Path, columns: list[str] | None = None) -> pd.DataFrame:

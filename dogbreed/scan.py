@@ -1,52 +1,47 @@
-"""The batch job: list -> plan (incremental) -> decode (CPU tasks) -> infer (actor pool) -> Parquet -> commit.
+"""The batch job: list -> plan (incremental) -> decode (CPU tasks) -> infer (actor pool) -> rows -> commit.
 
-Every file found yields exactly one row; a bad photo becomes an error row, never a crash. A re-run does
-only new or changed files (path + size + mtime) for the current model, and records vanished files as
-deleted. The whole run is committed atomically by :class:`dogbreed.store.OutputStore`.
+Every file found yields exactly one row; a bad photo becomes an error row, never a crash. The listing and the
+plan are Arrow tables, the paths reach the decode tasks in blocks of thousands, and the result rows stream
+back to this driver, which writes them into the run's staging folder, counts them and shows progress. The
+whole run is committed atomically by :class:`dogbreed.store.OutputStore`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import sys
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from dogbreed import results
-from dogbreed.config import ScanConfig, dump_config
-from dogbreed.images import FileEntry, RootError, list_files
+from dogbreed.config import ScanConfig, dump_config, settings_id
+from dogbreed.listing import RootError, list_roots, normalise_roots
 from dogbreed.models import describe_model
-from dogbreed.predictors import BreedPredictor, Decoder
-from dogbreed.store import OutputStore, new_run_id, utcnow
+from dogbreed.plan import KNOWN_COLUMNS, Plan, ScanRefused, make_plan
+from dogbreed.predictors import TRANSIENT, BreedPredictor, Decoder
+from dogbreed.store import OutputStore, RunWriter, check_out, new_run_id, utcnow
 
 log = logging.getLogger("dogbreed.scan")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BAD_PHOTOS, EXIT_REFUSED, EXIT_LOCKED = 0, 1, 2, 3, 4, 5
 DRY_RUN_PREVIEW = 10  # paths a dry run lists of each kind
-DECODE_BATCHES_PER_WORKER = 200  # a decode worker process exits after this many batches (max_calls)
+DECODE_CALLS_PER_WORKER = 50  # a decode worker process exits after this many blocks (max_calls)
+BLOCKS_PER_DECODER = 4  # a small run is cut into at least this many blocks per decode task
+
+__all__ = ["EXIT_BAD_PHOTOS", "EXIT_FAILED", "EXIT_LOCKED", "EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "ScanRefused",
+           "ScanSummary", "run_scan"]
 
 
-class ScanRefused(RuntimeError):
-    """The archive looks unavailable (missing, unreadable, suddenly empty); nothing was changed."""
-
-
-@dataclass
-class Plan:
-    """What a run will do: files to process and files to record as deleted."""
-
-    listed: int
-    todo: list[FileEntry]
-    deleted: list[str]
-    unchanged: int
+class ScanFailed(RuntimeError):
+    """The run could not produce its rows (e.g. every photo was lost to worker failures); nothing was committed."""
 
 
 @dataclass
@@ -59,6 +54,7 @@ class ScanSummary:
     listed: int
     processed: int
     unchanged: int
+    carried: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     images_per_s: float = 0.0
@@ -74,96 +70,37 @@ class ScanSummary:
         c = self.counts
         if self.dry_run:
             return (f"dry run: {self.listed} files; would process {self.processed} (new, changed or not yet done "
-                    f"for model {self.model_id}), skip {self.unchanged} unchanged, record {c.get('deleted', 0)} "
-                    f"as deleted; nothing written to {self.out}")
-        return (f"run {self.run_id}: {self.listed} files, {self.processed} processed, {self.unchanged} unchanged; "
+                    f"for model {self.model_id}), skip {self.unchanged} unchanged, carry over {self.carried} "
+                    f"moved or re-identified, record {c.get('deleted', 0)} as deleted; nothing written to {self.out}")
+        return (f"run {self.run_id}: {self.listed} files, {self.processed} processed, {self.unchanged} unchanged, "
+                f"{self.carried} carried over; "
                 f"dogs {c.get('dog', 0)}, humans {c.get('human', 0)}, dog+human {c.get('dog_and_human', 0)}, "
                 f"neither {c.get('neither', 0)}, errors {c.get('error', 0)}, skipped {c.get('skipped', 0)}, "
                 f"deleted {c.get('deleted', 0)}; {self.images_per_s:.1f} images/s; {self.seconds:.1f} s; out {self.out}")
 
 
-def _under(path: str, root: str) -> bool:
-    root = root.rstrip("/")
-    return path == root or path.startswith(root + "/")
-
-
-def _normalise_root(root: str) -> str:
-    return root if "://" in root else str(Path(root).absolute())
-
-
-def list_roots(roots: list[str], include_hidden: bool) -> dict[str, list[FileEntry]]:
-    """Files per root; a missing or unreadable root raises ScanRefused."""
-    found: dict[str, list[FileEntry]] = {}
-    for root in roots:
-        try:
-            found[root] = list(list_files(root, include_hidden))
-        except RootError as e:
-            raise ScanRefused(str(e)) from None
-    return found
-
-
-def make_plan(found: dict[str, list[FileEntry]], known: pa.Table, model_id: str, cfg: ScanConfig) -> Plan:
-    """Decide new/changed/deleted against the latest committed rows, refusing a vanished archive."""
-    k_path = known.column("path").to_pylist()
-    k_status = known.column("status").to_pylist()
-    k_model = known.column("model_id").to_pylist()
-    k_size = known.column("size_bytes").to_pylist()
-    k_mtime = pc.cast(known.column("mtime"), pa.int64()).to_pylist()
-    latest = {p: (s, m, sz, mt) for p, s, m, sz, mt in zip(k_path, k_status, k_model, k_size, k_mtime)}
-    todo, deleted, unchanged, listed = [], [], 0, 0
-    for root, entries in found.items():
-        seen = {e.path for e in entries}
-        alive = [p for p, v in latest.items() if _under(p, root) and v[0] != "deleted"]
-        gone = [p for p in alive if p not in seen]
-        if alive and not entries and not cfg.allow_empty_roots:
-            raise ScanRefused(f"root {root} is empty but earlier runs saw {len(alive)} files there "
-                              "(unmounted archive?); pass --allow-empty-roots if they were really deleted")
-        if len(alive) >= 10 and len(gone) > cfg.max_deleted_fraction * len(alive):
-            raise ScanRefused(f"root {root}: {len(gone)} of {len(alive)} known files vanished, over the "
-                              f"max_deleted_fraction of {cfg.max_deleted_fraction}; refusing to record them as deleted")
-        deleted += gone
-        for e in entries:
-            listed += 1
-            prev = latest.get(e.path)
-            done = (prev is not None and prev[1] == model_id and prev[0] in results.OK_STATUSES + ("skipped",)
-                    and prev[2] == e.size and prev[3] == e.mtime_ns // 1000 and e.error is None)
-            if done and cfg.mode == "missing":
-                unchanged += 1
-            else:
-                todo.append(e)
-    return Plan(listed=listed, todo=todo, deleted=sorted(set(deleted)), unchanged=unchanged)
-
-
 class _InferStage:
-    """Actor-pool stage: BreedPredictor then the fixed output schema (so the writer never infers types)."""
+    """Actor-pool stage: BreedPredictor then the fixed output schema (so the driver never infers types)."""
 
-    def __init__(self, run_id: str, **predictor_kwargs: Any):
-        self.run_id = run_id
+    def __init__(self, run_id: str, settings: str, **predictor_kwargs: Any):
+        self.run_id, self.settings = run_id, settings
         self.predict = BreedPredictor(**predictor_kwargs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        return rows_to_table(self.predict(batch), self.run_id)
+        rows = self.predict(batch)
+        table = results.rows_to_table(rows, self.run_id, self.settings, utcnow())
+        return table.append_column("_idx", pa.array(np.asarray(rows["_idx"], dtype=np.int64)))
+
+
+_DECODERS: dict[str, Decoder] = {}  # one sandboxed decoder per decode worker process, kept across its tasks
 
 
 def _decode_stage(batch: dict[str, np.ndarray], **decoder_kwargs: Any) -> dict[str, np.ndarray]:
-    return Decoder(**decoder_kwargs)(batch)
-
-
-def rows_to_table(rows: dict[str, Any], run_id: str) -> pa.Table:
-    """Predictor output columns -> a table with exactly results.SCHEMA."""
-    n = len(rows["path"])
-    ok = np.array([s in results.OK_STATUSES for s in rows["status"]], dtype=bool)
-    cols = dict(rows)
-    cols["mtime"] = pa.array(np.asarray(rows["mtime_ns"], dtype=np.int64) // 1000, type=pa.int64()).cast(results.UTC_US)
-    for name in ("width", "height", "face_count"):
-        cols[name] = [int(v) if good else None for v, good in zip(rows[name], ok)]
-    cols["faces"] = [[dict(zip("xywh", b)) for b in json.loads(f)] if good else None for f, good in zip(rows["faces"], ok)]
-    cols["dog_score"] = [float(v) if good else None for v, good in zip(rows["dog_score"], ok)]
-    cols["breed_prob"] = [float(v) if good else None for v, good in zip(rows["breed_prob"], ok)]
-    cols["breeds"] = [list(b) if good else None for b, good in zip(rows["breeds"], ok)]
-    cols["run_id"] = [run_id] * n
-    cols["processed_at"] = pa.array([utcnow()] * n, type=results.UTC_US)
-    return results.to_table(cols)
+    key = repr(sorted(decoder_kwargs.items()))
+    if key not in _DECODERS:
+        _DECODERS.clear()
+        _DECODERS[key] = Decoder(**decoder_kwargs)
+    return _DECODERS[key](batch)
 
 
 def _inference_resources(cfg: ScanConfig) -> tuple[float, int, int]:
@@ -186,93 +123,96 @@ def _inference_resources(cfg: ScanConfig) -> tuple[float, int, int]:
     return float(num_gpus), actors, decoders
 
 
-def _work_table(todo: list[FileEntry]) -> pa.Table:
-    return pa.table({
-        "path": pa.array([e.path for e in todo], pa.string()),
-        "size_bytes": pa.array([e.size for e in todo], pa.int64()),
-        "mtime_ns": pa.array([e.mtime_ns for e in todo], pa.int64()),
-        "listed_error": pa.array([e.error for e in todo], pa.string()),
-    })
+def _blocks(todo: pa.Table, cfg: ScanConfig, decoders: int) -> list[pa.Table]:
+    """Input blocks of up to decode.block_rows paths, cut finer for a small run so that every decode task has work."""
+    n = todo.num_rows
+    rows = min(cfg.decode.block_rows, max(cfg.decode.batch_size, -(-n // (decoders * BLOCKS_PER_DECODER))))
+    table = todo.append_column("_idx", pa.array(np.arange(n, dtype=np.int64)))
+    return [table.slice(i, rows) for i in range(0, n, rows)]
 
 
-def run_pipeline(todo: list[FileEntry], cfg: ScanConfig, run_id: str, dest: Path) -> None:
-    """Decode on CPU tasks, infer in an actor pool, and write Parquet with Ray Data into dest."""
+def run_pipeline(todo: pa.Table, cfg: ScanConfig, run_id: str, writer: RunWriter) -> np.ndarray:
+    """Decode on CPU tasks, infer in an actor pool, and write the rows streaming back; returns rows seen per todo row."""
     import ray
 
     spec, _ = describe_model(cfg.model)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = cfg.progress
     num_gpus, actors, decoders = _inference_resources(cfg)
-    # The operators are sized here. Ray Data's reservation allocator would also hold CPUs back for the write stage,
-    # which on 2 cores leaves room for one decode task at a time. A dataset copies the context when it is created.
-    reservation, ctx.op_resource_reservation_enabled = ctx.op_resource_reservation_enabled, False
-    wait_before = ctx.wait_for_min_actors_s
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.op_resource_reservation_enabled, ctx.wait_for_min_actors_s,
+             ctx.max_errored_blocks, ctx.target_max_block_size)
+    ctx.enable_progress_bars = False  # one bar, ours: files done of planned
+    # The operators are sized here. Ray Data's reservation allocator would also hold CPUs back, which on 2 cores
+    # leaves room for one decode task at a time. A dataset copies the context when it is created.
+    ctx.op_resource_reservation_enabled = False
     if cfg.inference.wait_for_actors_s:
         ctx.wait_for_min_actors_s = cfg.inference.wait_for_actors_s
+    # A block whose task failed after its bounded retries is dropped, not fatal: its photos become 'lost'
+    # error rows (transient, retried next run) and the rest of the run commits.
+    ctx.max_errored_blocks = -1
+    # Decoded crops are 150 KB each: small output blocks keep them streaming to the actors as they are made.
+    ctx.target_max_block_size = 16 * 1024 * 1024
     try:
-        table = _work_table(todo)
-        # Small blocks keep every decode task busy and the pipeline streaming; paths are tiny.
-        block = max(cfg.decode.batch_size, 1)
-        ds = ray.data.from_arrow([table.slice(i, block) for i in range(0, table.num_rows, block)])
+        ds = ray.data.from_arrow(_blocks(todo, cfg, decoders))
     finally:
-        ctx.op_resource_reservation_enabled, ctx.wait_for_min_actors_s = reservation, wait_before
+        (ctx.enable_progress_bars, ctx.op_resource_reservation_enabled, ctx.wait_for_min_actors_s,
+         ctx.max_errored_blocks, ctx.target_max_block_size) = saved
+    with warnings.catch_warnings():
+        # Bounded retries can only be given as remote args, which Ray 2.60 deprecates without a replacement yet.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = _stages(ds, cfg, spec, run_id, num_gpus, actors, decoders)
+    seen = np.zeros(todo.num_rows, dtype=np.int32)
+    with _progress(cfg, todo.num_rows) as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+            idx = batch.column("_idx").to_numpy()
+            fresh = seen[idx] == 0  # a retried batch may deliver a row twice: the first one counts
+            np.add.at(seen, idx, 1)
+            writer.write(batch.drop_columns(["_idx"]).filter(pa.array(fresh)))
+            bar.update(int(fresh.sum()))
+    if log.isEnabledFor(logging.DEBUG):  # where the time went, per operator (dogbreed bench reads this)
+        log.debug("Ray Data stats:\n%s", ds.stats())
+    return seen
+
+
+def _stages(ds, cfg: ScanConfig, spec, run_id: str, num_gpus: float, actors: int, decoders: int):
+    import ray
+
     ds = ds.map_batches(
         _decode_stage, batch_size=cfg.decode.batch_size, batch_format="numpy", num_cpus=cfg.decode.num_cpus,
-        compute=ray.data.TaskPoolStrategy(size=min(decoders, -(-table.num_rows // block))),
-        fn_kwargs=dict(prep=spec.preprocessing, face=cfg.face, decode_cfg=cfg.decode, extensions=cfg.extensions),
-        # Recycling decode workers bounds what a leak or heap fragmentation from huge photos can build up. It
-        # also makes the remote args differ from the actors', so Ray Data does not fuse decoding into the
-        # inference actors, where it would run off the main thread and the per-photo SIGALRM timeout is void.
-        max_calls=DECODE_BATCHES_PER_WORKER,
+        compute=ray.data.TaskPoolStrategy(size=decoders),
+        fn_kwargs=dict(prep=spec.preprocessing, face=cfg.face, decode_cfg=cfg.decode),
+        # Ray Data would retry a task whose worker died without bound; a poison photo only kills its sandboxed
+        # child, so a dead worker is a node or infrastructure fault and a few retries are plenty. max_calls also
+        # keeps decoding from being fused into the inference actors.
+        max_retries=cfg.decode.max_retries, max_calls=DECODE_CALLS_PER_WORKER,
     )
     ds = ds.map_batches(
         _InferStage, batch_size=cfg.inference.batch_size, batch_format="numpy", num_gpus=num_gpus,
-        # Ray Data restarts a killed actor and retries its batches (max_restarts=-1, max_task_retries=-1 by
-        # default), as Ray retries a decode task whose worker died (max_retries=3); _verify then checks the rows.
         num_cpus=cfg.inference.num_cpus,
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=cfg.inference.max_tasks_in_flight),
-        fn_constructor_kwargs=dict(run_id=run_id, model=cfg.model, top_k=cfg.top_k, dog_threshold=cfg.dog_threshold,
-                                   count_dingo=cfg.count_dingo_as_dog,
+        max_restarts=cfg.inference.max_restarts, max_task_retries=cfg.inference.max_task_retries,
+        fn_constructor_kwargs=dict(run_id=run_id, settings=settings_id(cfg), model=cfg.model, top_k=cfg.top_k,
+                                   dog_threshold=cfg.dog_threshold, count_dingo=cfg.count_dingo_as_dog,
                                    num_threads=None if num_gpus else max(1, int(cfg.inference.num_cpus))),
     )
-    # Writing a block of result rows takes milliseconds: a quarter CPU lets it slip in between decode tasks.
-    # Few, large files suit pandas, DuckDB and Spark; zstd keeps a row near 60 bytes on disk.
-    ds.write_parquet(str(dest), min_rows_per_file=100_000, row_group_size=100_000, compression="zstd",
-                     ray_remote_args={"num_cpus": 0.25})
-    if log.isEnabledFor(logging.DEBUG):  # where the time went, per operator (dogbreed bench reads this)
-        log.debug("Ray Data stats:\n%s", ds.stats())
+    return ds
 
 
-def _verify(dest: Path, todo: list[FileEntry], run_id: str) -> None:
-    """Guarantee exactly one row per planned file: drop duplicates, add an error row for any lost file."""
-    files = sorted(dest.glob("*.parquet"))
-    table = pq.read_table([str(f) for f in files], schema=results.SCHEMA) if files else results.empty_table()
-    paths = table.column("path").to_pylist()
-    counts = Counter(paths)
-    missing = [e for e in todo if e.path not in counts]
-    if not missing and all(v == 1 for v in counts.values()) and len(counts) == len(todo):
-        return
-    log.warning("repairing run output: %d duplicate rows, %d lost files", len(paths) - len(counts), len(missing))
-    first = {p: i for i, p in reversed(list(enumerate(paths)))}
-    table = table.take(pa.array(sorted(first.values()), pa.int64()))
-    lost = results.to_table({
-        "path": [e.path for e in missing], "size_bytes": [e.size for e in missing],
-        "mtime": pa.array([e.mtime_ns // 1000 for e in missing], pa.int64()).cast(results.UTC_US),
-        "status": ["error"] * len(missing), "error": ["lost during processing (worker failure)"] * len(missing),
-        "run_id": [run_id] * len(missing), "processed_at": pa.array([utcnow()] * len(missing), results.UTC_US),
-    })
-    for f in files:
-        f.unlink()
-    pq.write_table(pa.concat_tables([table, lost]), dest / "part-repaired.parquet")
+class _progress:
+    """One tqdm bar on stderr (files done of planned, images/s, ETA) at a terminal; nothing under cron."""
 
+    def __init__(self, cfg: ScanConfig, total: int):
+        self.enabled = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+        self.total = total
 
-def _write_deleted(dest: Path, deleted: list[str], run_id: str) -> None:
-    n = len(deleted)
-    if n:
-        pq.write_table(results.to_table({
-            "path": deleted, "status": ["deleted"] * n, "run_id": [run_id] * n,
-            "processed_at": pa.array([utcnow()] * n, results.UTC_US),
-        }), dest / "deleted.parquet")
+    def __enter__(self):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.total, unit="photo", desc="scan", disable=not self.enabled, file=sys.stderr,
+                        dynamic_ncols=True, smoothing=0.05, mininterval=0.5)
+        return self.bar
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
 
 
 def _ray_session(address: str | None):
@@ -282,18 +222,71 @@ def _ray_session(address: str | None):
     if ray.is_initialized():
         return None
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    kwargs: dict[str, Any] = {"address": address, "log_to_driver": False}
+    kwargs: dict[str, Any] = {"address": address, "log_to_driver": False, "logging_level": logging.ERROR}
     if address == "local":
         kwargs["include_dashboard"] = False
     ray.init(**kwargs)
+    import ray.data  # noqa: F401 - configures Ray Data's logging, which the next lines quieten
+
+    for handler in logging.getLogger("ray.data").handlers:  # its log file keeps everything; the console gets warnings
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
     return ray.shutdown
 
 
-def _count(dest: Path) -> Counter:
-    files = [str(f) for f in dest.glob("*.parquet")]
-    if not files:
-        return Counter()
-    return Counter(pq.read_table(files, columns=["status"]).column("status").to_pylist())
+def _identity_columns(table: pa.Table) -> dict[str, Any]:
+    return {"path": table.column("path"), "path_bytes": table.column("raw"), "size_bytes": table.column("size_bytes"),
+            "mtime": pc.cast(pc.cast(pc.divide(table.column("mtime_ns"), 1000), pa.int64()), results.UTC_US),
+            "ctime": pc.cast(pc.cast(pc.divide(table.column("ctime_ns"), 1000), pa.int64()), results.UTC_US)}
+
+
+def _write_direct(writer: RunWriter, plan: Plan, run_id: str, settings: str, model_id: str) -> None:
+    """Rows decided by listing (skipped, unreadable, loops) for files whose row changed."""
+    d = plan.direct
+    if d.num_rows:
+        n = d.num_rows
+        writer.write(results.to_table({**_identity_columns(d), "status": d.column("status"), "error": d.column("error"),
+                                       "error_kind": d.column("error_kind"), "model_id": [model_id] * n,
+                                       "settings_id": [settings] * n, "run_id": [run_id] * n,
+                                       "processed_at": pa.array([utcnow()] * n, results.UTC_US)}))
+
+
+def _write_carried(writer: RunWriter, plan: Plan, out: str, run_id: str) -> None:
+    """Moved or re-identified files: their previous result, under their current path and identity."""
+    c = plan.carried
+    if not c.num_rows:
+        return
+    old = results.rows_of(out, c.column("src_path"), c.column("src_run"))
+    if old.num_rows != c.num_rows:  # a source row vanished from history (never, unless edited by hand)
+        raise ScanFailed(f"{c.num_rows - old.num_rows} carried-over rows could not be found in the history of {out}")
+    n = old.num_rows
+    cols = {name: old.column(name) for name in results.SCHEMA.names}
+    cols.update(_identity_columns(c))
+    cols.update({"run_id": [run_id] * n, "processed_at": pa.array([utcnow()] * n, results.UTC_US)})
+    writer.write(results.to_table(cols))
+
+
+def _write_lost(writer: RunWriter, todo: pa.Table, seen: np.ndarray, run_id: str, settings: str) -> int:
+    lost = todo.filter(pa.array(seen == 0))
+    n = lost.num_rows
+    if n:
+        log.warning("%d photos were lost to worker failures after bounded retries; they are error rows, retried next run", n)
+        writer.write(results.to_table({**_identity_columns(lost), "status": ["error"] * n,
+                                       "error": ["lost during processing (worker failure)"] * n,
+                                       "error_kind": [TRANSIENT] * n, "settings_id": [settings] * n,
+                                       "run_id": [run_id] * n, "processed_at": pa.array([utcnow()] * n, results.UTC_US)}))
+    return n
+
+
+def _write_deleted(writer: RunWriter, deleted: list[str], run_id: str) -> None:
+    n = len(deleted)
+    if n:
+        writer.write(results.to_table({"path": deleted, "status": ["deleted"] * n, "run_id": [run_id] * n,
+                                       "processed_at": pa.array([utcnow()] * n, results.UTC_US)}))
+
+
+def _preview(table: pa.Table) -> list[str]:
+    return table.column("path").slice(0, DRY_RUN_PREVIEW).to_pylist()
 
 
 def run_scan(cfg: ScanConfig, dry_run: bool = False) -> ScanSummary:
@@ -302,45 +295,60 @@ def run_scan(cfg: ScanConfig, dry_run: bool = False) -> ScanSummary:
         raise ScanRefused("no roots to scan")
     if not cfg.out:
         raise ScanRefused("no output folder given (--out)")
-    cfg = cfg.model_copy(update={"roots": [_normalise_root(r) for r in cfg.roots]})
+    check_out(cfg.out)
+    roots = normalise_roots(cfg.roots)
+    for given, outer in roots.dropped:
+        log.warning("root %s lies inside root %s: its files are scanned once, through %s", given, outer, outer)
+    cfg = cfg.model_copy(update={"roots": roots.roots})
     store = OutputStore(cfg.out)
     _, model_id = describe_model(cfg.model)
+    settings = settings_id(cfg)
     with store.lock():
         left = store.clear_staging()
         if left:
             log.warning("removed staging of %d unfinished earlier run(s): %s", len(left), ", ".join(left))
         started, t0 = utcnow(), time.perf_counter()
-        found = list_roots(cfg.roots, cfg.include_hidden)
-        known = results.latest_table(cfg.out, columns=["status", "model_id", "size_bytes", "mtime"])
-        plan = make_plan(found, known, model_id, cfg)
-        summary = ScanSummary(None, str(cfg.out), model_id, plan.listed, len(plan.todo), plan.unchanged, dry_run=dry_run)
+        try:
+            listing = list_roots(cfg.roots, cfg.include_hidden, cfg.follow_symlinks)
+        except RootError as e:
+            raise ScanRefused(str(e)) from None
+        known = results.latest_table(cfg.out, columns=["path", "run_id", *KNOWN_COLUMNS])
+        plan = make_plan(listing, cfg.roots, known, model_id, settings, cfg)
+        del listing, known
+        summary = ScanSummary(None, str(cfg.out), model_id, plan.listed, plan.todo.num_rows, plan.unchanged,
+                              carried=plan.carried.num_rows, dry_run=dry_run)
         if dry_run:
-            summary.counts = {"to_process": len(plan.todo), "deleted": len(plan.deleted)}
-            summary.would_process = [e.path for e in plan.todo[:DRY_RUN_PREVIEW]]
+            summary.counts = {"to_process": plan.todo.num_rows, "deleted": len(plan.deleted)}
+            summary.would_process = _preview(plan.todo)
             summary.would_delete = plan.deleted[:DRY_RUN_PREVIEW]
             return summary
         run_id = new_run_id()
-        dest = store.stage(run_id)
-        t_proc = time.perf_counter()
-        if plan.todo:
-            shutdown = _ray_session(cfg.address)
-            try:
-                run_pipeline(plan.todo, cfg, run_id, dest)
-            finally:
-                if shutdown:
-                    shutdown()
-            _verify(dest, plan.todo, run_id)
-        proc_s = time.perf_counter() - t_proc
-        _write_deleted(dest, plan.deleted, run_id)
-        counts = _count(dest)
+        with RunWriter(store.stage(run_id)) as writer:
+            _write_direct(writer, plan, run_id, settings, model_id)
+            _write_carried(writer, plan, cfg.out, run_id)
+            t_proc = time.perf_counter()
+            if plan.todo.num_rows:
+                shutdown = _ray_session(cfg.address)
+                try:
+                    seen = run_pipeline(plan.todo, cfg, run_id, writer)
+                finally:
+                    if shutdown:
+                        shutdown()
+                lost = _write_lost(writer, plan.todo, seen, run_id, settings)
+                if lost == plan.todo.num_rows:
+                    raise ScanFailed(f"all {lost} photos were lost to worker failures; nothing was committed")
+            proc_s = time.perf_counter() - t_proc
+            _write_deleted(writer, plan.deleted, run_id)
+        counts = Counter(writer.counts)
         summary.run_id, summary.counts = run_id, dict(counts)
         summary.seconds = time.perf_counter() - t0
-        summary.images_per_s = len(plan.todo) / proc_s if plan.todo and proc_s > 0 else 0.0
+        summary.images_per_s = plan.todo.num_rows / proc_s if plan.todo.num_rows and proc_s > 0 else 0.0
         manifest = {
-            "run_id": run_id, "model_id": model_id, "roots": cfg.roots, "mode": cfg.mode, "status": "committed",
-            "started_at": started.isoformat(), "finished_at": utcnow().isoformat(),
-            "counts": {"files": plan.listed, "processed": len(plan.todo), "unchanged": plan.unchanged, **counts},
-            "files_per_root": {r: len(v) for r, v in found.items()},
+            "run_id": run_id, "model_id": model_id, "settings_id": settings, "roots": cfg.roots, "mode": cfg.mode,
+            "status": "committed", "started_at": started.isoformat(), "finished_at": utcnow().isoformat(),
+            "counts": {"files": plan.listed, "processed": plan.todo.num_rows, "unchanged": plan.unchanged,
+                       "carried": plan.carried.num_rows, "moved": plan.moved, **counts},
+            "files_per_root": plan.files_per_root,
             "seconds": round(summary.seconds, 3), "images_per_s": round(summary.images_per_s, 3),
         }
         store.commit(run_id, manifest, {"_config.yaml": dump_config(cfg)})

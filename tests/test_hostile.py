@@ -152,23 +152,27 @@ def test_scan_reports_oriented_size_and_face_boxes_inside_it(corpus, scanned):
 
 
 def _decode(paths: list[Path], **decode_cfg) -> dict[str, np.ndarray]:
-    from dogbreed.config import ScanConfig
+    decoder = Decoder(Preprocessing(), decode_cfg=DecodeConfig(**decode_cfg))
+    try:
+        return decoder({"path": np.array([str(p) for p in paths], dtype=object)})
+    finally:
+        decoder.close()
 
-    decoder = Decoder(Preprocessing(), decode_cfg=DecodeConfig(**decode_cfg), extensions=ScanConfig().extensions)
-    return decoder({"path": np.array([str(p) for p in paths], dtype=object)})
 
-
-def test_decoder_alone_gives_each_hostile_file_its_status(corpus):
-    from dogbreed.images import list_files
+def test_listing_plan_and_decoder_alone_give_each_hostile_file_its_status(corpus):
+    """The same outcome without Ray: listing and planning decide skips and loops, the decoder the rest."""
+    from dogbreed.config import ScanConfig, settings_id
+    from dogbreed.listing import list_roots
+    from dogbreed.plan import make_plan
 
     root, cases = corpus
-    entries = {e.path: e for e in list_files(str(root))}
-    decoder = Decoder(Preprocessing(), extensions=[".jpg", ".png", ".gif", ".tif", ".webp", ".heic"])
-    batch = {"path": np.array(list(entries), dtype=object),
-             "listed_error": np.array([e.error for e in entries.values()], dtype=object)}
-    out = decoder(batch)
-    got = {p: (s, e) for p, s, e in zip(out["path"], out["status"], out["error"])}
-    problems = [p for c in cases for p in _problems(c, *got[str(root / c.name)])]
+    cfg = ScanConfig(roots=[str(root)], out="unused")
+    plan = make_plan(list_roots([str(root.resolve())]), [str(root.resolve())], results.empty_table(), "m", settings_id(cfg), cfg)
+    got = {p: (s, e) for p, s, e in zip(plan.direct.column("path").to_pylist(), plan.direct.column("status").to_pylist(),
+                                        plan.direct.column("error").to_pylist())}
+    out = _decode(plan.todo.column("path").to_pylist())
+    got.update({p: (s, e) for p, s, e in zip(out["path"], out["status"], out["error"])})
+    problems = [p for c in cases for p in _problems(c, *got[str(root.resolve() / c.name)])]
     assert not problems, "\n".join(problems)
 
 
@@ -196,13 +200,27 @@ def test_exif_orientation_is_applied_before_face_detection(orientation, tmp_path
     assert _iou(want[0], got[0]) > 0.8, (want, got)
 
 
-def test_slow_decode_becomes_an_error_row_and_its_batch_survives(tmp_path, write_photo):
-    big = tmp_path / "huge.png"  # 144 Mpixel, under the 180 Mpixel bomb guard: legal but slow
-    Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (12000, 47))[:, :12000], "L").save(big, compress_level=1)
+POISON_PLUGIN = str(Path(__file__).with_name("poison_plugin.py"))
+
+
+@pytest.mark.parametrize("action, reason", [
+    ("SEGV", "decoder crashed (SIGSEGV)"),
+    ("ABORT", "decoder crashed (SIGABRT)"),
+    ("KILL", "decoder was killed (SIGKILL; out of memory?)"),
+    ("HANG", "decoder hung for over 2 s"),
+    ("SLEEP", "decoder hung for over 2 s"),
+    ("MEMORY", "out of memory while decoding (decode.max_memory_mb)"),
+])
+def test_a_photo_that_crashes_or_hangs_native_code_is_one_error_row_and_its_batch_survives(action, reason, tmp_path,
+                                                                                           write_photo):
+    poison = tmp_path / "poison.jpg"
+    poison.write_bytes(f"POISON:{action}\n".encode() + bytes(64))
     small = [write_photo(tmp_path / f"s{i}.jpg", seed=i, size=(64, 48)) for i in range(3)]
-    out = _decode([small[0], big, *small[1:]], timeout_s=0.5)
-    assert list(out["status"]) == [None, "error", None, None]
-    assert out["error"][1] == "decoding took longer than 0.5 s"
+    out = _decode([small[0], poison, *small[1:]], timeout_s=2, max_memory_mb=1024, plugins=[POISON_PLUGIN])
+    assert list(out["status"]) == [None, "error", None, None], list(out["error"])
+    assert out["error"][1] == reason
+    assert out["error_kind"][1] == "permanent"  # not retried while the file is unchanged
+    assert (out["width"][[0, 2, 3]] == 64).all()
 
 
 def test_unreadable_file_is_an_error_row_for_an_unprivileged_reader(tmp_path_factory):
@@ -218,15 +236,18 @@ def test_unreadable_file_is_an_error_row_for_an_unprivileged_reader(tmp_path_fac
         _noise().save(folder / "warmup.jpg", "JPEG")
         (folder / "secret.jpg").chmod(0)
         # Import and warm up first: the interpreter's own files may not be readable by nobody.
-        code = ("import os, sys, numpy as np\n"
-                "from dogbreed.predictors import Decoder; from dogbreed.models import Preprocessing\n"
-                "decode = Decoder(Preprocessing()); decode({'path': np.array([sys.argv[2]], dtype=object)})\n"
+        # The function the decoder's sandboxed child runs, set up as root, then called as nobody.
+        code = ("import os, sys, dataclasses\n"
+                "from dogbreed.predictors import photo_worker; from dogbreed.images import Preprocessing\n"
+                "from dogbreed.config import DecodeConfig, FaceConfig\n"
+                "one = photo_worker(dataclasses.asdict(Preprocessing()), FaceConfig().model_dump(), DecodeConfig().model_dump())\n"
+                "one(os.fsencode(sys.argv[2]))\n"
                 "os.setgid(65534); os.setuid(65534)\n"
-                "out = decode({'path': np.array([sys.argv[1]], dtype=object)})\n"
-                "print(out['status'][0], '|', out['error'][0])\n")
+                "out = one(os.fsencode(sys.argv[1]))\n"
+                "print(out['status'], '|', out['error'], '|', out['error_kind'])\n")
         proc = subprocess.run([sys.executable, "-c", code, str(folder / "secret.jpg"), str(folder / "warmup.jpg")],
                               capture_output=True, text=True, timeout=120, cwd="/")
     finally:
         shutil.rmtree(folder)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "error | permission denied"
+    assert proc.stdout.strip() == "error | permission denied | transient"  # retried on the next run

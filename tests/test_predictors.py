@@ -77,11 +77,12 @@ def test_all_bad_batch(predictor, tmp_path):
 
 def test_uri_roots_need_no_code_change():
     # A pyarrow filesystem URI (file:// here, s3:// or gs:// on a cluster) lists and decodes like a local path.
-    from dogbreed.images import list_files
+    from dogbreed.listing import list_roots
 
-    uri_entries = list(list_files(SAMPLES.as_uri()))
-    local_entries = list(list_files(str(SAMPLES)))
-    assert [e.path for e in uri_entries] == [SAMPLES.as_uri() + "/" + Path(e.path).name for e in local_entries]
-    assert [e.size for e in uri_entries] == [e.size for e in local_entries]
-    batch = Decoder(Preprocessing())(_batch([e.path for e in uri_entries[:2]]))
+    uri_entries = list_roots([SAMPLES.as_uri()])
+    local_entries = list_roots([str(SAMPLES)])
+    assert uri_entries.column("path").to_pylist() == [SAMPLES.as_uri() + "/" + Path(p).name
+                                                      for p in local_entries.column("path").to_pylist()]
+    assert uri_entries.column("size").to_pylist() == local_entries.column("size").to_pylist()
+    batch = Decoder(Preprocessing())(_batch(uri_entries.column("path").to_pylist()[:2]))
     assert batch["ok"].all()

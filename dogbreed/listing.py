@@ -1,0 +1,264 @@
+"""Listing an archive into Arrow tables: normalised roots, any file name, symlinks kept inside the roots.
+
+A listing never holds a Python object per file: it walks with ``os.scandir`` on raw bytes names and
+emits columnar chunks, so a million files cost a few tens of MiB of Arrow buffers. Names that are not
+valid UTF-8 keep their raw bytes (``raw``); their text form (``path``) escapes the bad bytes as ``\\xNN``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import pyarrow as pa
+
+CHUNK_ROWS = 65_536  # files per Arrow chunk while walking: bounds the Python lists alive at once
+
+LISTING_SCHEMA = pa.schema([
+    ("path", pa.string()),        # text form of the path: UTF-8, undecodable bytes escaped as \xNN
+    ("raw", pa.binary()),         # the path's exact bytes when they are not UTF-8 (else null: path.encode() is exact)
+    ("size", pa.int64()),
+    ("mtime_ns", pa.int64()),
+    ("ctime_ns", pa.int64()),     # inode change time; null where the filesystem has none (object stores)
+    ("root", pa.int32()),         # index into the normalised roots
+    ("note_status", pa.string()),  # set when listing already decided the row: 'error' or 'skipped'
+    ("note", pa.string()),        # its one-line reason
+    ("note_kind", pa.string()),   # for errors: 'permanent' or 'transient'
+])
+
+FollowSymlinks = Literal["inside", "all", "none"]
+
+
+class RootError(Exception):
+    """A root that cannot be scanned (missing, not a folder, unreadable)."""
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def text_path(raw: bytes) -> str:
+    """The text form of a raw path: itself when it is UTF-8, else with each bad byte written as \\xNN."""
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def is_utf8(raw: bytes) -> bool:
+    if raw.isascii():
+        return True
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _inside(path: bytes, root: bytes) -> bool:
+    return path == root or path.startswith(root.rstrip(b"/") + b"/")
+
+
+@dataclass(frozen=True)
+class Roots:
+    """Roots after normalisation: absolute, real (symlinks and '..' resolved), no trailing '/', none inside another."""
+
+    roots: list[str]
+    dropped: list[tuple[str, str]]  # (root as given, the root it lies inside): scanned once, through that one
+
+
+def normalise_roots(given: list[str]) -> Roots:
+    """Resolve '..', trailing '/', symlinked roots; drop duplicates and roots that lie inside another root."""
+    resolved: list[str] = []
+    for root in given:
+        if is_uri(root):
+            resolved.append(root.rstrip("/") if not root.endswith(":///") else root)
+        else:
+            resolved.append(os.path.realpath(root))
+    kept: list[str] = []
+    dropped: list[tuple[str, str]] = []
+    for given_root, root in sorted(zip(given, resolved), key=lambda p: (len(p[1]), p[1])):
+        outer = next((k for k in kept if root == k or root.startswith(k.rstrip("/") + "/")), None)
+        if outer is None:
+            kept.append(root)
+        else:
+            dropped.append((given_root, outer))
+    order = {r: i for i, r in enumerate(resolved)}
+    return Roots(sorted(kept, key=lambda r: order[r]), dropped)
+
+
+def check_root(root: str) -> None:
+    """Raise RootError unless root is an existing, readable folder (or a reachable URI prefix)."""
+    if is_uri(root):
+        from pyarrow import fs as pafs
+
+        try:
+            filesystem, base = pafs.FileSystem.from_uri(root)
+            info = filesystem.get_file_info(base)
+        except Exception as e:  # noqa: BLE001 - any filesystem failure refuses the root
+            raise RootError(f"root {root} is unreachable: {str(e).splitlines()[0]}") from None
+        if info.type != pafs.FileType.Directory:
+            raise RootError(f"root {root} is not a folder")
+        return
+    if not os.path.exists(root):
+        raise RootError(f"root {root} does not exist (is the archive mounted?)")
+    if not os.path.isdir(root):
+        raise RootError(f"root {root} is not a folder")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise RootError(f"root {root} is not readable")
+
+
+class _Chunks:
+    """Column lists for one chunk of the listing; flushed to an Arrow record batch every CHUNK_ROWS files."""
+
+    def __init__(self, root_index: int):
+        self.root_index = root_index
+        self.batches: list[pa.RecordBatch] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.raw: list[bytes] = []
+        self.size: list[int] = []
+        self.mtime: list[int] = []
+        self.ctime: list[int | None] = []
+        self.note_status: list[str | None] = []
+        self.note: list[str | None] = []
+        self.note_kind: list[str | None] = []
+
+    def add(self, raw: bytes, size: int, mtime_ns: int, ctime_ns: int | None,
+            note_status: str | None = None, note: str | None = None, note_kind: str | None = None) -> None:
+        self.raw.append(raw)
+        self.size.append(size)
+        self.mtime.append(mtime_ns)
+        self.ctime.append(ctime_ns)
+        self.note_status.append(note_status)
+        self.note.append(note)
+        self.note_kind.append(note_kind)
+        if len(self.raw) >= CHUNK_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.raw:
+            return
+        n = len(self.raw)
+        self.batches.append(pa.RecordBatch.from_arrays([
+            pa.array([text_path(r) for r in self.raw], pa.string()),
+            pa.array([None if is_utf8(r) else r for r in self.raw], pa.binary()),
+            pa.array(self.size, pa.int64()),
+            pa.array(self.mtime, pa.int64()),
+            pa.array(self.ctime, pa.int64()),
+            pa.array([self.root_index] * n, pa.int32()),
+            pa.array(self.note_status, pa.string()),
+            pa.array(self.note, pa.string()),
+            pa.array(self.note_kind, pa.string()),
+        ], schema=LISTING_SCHEMA))
+        self._reset()
+
+
+def _error_from_stat(err: OSError) -> tuple[str, str]:
+    if err.errno == errno.ELOOP:
+        return "symlink loop", "permanent"
+    if err.errno == errno.ENOENT:
+        return "broken symlink (its target does not exist)", "transient"
+    return f"cannot stat: {err.strerror}", "transient"
+
+
+def _walk_local(root: str, index: int, all_roots: list[bytes], seen: set[tuple[int, int]], include_hidden: bool,
+                follow: FollowSymlinks) -> list[pa.RecordBatch]:
+    """Depth-first, sorted by name. Symlinks: followed when they point inside the roots (or `follow: all`);
+    a second route to a folder already walked is skipped quietly; a link to one of its own ancestors is a loop."""
+    out = _Chunks(index)
+    top = os.fsencode(root)
+    st = os.stat(top)
+    stack: list[tuple[bytes, tuple[tuple[int, int], ...]]] = [(top, ((st.st_dev, st.st_ino),))]
+    while stack:
+        folder, ancestors = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            lst = os.lstat(folder) if os.path.lexists(folder) else None
+            out.add(folder, 0, lst.st_mtime_ns if lst else 0, lst.st_ctime_ns if lst else None,
+                    "error", f"folder unreadable: {e.strerror}", "transient")
+            continue
+        subdirs: list[tuple[bytes, tuple[tuple[int, int], ...]]] = []
+        for e in entries:
+            if not include_hidden and e.name.startswith(b"."):
+                continue
+            link = e.is_symlink()
+            if link:
+                lst = e.stat(follow_symlinks=False)
+                if follow == "none":
+                    out.add(e.path, lst.st_size, lst.st_mtime_ns, lst.st_ctime_ns, "skipped",
+                            "symlink (follow_symlinks: none)")
+                    continue
+                if follow == "inside":
+                    target = os.path.realpath(e.path)
+                    if not any(_inside(target, r) for r in all_roots):
+                        out.add(e.path, lst.st_size, lst.st_mtime_ns, lst.st_ctime_ns, "skipped",
+                                "symlink to a place outside the roots (follow_symlinks: inside)")
+                        continue
+            try:
+                st = e.stat(follow_symlinks=True)
+            except OSError as err:
+                reason, kind = _error_from_stat(err)
+                lst = e.stat(follow_symlinks=False)
+                out.add(e.path, lst.st_size, lst.st_mtime_ns, lst.st_ctime_ns, "error", reason, kind)
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if key in ancestors:
+                    lst = e.stat(follow_symlinks=False)
+                    out.add(e.path, lst.st_size, lst.st_mtime_ns, lst.st_ctime_ns, "error",
+                            "symlink loop: it points to a folder that contains it", "permanent")
+                elif key not in seen:  # else: a second route to a folder walked already, skipped quietly
+                    seen.add(key)
+                    subdirs.append((e.path, ancestors + (key,)))
+            elif stat.S_ISREG(st.st_mode):
+                out.add(e.path, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        stack.extend(reversed(subdirs))
+    out.flush()
+    return out.batches
+
+
+def _walk_uri(root: str, index: int, include_hidden: bool) -> list[pa.RecordBatch]:
+    from pyarrow import fs as pafs
+
+    filesystem, base = pafs.FileSystem.from_uri(root)
+    scheme = root.split("://", 1)[0]
+    out = _Chunks(index)
+    infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
+    for info in sorted(infos, key=lambda i: i.path):
+        if info.type != pafs.FileType.File:
+            continue
+        rel = info.path[len(base):]
+        if not include_hidden and any(part.startswith(".") for part in rel.split("/")):
+            continue
+        mtime_ns = int(info.mtime_ns) if info.mtime_ns is not None else 0
+        out.add(f"{scheme}://{info.path}".encode(), int(info.size or 0), mtime_ns, None)
+    out.flush()
+    return out.batches
+
+
+def list_roots(roots: list[str], include_hidden: bool = False, follow: FollowSymlinks = "inside") -> pa.Table:
+    """Every file under the (normalised) roots as one Arrow table of LISTING_SCHEMA; a bad root raises RootError."""
+    for root in roots:
+        check_root(root)
+    local = [os.fsencode(r) for r in roots if not is_uri(r)]
+    seen: set[tuple[int, int]] = set()
+    for r in local:  # a link from one root into another is a second route: that root is walked on its own
+        st = os.stat(r)
+        seen.add((st.st_dev, st.st_ino))
+    batches: list[pa.RecordBatch] = []
+    for i, root in enumerate(roots):
+        if is_uri(root):
+            batches += _walk_uri(root, i, include_hidden)
+        else:
+            batches += _walk_local(root, i, local, seen, include_hidden, follow)
+    return pa.Table.from_batches(batches, schema=LISTING_SCHEMA)
+
+
+def iter_files(root: str, include_hidden: bool = False) -> Iterator[tuple[str, bytes]]:
+    """(text path, raw path) of every file under one root, for small tools (evaluate, reports)."""
+    table = list_roots(normalise_roots([root]).roots, include_hidden)
+    yield from zip(table.column("path").to_pylist(), table.column("raw").to_pylist())
