@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +34,42 @@ def _setup_logging(log_file: str | None, verbose: bool = False) -> None:
             typer.echo(f"warning: cannot write the log file {log_file}: {e.strerror or e}", err=True)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@contextmanager
+def _native_stderr_quiet(enabled: bool) -> Iterator[None]:
+    """Under cron (stderr not a terminal), keep Ray's native log lines off stderr; Python's messages stay.
+
+    Python writes (warnings, refusals) go to a duplicate of the real stderr; file descriptor 2, which native
+    code (Ray's C++ core worker, child processes) writes to, points to /dev/null meanwhile. Ray keeps those
+    lines in its own session logs.
+    """
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    console = os.fdopen(os.dup(saved_fd), "w", buffering=1, encoding=sys.stderr.encoding or "utf-8",
+                        errors="backslashreplace")
+    old_stderr = sys.stderr
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        sys.stderr = console
+        for handler in logging.getLogger().handlers:
+            if type(handler) is logging.StreamHandler:
+                handler.setStream(console)
+        yield
+    finally:
+        console.flush()
+        os.dup2(saved_fd, 2)
+        for handler in logging.getLogger().handlers:
+            if type(handler) is logging.StreamHandler:
+                handler.setStream(old_stderr)
+        sys.stderr = old_stderr
+        for fd in (saved_fd, devnull):
+            os.close(fd)
+        # `console` stays open: loggers created meanwhile (Ray Data's) may still hold it until exit.
 
 
 def _fail(code: int, label: str, message: str) -> typer.Exit:
@@ -97,7 +134,7 @@ def scan(
 ) -> None:
     """Scan photo folders into Parquet: one row per file, committed atomically; exit 0 ok, 3 bad photos, 4/5 refused."""
     _setup_logging(log_file)
-    with _user_errors():
+    with _native_stderr_quiet(not sys.stderr.isatty()), _user_errors():
         cfg = _scan_config(config, roots=roots, out=out, model=model, mode=mode, address=address,
                            allow_empty_roots=allow_empty_roots, allow_deletions=allow_deletions,
                            retry_errors=retry_errors, log_file=log_file, progress=progress)
@@ -235,19 +272,34 @@ def train(
 
 @app.command()
 def bench(
-    photos: Annotated[int, typer.Option(min=2, help="N: the scan runs on N and on 3N photos; 60+ amortises Ray's fixed costs.")] = 60,
-    classic: Annotated[int, typer.Option(min=1, help="Photos (of the N) for the slow classic dog-app loop.")] = 8,
+    mode: Annotated[str, typer.Option(help="speed: classic loop vs. scan vs. stage bounds; archive: listing, memory "
+                                           "and first result at 10k-1M files.")] = "speed",
+    photos: Annotated[int, typer.Option(min=2, help="speed: the scan runs on N and on 3N photos; 60+ amortises Ray's fixed costs.")] = 60,
+    classic: Annotated[int, typer.Option(min=1, help="speed: photos (of the N) for the slow classic dog-app loop.")] = 8,
+    files: Annotated[str, typer.Option(help="archive: comma-separated archive sizes.")] = "2000,10000,100000,1000000",
     workdir: Annotated[Path, typer.Option(help="Generated photos are kept here and reused by the next run.")] = Path("/tmp/dogbreed-bench"),
-    small: Annotated[bool, typer.Option("--small/--no-small", help="Also measure the original small photos.")] = True,
+    data: Annotated[Path, typer.Option(help="Real photos to build from (falls back to the bundled samples).")] = Path("../shared/data"),
+    small: Annotated[bool, typer.Option("--small/--no-small", help="speed: also measure the original small photos.")] = True,
     config: ConfigOpt = None,
     model: ModelOpt = None,
 ) -> None:
-    """Speed benchmark: the classic dog-app loop vs. the scan end to end vs. the stage bounds, on 12-MP and small photos."""
+    """Benchmarks: `--mode speed` (12-MP and small photos) or `--mode archive` (10k to 1M files)."""
     with _user_errors():
-        cfg = _scan_config(config, model=model)
-        from dogbreed.bench import format_report, run_benchmark
+        if mode == "archive":
+            from dogbreed.bench.archive import format_report as archive_report
+            from dogbreed.bench.archive import run_archive_benchmark
 
-        report = run_benchmark(workdir, cfg, n=photos, classic_n=classic, small=small)
+            sizes = [int(v.replace("_", "")) for v in files.split(",") if v.strip()]
+            typer.echo(archive_report(run_archive_benchmark(workdir, sizes, data if data.is_dir() else None,
+                                                            log=typer.echo)))
+            return
+        if mode != "speed":
+            raise ConfigError(f"--mode {mode!r}: expected speed or archive")
+        cfg = _scan_config(config, model=model)
+        from dogbreed.bench.speed import find_sources, format_report, run_benchmark
+
+        report = run_benchmark(workdir, cfg, n=photos, classic_n=classic, small=small,
+                               sources=find_sources(data if data.is_dir() else None, log=typer.echo))
     typer.echo(format_report(report))
 
 

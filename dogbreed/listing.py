@@ -163,16 +163,13 @@ def _error_from_stat(err: OSError) -> tuple[str, str]:
     return f"cannot stat: {err.strerror}", "transient"
 
 
-def _walk_local(root: str, index: int, all_roots: list[bytes], seen: set[tuple[int, int]], include_hidden: bool,
-                follow: FollowSymlinks) -> list[pa.RecordBatch]:
-    """Depth-first, sorted by name. Symlinks: followed when they point inside the roots (or `follow: all`);
-    a second route to a folder already walked is skipped quietly; a link to one of its own ancestors is a loop."""
-    out = _Chunks(index)
-    top = os.fsencode(root)
-    st = os.stat(top)
-    stack: list[tuple[bytes, tuple[tuple[int, int], ...]]] = [(top, ((st.st_dev, st.st_ino),))]
+def _walk_local(top: bytes, out: _Chunks, all_roots: list[bytes], seen: set[tuple[int, int]], include_hidden: bool,
+                follow: FollowSymlinks, deferred: list[tuple[bytes, tuple[int, int], _Chunks]]) -> None:
+    """Depth-first, sorted by name, over real folders. A symlinked folder is deferred until every real folder of
+    every root has been walked, so a real folder always wins over a link to it (see list_roots)."""
+    stack = [top]
     while stack:
-        folder, ancestors = stack.pop()
+        folder = stack.pop()
         try:
             with os.scandir(folder) as it:
                 entries = sorted(it, key=lambda e: e.name)
@@ -181,47 +178,52 @@ def _walk_local(root: str, index: int, all_roots: list[bytes], seen: set[tuple[i
             out.add(folder, 0, lst.st_mtime_ns if lst else 0, lst.st_ctime_ns if lst else None,
                     "error", f"folder unreadable: {e.strerror}", "transient")
             continue
-        subdirs: list[tuple[bytes, tuple[tuple[int, int], ...]]] = []
+        subdirs: list[bytes] = []
         for e in entries:
             if not include_hidden and e.name.startswith(b"."):
                 continue
-            link = e.is_symlink()
-            if link:
-                lst = e.stat(follow_symlinks=False)
-                if follow == "none":
-                    out.add(e.path, lst.st_size, lst.st_mtime_ns, lst.st_ctime_ns, "skipped",
-                            "symlink (follow_symlinks: none)")
-                    continue
-                if follow == "inside":
-                    target = os.path.realpath(e.path)
-                    if not any(_inside(target, r) for r in all_roots):
-                        out.add(e.path, lst.st_size, lst.st_mtime_ns, lst.st_ctime_ns, "skipped",
-                                "symlink to a place outside the roots (follow_symlinks: inside)")
-                        continue
             try:
-                st = e.stat(follow_symlinks=True)
-            except OSError as err:
+                if e.is_symlink():
+                    _link(e, out, all_roots, follow, deferred)
+                elif e.is_dir(follow_symlinks=False):
+                    st = e.stat(follow_symlinks=False)
+                    key = (st.st_dev, st.st_ino)
+                    if key not in seen:  # else: a second route (a bind mount) to a folder walked already
+                        seen.add(key)
+                        subdirs.append(e.path)
+                elif e.is_file(follow_symlinks=False):
+                    st = e.stat(follow_symlinks=False)
+                    out.add(e.path, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            except OSError as err:  # vanished while listed, or unreadable metadata
                 reason, kind = _error_from_stat(err)
-                lst = e.stat(follow_symlinks=False)
-                out.add(e.path, lst.st_size, lst.st_mtime_ns, lst.st_ctime_ns, "error", reason, kind)
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                key = (st.st_dev, st.st_ino)
-                if key in ancestors:
-                    lst = e.stat(follow_symlinks=False)
-                    out.add(e.path, lst.st_size, lst.st_mtime_ns, lst.st_ctime_ns, "error",
-                            "symlink loop: it points to a folder that contains it", "permanent")
-                elif key not in seen:  # else: a second route to a folder walked already, skipped quietly
-                    seen.add(key)
-                    subdirs.append((e.path, ancestors + (key,)))
-            elif stat.S_ISREG(st.st_mode):
-                out.add(e.path, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                out.add(e.path, 0, 0, None, "error", reason, kind)
         stack.extend(reversed(subdirs))
-    out.flush()
-    return out.batches
+
+
+def _link(e: os.DirEntry, out: _Chunks, all_roots: list[bytes], follow: FollowSymlinks,
+          deferred: list[tuple[bytes, tuple[int, int], _Chunks]]) -> None:
+    """One symlink: a row for a link to a file, a deferred walk for a link to a folder, or a row saying why not."""
+    lst = e.stat(follow_symlinks=False)
+    ident = (lst.st_size, lst.st_mtime_ns, lst.st_ctime_ns)
+    if follow == "none":
+        out.add(e.path, *ident, "skipped", "symlink (follow_symlinks: none)")
+        return
+    if follow == "inside" and not any(_inside(os.path.realpath(e.path), r) for r in all_roots):
+        out.add(e.path, *ident, "skipped", "symlink to a place outside the roots (follow_symlinks: inside)")
+        return
+    try:
+        st = e.stat(follow_symlinks=True)
+    except OSError as err:
+        out.add(e.path, *ident, "error", *_error_from_stat(err))
+        return
+    if stat.S_ISDIR(st.st_mode):
+        deferred.append((e.path, (st.st_dev, st.st_ino), out))
+    elif stat.S_ISREG(st.st_mode):
+        out.add(e.path, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _walk_uri(root: str, index: int, include_hidden: bool) -> list[pa.RecordBatch]:
+    """Every object under a pyarrow filesystem URI (s3://, gs://, file://)."""
     from pyarrow import fs as pafs
 
     filesystem, base = pafs.FileSystem.from_uri(root)
@@ -241,7 +243,12 @@ def _walk_uri(root: str, index: int, include_hidden: bool) -> list[pa.RecordBatc
 
 
 def list_roots(roots: list[str], include_hidden: bool = False, follow: FollowSymlinks = "inside") -> pa.Table:
-    """Every file under the (normalised) roots as one Arrow table of LISTING_SCHEMA; a bad root raises RootError."""
+    """Every file under the (normalised) roots as one Arrow table of LISTING_SCHEMA; a bad root raises RootError.
+
+    Real folders are walked first. Then each symlinked folder: one that points to a folder containing it is a
+    loop (an error row); one that points to a folder walked already, through its real path or another link, is
+    a second route and is skipped quietly; any other is walked under the link's path.
+    """
     for root in roots:
         check_root(root)
     local = [os.fsencode(r) for r in roots if not is_uri(r)]
@@ -249,13 +256,26 @@ def list_roots(roots: list[str], include_hidden: bool = False, follow: FollowSym
     for r in local:  # a link from one root into another is a second route: that root is walked on its own
         st = os.stat(r)
         seen.add((st.st_dev, st.st_ino))
-    batches: list[pa.RecordBatch] = []
+    chunks = [_Chunks(i) for i in range(len(roots))]
+    deferred: list[tuple[bytes, tuple[int, int], _Chunks]] = []
     for i, root in enumerate(roots):
         if is_uri(root):
-            batches += _walk_uri(root, i, include_hidden)
+            chunks[i].batches += _walk_uri(root, i, include_hidden)
         else:
-            batches += _walk_local(root, i, local, seen, include_hidden, follow)
-    return pa.Table.from_batches(batches, schema=LISTING_SCHEMA)
+            _walk_local(os.fsencode(root), chunks[i], local, seen, include_hidden, follow, deferred)
+    while deferred:
+        link, key, out = deferred.pop(0)
+        target, parent = os.path.realpath(link), os.path.realpath(os.path.dirname(link))
+        if _inside(parent, target):
+            lst = os.lstat(link)
+            out.add(link, lst.st_size, lst.st_mtime_ns, lst.st_ctime_ns, "error",
+                    "symlink loop: it points to a folder that contains it", "permanent")
+        elif key not in seen:
+            seen.add(key)
+            _walk_local(link, out, local, seen, include_hidden, follow, deferred)
+    for c in chunks:
+        c.flush()
+    return pa.Table.from_batches([b for c in chunks for b in c.batches], schema=LISTING_SCHEMA)
 
 
 def iter_files(root: str, include_hidden: bool = False) -> Iterator[tuple[str, bytes]]:

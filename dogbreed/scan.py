@@ -34,7 +34,8 @@ log = logging.getLogger("dogbreed.scan")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BAD_PHOTOS, EXIT_REFUSED, EXIT_LOCKED = 0, 1, 2, 3, 4, 5
 DRY_RUN_PREVIEW = 10  # paths a dry run lists of each kind
 DECODE_CALLS_PER_WORKER = 50  # a decode worker process exits after this many blocks (max_calls)
-BLOCKS_PER_DECODER = 4  # a small run is cut into at least this many blocks per decode task
+OUTPUT_BLOCK_PHOTOS = 32  # decoded crops per block sent on to the actors
+BLOCKS_PER_DECODER = 16  # a run is cut into at least this many blocks per decode task: a short tail
 
 __all__ = ["EXIT_BAD_PHOTOS", "EXIT_FAILED", "EXIT_LOCKED", "EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "ScanRefused",
            "ScanSummary", "run_scan"]
@@ -149,10 +150,13 @@ def run_pipeline(todo: pa.Table, cfg: ScanConfig, run_id: str, writer: RunWriter
     # A block whose task failed after its bounded retries is dropped, not fatal: its photos become 'lost'
     # error rows (transient, retried next run) and the rest of the run commits.
     ctx.max_errored_blocks = -1
-    # Decoded crops are 150 KB each: small output blocks keep them streaming to the actors as they are made.
-    ctx.target_max_block_size = 16 * 1024 * 1024
+    # Decoded crops are 150 KB each: small output blocks keep them streaming to the actors as they are made,
+    # instead of waiting for a whole input block (or 128 MiB) of them.
+    ctx.target_max_block_size = OUTPUT_BLOCK_PHOTOS * 3 * spec.preprocessing.input_size ** 2
+    blocks = _blocks(todo, cfg, decoders)
+    decoders = min(decoders, len(blocks))
     try:
-        ds = ray.data.from_arrow(_blocks(todo, cfg, decoders))
+        ds = ray.data.from_arrow(blocks)
     finally:
         (ctx.enable_progress_bars, ctx.op_resource_reservation_enabled, ctx.wait_for_min_actors_s,
          ctx.max_errored_blocks, ctx.target_max_block_size) = saved
@@ -228,9 +232,9 @@ def _ray_session(address: str | None):
     ray.init(**kwargs)
     import ray.data  # noqa: F401 - configures Ray Data's logging, which the next lines quieten
 
-    for handler in logging.getLogger("ray.data").handlers:  # its log file keeps everything; the console gets warnings
+    for handler in logging.getLogger("ray.data").handlers:  # its log file keeps everything; the console only errors
         if not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.WARNING)
+            handler.setLevel(logging.ERROR)
     return ray.shutdown
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 from PIL import Image
 
-from dogbreed import bench
+from dogbreed.bench import speed as bench
 
 KEYS = ("classic", "scan_cold", "scan_n", "scan_3n", "decode", "faces", "model_1", "model_all", "in_process")
 

@@ -19,10 +19,9 @@ import numpy as np
 from PIL import Image
 
 from dogbreed.config import ScanConfig
-from dogbreed.memory import PeakMemory
+from dogbreed.bench.memory import PeakMemory
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-SAMPLES = Path(__file__).resolve().parent / "samples"
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"  # the package's own sample photos
 SOURCE_FOLDERS = ("imagewoof/val-unseen", "humans", "other")  # dogs, faces and neither, taken in turn
 CLASSIC_CASCADE = "haarcascade_frontalface_default.xml"  # what the dog-app used
 TARGET_VS_CLASSIC = 10.0  # issue 6: the scan end to end, 12-MP photos, on a 2-core CPU
@@ -45,13 +44,14 @@ class Measure:
 
 
 # ---------------------------------------------------------------------------------------------- photos
-def find_sources(limit: int = 90, log: Callable[[str], None] = print) -> list[Path]:
-    """Real photos to build the benchmark from: ../shared/data when present (dogs, faces, neither in turn), else the samples."""
-    folders = [sorted(p for p in (SHARED / f).rglob("*") if p.is_file()) for f in SOURCE_FOLDERS if (SHARED / f).is_dir()]
+def find_sources(data: Path | None, limit: int = 90, log: Callable[[str], None] = print) -> list[Path]:
+    """Real photos to build the benchmark from: `data` (../shared/data: dogs, faces, neither in turn), else the samples."""
+    data = data or Path("/nonexistent")
+    folders = [sorted(p for p in (data / f).rglob("*") if p.is_file()) for f in SOURCE_FOLDERS if (data / f).is_dir()]
     if any(folders):
         mixed = [p for group in zip(*[f for f in folders if f]) for p in group]
         return mixed[:limit]
-    log(f"note: {SHARED} is absent; the benchmark is built from the bundled samples in {SAMPLES} instead")
+    log(f"note: {data} is absent; the benchmark is built from the bundled samples in {SAMPLES} instead")
     return sorted(p for p in SAMPLES.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
 
 
@@ -347,7 +347,7 @@ def run_benchmark(workdir: Path, cfg: ScanConfig, n: int = 60, classic_n: int = 
     """Generate the photos in workdir, then measure everything on them in one run (scans first, on a fresh Ray)."""
     from dogbreed.predictors import BreedPredictor
 
-    sources = sources or find_sources(log=log)
+    sources = sources or find_sources(None, log=log)
     cores = int(os.cpu_count() or 1)
     kinds = [(f"{size[0]}x{size[1]} JPEG q{quality}", size)] + ([("small (the originals)", None)] if small else [])
     folders = {}
