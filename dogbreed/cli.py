@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,6 +73,17 @@ def _native_stderr_quiet(enabled: bool) -> Iterator[None]:
         # `console` stays open: loggers created meanwhile (Ray Data's) may still hold it until exit.
 
 
+class Terminated(BaseException):
+    """SIGTERM (cron's timeout, systemd, Kubernetes) arrived: unwind, so the scan stops its Ray and commits nothing."""
+
+
+def _stop_on_sigterm() -> None:
+    def handler(signum, frame):
+        raise Terminated(f"stopped by {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _fail(code: int, label: str, message: str) -> typer.Exit:
     """One sentence on stderr, and the same line with its exit code in the log file (cron reads that)."""
     typer.echo(f"{label}: {message}", err=True)
@@ -104,6 +116,8 @@ def _user_errors() -> Iterator[None]:
         raise _fail(EXIT_FAILED, "failed", str(e)) from None
     except typer.Exit:
         raise
+    except Terminated as e:
+        raise _fail(EXIT_FAILED, "failed", f"{e}; nothing was committed") from None
     except Exception as e:
         logging.getLogger("dogbreed").info("failed (exit %d): %s: %s", EXIT_FAILED, type(e).__name__,
                                            str(e).splitlines()[0] if str(e) else "")
@@ -134,6 +148,7 @@ def scan(
 ) -> None:
     """Scan photo folders into Parquet: one row per file, committed atomically; exit 0 ok, 3 bad photos, 4/5 refused."""
     _setup_logging(log_file)
+    _stop_on_sigterm()
     with _native_stderr_quiet(not sys.stderr.isatty()), _user_errors():
         cfg = _scan_config(config, roots=roots, out=out, model=model, mode=mode, address=address,
                            allow_empty_roots=allow_empty_roots, allow_deletions=allow_deletions,

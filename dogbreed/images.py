@@ -29,6 +29,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 FINGERPRINT_CHUNK = 64 * 1024  # bytes hashed from each end of a file
 _STRIP_ROWS = 256  # rows rescaled at a time for 16-bit / float photos
 _REDUCIBLE = {"L", "RGB", "RGBA", "LA", "CMYK", "I", "F"}  # modes Image.reduce accepts
+_DEEP = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}  # more than 8 bits per sample: rescaled to 'L'
+
 
 
 class ImageError(Exception):
@@ -160,7 +162,7 @@ def _to_8bit(im: Image.Image) -> Image.Image:
 
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB; transparency is composited on white, 16-bit/float is rescaled."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if im.mode in _DEEP:
         im = _to_8bit(im)
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
@@ -230,7 +232,9 @@ def decode(data: bytes, prep: Preprocessing, face_max_side: int = 640, max_pixel
         raise ImageError("decompression bomb: declared size too large") from None
     factor = int(max(im.size) / max(w, h) / need)  # how many times larger than needed it still is
     if factor >= 2:  # still much larger than needed (a PNG, or a JPEG beyond 1/8): integer box reduction
-        if im.mode not in _REDUCIBLE:
+        if im.mode in _DEEP:
+            im = _to_8bit(im)  # 1 byte per pixel before anything else is made at full size
+        elif im.mode not in _REDUCIBLE:
             im = _to_rgb(im)
         im = im.reduce(factor)
     if orientation != 1:

@@ -21,6 +21,9 @@ from dogbreed.images import ImageError, Preprocessing, decode, fingerprint_of_by
 from dogbreed.sandbox import Sandbox, SandboxError
 
 Batch = dict[str, np.ndarray]
+# Decoding runs ahead of the network and fills any idle core; a lower priority lets the inference actor, the stage
+# that sets the pace on a shared node, take the CPU first whenever both want it.
+DECODE_NICE = 5
 PERMANENT, TRANSIENT = "permanent", "transient"  # error kinds: not retried on an unchanged file / retried next run
 
 
@@ -53,6 +56,9 @@ def photo_worker(prep: dict, face: dict, decode_cfg: dict) -> Callable[[bytes], 
     for plugin in cfg.plugins:
         _import_plugin(plugin)
     detect.load_face_detector(face_)  # fail at start-up, once, if the detector cannot be loaded
+    import cv2
+
+    cv2.setNumThreads(1)  # one photo at a time on one core: a decode task reserves under one CPU
 
     def one(raw_path: bytes) -> dict[str, Any]:
         fp = None
@@ -91,7 +97,7 @@ class Decoder:
         self.cfg = decode_cfg or DecodeConfig()
         self.sandbox = Sandbox("dogbreed.predictors:photo_worker",
                                {"prep": asdict(prep), "face": self.face.model_dump(), "decode_cfg": self.cfg.model_dump()},
-                               timeout_s=self.cfg.timeout_s, memory_mb=self.cfg.max_memory_mb)
+                               timeout_s=self.cfg.timeout_s, memory_mb=self.cfg.max_memory_mb, nice=DECODE_NICE)
 
     def _one(self, raw: bytes) -> dict[str, Any]:
         try:

@@ -84,8 +84,9 @@ class Sandbox:
     returns the per-request callable.
     """
 
-    def __init__(self, worker: str, setup: dict[str, Any], timeout_s: float, memory_mb: int | None = None):
-        self.worker, self.setup, self.timeout_s, self.memory_mb = worker, setup, timeout_s, memory_mb
+    def __init__(self, worker: str, setup: dict[str, Any], timeout_s: float, memory_mb: int | None = None,
+                 nice: int = 0):
+        self.worker, self.setup, self.timeout_s, self.memory_mb, self.nice = worker, setup, timeout_s, memory_mb, nice
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
 
@@ -98,7 +99,7 @@ class Sandbox:
         except OSError as e:
             raise SandboxError(f"the decoder process could not be started: {e.strerror or e}") from None
         try:
-            _send(proc.stdin.fileno(), (self.worker, self.setup, self.memory_mb))
+            _send(proc.stdin.fileno(), (self.worker, self.setup, self.memory_mb, self.nice))
             ready = _recv(proc.stdout.fileno(), time.monotonic() + STARTUP_TIMEOUT_S)
         except (EOFError, TimeoutError, OSError):
             self._kill(proc)
@@ -173,7 +174,9 @@ def _child() -> None:
     rfd, wfd = sys.stdin.fileno(), os.dup(sys.stdout.fileno())
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stray print must not corrupt the protocol
     try:
-        worker, setup, memory_mb = _recv(rfd, None)
+        worker, setup, memory_mb, nice = _recv(rfd, None)
+        if nice:
+            os.nice(nice)
         module, name = worker.split(":")
         task = getattr(importlib.import_module(module), name)(**setup)
         _limit_memory(memory_mb)

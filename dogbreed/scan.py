@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import signal
+import threading
 import time
 import warnings
 from collections import Counter
@@ -138,12 +140,14 @@ def run_pipeline(todo: pa.Table, cfg: ScanConfig, run_id: str, writer: RunWriter
 
     spec, _ = describe_model(cfg.model)
     num_gpus, actors, decoders = _inference_resources(cfg)
-    ctx = ray.data.DataContext.get_current()
-    saved = (ctx.enable_progress_bars, ctx.op_resource_reservation_enabled, ctx.wait_for_min_actors_s,
-             ctx.max_errored_blocks, ctx.target_max_block_size)
+    blocks = _blocks(todo, cfg, decoders)
+    decoders = min(decoders, len(blocks))
+    ds = ray.data.from_arrow(blocks)
+    # The dataset's own context (copied from the global one at creation, and by every dataset derived from it):
+    ctx = ds.context
     ctx.enable_progress_bars = False  # one bar, ours: files done of planned
     # The operators are sized here. Ray Data's reservation allocator would also hold CPUs back, which on 2 cores
-    # leaves room for one decode task at a time. A dataset copies the context when it is created.
+    # leaves room for one decode task at a time.
     ctx.op_resource_reservation_enabled = False
     if cfg.inference.wait_for_actors_s:
         ctx.wait_for_min_actors_s = cfg.inference.wait_for_actors_s
@@ -153,25 +157,21 @@ def run_pipeline(todo: pa.Table, cfg: ScanConfig, run_id: str, writer: RunWriter
     # Decoded crops are 150 KB each: small output blocks keep them streaming to the actors as they are made,
     # instead of waiting for a whole input block (or 128 MiB) of them.
     ctx.target_max_block_size = OUTPUT_BLOCK_PHOTOS * 3 * spec.preprocessing.input_size ** 2
-    blocks = _blocks(todo, cfg, decoders)
-    decoders = min(decoders, len(blocks))
-    try:
-        ds = ray.data.from_arrow(blocks)
-    finally:
-        (ctx.enable_progress_bars, ctx.op_resource_reservation_enabled, ctx.wait_for_min_actors_s,
-         ctx.max_errored_blocks, ctx.target_max_block_size) = saved
     with warnings.catch_warnings():
         # Bounded retries can only be given as remote args, which Ray 2.60 deprecates without a replacement yet.
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = _stages(ds, cfg, spec, run_id, num_gpus, actors, decoders)
     seen = np.zeros(todo.num_rows, dtype=np.int32)
     with _progress(cfg, todo.num_rows) as bar:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
-            idx = batch.column("_idx").to_numpy()
-            fresh = seen[idx] == 0  # a retried batch may deliver a row twice: the first one counts
-            np.add.at(seen, idx, 1)
-            writer.write(batch.drop_columns(["_idx"]).filter(pa.array(fresh)))
-            bar.update(int(fresh.sum()))
+        # Result blocks are small (no pixels). They are fetched here from the bundles' references: on Ray 2.60,
+        # iter_batches() behind an actor pool stalls after a few batches, while the references keep streaming.
+        for bundle in ds.iter_internal_ref_bundles():
+            for block in ray.get(bundle.block_refs):
+                idx = block.column("_idx").to_numpy()
+                fresh = seen[idx] == 0  # a retried batch may deliver a row twice: the first one counts
+                np.add.at(seen, idx, 1)
+                writer.write(block.drop_columns(["_idx"]).filter(pa.array(fresh)))
+                bar.update(int(fresh.sum()))
     if log.isEnabledFor(logging.DEBUG):  # where the time went, per operator (dogbreed bench reads this)
         log.debug("Ray Data stats:\n%s", ds.stats())
     return seen
@@ -229,7 +229,10 @@ def _ray_session(address: str | None):
     kwargs: dict[str, Any] = {"address": address, "log_to_driver": False, "logging_level": logging.ERROR}
     if address == "local":
         kwargs["include_dashboard"] = False
+    on_term = signal.getsignal(signal.SIGTERM)
     ray.init(**kwargs)
+    if callable(on_term) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)  # Ray's core worker replaces it with a handler that aborts
     import ray.data  # noqa: F401 - configures Ray Data's logging, which the next lines quieten
 
     for handler in logging.getLogger("ray.data").handlers:  # its log file keeps everything; the console only errors

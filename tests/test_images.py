@@ -119,3 +119,37 @@ def test_decompression_bomb_refused_before_decoding():
     data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # a valid header, just huge
     with pytest.raises(ImageError, match="decompression"):
         decode(bytes(data), PREP)
+
+
+def test_a_large_16_bit_photo_decodes_in_a_few_bytes_per_pixel(tmp_path):
+    """A 20-Mpixel 16-bit PNG once took 26 bytes per pixel (float64 copies); the peak is measured in a fresh process.
+
+    It holds the 2-byte pixels Pillow decodes and a 1-byte copy at most; everything else is made after reduction.
+    """
+    import subprocess
+    import sys
+
+    path = tmp_path / "deep.png"
+    w, h = 5000, 4000
+    ramp = (np.arange(w * h, dtype=np.uint32).reshape(h, w) % 65536).astype(np.uint16)
+    Image.fromarray(ramp).save(path, compress_level=1)
+    # Imports and first-call allocations happen on a small photo first; the peak then grows by the big one alone.
+    # VmHWM, not ru_maxrss: the latter keeps the forking parent's peak across exec.
+    code = ("import sys\n"
+            "from dogbreed.images import Preprocessing, decode\n"
+            "def hwm():\n"
+            "    return int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])\n"
+            "decode(open(sys.argv[2], 'rb').read(), Preprocessing())\n"
+            "data = open(sys.argv[1], 'rb').read()\n"
+            "before = hwm()\n"
+            "d = decode(data, Preprocessing())\n"
+            "print(hwm() - before, d.width, d.height)\n")
+    small = tmp_path / "small.png"
+    Image.fromarray(ramp[:64, :64]).save(small)
+    proc = subprocess.run([sys.executable, "-c", code, str(path), str(small)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    grown_kb, width, height = map(int, proc.stdout.split())
+    assert (width, height) == (w, h)
+    bytes_per_pixel = grown_kb * 1024 / (w * h)
+    assert bytes_per_pixel < 6, f"decoding took {bytes_per_pixel:.1f} bytes per pixel"
+    print(f"16-bit decode: {bytes_per_pixel:.2f} bytes per pixel")

@@ -4,7 +4,7 @@ Each archive is hard links to a few dozen real small photos (an ext4 inode takes
 of a thousand. For each size it runs the real `dogbreed scan` as cron would, in a child process, and measures:
 - a `--dry-run` (listing + planning): wall seconds and the driver's peak RSS;
 - a real scan: seconds until the first results reach the driver, and the driver's peak RSS up to then plus a
-  stretch of streaming; the scan is then interrupted (SIGINT), which commits nothing;
+  stretch of streaming; the scan is then interrupted (SIGTERM), which commits nothing;
 - the nightly re-run over the same archive once every file has a current row: seconds and peak RSS.
 """
 
@@ -104,9 +104,13 @@ class _Child:
             time.sleep(0.1)
 
     def wait(self, timeout: float) -> float:
-        self.stdout = self.proc.communicate(timeout=timeout)[0] if self.proc.stdout else ""
+        """Seconds from start to exit (stderr is the reader thread's; stdout is read here)."""
+        self.stdout = self.proc.stdout.read()
+        self.proc.wait(timeout=timeout)
+        seconds = time.perf_counter() - self.t0
         self._mem_thread.join()
-        return time.perf_counter() - self.t0
+        self._err_thread.join(timeout=10)
+        return seconds
 
 
 def _dry_run(root: Path, out: Path, fig: SizeFigures) -> None:
@@ -128,7 +132,7 @@ def _scan_start(root: Path, out: Path, fig: SizeFigures, stream_s: float, limit_
         fig.streamed = child.done
         fig.stream_rate = (child.done - child.first_done) / (time.perf_counter() - child.t0 - child.first_at)
     if child.proc.poll() is None:
-        child.proc.send_signal(signal.SIGINT)  # the scan's finally-blocks stop its Ray; nothing is committed
+        child.proc.send_signal(signal.SIGTERM)  # the scan unwinds and stops its Ray; nothing is committed
     try:
         child.wait(timeout=120)
     except subprocess.TimeoutExpired:
