@@ -14,7 +14,6 @@ from typing import Iterable
 
 import numpy as np
 import pandas as pd
-
 import pyarrow.compute as pc
 
 from dogbreed import labels, results

@@ -19,13 +19,14 @@ import pyarrow.compute as pc
 
 from dogbreed import results
 from dogbreed.config import ScanConfig
-from dogbreed.images import fingerprint_file, is_uri
+from dogbreed.images import fingerprint_file
 
 log = logging.getLogger("dogbreed.scan")
 
 KNOWN_COLUMNS = ["status", "error", "error_kind", "model_id", "settings_id", "size_bytes", "mtime", "ctime",
                  "fingerprint"]
 FINGERPRINT_THREADS = 8  # reads of two 64-KiB ends are I/O bound: a few threads hide the latency
+IDENTITY = ["path", "raw", "size_bytes", "mtime_ns", "ctime_ns"]  # what a planned row carries about its file
 
 
 class ScanRefused(RuntimeError):
@@ -45,29 +46,6 @@ class Plan:
     moved: int = 0
     files_per_root: dict[str, int] = field(default_factory=dict)
 
-    @property
-    def work(self) -> int:
-        return self.todo.num_rows + self.direct.num_rows + self.carried.num_rows
-
-
-def _extension_skips(listing: pa.Table, extensions: list[str]) -> tuple[pa.Array, pa.Array]:
-    """(is_photo mask, reason) per listed file, from its extension alone; a non-photo is never opened."""
-    name_ext = pc.extract_regex(pc.utf8_lower(listing.column("path")), r"(?P<ext>\.[^./]*)$")
-    ext = pc.fill_null(pc.struct_field(name_ext, [0]), "")
-    is_photo = pc.is_in(ext, value_set=pa.array([e.lower() for e in extensions], pa.string()))
-    shown = pc.if_else(pc.equal(ext, ""), "none", ext)
-    reason = pc.binary_join_element_wise("not a photo extension (", shown, ")", "")
-    return is_photo, reason
-
-
-def _eq(a, b) -> pa.Array:
-    """Element-wise equality where null == null is true."""
-    return pc.fill_null(pc.or_kleene(pc.equal(a, b), pc.and_kleene(pc.is_null(a), pc.is_null(b))), False)
-
-
-def _us(ns: pa.ChunkedArray) -> pa.Array:
-    return pc.cast(pc.divide(ns, 1000), pa.int64())
-
 
 def _fingerprints(raws: list[bytes]) -> list[str | None]:
     with ThreadPoolExecutor(FINGERPRINT_THREADS) as pool:
@@ -79,129 +57,170 @@ def _raw_paths(table: pa.Table) -> list[bytes]:
                                                               table.column("raw").to_pylist())]
 
 
-IDENTITY = ["path", "raw", "size_bytes", "mtime_ns", "ctime_ns"]
+def _np(mask) -> np.ndarray:
+    """An Arrow boolean array (nulls as False) as a numpy mask."""
+    if isinstance(mask, np.ndarray):
+        return mask
+    return np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _eq(a, b) -> np.ndarray:
+    """Element-wise equality where null == null is true."""
+    return _np(pc.or_kleene(pc.equal(a, b), pc.and_kleene(pc.is_null(a), pc.is_null(b))))
+
+
+def _us(ns) -> pa.Array:
+    return pc.cast(pc.divide(ns, 1000), pa.int64())
+
+
+def _decided_by_listing(listing: pa.Table, extensions: list[str]) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """(status, error, error_kind) for files whose row listing decides: notes (loops, links outside the roots,
+    unreadable folders) and non-photo extensions, which are never opened. Status is null for photos."""
+    ext = pc.struct_field(pc.extract_regex(listing.column("path"), r"(?P<ext>\.[^./]*)$"), [0])
+    ext = pc.utf8_lower(pc.fill_null(ext, ""))  # lower-cases the few-byte extensions, not every path
+    is_photo = pc.is_in(ext, value_set=pa.array([e.lower() for e in extensions], pa.string()))
+    reason = pc.binary_join_element_wise("not a photo extension (", pc.if_else(pc.equal(ext, ""), "none", ext), ")", "")
+    noted = pc.is_valid(listing.column("note_status"))
+    none = pa.scalar(None, pa.string())
+    status = pc.if_else(noted, listing.column("note_status"), pc.if_else(is_photo, none, "skipped"))
+    return status, pc.if_else(noted, listing.column("note"), reason), pc.if_else(noted, listing.column("note_kind"), none)
+
+
+def _aligned_known(listing: pa.Table, known: pa.Table) -> pa.Table | None:
+    """The latest row's KNOWN_COLUMNS for each listed file (nulls where there is none); None if nothing is known."""
+    if not known.num_rows:
+        return None
+    pos = pc.index_in(listing.column("path"), value_set=known.column("path"))
+    return known.select(["run_id", *KNOWN_COLUMNS]).take(pos)
+
+
+def _is_current(k: pa.Table, model_id: str, settings: str, cfg: ScanConfig) -> np.ndarray:
+    """Rows whose result still holds: made by this model under these settings, or a permanent error."""
+    if cfg.mode == "all":
+        return np.zeros(k.num_rows, dtype=bool)
+    status = k.column("status")
+    ok = (_np(pc.is_in(status, value_set=pa.array(results.OK_STATUSES))) & _eq(k.column("model_id"), pa.scalar(model_id))
+          & _eq(k.column("settings_id"), pa.scalar(settings)))
+    permanent = _np(pc.equal(status, "error")) & _np(pc.equal(k.column("error_kind"), "permanent"))
+    return ok | (permanent & (not cfg.retry_errors))
 
 
 def make_plan(listing: pa.Table, roots: list[str], known: pa.Table, model_id: str, settings: str,
               cfg: ScanConfig) -> Plan:
     """Decide unchanged / to decode / to record / carried / deleted against the latest committed rows."""
-    n = listing.num_rows
     listing = listing.rename_columns(["size_bytes" if c == "size" else c for c in listing.column_names])
-    listing = listing.append_column("_i", pa.array(np.arange(n, dtype=np.int64)))
-    known = known.select(["path", "run_id", *KNOWN_COLUMNS]).rename_columns(
-        ["path", "k_run", *[f"k_{c}" for c in KNOWN_COLUMNS]])
-    joined = listing.join(known, keys="path", join_type="left outer").sort_by("_i")
+    n = listing.num_rows
+    direct_status, direct_error, direct_kind = _decided_by_listing(listing, cfg.extensions)
+    is_direct = _np(pc.is_valid(direct_status))
+    photo = ~is_direct
+    k = _aligned_known(listing, known)
+    suspect = np.zeros(n, dtype=bool)
+    if k is None:  # the first run: everything is to do
+        unchanged, direct_write = np.zeros(n, dtype=bool), is_direct
+    else:
+        same_file = (_eq(k.column("size_bytes"), listing.column("size_bytes"))
+                     & _eq(pc.cast(k.column("mtime"), pa.int64()), _us(listing.column("mtime_ns"))))
+        k_ctime = pc.cast(k.column("ctime"), pa.int64())
+        ctime_same = (_np(pc.is_null(k_ctime)) | _np(pc.is_null(listing.column("ctime_ns")))
+                      | _np(pc.equal(k_ctime, _us(listing.column("ctime_ns")))))
+        # Rows decided by listing are written again only when what they say changed.
+        direct_write = is_direct & ~(_eq(k.column("status"), direct_status) & _eq(k.column("error"), direct_error)
+                                     & same_file)
+        current = _is_current(k, model_id, settings, cfg)
+        unchanged = photo & same_file & ctime_same & current
+        # Same path, new ctime, same size and mtime: the fingerprint says whether the content changed.
+        suspect = photo & same_file & ~ctime_same & current & _np(pc.is_valid(k.column("fingerprint")))
+    todo_mask = photo & ~unchanged & ~suspect
+    carried = []
+    if suspect.any():
+        rows = listing.filter(pa.array(suspect))
+        same = _np(pc.equal(pa.array(_fingerprints(_raw_paths(rows)), pa.string()),
+                            k.column("fingerprint").filter(pa.array(suspect))))
+        carried.append(rows.filter(pa.array(same)).select(IDENTITY)
+                       .append_column("src_path", rows.filter(pa.array(same)).column("path"))
+                       .append_column("src_run", k.column("run_id").filter(pa.array(suspect)).filter(pa.array(same)))
+                       .append_column("_i", pa.array(np.flatnonzero(suspect)[same])))
+        todo_mask[np.flatnonzero(suspect)[~same]] = True
 
-    is_photo, skip_reason = _extension_skips(joined, cfg.extensions)
-    noted = pc.is_valid(joined.column("note_status"))
-    direct_status = pc.if_else(noted, joined.column("note_status"), pc.if_else(is_photo, pa.scalar(None, pa.string()),
-                                                                               "skipped"))
-    direct_error = pc.if_else(noted, joined.column("note"), skip_reason)
-    direct_kind = pc.if_else(noted, joined.column("note_kind"), pa.scalar(None, pa.string()))
-    is_direct = pc.is_valid(direct_status)
+    gone, files_per_root = _vanished(listing, roots, known, cfg)
+    moved_from: set[str] = set()
+    moves = _moves(listing, todo_mask & (k is None or _np(pc.is_null(k.column("status")))), gone, model_id,
+                   settings, cfg) if gone.num_rows else None
+    if moves is not None and moves.num_rows:
+        carried.append(moves)
+        moved_from = set(moves.column("src_path").to_pylist())
+        todo_mask[moves.column("_i").to_numpy()] = False
+    _guard(roots, known, gone, moved_from, cfg)
 
-    same_file = pc.and_kleene(_eq(joined.column("k_size_bytes"), joined.column("size_bytes")),
-                        _eq(pc.cast(joined.column("k_mtime"), pa.int64()), _us(joined.column("mtime_ns"))))
-    k_ctime = pc.cast(joined.column("k_ctime"), pa.int64())
-    ctime_same = pc.or_kleene(pc.or_kleene(pc.is_null(k_ctime), pc.is_null(joined.column("ctime_ns"))),
-                        pc.fill_null(pc.equal(k_ctime, _us(joined.column("ctime_ns"))), False))
+    carried_table = (pa.concat_tables([c.cast(carried[0].schema) for c in carried]).sort_by("_i").drop_columns(["_i"])
+                     if carried else _empty_carried())
+    dw = pa.array(direct_write)
+    direct = (listing.filter(dw).select(IDENTITY).append_column("status", direct_status.filter(dw))
+              .append_column("error", direct_error.filter(dw)).append_column("error_kind", direct_kind.filter(dw)))
+    return Plan(listed=n, todo=listing.filter(pa.array(todo_mask)).select(IDENTITY), direct=direct,
+                carried=carried_table, deleted=sorted(gone.column("path").to_pylist()),
+                unchanged=int(unchanged.sum() + (is_direct & ~direct_write).sum()), moved=len(moved_from),
+                files_per_root=files_per_root)
 
-    # Rows decided by listing: written again only when what they say changed.
-    direct_same = pc.and_kleene(pc.and_kleene(_eq(joined.column("k_status"), direct_status), _eq(joined.column("k_error"), direct_error)),
-                          same_file)
-    direct_write = pc.and_kleene(is_direct, pc.invert(pc.fill_null(direct_same, False)))
 
-    k_status = joined.column("k_status")
-    ok_current = pc.and_kleene(pc.is_in(k_status, value_set=pa.array(results.OK_STATUSES)),
-                         pc.and_kleene(_eq(joined.column("k_model_id"), pa.scalar(model_id)),
-                                 _eq(joined.column("k_settings_id"), pa.scalar(settings))))
-    permanent_error = pc.and_kleene(pc.equal(k_status, "error"), pc.equal(joined.column("k_error_kind"), "permanent"))
-    current = pc.fill_null(pc.or_kleene(ok_current, pc.and_kleene(permanent_error, pa.scalar(not cfg.retry_errors))), False)
-    if cfg.mode == "all":
-        current = pa.array(np.zeros(n, dtype=bool))
-    photo = pc.invert(is_direct)
-    unchanged = pc.and_kleene(photo, pc.and_kleene(pc.and_kleene(same_file, ctime_same), current))
-    suspect = pc.and_kleene(photo, pc.and_kleene(pc.and_kleene(same_file, pc.invert(ctime_same)),
-                                     pc.and_kleene(current, pc.is_valid(joined.column("k_fingerprint")))))
-    todo_mask = pc.and_kleene(photo, pc.invert(pc.or_kleene(unchanged, suspect)))
+def _empty_carried() -> pa.Table:
+    return pa.schema([("path", pa.string()), ("raw", pa.binary()), ("size_bytes", pa.int64()), ("mtime_ns", pa.int64()),
+                      ("ctime_ns", pa.int64()), ("src_path", pa.string()), ("src_run", pa.string())]).empty_table()
 
-    # Same path, new ctime, same size and mtime: the fingerprint says whether the content changed.
-    carried_parts, suspects = [], joined.filter(suspect)
-    if suspects.num_rows:
-        fps = pa.array(_fingerprints(_raw_paths(suspects)), pa.string())
-        same = pc.fill_null(pc.equal(fps, suspects.column("k_fingerprint")), False)
-        carried_parts.append(suspects.filter(same).append_column("src_path", suspects.filter(same).column("path"))
-                             .select([*IDENTITY, "_i", "src_path", "k_run"]))
-        todo_mask = pc.or_kleene(todo_mask, pc.is_in(joined.column("_i"), value_set=suspects.filter(pc.invert(same)).column("_i")))
 
-    # Vanished paths, per root, and the archive guard.
-    alive = known.filter(pc.not_equal(known.column("k_status"), "deleted"))
-    listed_paths = listing.column("path")
-    deleted: list[str] = []
-    gone_tables, per_root_gone = [], {}
-    files_per_root = {}
+def _vanished(listing: pa.Table, roots: list[str], known: pa.Table, cfg: ScanConfig) -> tuple[pa.Table, dict[str, int]]:
+    """Known, not deleted, under a root, and no longer listed; refuses a root that is suddenly empty."""
+    alive = known.filter(pc.not_equal(known.column("status"), "deleted")) if known.num_rows else known
+    parts, files_per_root = [], {}
     for i, root in enumerate(roots):
-        under = pc.starts_with(alive.column("path"), root.rstrip("/") + "/")
-        alive_here = alive.filter(under)
-        gone = alive_here.filter(pc.invert(pc.is_in(alive_here.column("path"), value_set=listed_paths)))
         files_here = int(pc.sum(pc.equal(listing.column("root"), i)).as_py() or 0)
         files_per_root[root] = files_here
-        if alive_here.num_rows and not files_here and not cfg.allow_empty_roots:
-            raise ScanRefused(f"root {root} is empty but earlier runs saw {alive_here.num_rows} files there "
+        if not alive.num_rows:
+            continue
+        here = alive.filter(pc.starts_with(alive.column("path"), root.rstrip("/") + "/"))
+        if here.num_rows and not files_here and not cfg.allow_empty_roots:
+            raise ScanRefused(f"root {root} is empty but earlier runs saw {here.num_rows} files there "
                               "(unmounted archive?); pass --allow-empty-roots if they were really deleted")
-        gone_tables.append(gone)
-        per_root_gone[root] = (alive_here.num_rows, gone)
+        parts.append(here.filter(pc.invert(pc.is_in(here.column("path"), value_set=listing.column("path")))))
+    return (pa.concat_tables(parts) if parts else known.slice(0, 0)), files_per_root
 
-    # Moves: a new path whose size, mtime and fingerprint match a vanished file takes over its result.
-    gone_all = pa.concat_tables(gone_tables) if gone_tables else known.slice(0, 0)
-    gone_current = gone_all.filter(pc.fill_null(pc.or_kleene(
-        pc.and_kleene(pc.is_in(gone_all.column("k_status"), value_set=pa.array(results.OK_STATUSES)),
-                pc.and_kleene(pc.equal(gone_all.column("k_model_id"), model_id), pc.equal(gone_all.column("k_settings_id"), settings))),
-        pc.and_kleene(pc.equal(gone_all.column("k_status"), "error"), pc.equal(gone_all.column("k_error_kind"), "permanent"))),
-        False))
-    gone_current = gone_current.filter(pc.is_valid(gone_current.column("k_fingerprint")))
-    moved_from: set[str] = set()
-    if gone_current.num_rows and cfg.mode != "all":
-        fresh = joined.filter(pc.and_kleene(todo_mask, pc.is_null(joined.column("k_status")))).select([*IDENTITY, "_i"])
-        fresh = fresh.filter(pc.invert(pc.match_substring(fresh.column("path"), "://")))  # local files: fingerprints
-        fresh = fresh.append_column("mtime_us", _us(fresh.column("mtime_ns")))
-        src = pa.table({"src_path": gone_current.column("path"), "src_run": gone_current.column("k_run"),
-                        "size_bytes": gone_current.column("k_size_bytes"),
-                        "mtime_us": pc.cast(gone_current.column("k_mtime"), pa.int64()),
-                        "fp": gone_current.column("k_fingerprint")})
-        maybe = fresh.join(src.select(["size_bytes", "mtime_us"]), keys=["size_bytes", "mtime_us"], join_type="left semi")
-        if maybe.num_rows:
-            maybe = maybe.append_column("fp", pa.array(_fingerprints(_raw_paths(maybe)), pa.string()))
-            matched = maybe.join(src, keys=["size_bytes", "mtime_us", "fp"], join_type="inner")
-            matched = _first_per(matched.sort_by([("_i", "ascending"), ("src_path", "ascending")]), "_i")
-            if matched.num_rows:
-                carried_parts.append(matched.select([*IDENTITY, "_i", "src_path", "src_run"])
-                                     .rename_columns([*IDENTITY, "_i", "src_path", "k_run"]))
-                moved_from = set(matched.column("src_path").to_pylist())
-                todo_mask = pc.and_kleene(todo_mask, pc.invert(pc.is_in(joined.column("_i"), value_set=matched.column("_i"))))
 
-    for root, (alive_n, gone) in per_root_gone.items():
-        paths = gone.column("path").to_pylist()
-        really = [p for p in paths if p not in moved_from]
-        if alive_n >= 10 and len(really) > cfg.max_deleted_fraction * alive_n and not cfg.allow_deletions:
-            raise ScanRefused(f"root {root}: {len(really)} of {alive_n} known files vanished, over the "
+def _guard(roots: list[str], known: pa.Table, gone: pa.Table, moved_from: set[str], cfg: ScanConfig) -> None:
+    """Refuse a run that would record more than max_deleted_fraction of a root's files as deleted (moves excepted)."""
+    if not gone.num_rows or cfg.allow_deletions:
+        return
+    alive = known.filter(pc.not_equal(known.column("status"), "deleted"))
+    for root in roots:
+        prefix = root.rstrip("/") + "/"
+        alive_n = int(pc.sum(pc.starts_with(alive.column("path"), prefix)).as_py() or 0)
+        really = sum(1 for p in gone.filter(pc.starts_with(gone.column("path"), prefix)).column("path").to_pylist()
+                     if p not in moved_from)
+        if alive_n >= 10 and really > cfg.max_deleted_fraction * alive_n:
+            raise ScanRefused(f"root {root}: {really} of {alive_n} known files vanished, over the "
                               f"max_deleted_fraction of {cfg.max_deleted_fraction}; refusing to record them as deleted "
                               "(is part of the archive unmounted?); pass --allow-deletions if they were really deleted")
-        deleted += paths
 
-    carried = (pa.concat_tables([c.cast(carried_parts[0].schema) for c in carried_parts]).sort_by("_i")
-               if carried_parts else joined.slice(0, 0).append_column("src_path", pa.array([], pa.string()))
-               .select([*IDENTITY, "_i", "src_path", "k_run"]))
-    carried = carried.rename_columns([*IDENTITY, "_i", "src_path", "src_run"]).drop_columns(["_i"])
-    todo = joined.filter(todo_mask).select(IDENTITY)
-    direct = (joined.filter(direct_write).select(IDENTITY)
-              .append_column("status", direct_status.filter(direct_write))
-              .append_column("error", direct_error.filter(direct_write))
-              .append_column("error_kind", direct_kind.filter(direct_write)))
-    quiet = pc.sum(unchanged).as_py() or 0
-    quiet += pc.sum(pc.and_kleene(is_direct, pc.invert(direct_write))).as_py() or 0
-    return Plan(listed=n, todo=todo, direct=direct, carried=carried, deleted=sorted(set(deleted)), unchanged=int(quiet),
-                moved=len(moved_from), files_per_root=files_per_root)
+
+def _moves(listing: pa.Table, fresh_mask: np.ndarray, gone: pa.Table, model_id: str, settings: str,
+           cfg: ScanConfig) -> pa.Table | None:
+    """New local paths whose size, mtime and fingerprint match a vanished file with a current result."""
+    if cfg.mode == "all":
+        return None
+    gone = gone.filter(pa.array(_is_current(gone, model_id, settings, cfg) & _np(pc.is_valid(gone.column("fingerprint")))))
+    if not gone.num_rows:
+        return None
+    fresh = listing.filter(pa.array(fresh_mask)).select(IDENTITY).append_column("_i", pa.array(np.flatnonzero(fresh_mask)))
+    fresh = fresh.filter(pc.invert(pc.match_substring(fresh.column("path"), "://")))  # fingerprints read local files
+    fresh = fresh.append_column("mtime_us", _us(fresh.column("mtime_ns")))
+    src = pa.table({"src_path": gone.column("path"), "src_run": gone.column("run_id"), "size_bytes": gone.column("size_bytes"),
+                    "mtime_us": pc.cast(gone.column("mtime"), pa.int64()), "fp": gone.column("fingerprint")})
+    maybe = fresh.join(src.select(["size_bytes", "mtime_us"]), keys=["size_bytes", "mtime_us"], join_type="left semi")
+    if not maybe.num_rows:
+        return None
+    maybe = maybe.append_column("fp", pa.array(_fingerprints(_raw_paths(maybe)), pa.string()))
+    matched = maybe.join(src, keys=["size_bytes", "mtime_us", "fp"], join_type="inner")
+    matched = _first_per(matched.sort_by([("_i", "ascending"), ("src_path", "ascending")]), "_i")
+    return matched.select([*IDENTITY, "src_path", "src_run", "_i"])
 
 
 def _first_per(table: pa.Table, key: str) -> pa.Table:

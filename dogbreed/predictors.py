@@ -1,9 +1,9 @@
 """Callables that Ray Data runs on batches; each loads what it needs once and is pure on numpy batches.
 
 :class:`Decoder` (CPU tasks) turns listed files into 224-px model crops plus Haar face boxes, so only
-small uint8 arrays travel through the object store; each photo is decoded in a sandboxed child process. :class:`BreedPredictor` (actor pool, GPU when
-present) runs one backbone pass per batch for both the dog score and the breed. Both are usable without
-Ray: ``BreedPredictor()(Decoder(...)(batch))``.
+small uint8 arrays travel through the object store; each photo is decoded in a sandboxed child process.
+:class:`BreedPredictor` (actor pool, GPU when present) runs one backbone pass per batch for both the dog
+score and the breed. Both are usable without Ray: ``BreedPredictor()(Decoder(...)(batch))``.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import signal
+import sys
 import threading
 import time
 import warnings

@@ -5,7 +5,6 @@ out of the roots, odd roots, changed settings, restored mtimes, the retry policy
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -233,7 +232,6 @@ def test_a_progress_bar_when_asked(ray_local, tmp_path, make_photos, scan_config
 @pytest.mark.parametrize("out, message", [("s3://bucket/x", "s3:// output is not supported"),
                                           ("FILE", "is a file, not a folder")])
 def test_a_bad_out_is_one_sentence_and_exit_2_and_creates_nothing(tmp_path, make_photos, out, message):
-    from test_nightly import cli
 
     root = tmp_path / "photos"
     make_photos(root, 1)

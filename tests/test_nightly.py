@@ -329,12 +329,14 @@ def test_slow_photo_in_a_real_scan_becomes_an_error_row_and_its_batch_survives(r
                                                                                scan_config):
     root, out = tmp_path / "photos", tmp_path / "out"
     small = [write_photo(root / f"s{i}.jpg", seed=i, size=(64, 48)) for i in range(4)]
-    big = root / "s2_huge.png"  # 144 Mpixel, under the 180 Mpixel guard: legal, but seconds to decode
-    Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (12000, 47))[:, :12000], "L").save(big, compress_level=1)
-    summary = run_scan(scan_config([root], out, **{"decode.timeout_s": 0.75, "decode.batch_size": 5}))
+    big = root / "s2_slow.jpg"  # its decoder takes a minute (the poison plugin's SLEEP)
+    big.write_bytes(b"POISON:SLEEP\n" + bytes(64))
+    plugin = str(Path(__file__).with_name("poison_plugin.py"))
+    summary = run_scan(scan_config([root], out, **{"decode.timeout_s": 1.5, "decode.batch_size": 5,
+                                                   "decode.plugins": [plugin]}))
     rows = assert_one_current_row_per_file(out, [*small, big]).set_index("path")
     assert rows.loc[str(big), "status"] == "error"
-    assert rows.loc[str(big), "error"] == "decoder hung for over 0.75 s"
+    assert rows.loc[str(big), "error"] == "decoder hung for over 1.5 s"
     assert set(rows.drop(str(big))["status"]) <= set(results.OK_STATUSES)
     assert summary.exit_code == EXIT_BAD_PHOTOS
 

@@ -18,8 +18,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from dogbreed.config import ScanConfig
 from dogbreed.bench.memory import PeakMemory
+from dogbreed.config import ScanConfig
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"  # the package's own sample photos
 SOURCE_FOLDERS = ("imagewoof/val-unseen", "humans", "other")  # dogs, faces and neither, taken in turn
