@@ -69,6 +69,11 @@ def _eq(a, b) -> np.ndarray:
     return _np(pc.or_kleene(pc.equal(a, b), pc.and_kleene(pc.is_null(a), pc.is_null(b))))
 
 
+def _plain(col) -> pa.ChunkedArray:
+    """A string column as plain strings (history is read with dictionary-encoded repeated strings)."""
+    return col.cast(pa.string())
+
+
 def _us(ns) -> pa.Array:
     return pc.cast(pc.divide(ns, 1000), pa.int64())
 
@@ -138,7 +143,7 @@ def make_plan(listing: pa.Table, roots: list[str], known: pa.Table, model_id: st
                             k.column("fingerprint").filter(pa.array(suspect))))
         carried.append(rows.filter(pa.array(same)).select(IDENTITY)
                        .append_column("src_path", rows.filter(pa.array(same)).column("path"))
-                       .append_column("src_run", k.column("run_id").filter(pa.array(suspect)).filter(pa.array(same)))
+                       .append_column("src_run", _plain(k.column("run_id").filter(pa.array(suspect)).filter(pa.array(same))))
                        .append_column("_i", pa.array(np.flatnonzero(suspect)[same])))
         todo_mask[np.flatnonzero(suspect)[~same]] = True
 
@@ -212,7 +217,8 @@ def _moves(listing: pa.Table, fresh_mask: np.ndarray, gone: pa.Table, model_id: 
     fresh = listing.filter(pa.array(fresh_mask)).select(IDENTITY).append_column("_i", pa.array(np.flatnonzero(fresh_mask)))
     fresh = fresh.filter(pc.invert(pc.match_substring(fresh.column("path"), "://")))  # fingerprints read local files
     fresh = fresh.append_column("mtime_us", _us(fresh.column("mtime_ns")))
-    src = pa.table({"src_path": gone.column("path"), "src_run": gone.column("run_id"), "size_bytes": gone.column("size_bytes"),
+    src = pa.table({"src_path": gone.column("path"), "src_run": _plain(gone.column("run_id")),
+                    "size_bytes": gone.column("size_bytes"),
                     "mtime_us": pc.cast(gone.column("mtime"), pa.int64()), "fp": gone.column("fingerprint")})
     maybe = fresh.join(src.select(["size_bytes", "mtime_us"]), keys=["size_bytes", "mtime_us"], join_type="left semi")
     if not maybe.num_rows:

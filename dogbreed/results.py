@@ -132,9 +132,21 @@ def manifests(out: str | Path) -> list[dict[str, Any]]:
     return [json.loads((d / MANIFEST).read_text(encoding="utf-8")) for d in run_dirs(out)]
 
 
-def _dataset(out: str | Path) -> pads.Dataset | None:
+# Columns with few distinct values: read as dictionaries, a million rows of them cost a few MiB, not tens.
+REPEATED = ("status", "error", "error_kind", "model_id", "settings_id", "run_id")
+
+
+def _dataset(out: str | Path, dictionaries: tuple[str, ...] = ()) -> pads.Dataset | None:
     files = [str(f) for d in run_dirs(out) for f in sorted(d.glob("*.parquet"))]
-    return pads.dataset(files, schema=SCHEMA, format="parquet") if files else None
+    if not files:
+        return None
+    schema, fmt = SCHEMA, pads.ParquetFileFormat()
+    if dictionaries:
+        for name in dictionaries:
+            i = schema.get_field_index(name)
+            schema = schema.set(i, schema.field(i).with_type(pa.dictionary(pa.int32(), pa.string())))
+        fmt = pads.ParquetFileFormat(read_options={"dictionary_columns": list(dictionaries)})
+    return pads.dataset(files, schema=schema, format=fmt)
 
 
 def rows_of(out: str | Path, paths: pa.ChunkedArray, run_ids: pa.ChunkedArray) -> pa.Table:
@@ -164,9 +176,14 @@ def read_all(out: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
     return table.to_pandas()
 
 
-def latest_table(out: str | Path, columns: list[str] | None = None, model_id: str | None = None) -> pa.Table:
-    """Latest row per path (optionally only rows of one model), deleted files included; arrow for speed."""
-    ds = _dataset(out)
+def latest_table(out: str | Path, columns: list[str] | None = None, model_id: str | None = None,
+                 compact: bool = False) -> pa.Table:
+    """Latest row per path (optionally only rows of one model), deleted files included; arrow for speed.
+
+    With `compact`, the repeated string columns come back dictionary-encoded (the planner's way of reading
+    years of history in little memory).
+    """
+    ds = _dataset(out, REPEATED if compact else ())
     cols = list(dict.fromkeys(["path", "processed_at", "run_id"] + (columns or SCHEMA.names)))
     if ds is None:
         return empty_table().select(cols)
@@ -174,21 +191,20 @@ def latest_table(out: str | Path, columns: list[str] | None = None, model_id: st
     if model_id:  # a deletion is recorded without a model: keep it so vanished files drop out
         filt = filt | (pc.field("status") == "deleted")
     table = ds.to_table(columns=cols, filter=filt)
-    if table.num_rows == 0:
+    if table.num_rows < 2:
         return table
-    order = pc.sort_indices(table, sort_keys=[("path", "ascending"), ("processed_at", "descending"), ("run_id", "descending")])
-    table = table.take(order)
-    paths = table.column("path")
-    keep = np.ones(table.num_rows, dtype=bool)
-    if table.num_rows > 1:
-        keep[1:] = pc.not_equal(paths.slice(1), paths.slice(0, table.num_rows - 1)).to_numpy(zero_copy_only=False)
-    return table.filter(pa.array(keep))
+    # Files are read oldest run first (run ids sort by start time, and runs never overlap), so a path's latest
+    # row is its last occurrence: found with one hash pass, without sorting or copying the whole history.
+    codes = pc.dictionary_encode(table.column("path")).combine_chunks()
+    last = np.full(len(codes.dictionary), -1, dtype=np.int64)
+    np.maximum.at(last, codes.indices.to_numpy(zero_copy_only=False), np.arange(table.num_rows, dtype=np.int64))
+    return table.take(pa.array(np.sort(last)))
 
 
-def latest(out: str | Path, model_id: str | None = None, include_errors: bool = True) -> pd.DataFrame:
+def latest(out: str | Path, model_id: str | None = None) -> pd.DataFrame:
     """The current answer per existing photo: its latest row (for `model_id` if given), deleted files left out."""
     table = latest_table(out, model_id=model_id)
+    if table.num_rows:
+        table = table.take(pc.sort_indices(table.column("path")))
     mask = pc.not_equal(table.column("status"), "deleted")
-    if not include_errors:
-        mask = pc.and_(mask, pc.is_in(table.column("status"), pa.array(OK_STATUSES)))
     return table.filter(mask).select(SCHEMA.names).to_pandas().reset_index(drop=True)

@@ -319,7 +319,7 @@ def run_scan(cfg: ScanConfig, dry_run: bool = False) -> ScanSummary:
             listing = list_roots(cfg.roots, cfg.include_hidden, cfg.follow_symlinks)
         except RootError as e:
             raise ScanRefused(str(e)) from None
-        known = results.latest_table(cfg.out, columns=["path", "run_id", *KNOWN_COLUMNS])
+        known = results.latest_table(cfg.out, columns=["path", "run_id", *KNOWN_COLUMNS], compact=True)
         plan = make_plan(listing, cfg.roots, known, model_id, settings, cfg)
         del listing, known
         summary = ScanSummary(None, str(cfg.out), model_id, plan.listed, plan.todo.num_rows, plan.unchanged,

@@ -46,18 +46,21 @@ class PeakMemory:
     """Peak RSS (MiB) of this driver and of the Ray worker processes below it while the block runs.
 
     The driver's peak is the kernel's high-water mark (reset on entry); workers are sampled every `every` s,
-    the inference actor ("MapWorker") apart from the decode task workers.
+    the inference actor ("MapWorker") apart from the decode task workers and their sandboxed decoder children.
     """
 
     def __init__(self, every: float = 0.5):
-        self.every, self.peaks = every, {"driver": 0.0, "actor": 0.0, "decode worker": 0.0}
+        self.every, self.peaks = every, {"driver": 0.0, "actor": 0.0, "decode worker": 0.0, "decode child": 0.0}
         self._stop = threading.Event()
 
     def _sample(self) -> None:
         for pid, cmd in _descendants(os.getpid()).items():
-            if not cmd.startswith("ray::") or "Dashboard" in cmd or "RuntimeEnv" in cmd:
+            if "dogbreed.sandbox" in cmd:
+                kind = "decode child"  # the sandboxed process that really decodes (dogbreed.sandbox)
+            elif not cmd.startswith("ray::") or "Dashboard" in cmd or "RuntimeEnv" in cmd:
                 continue
-            kind = "actor" if "MapWorker" in cmd else "decode worker"
+            else:
+                kind = "actor" if "MapWorker" in cmd else "decode worker"
             self.peaks[kind] = max(self.peaks[kind], _status_kb(pid, "VmRSS") / 1024)
 
     def _run(self) -> None:
