@@ -45,7 +45,11 @@ def _native_stderr_quiet(enabled: bool) -> Iterator[None]:
     code (Ray's C++ core worker, child processes) writes to, points to /dev/null meanwhile. Ray keeps those
     lines in its own session logs.
     """
-    if not enabled:
+    try:
+        real = sys.stderr.fileno() == 2  # not when stderr is captured (tests, notebooks)
+    except (AttributeError, OSError, ValueError):
+        real = False
+    if not enabled or not real:
         yield
         return
     sys.stderr.flush()

@@ -130,9 +130,11 @@ def _oriented_size(img: Image.Image) -> tuple[int, int]:
     return (h, w) if img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8) else (w, h)
 
 
-def thumbnail(path: str, row: Mapping[str, Any], size: int) -> Image.Image:
-    """The annotated thumbnail (longest side `size`) of a local photo; raises OSError/ValueError if unreadable."""
-    if "://" in path:
+def thumbnail(path: str | bytes, row: Mapping[str, Any], size: int) -> Image.Image:
+    """The annotated thumbnail (longest side `size`) of a local photo; raises OSError/ValueError if unreadable.
+
+    `path` may be the raw bytes of a name that is not UTF-8 (a row's `path_bytes`)."""
+    if isinstance(path, str) and "://" in path:
         raise ValueError("not a local file")
     with Image.open(path) as img:
         full = _oriented_size(img)
@@ -210,7 +212,7 @@ def _gallery_items(rows: pd.DataFrame, thumb_size: int) -> list[dict[str, Any]]:
     items = []
     for row in rows.to_dict("records"):
         try:
-            src, problem = _jpeg_uri(thumbnail(row["path"], row, thumb_size)), None
+            src, problem = _jpeg_uri(thumbnail(_get(row, "path_bytes") or row["path"], row, thumb_size)), None
         except Exception as exc:  # noqa: BLE001 - a photo moved or broken since the scan must not stop the report
             src, problem = None, f"cannot show the photo now: {_one_line(exc) or type(exc).__name__}"
         items.append({

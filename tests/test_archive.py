@@ -100,6 +100,7 @@ def test_a_reorganised_archive_keeps_its_results_without_inference(ray_local, tm
     assert run_scan(scan_config([root], out)).unchanged == 12
 
 
+@pytest.mark.slow  # several scans or CLI processes
 def test_a_mass_deletion_is_refused_until_the_override_flag(tmp_path, make_photos):
     from test_nightly import cli, commit_rows
 
@@ -176,6 +177,7 @@ def test_new_content_behind_a_restored_mtime_is_noticed(ray_local, tmp_path, mak
     assert run_scan(scan_config([root], out)).unchanged == 3
 
 
+@pytest.mark.slow  # several scans or CLI processes
 def test_changed_settings_reprocess_and_rows_never_mix_settings(ray_local, tmp_path, make_photos, scan_config):
     root, out = tmp_path / "photos", tmp_path / "out"
     make_photos(root, 3)
@@ -189,6 +191,7 @@ def test_changed_settings_reprocess_and_rows_never_mix_settings(ray_local, tmp_p
     assert run_scan(scan_config([root], out, top_k=5)).processed == 0
 
 
+@pytest.mark.slow  # several scans
 def test_transient_errors_are_retried_and_permanent_ones_are_not(ray_local, tmp_path, make_photos, scan_config):
     from test_nightly import commit_rows
 
@@ -207,6 +210,7 @@ def test_transient_errors_are_retried_and_permanent_ones_are_not(ray_local, tmp_
 
 # ---------------------------------------------------------------- 9 + 10 + 11. what cron and a person see
 
+@pytest.mark.slow  # several scans or CLI processes
 def test_under_cron_a_scan_prints_only_its_final_line(tmp_path, make_photos):
     root, out, log = tmp_path / "photos", tmp_path / "out", tmp_path / "cron.log"
     make_photos(root, 3)
@@ -218,6 +222,7 @@ def test_under_cron_a_scan_prints_only_its_final_line(tmp_path, make_photos):
     assert proc.stdout.strip() in log.read_text()
 
 
+@pytest.mark.slow  # several scans or CLI processes
 def test_a_progress_bar_when_asked(ray_local, tmp_path, make_photos, scan_config, capsys):
     root, out = tmp_path / "photos", tmp_path / "out"
     make_photos(root, 5)

@@ -20,6 +20,7 @@ def test_make_photos_scales_crops_and_keeps_existing_files(tmp_path, write_photo
     assert paths[0].stat().st_mtime_ns == stamp  # a re-run does not regenerate
 
 
+@pytest.mark.slow  # the whole speed benchmark on tiny photos
 def test_benchmark_produces_every_figure(tmp_path, write_photo, scan_config):
     sources = [write_photo(tmp_path / "src" / f"s{i}.jpg", seed=i) for i in range(3)]
     cfg = scan_config([], tmp_path / "unused")

@@ -140,6 +140,7 @@ def test_bad_config_is_refused_before_anything_is_shipped(tmp_path):
 # --- several nodes on one machine (runs before the head below starts, leaving it the CPUs) ----------------------
 
 
+@pytest.mark.slow  # a multi-node cluster
 def test_scan_spreads_over_nodes_and_gives_the_single_node_answers(photos, local_rows, tmp_path):
     """A head with no CPUs and two 2-CPU workers: decode tasks and the two inference actors must use both."""
     import ray
@@ -236,6 +237,7 @@ def ray_head(tmp_path_factory):
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow  # a real Ray head
 def test_submitted_scan_runs_on_the_head_and_matches_a_local_scan(ray_head, local_rows, tmp_path):
     url, token = ray_head
     out = tmp_path / "out"
@@ -257,6 +259,7 @@ def test_submitted_scan_runs_on_the_head_and_matches_a_local_scan(ray_head, loca
     assert submit.stop_job(result.job_id, url, token) is False  # already over
 
 
+@pytest.mark.slow  # a real Ray head
 def test_a_failing_job_exits_with_the_jobs_own_exit_code(ray_head, tmp_path):
     url, token = ray_head
     logs = io.StringIO()
@@ -267,6 +270,7 @@ def test_a_failing_job_exits_with_the_jobs_own_exit_code(ray_head, tmp_path):
     assert "refused:" in logs.getvalue()
 
 
+@pytest.mark.slow  # a real Ray head
 def test_stopped_job_exits_non_zero(ray_head, tmp_path):
     url, token = ray_head
     result = submit.submit("scan", [str(SAMPLES), "--out", str(tmp_path / "out")], address=url, token=token,
@@ -282,6 +286,7 @@ def test_stopped_job_exits_non_zero(ray_head, tmp_path):
     assert not (tmp_path / "out" / "runs").exists() or not any((tmp_path / "out" / "runs").iterdir())
 
 
+@pytest.mark.slow  # a real Ray head
 def test_wrong_token_and_missing_gpus_are_refused_in_one_sentence(ray_head, monkeypatch):
     url, _ = ray_head
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
@@ -293,6 +298,7 @@ def test_wrong_token_and_missing_gpus_are_refused_in_one_sentence(ray_head, monk
                       address=url, token=token, out=io.StringIO())
 
 
+@pytest.mark.slow  # a real Ray head
 def test_unknown_job_id_is_one_clear_sentence(ray_head):
     url, token = ray_head
     with pytest.raises(submit.SubmitError, match="no job 'raysubmit_nope'"):

@@ -8,6 +8,7 @@ from dogbreed.evaluate import collect, evaluate
 pytestmark = pytest.mark.shared_data
 
 
+@pytest.mark.slow  # every labelled shared photo
 def test_default_model_meets_the_detector_and_breed_targets(shared_data):
     figures = evaluate([str(shared_data / "imagewoof" / "val-unseen"), str(shared_data / "humans"),
                         str(shared_data / "other")], ScanConfig())

@@ -258,6 +258,7 @@ def _wait_for(probe, proc: subprocess.Popen, what: str, log: Path, timeout: floa
     pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-3000:]}")
 
 
+@pytest.mark.slow  # a SIGKILL scenario
 def test_second_concurrent_scan_exits_at_once_with_code_5(killed_run):
     second = killed_run["second"]
     assert second.returncode == EXIT_LOCKED, second.stderr
@@ -265,6 +266,7 @@ def test_second_concurrent_scan_exits_at_once_with_code_5(killed_run):
     assert killed_run["second_seconds"] < 60  # process start-up only: it never waits for the lock
 
 
+@pytest.mark.slow  # a SIGKILL scenario
 def test_sigkilled_scan_leaves_committed_output_byte_identical(killed_run):
     assert killed_run["victim_rc"] == -signal.SIGKILL
     assert killed_run["killed_worker_title"].startswith(BUSY_ACTOR)  # the kill landed while batches were running
@@ -273,6 +275,7 @@ def test_sigkilled_scan_leaves_committed_output_byte_identical(killed_run):
     assert len(killed_run["staging_after_kill"]) == 1  # its half-written run stays out of sight in staging
 
 
+@pytest.mark.slow  # a SIGKILL scenario
 def test_rerun_after_sigkill_takes_over_the_lock_and_does_exactly_the_missing_work(killed_run):
     rerun, out = killed_run["rerun"], killed_run["out"]
     assert str(os.getpid()) not in killed_run["lock_holder"] and "pid " in killed_run["lock_holder"]
@@ -287,6 +290,7 @@ def test_rerun_after_sigkill_takes_over_the_lock_and_does_exactly_the_missing_wo
     assert len(results.read_all(out)) == 40  # no duplicates anywhere in history
 
 
+@pytest.mark.slow  # a SIGKILL scenario
 def test_log_file_gets_the_one_line_summary(killed_run):
     summary = [line for line in killed_run["rerun"].stdout.splitlines() if line.startswith("run ")]
     assert len(summary) == 1 and summary[0] in killed_run["log"]
@@ -294,6 +298,7 @@ def test_log_file_gets_the_one_line_summary(killed_run):
 
 # ---------------------------------------------------------------- 3. worker faults
 
+@pytest.mark.slow  # SIGKILLs Ray workers
 def test_killed_ray_workers_lose_no_photo(ray_local, tmp_path, make_photos, scan_config, caplog):
     root, out = tmp_path / "photos", tmp_path / "out"
     photos = make_photos(root, 30)
@@ -353,6 +358,7 @@ def test_missing_root_is_refused_with_code_4_and_nothing_changes(tmp_path, make_
     assert snapshot(out) == before
 
 
+@pytest.mark.slow  # two CLI processes
 def test_emptied_root_is_refused_unless_allowed(tmp_path, make_photos):
     root, out = tmp_path / "photos", tmp_path / "out"
     photos = make_photos(root, 3)

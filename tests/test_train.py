@@ -252,6 +252,7 @@ def test_tampered_artifact_fails_to_load(tmp_path):
 # ---- through Ray Train -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a Ray Train fit
 def test_two_stage_run_through_ray_train_writes_a_usable_artifact(ray_local, shapes, tiny_weights, tmp_path):
     cfg = tiny_config(shapes, tmp_path / "model", tiny_weights, mode="two-stage", head_epochs=1, unfreeze_blocks=1)
     result = train.fit(cfg)
