@@ -102,30 +102,28 @@ def _user_errors() -> Iterator[None]:
     Only the project's own error types are caught here: a real bug still shows its traceback (and its
     one-line summary goes to the log file, with exit code 1).
     """
-    from dogbreed.images import ImageError
     from dogbreed.listing import RootError
-    from dogbreed.models import ModelError
-    from dogbreed.scan import EXIT_FAILED, EXIT_LOCKED, EXIT_REFUSED, EXIT_USAGE, ScanFailed, ScanRefused
-    from dogbreed.store import OutputError, ScanLocked
+    from dogbreed.scan import EXIT_FAILED, EXIT_LOCKED, EXIT_REFUSED, EXIT_USAGE, ScanRefused
+    from dogbreed.store import ScanLocked
 
     try:
         yield
-    except (ConfigError, ModelError, OutputError) as e:
-        raise _fail(EXIT_USAGE, "error", str(e)) from None
+    except typer.Exit:
+        raise
     except ScanLocked as e:
         raise _fail(EXIT_LOCKED, "refused", str(e)) from None
     except (ScanRefused, RootError) as e:
         raise _fail(EXIT_REFUSED, "refused", str(e)) from None
-    except (ScanFailed, ImageError) as e:
-        raise _fail(EXIT_FAILED, "failed", str(e)) from None
-    except typer.Exit:
-        raise
     except Terminated as e:
         raise _fail(EXIT_FAILED, "failed", f"{e}; nothing was committed") from None
     except Exception as e:
+        if type(e).__module__.startswith("dogbreed."):  # the project's own error types: one sentence each
+            if isinstance(e, ValueError):  # ConfigError, ModelError, OutputError, DataError, ReportError
+                raise _fail(EXIT_USAGE, "error", str(e)) from None
+            raise _fail(EXIT_FAILED, "failed", str(e)) from None  # ScanFailed and the like
         logging.getLogger("dogbreed").info("failed (exit %d): %s: %s", EXIT_FAILED, type(e).__name__,
                                            str(e).splitlines()[0] if str(e) else "")
-        raise
+        raise  # a real bug: its traceback
 
 
 def _scan_config(config: Path | None, **overrides) -> ScanConfig:

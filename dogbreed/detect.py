@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from dogbreed.config import FaceConfig
+from dogbreed.config import ConfigError, FaceConfig
 
 
 @lru_cache(maxsize=4)
@@ -23,7 +23,7 @@ def _cascade(name: str):
     path = name if os.path.isfile(name) else os.path.join(cv2.data.haarcascades, name)
     clf = cv2.CascadeClassifier(path)
     if clf.empty():
-        raise ValueError(f"Haar cascade {name!r} could not be loaded")
+        raise ConfigError(f"face.cascade: Haar cascade {name!r} could not be loaded")
     return clf
 
 

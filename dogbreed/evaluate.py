@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow.compute as pc
 
 from dogbreed import labels, results
-from dogbreed.config import ScanConfig, settings_id
+from dogbreed.config import ConfigError, ScanConfig, settings_id
 from dogbreed.listing import is_utf8, list_roots, normalise_roots, text_path
 from dogbreed.predictors import BreedPredictor, Decoder
 from dogbreed.store import utcnow
@@ -107,7 +107,7 @@ def evaluate(folders: list[str], cfg: ScanConfig) -> dict[str, float | int]:
     """Detector rates and breed accuracy over labelled folders, as a flat dict of figures."""
     photos = collect(folders)
     if not photos.paths:
-        raise ValueError(f"no labelled photos found in {', '.join(folders)}")
+        raise ConfigError(f"no labelled photos found in {', '.join(folders)}")
     cfg = cfg.model_copy(update={"top_k": max(cfg.top_k, 5)})
     df = analyze(photos.paths, cfg)
     cat = np.array(photos.category)

@@ -78,17 +78,26 @@ def _us(ns) -> pa.Array:
     return pc.cast(pc.divide(ns, 1000), pa.int64())
 
 
-def _decided_by_listing(listing: pa.Table, extensions: list[str]) -> tuple[pa.Array, pa.Array, pa.Array]:
-    """(status, error, error_kind) for files whose row listing decides: notes (loops, links outside the roots,
-    unreadable folders) and non-photo extensions, which are never opened. Status is null for photos."""
+def _decided_by_listing(listing: pa.Table, extensions: list[str]) -> tuple[np.ndarray, pa.Table]:
+    """Files whose row the listing decides: notes (loops, links outside the roots, unreadable folders) and
+    non-photo extensions, which are never opened. Returns their mask, and their status, error and error_kind
+    (computed for those few rows only, not for every listed path)."""
     ext = pc.struct_field(pc.extract_regex(listing.column("path"), r"(?P<ext>\.[^./]*)$"), [0])
     ext = pc.utf8_lower(pc.fill_null(ext, ""))  # lower-cases the few-byte extensions, not every path
-    is_photo = pc.is_in(ext, value_set=pa.array([e.lower() for e in extensions], pa.string()))
-    reason = pc.binary_join_element_wise("not a photo extension (", pc.if_else(pc.equal(ext, ""), "none", ext), ")", "")
-    noted = pc.is_valid(listing.column("note_status"))
+    is_photo = _np(pc.is_in(ext, value_set=pa.array([e.lower() for e in extensions], pa.string())))
+    noted = _np(pc.is_valid(listing.column("note_status")))
+    mask = noted | ~is_photo
+    sel = pa.array(mask)
+    noted_sel, ext_sel = pa.array(noted[mask]), ext.filter(sel)
+    reason = pc.binary_join_element_wise("not a photo extension (", pc.if_else(pc.equal(ext_sel, ""), "none", ext_sel),
+                                         ")", "")
     none = pa.scalar(None, pa.string())
-    status = pc.if_else(noted, listing.column("note_status"), pc.if_else(is_photo, none, "skipped"))
-    return status, pc.if_else(noted, listing.column("note"), reason), pc.if_else(noted, listing.column("note_kind"), none)
+    decided = pa.table({
+        "status": pc.if_else(noted_sel, listing.column("note_status").filter(sel), "skipped"),
+        "error": pc.if_else(noted_sel, listing.column("note").filter(sel), reason),
+        "error_kind": pc.if_else(noted_sel, listing.column("note_kind").filter(sel), none),
+    })
+    return mask, decided
 
 
 def _aligned_known(listing: pa.Table, known: pa.Table) -> pa.Table | None:
@@ -115,13 +124,13 @@ def make_plan(listing: pa.Table, roots: list[str], known: pa.Table, model_id: st
     """Decide unchanged / to decode / to record / carried / deleted against the latest committed rows."""
     listing = listing.rename_columns(["size_bytes" if c == "size" else c for c in listing.column_names])
     n = listing.num_rows
-    direct_status, direct_error, direct_kind = _decided_by_listing(listing, cfg.extensions)
-    is_direct = _np(pc.is_valid(direct_status))
+    is_direct, decided = _decided_by_listing(listing, cfg.extensions)
     photo = ~is_direct
     k = _aligned_known(listing, known)
     suspect = np.zeros(n, dtype=bool)
+    direct_at = np.flatnonzero(is_direct)
     if k is None:  # the first run: everything is to do
-        unchanged, direct_write = np.zeros(n, dtype=bool), is_direct
+        unchanged, rewrite = np.zeros(n, dtype=bool), np.ones(len(direct_at), dtype=bool)
     else:
         same_file = (_eq(k.column("size_bytes"), listing.column("size_bytes"))
                      & _eq(pc.cast(k.column("mtime"), pa.int64()), _us(listing.column("mtime_ns"))))
@@ -129,8 +138,9 @@ def make_plan(listing: pa.Table, roots: list[str], known: pa.Table, model_id: st
         ctime_same = (_np(pc.is_null(k_ctime)) | _np(pc.is_null(listing.column("ctime_ns")))
                       | _np(pc.equal(k_ctime, _us(listing.column("ctime_ns")))))
         # Rows decided by listing are written again only when what they say changed.
-        direct_write = is_direct & ~(_eq(k.column("status"), direct_status) & _eq(k.column("error"), direct_error)
-                                     & same_file)
+        kd = k.take(pa.array(direct_at))
+        rewrite = ~(_eq(kd.column("status"), decided.column("status")) & _eq(kd.column("error"), decided.column("error"))
+                    & same_file[direct_at])
         current = _is_current(k, model_id, settings, cfg)
         unchanged = photo & same_file & ctime_same & current
         # Same path, new ctime, same size and mtime: the fingerprint says whether the content changed.
@@ -159,12 +169,13 @@ def make_plan(listing: pa.Table, roots: list[str], known: pa.Table, model_id: st
 
     carried_table = (pa.concat_tables([c.cast(carried[0].schema) for c in carried]).sort_by("_i").drop_columns(["_i"])
                      if carried else _empty_carried())
-    dw = pa.array(direct_write)
-    direct = (listing.filter(dw).select(IDENTITY).append_column("status", direct_status.filter(dw))
-              .append_column("error", direct_error.filter(dw)).append_column("error_kind", direct_kind.filter(dw)))
+    keep = pa.array(rewrite)
+    direct = listing.take(pa.array(direct_at[rewrite])).select(IDENTITY)
+    for name in ("status", "error", "error_kind"):
+        direct = direct.append_column(name, decided.column(name).filter(keep))
     return Plan(listed=n, todo=listing.filter(pa.array(todo_mask)).select(IDENTITY), direct=direct,
                 carried=carried_table, deleted=sorted(gone.column("path").to_pylist()),
-                unchanged=int(unchanged.sum() + (is_direct & ~direct_write).sum()), moved=len(moved_from),
+                unchanged=int(unchanged.sum() + (~rewrite).sum()), moved=len(moved_from),
                 files_per_root=files_per_root)
 
 
