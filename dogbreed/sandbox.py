@@ -167,9 +167,24 @@ def _limit_memory(memory_mb: int | None) -> None:
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this child when its parent dies, even while it hangs inside native code (where
+    it would never see stdin close), so a killed decode worker leaves no orphan behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
 def _child() -> None:
     """The child's loop: set up once, then answer one request at a time until stdin closes."""
     import importlib
+
+    _die_with_parent()
+    if os.getppid() == 1:  # the parent died before the line above: nothing to serve
+        return
 
     rfd, wfd = sys.stdin.fileno(), os.dup(sys.stdout.fileno())
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stray print must not corrupt the protocol

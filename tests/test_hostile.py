@@ -251,3 +251,33 @@ def test_unreadable_file_is_an_error_row_for_an_unprivileged_reader(tmp_path_fac
         shutil.rmtree(folder)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "error | permission denied | transient"  # retried on the next run
+
+
+def test_a_decoder_child_hung_in_native_code_dies_with_its_decode_worker(tmp_path):
+    """A killed decode worker must not leave its child hanging forever (it would never see stdin close)."""
+    import time
+
+    poison = tmp_path / "hang.jpg"
+    poison.write_bytes(b"POISON:HANG\n" + bytes(64))
+    code = ("import os, sys, threading, time, numpy as np\n"
+            "from dogbreed.predictors import Decoder\n"
+            "from dogbreed.images import Preprocessing\n"
+            "from dogbreed.config import DecodeConfig\n"
+            "d = Decoder(Preprocessing(), decode_cfg=DecodeConfig(plugins=[sys.argv[2]], timeout_s=600))\n"
+            "threading.Thread(target=d, args=({'path': np.array([sys.argv[1]], dtype=object)},), daemon=True).start()\n"
+            "while d.sandbox.proc is None:\n"
+            "    time.sleep(0.05)\n"
+            "time.sleep(2)\n"  # the child is now stuck on the mutex
+            "print(d.sandbox.proc.pid, flush=True)\n"
+            "os._exit(0)\n")  # the worker dies without any clean-up, as under SIGKILL
+    proc = subprocess.run([sys.executable, "-c", code, str(poison), POISON_PLUGIN], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    child = int(proc.stdout.split()[-1])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{child}"):
+        time.sleep(0.1)
+    alive = os.path.exists(f"/proc/{child}")
+    if alive:
+        os.kill(child, 9)
+    assert not alive, "the hung decoder child outlived its parent"
