@@ -63,7 +63,7 @@ def test_scan_of_all_shared_photos_gives_one_right_row_per_file(tmp_path, shared
     summary = run_scan(_cfg(roots=[str(shared_data)], out=str(out), **{"decode.batch_size": 16, "inference.batch_size": 32}))
     df = results.latest(out)
     labels = pd.read_csv(shared_data / "labels.csv")
-    labels["path"] = [str(shared_data / f) for f in labels["file"]]
+    labels["path"] = [str(shared_data.resolve() / f) for f in labels["file"]]  # rows carry the real path of a root
     m = labels.merge(df, on="path", how="left", validate="one_to_one")
     assert m["status"].notna().all() and len(df) == summary.listed  # every file found has exactly one row
     rate = lambda cat, ok: m[m["category"] == cat]["status"].isin(ok).mean()  # noqa: E731
