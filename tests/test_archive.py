@@ -159,6 +159,7 @@ def test_roots_are_normalised_and_overlapping_roots_count_each_file_once(ray_loc
 
 # ---------------------------------------------------------------- 7 + 8. identity and the retry policy
 
+@pytest.mark.slow  # three scans
 def test_new_content_behind_a_restored_mtime_is_noticed(ray_local, tmp_path, make_photos, scan_config):
     root, out = tmp_path / "photos", tmp_path / "out"
     photos = make_photos(root, 3)
