@@ -43,6 +43,7 @@ def test_scan_of_the_samples_through_the_cli(tmp_path, ray_local):
     assert (out / "runs" / manifest["run_id"] / "_config.yaml").is_file()
 
 
+@pytest.mark.slow  # two scans
 def test_dtypes_do_not_drift_between_runs(tmp_path, ray_local):
     out = tmp_path / "out"
     (tmp_path / "a").mkdir()
