@@ -185,27 +185,20 @@ def predict(
     """Print the dog-app answer per photo: 'dog: <breed> (p)', 'human: looks like <breed> (p)' or 'neither'."""
     with _user_errors():
         cfg = _scan_config(config, model=model)
+        from dogbreed import results
         from dogbreed.evaluate import analyze
-        from dogbreed.report import annotate as draw
-        from dogbreed.report import describe
+        from dogbreed.report import describe, write_annotated
 
         df = analyze([str(p) for p in images], cfg)
-    for row in df.to_dict("records"):
-        if as_json:
-            typer.echo(json.dumps({k: row[k] for k in ("path", "status", "error", "dog_score", "breed", "breed_prob",
-                                                         "face_count")}, default=str))
-        else:
-            typer.echo(f"{row['path']}: {describe(row)}")
-        if annotate and row["status"] not in ("error", "skipped"):
-            from PIL import Image
-
-            annotate.mkdir(parents=True, exist_ok=True)
-            with Image.open(row["path"]) as im:
-                draw(im, row).convert("RGB").save(annotate / (Path(row["path"]).stem + ".annotated.jpg"), quality=90)
+        for row in df.to_dict("records"):
+            typer.echo(json.dumps({k: row[k] for k in results.PREDICT_COLUMNS}, default=str) if as_json
+                       else f"{row['path']}: {describe(row)}")
+        if annotate:
+            write_annotated(df, annotate, cfg.decode)
 
 
-@app.command()
-def evaluate(
+@app.command("evaluate")
+def evaluate_command(
     folders: Annotated[list[str], typer.Argument(help="Labelled folders: breed subfolders, or folders named humans/ or other/.")],
     model: ModelOpt = None,
     config: ConfigOpt = None,
@@ -214,9 +207,9 @@ def evaluate(
     """Assess the detectors and the breed classifier on labelled photos, the way the dog-app did."""
     with _user_errors():
         cfg = _scan_config(config, model=model)
-        from dogbreed.evaluate import evaluate as run_evaluate
+        from dogbreed.evaluate import assess
 
-        figures = run_evaluate(folders, cfg)
+        figures = assess(folders, cfg)
     if as_json:
         typer.echo(json.dumps(figures, indent=2))
         return
@@ -232,15 +225,16 @@ def latest(
     parquet: Annotated[Optional[Path], typer.Option(help="Write the table as Parquet here.")] = None,
 ) -> None:
     """The current answer per existing photo (latest successful-or-error row), as a table or file."""
-    from dogbreed.results import latest as read_latest
+    from dogbreed import results
 
-    df = read_latest(out_dir, model_id=model_id)
+    with _user_errors():
+        df = results.latest(out_dir, model_id=model_id)
     if csv:
         df.to_csv(csv, index=False)
     if parquet:
         df.to_parquet(parquet, index=False)
     if not csv and not parquet:
-        typer.echo(df[["path", "status", "breed", "breed_prob", "dog_score", "face_count"]].to_string(index=False))
+        typer.echo(df[results.SUMMARY_COLUMNS].to_string(index=False))
     typer.echo(f"{len(df)} photos; " + ", ".join(f"{k} {v}" for k, v in df["status"].value_counts().items()), err=True)
 
 
@@ -252,20 +246,18 @@ def report(
     thumb_size: Annotated[int, typer.Option(min=32, help="Longest side of a gallery thumbnail, in pixels.")] = 320,
 ) -> None:
     """Write one self-contained HTML report of a scan: summary, breed chart, dog scores, annotated gallery, errors."""
-    from dogbreed.report import ReportError, build_report
+    from dogbreed.report import build_report
 
-    try:
+    with _user_errors():
         path = build_report(out_dir, html, max_gallery=max_gallery, thumb_size=thumb_size)
-    except ReportError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
     typer.echo(str(path))
 
 
 @app.command()
 def train(
-    data: Annotated[str, typer.Argument(help="Labelled photos: breed subfolders, Stanford Images/, or dogImages/{train,valid,test}.")],
-    out: Annotated[str, typer.Option("--out", "-o", help="Model artifact folder; checkpoints and results go beside it.")],
+    data: Annotated[Optional[str], typer.Argument(
+        help="Labelled photos: breed subfolders, Stanford Images/, or dogImages/{train,valid,test}; default: the config's.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Model artifact folder; checkpoints and results go beside it.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/train.yaml).")] = None,
     mode: Annotated[Optional[str], typer.Option(help="freeze, finetune or two-stage.")] = None,
     val: Annotated[Optional[str], typer.Option("--val", help="Separate labelled folder for model selection.")] = None,
@@ -277,8 +269,7 @@ def train(
 ) -> None:
     """Fine-tune a breed classifier with Ray Train; the same --out resumes a killed run."""
     with _user_errors():
-        from dogbreed.train import fit
-        from dogbreed.train_config import load_train_config
+        from dogbreed.train import fit, load_train_config
 
         cfg = load_train_config(config, {"data": data, "out": out, "mode": mode, "val_data": val, "test_data": test,
                                          "epochs": epochs, "num_workers": workers, "use_gpu": gpu, "address": address})
@@ -313,7 +304,8 @@ def bench(
         if mode != "speed":
             raise ConfigError(f"--mode {mode!r}: expected speed or archive")
         cfg = _scan_config(config, model=model)
-        from dogbreed.bench.speed import find_sources, format_report, run_benchmark
+        from dogbreed.bench.photos import find_sources
+        from dogbreed.bench.speed import format_report, run_benchmark
 
         report = run_benchmark(workdir, cfg, n=photos, classic_n=classic, small=small,
                                sources=find_sources(data if data.is_dir() else None, log=typer.echo))

@@ -11,6 +11,9 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+# What counts as a photo, for the scan and for labelled folders alike.
+PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".heic", ".heif")
+
 
 class ConfigError(ValueError):
     """A configuration file or override that cannot be used; the message names the key."""
@@ -80,7 +83,7 @@ class ScanConfig(_Strict):
     count_dingo_as_dog: bool = Field(True, description="ImageNet class 273 (dingo) counts as a dog")
     include_hidden: bool = Field(False, description="scan names starting with '.' too")
     extensions: list[str] = Field(
-        default_factory=lambda: [".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".heic", ".heif"],
+        default_factory=lambda: list(PHOTO_EXTENSIONS),
         description="files with other extensions get a 'skipped' row and are not opened",
     )
     follow_symlinks: Literal["inside", "all", "none"] = Field(

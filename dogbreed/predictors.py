@@ -17,7 +17,7 @@ import numpy as np
 
 from dogbreed import detect
 from dogbreed.config import DecodeConfig, FaceConfig
-from dogbreed.images import ImageError, Preprocessing, decode, fingerprint_of_bytes, read_bytes
+from dogbreed.images import ImageError, Preprocessing, decode, fingerprint_of_bytes, load_plugins, read_bytes
 from dogbreed.sandbox import Sandbox, SandboxError
 
 Batch = dict[str, np.ndarray]
@@ -36,25 +36,10 @@ def _node_id() -> str | None:
         return None
 
 
-def _import_plugin(name: str) -> None:
-    """Import a Pillow plugin by module name, or from a .py file."""
-    import importlib
-    import importlib.util
-
-    if name.endswith(".py"):
-        spec = importlib.util.spec_from_file_location(f"dogbreed_plugin_{abs(hash(name))}", name)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot load decoder plugin {name}")
-        spec.loader.exec_module(importlib.util.module_from_spec(spec))
-    else:
-        importlib.import_module(name)
-
-
 def photo_worker(prep: dict, face: dict, decode_cfg: dict) -> Callable[[bytes], dict[str, Any]]:
     """Runs in the sandboxed child (see dogbreed.sandbox): read, fingerprint, decode and find faces, per photo."""
     prep_, face_, cfg = Preprocessing(**prep), FaceConfig(**face), DecodeConfig(**decode_cfg)
-    for plugin in cfg.plugins:
-        _import_plugin(plugin)
+    load_plugins(cfg.plugins)
     detect.load_face_detector(face_)  # fail at start-up, once, if the detector cannot be loaded
     import cv2
 
@@ -67,7 +52,7 @@ def photo_worker(prep: dict, face: dict, decode_cfg: dict) -> Callable[[bytes], 
             fp = fingerprint_of_bytes(data)
             d = decode(data, prep_, face_.max_side, cfg.max_pixels)
             del data
-            faces = detect.detect_faces(d.gray, d.gray_scale, face_)
+            faces = detect.detect_faces(d.gray, d.gray_to_full, face_)
         except ImageError as e:
             return {"status": "error", "error": str(e), "error_kind": PERMANENT if e.permanent else TRANSIENT,
                     "fingerprint": fp}
@@ -137,53 +122,73 @@ class Decoder:
         self.sandbox.close()
 
 
-class BreedPredictor:
-    """Dog score + top-k breeds + decision for decoded batches; the model is loaded once per instance."""
+class _OnDevice:
+    """A network loaded once per instance, fed uint8 NHWC batches that are normalised on its device."""
 
-    def __init__(self, model: str = "default", top_k: int = 3, dog_threshold: float = 0.5,
-                 count_dingo: bool = True, device: str = "auto", num_threads: int | None = None):
+    def __init__(self, net, prep: Preprocessing, device: str = "auto", num_threads: int | None = None):
         import torch
-
-        from dogbreed import labels
-        from dogbreed.models import load_model
 
         if num_threads:
             torch.set_num_threads(int(num_threads))
         self.torch = torch
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if device == "auto" else device))
-        loaded = load_model(model)
-        self.spec, self.model_id = loaded.spec, loaded.model_id
-        self.net = loaded.net.to(self.device, memory_format=torch.channels_last).eval()
-        prep = self.spec.preprocessing
-        self.mean = torch.tensor(prep.mean, device=self.device).view(1, 3, 1, 1) * 255.0
-        self.std = torch.tensor(prep.std, device=self.device).view(1, 3, 1, 1) * 255.0
-        self.dog_indices = labels.dog_class_indices(count_dingo)
-        self.top_k, self.dog_threshold = top_k, dog_threshold
+        self.net = net.to(self.device, memory_format=torch.channels_last).eval()
+        self.prep = prep
         self._pinned = None  # CUDA: one page-locked staging buffer, reused (pinning per batch costs more than the copy)
         if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # every batch has the same 224-px shape
+            torch.backends.cudnn.benchmark = True  # every batch has the same input shape
 
-    def _to_device(self, images: np.ndarray):
-        """uint8 NHWC on the device; on CUDA through the reused pinned buffer, copied asynchronously."""
+    def _input(self, images: np.ndarray):
+        """uint8 NHWC to the normalised float input on the device; on CUDA through the reused pinned buffer."""
+        from dogbreed.models import normalise
+
         torch = self.torch
         x = torch.from_numpy(np.ascontiguousarray(images))
-        if self.device.type != "cuda":
-            return x
-        if self._pinned is None or self._pinned.shape[0] < len(x) or self._pinned.shape[1:] != x.shape[1:]:
-            self._pinned = torch.empty(x.shape, dtype=torch.uint8, pin_memory=True)
-        staged = self._pinned[:len(x)]
-        staged.copy_(x)
-        # Safe to reuse next batch: _forward ends by copying results back, which waits for this stream.
-        return staged.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            if self._pinned is None or self._pinned.shape[0] < len(x) or self._pinned.shape[1:] != x.shape[1:]:
+                self._pinned = torch.empty(x.shape, dtype=torch.uint8, pin_memory=True)
+            staged = self._pinned[:len(x)]
+            staged.copy_(x)
+            # Safe to reuse next batch: results are copied back before then, which waits for this stream.
+            x = staged.to(self.device, non_blocking=True)
+        return normalise(x, self.prep)
+
+    def _autocast(self):
+        return self.torch.autocast(self.device.type, dtype=self.torch.bfloat16, enabled=self.device.type == "cuda")
+
+
+class FeatureExtractor(_OnDevice):
+    """Pooled bottleneck features of model crops (training's cached-feature stages); loads the backbone once."""
+
+    def __init__(self, backbone: str, weights: str | None, pretrained: bool, prep: dict, device: str = "auto"):
+        from dogbreed.models import BreedNet, create_backbone
+
+        super().__init__(BreedNet(create_backbone(backbone, weights, pretrained)), Preprocessing(**prep), device)
+
+    def __call__(self, batch: Batch) -> Batch:
+        with self.torch.inference_mode(), self._autocast():
+            feats = self.net.features(self._input(batch["x"])).float().cpu().numpy()
+        return {"x": feats, "label": batch["label"]}
+
+
+class BreedPredictor(_OnDevice):
+    """Dog score + top-k breeds + decision for decoded batches; the model is loaded once per instance."""
+
+    def __init__(self, model: str = "default", top_k: int = 3, dog_threshold: float = 0.5,
+                 count_dingo: bool = True, device: str = "auto", num_threads: int | None = None):
+        from dogbreed import labels
+        from dogbreed.models import load_model
+
+        loaded = load_model(model)
+        self.spec, self.model_id = loaded.spec, loaded.model_id
+        super().__init__(loaded.net, self.spec.preprocessing, device, num_threads)
+        self.dog_indices = labels.dog_class_indices(count_dingo)
+        self.top_k, self.dog_threshold = top_k, dog_threshold
 
     def _forward(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        torch = self.torch
-        x = self._to_device(images)  # uint8 travels (4x fewer bytes than float); normalised on the device
-        x = x.permute(0, 3, 1, 2).float().sub_(self.mean).div_(self.std).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                                    enabled=self.device.type == "cuda"):
-            imagenet_logits, breed_logits = self.net(x)
+        with self.torch.inference_mode(), self._autocast():
+            imagenet_logits, breed_logits = self.net(self._input(images))
         imagenet = imagenet_logits.float().softmax(-1)
         if self.spec.breed_source == "imagenet":
             breeds = imagenet[:, self.spec.imagenet_breed_indices]

@@ -17,9 +17,11 @@ from typing import Any
 import jinja2
 import pandas as pd
 from matplotlib.figure import Figure
-from PIL import ExifTags, Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from dogbreed import results
+from dogbreed.config import DecodeConfig
+from dogbreed.images import ImageError, open_photo
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -124,24 +126,31 @@ def annotate(image: Image.Image, row: Mapping[str, Any], full_size: tuple[int, i
     return img
 
 
-def _oriented_size(img: Image.Image) -> tuple[int, int]:
-    """Full-size width x height after EXIF orientation, read from the header (before any reduced decode)."""
-    w, h = img.size
-    return (h, w) if img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8) else (w, h)
-
-
-def thumbnail(path: str | bytes, row: Mapping[str, Any], size: int) -> Image.Image:
-    """The annotated thumbnail (longest side `size`) of a local photo; raises OSError/ValueError if unreadable.
+def thumbnail(path: str | bytes, row: Mapping[str, Any], size: int,
+              guards: DecodeConfig | None = None) -> Image.Image:
+    """The annotated thumbnail (longest side `size`) of a photo; raises ImageError if it cannot be read.
 
     `path` may be the raw bytes of a name that is not UTF-8 (a row's `path_bytes`)."""
-    if isinstance(path, str) and "://" in path:
-        raise ValueError("not a local file")
-    with Image.open(path) as img:
-        full = _oriented_size(img)
-        img.draft("RGB", (size, size))  # JPEG: decode at 1/2..1/8 scale, far faster than a full decode
-        img = ImageOps.exif_transpose(img)
-        img.thumbnail((size, size))
-        return annotate(img, row, full_size=full)
+    guards = guards or DecodeConfig()
+    img, full = open_photo(path, guards.max_bytes, guards.max_pixels, long_side=size)
+    img.thumbnail((size, size))
+    return annotate(img, row, full_size=full)
+
+
+def write_annotated(rows: pd.DataFrame, folder: str | Path, guards: DecodeConfig | None = None) -> list[Path]:
+    """`predict --annotate`: a copy of each decoded photo with its answer drawn on it, as <stem>.annotated.jpg."""
+    guards = guards or DecodeConfig()
+    folder = Path(folder)
+    written = []
+    for row in rows.to_dict("records"):
+        if row["status"] not in IMAGE_STATUSES:
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        img, _ = open_photo(row.get("path_bytes") or row["path"], guards.max_bytes, guards.max_pixels)
+        target = folder / (Path(row["path"]).stem + ".annotated.jpg")
+        annotate(img, row).save(target, quality=90)
+        written.append(target)
+    return written
 
 
 def _data_uri(data: bytes, mime: str) -> str:
@@ -160,6 +169,11 @@ def _png_uri(fig: Figure) -> str:
     return _data_uri(buf.getvalue(), "image/png")
 
 
+def plain_text(text: str) -> str:
+    """Text for a matplotlib label drawn as written: a breed name's '$' must not start mathtext."""
+    return str(text).replace("$", r"\$")
+
+
 def breed_chart(rows: pd.DataFrame, top: int = 20) -> Figure:
     """Horizontal bars: photos per top-1 breed among rows with a dog, most common first."""
     dogs = rows[rows["status"].isin(["dog", "dog_and_human"])]
@@ -170,7 +184,7 @@ def breed_chart(rows: pd.DataFrame, top: int = 20) -> Figure:
         ax.text(0.5, 0.5, "no dogs found", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
         return fig
-    ax.barh(counts.index[::-1], counts.values[::-1], color="#1b7837")
+    ax.barh([plain_text(b) for b in counts.index[::-1]], counts.values[::-1], color="#1b7837")
     for i, value in enumerate(counts.values[::-1]):
         ax.text(value, i, f" {value}", va="center", fontsize=8)
     ax.set_xlabel("photos (top-1 breed)")
@@ -213,8 +227,8 @@ def _gallery_items(rows: pd.DataFrame, thumb_size: int) -> list[dict[str, Any]]:
     for row in rows.to_dict("records"):
         try:
             src, problem = _jpeg_uri(thumbnail(_get(row, "path_bytes") or row["path"], row, thumb_size)), None
-        except Exception as exc:  # noqa: BLE001 - a photo moved or broken since the scan must not stop the report
-            src, problem = None, f"cannot show the photo now: {_one_line(exc) or type(exc).__name__}"
+        except ImageError as exc:  # a photo moved or broken since the scan must not stop the report
+            src, problem = None, f"cannot show the photo now: {_one_line(exc)}"
         items.append({
             "path": row["path"], "name": Path(row["path"]).name, "status": row["status"],
             "breed": _get(row, "breed") or "", "label": describe(row), "faces": int(_get(row, "face_count") or 0),

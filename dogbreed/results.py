@@ -71,6 +71,9 @@ SCHEMA = _with_pandas_dtypes(SCHEMA)
 
 OK_STATUSES = ("dog", "human", "dog_and_human", "neither")
 STATUSES = OK_STATUSES + ("error", "skipped", "deleted")
+# What `dogbreed latest` prints as a table, and what `dogbreed predict --json` prints per photo.
+SUMMARY_COLUMNS = ["path", "status", "breed", "breed_prob", "dog_score", "face_count"]
+PREDICT_COLUMNS = ["path", "status", "error", "dog_score", "breed", "breed_prob", "face_count"]
 
 RUNS_DIR = "runs"
 MANIFEST = "_manifest.json"

@@ -9,10 +9,7 @@ whole run is committed atomically by :class:`dogbreed.store.OutputStore`.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import sys
-import threading
 import time
 import warnings
 from collections import Counter
@@ -29,6 +26,7 @@ from dogbreed.listing import RootError, list_roots, normalise_roots
 from dogbreed.models import describe_model
 from dogbreed.plan import KNOWN_COLUMNS, Plan, ScanRefused, make_plan
 from dogbreed.predictors import TRANSIENT, BreedPredictor, Decoder
+from dogbreed.ray_session import start_ray
 from dogbreed.store import OutputStore, RunWriter, check_out, new_run_id, utcnow
 
 log = logging.getLogger("dogbreed.scan")
@@ -219,28 +217,6 @@ class _progress:
         self.bar.close()
 
 
-def _ray_session(address: str | None):
-    """Join the given cluster (or RAY_ADDRESS), else start a local Ray for this run only."""
-    import ray
-
-    if ray.is_initialized():
-        return None
-    address = address or os.environ.get("RAY_ADDRESS") or "local"
-    kwargs: dict[str, Any] = {"address": address, "log_to_driver": False, "logging_level": logging.ERROR}
-    if address == "local":
-        kwargs["include_dashboard"] = False
-    on_term = signal.getsignal(signal.SIGTERM)
-    ray.init(**kwargs)
-    if callable(on_term) and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_term)  # Ray's core worker replaces it with a handler that aborts
-    import ray.data  # noqa: F401 - configures Ray Data's logging, which the next lines quieten
-
-    for handler in logging.getLogger("ray.data").handlers:  # its log file keeps everything; the console only errors
-        if not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.ERROR)
-    return ray.shutdown
-
-
 def _identity_columns(table: pa.Table) -> dict[str, Any]:
     return {"path": table.column("path"), "path_bytes": table.column("raw"), "size_bytes": table.column("size_bytes"),
             "mtime": pc.cast(pc.cast(pc.divide(table.column("mtime_ns"), 1000), pa.int64()), results.UTC_US),
@@ -335,7 +311,7 @@ def run_scan(cfg: ScanConfig, dry_run: bool = False) -> ScanSummary:
             _write_carried(writer, plan, cfg.out, run_id)
             t_proc = time.perf_counter()
             if plan.todo.num_rows:
-                shutdown = _ray_session(cfg.address)
+                shutdown = start_ray(cfg.address)
                 try:
                     seen = run_pipeline(plan.todo, cfg, run_id, writer)
                 finally:

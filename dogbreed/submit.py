@@ -112,9 +112,16 @@ def project_root() -> Path:
 
 
 def _overrides(args: list[str]) -> dict[str, Any]:
-    """`--set key=value` pairs among pass-through train arguments (for the GPU check)."""
-    pairs = [b for a, b in zip(args, args[1:]) if a == "--set"] + [a[6:] for a in args if a.startswith("--set=")]
-    return {k: yaml.safe_load(v) for k, _, v in (p.partition("=") for p in pairs)}
+    """The GPU-related options among pass-through `dogbreed train` arguments (--gpu/--cpu, --workers N)."""
+    found: dict[str, Any] = {}
+    for i, a in enumerate(args):
+        if a in ("--gpu", "--cpu"):
+            found["use_gpu"] = a == "--gpu"
+        elif a == "--workers" and i + 1 < len(args):
+            found["num_workers"] = yaml.safe_load(args[i + 1])
+        elif a.startswith("--workers="):
+            found["num_workers"] = yaml.safe_load(a.partition("=")[2])
+    return found
 
 
 def gpus_wanted(kind: str, config: Path, args: list[str]) -> float:
@@ -122,7 +129,7 @@ def gpus_wanted(kind: str, config: Path, args: list[str]) -> float:
     if kind == "scan":
         num_gpus = load_config(ScanConfig, config).inference.num_gpus
         return 0.0 if num_gpus == "auto" else float(num_gpus)
-    from dogbreed.train_config import TrainConfig
+    from dogbreed.train.config import TrainConfig
 
     cfg = load_config(TrainConfig, config, _overrides(args))
     return float(cfg.num_workers) if cfg.use_gpu else 0.0

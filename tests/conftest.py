@@ -10,12 +10,18 @@ import pytest
 from PIL import Image
 
 from dogbreed.config import ScanConfig, load_config
+from dogbreed.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-SCAN_YAML = REPO / "configs" / "scan.yaml"
-
-# Small batches so a scan of a few dozen photos has many batches and a kill lands mid-run.
-SMALL_BATCHES = {"decode.batch_size": 2, "inference.batch_size": 2}
+TINY_BACKBONE = "test_efficientnet"  # timm builds it offline with random weights
+# How the real configs are shrunk for a 2-core CPU: small batches, so a scan of a few dozen photos has many
+# batches and a kill lands mid-run; a tiny backbone and one short epoch for training.
+SHRINK: dict[str, dict[str, Any]] = {
+    "scan": {"decode.batch_size": 2, "inference.batch_size": 2},
+    "train": {"backbone": TINY_BACKBONE, "input_size": 64, "batch_size": 8, "epochs": 1, "lr": 0.01,
+              "decode.batch_size": 8, "address": "local"},  # never another engineer's Ray
+}
+KINDS = {"scan": ScanConfig, "train": TrainConfig}
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +43,36 @@ def shared_data() -> Path:
     return path
 
 
-def _scan_config(roots: list[Path | str], out: Path | str, **overrides: Any) -> ScanConfig:
-    return load_config(ScanConfig, SCAN_YAML, {"roots": [str(r) for r in roots], "out": str(out),
-                                               **SMALL_BATCHES, **overrides})
+def _shrunk(kind: str, **overrides: Any) -> ScanConfig | TrainConfig:
+    """configs/<kind>.yaml, shrunk for the CPU (SHRINK), plus dotted-key overrides; paths may be Path objects."""
+    given = {k: [str(r) for r in v] if k == "roots" else (str(v) if isinstance(v, Path) else v)
+             for k, v in overrides.items()}
+    return load_config(KINDS[kind], REPO / "configs" / f"{kind}.yaml", SHRINK[kind] | given)
+
+
+@pytest.fixture(scope="session")
+def shrunk_config() -> Callable[..., ScanConfig | TrainConfig]:
+    """shrunk_config("scan" | "train", **dotted_overrides): the real config, shrunk (the one such fixture)."""
+    return _shrunk
 
 
 @pytest.fixture(scope="session")
 def scan_config() -> Callable[..., ScanConfig]:
-    """scan_config(roots, out, **dotted_overrides): configs/scan.yaml with small batches (the real config, shrunk)."""
-    return _scan_config
+    """scan_config(roots, out, **dotted_overrides): shorthand for shrunk_config("scan", roots=..., out=...)."""
+    return lambda roots, out, **overrides: _shrunk("scan", roots=roots, out=out, **overrides)
+
+
+@pytest.fixture(scope="session")
+def shrunk_yaml(tmp_path_factory) -> Callable[..., Path]:
+    """shrunk_yaml("scan" | "train", **overrides): the shrunk config written as YAML, for a real CLI process."""
+    from dogbreed.config import dump_config
+
+    def write(kind: str, **overrides: Any) -> Path:
+        path = tmp_path_factory.mktemp(f"{kind}-config") / f"{kind}.yaml"
+        path.write_text(dump_config(_shrunk(kind, **overrides)), encoding="utf-8")
+        return path
+
+    return write
 
 
 def _write_photo(path: Path, seed: int, size: tuple[int, int] = (160, 120), fmt: str | None = None) -> Path:

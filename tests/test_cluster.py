@@ -39,11 +39,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _scan_config(**overrides) -> ScanConfig:
-    """The real scan config, shrunk for a 2-core test machine."""
-    return load_config(ScanConfig, SCAN_YAML, {"decode.batch_size": 4, "inference.batch_size": 8, **overrides})
-
-
 def _rows(out: Path) -> pd.DataFrame:
     files = sorted((out / "runs").glob("*/*.parquet"))
     return pq.read_table([str(f) for f in files]).to_pandas().set_index("path").sort_index()
@@ -66,10 +61,10 @@ def photos(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def local_rows(photos, tmp_path_factory) -> pd.DataFrame:
+def local_rows(photos, tmp_path_factory, scan_config) -> pd.DataFrame:
     """The single-node answer: a scan on a local Ray started by run_scan itself."""
     out = tmp_path_factory.mktemp("local-out")
-    run_scan(_scan_config(roots=[str(photos)], out=str(out)))
+    run_scan(scan_config([photos], out, **{"decode.batch_size": 4, "inference.batch_size": 8}))
     return _rows(out)
 
 
@@ -141,7 +136,7 @@ def test_bad_config_is_refused_before_anything_is_shipped(tmp_path):
 
 
 @pytest.mark.slow  # a multi-node cluster
-def test_scan_spreads_over_nodes_and_gives_the_single_node_answers(photos, local_rows, tmp_path):
+def test_scan_spreads_over_nodes_and_gives_the_single_node_answers(photos, local_rows, tmp_path, scan_config):
     """A head with no CPUs and two 2-CPU workers: decode tasks and the two inference actors must use both."""
     import ray
     import ray.data
@@ -158,8 +153,8 @@ def test_scan_spreads_over_nodes_and_gives_the_single_node_answers(photos, local
             cluster.add_node(num_cpus=2)
         cluster.wait_for_nodes()
         workers = {n.node_id for n in cluster.worker_nodes}
-        cfg = _scan_config(roots=[str(photos)], out=str(tmp_path / "out"), address=cluster.address,
-                           **{"inference.concurrency": 2, "decode.batch_size": 2, "inference.batch_size": 4,
+        cfg = scan_config([photos], tmp_path / "out", address=cluster.address,
+                          **{"inference.concurrency": 2, "decode.batch_size": 2, "inference.batch_size": 4,
                               "inference.wait_for_actors_s": 120, "inference.max_tasks_in_flight": 1})
         summary = run_scan(cfg)
     finally:
@@ -294,7 +289,7 @@ def test_wrong_token_and_missing_gpus_are_refused_in_one_sentence(ray_head, monk
         submit.connect(url, token="0" * 64)
     _, token = ray_head
     with pytest.raises(submit.SubmitError, match="asks for 1 GPUs but the cluster has 0"):
-        submit.submit("train", ["--set", "use_gpu=true", "--set", "data=/d", "--set", "out=/o"],
+        submit.submit("train", ["/d", "--out", "/o", "--gpu"],
                       address=url, token=token, out=io.StringIO())
 
 

@@ -5,13 +5,18 @@ from pathlib import Path
 import pytest
 
 from dogbreed.config import ConfigError, ScanConfig, dump_config, load_config
+from dogbreed.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_shipped_scan_yaml_matches_the_typed_defaults():
-    # configs/scan.yaml documents every knob; its values are the code's defaults, so the two cannot drift.
-    assert load_config(ScanConfig, ROOT / "configs" / "scan.yaml") == ScanConfig()
+@pytest.mark.parametrize("name, cls", [("scan", ScanConfig), ("train", TrainConfig)])
+def test_shipped_yaml_matches_the_typed_defaults(name, cls):
+    # configs/<job>.yaml documents every knob; its values are the code's defaults, so the two cannot drift.
+    text = (ROOT / "configs" / f"{name}.yaml").read_text(encoding="utf-8")
+    assert load_config(cls, ROOT / "configs" / f"{name}.yaml") == cls()
+    documented = {line.split(":")[0].strip() for line in text.splitlines() if line[:1].isalpha()}
+    assert documented == set(cls.model_fields), "every top-level key is written out in the YAML"
 
 
 def test_overrides_win_and_none_means_not_given():

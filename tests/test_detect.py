@@ -45,7 +45,7 @@ def test_face_found_on_real_portrait_in_full_size_coordinates():
     w, h = Image.open(SAMPLES / "grace_hopper.jpg").size
     # A small face copy (200 px) forces a real rescale back to full-size pixels.
     d = decode(data, Preprocessing(), face_max_side=200)
-    faces = detect.detect_faces(d.gray, d.gray_scale, FaceConfig(max_side=200, min_size=20, min_neighbors=3))
+    faces = detect.detect_faces(d.gray, d.gray_to_full, FaceConfig(max_side=200, min_size=20, min_neighbors=3))
     assert len(faces) == 1
     x, y, fw, fh = faces[0]
     assert 0 <= x and x + fw <= w and 0 <= y and y + fh <= h
@@ -55,4 +55,4 @@ def test_face_found_on_real_portrait_in_full_size_coordinates():
 
 def test_no_face_on_a_cup():
     d = decode((SAMPLES / "coffee.png").read_bytes(), Preprocessing())
-    assert detect.detect_faces(d.gray, d.gray_scale, FaceConfig()) == []
+    assert detect.detect_faces(d.gray, d.gray_to_full, FaceConfig()) == []

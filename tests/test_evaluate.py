@@ -3,15 +3,15 @@
 import pytest
 
 from dogbreed.config import ScanConfig
-from dogbreed.evaluate import collect, evaluate
+from dogbreed.evaluate import assess
 
 pytestmark = pytest.mark.shared_data
 
 
 @pytest.mark.slow  # every labelled shared photo
 def test_default_model_meets_the_detector_and_breed_targets(shared_data):
-    figures = evaluate([str(shared_data / "imagewoof" / "val-unseen"), str(shared_data / "humans"),
-                        str(shared_data / "other")], ScanConfig())
+    figures = assess([str(shared_data / "imagewoof" / "val-unseen"), str(shared_data / "humans"),
+                      str(shared_data / "other")], ScanConfig())
     assert figures["dog_photos"] == 200 and figures["human_photos"] == 60 and figures["other_photos"] == 48
     assert figures["errors"] == 0
     assert figures["dog_detected_in_dog"] >= 0.95
@@ -20,9 +20,3 @@ def test_default_model_meets_the_detector_and_breed_targets(shared_data):
     # Zero-shot 1000-way top-1 of the raw model on these photos is 78.5%; ours restricts to dog classes.
     assert figures["breed_top1"] >= 0.785
     assert figures["breed_top5"] >= figures["breed_top1"]
-
-
-def test_collect_reads_breed_folders_and_categories(shared_data):
-    photos = collect([str(shared_data / "imagewoof" / "val-unseen"), str(shared_data / "humans")])
-    assert photos.category.count("dog") == 200 and photos.category.count("human") == 60
-    assert set(b for b in photos.breed if b) == {p.name for p in (shared_data / "imagewoof" / "val-unseen").iterdir()}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dogbreed import models
-from dogbreed.models import BreedNet, ModelError, ModelSpec, Preprocessing
+from dogbreed.models import BreedNet, ModelError, ModelSpec, Preprocessing, create_backbone
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +99,26 @@ def test_pickled_code_is_never_executed(tmp_path):
         models.read_weights(path)
     import os
     assert not os.path.exists("/tmp/dogbreed-pwned")
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda d: d.pop("model_id"), "model_id"),
+    (lambda d: d.update(format_version="1"), "format_version"),
+    (lambda d: d["preprocessing"].update(crop_pct=0), "preprocessing"),
+    (lambda d: d.update(breed_source="imagenet2"), "breed_source"),
+    (lambda d: d.update(surprise=1), "surprise"),
+])
+def test_a_bad_model_json_is_one_sentence_naming_the_key(tmp_path, edit, key):
+    import json
+
+    from dogbreed.models import load_artifact, save_artifact
+
+    spec = ModelSpec(backbone="test_efficientnet", class_names=["a", "b"], breed_source="head",
+                     preprocessing=Preprocessing(input_size=64, crop_pct=1.0))
+    save_artifact(BreedNet(create_backbone("test_efficientnet"), 2), spec, tmp_path)
+    doc = json.loads((tmp_path / "model.json").read_text())
+    edit(doc)
+    (tmp_path / "model.json").write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match=f"model.json is not a usable dogbreed model description: key '{key}") as e:
+        load_artifact(tmp_path)
+    assert "\n" not in str(e.value)

@@ -235,3 +235,11 @@ def test_report_renders_and_filters_in_headless_chromium(scan_out, tmp_path):
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.shape == (2000, 1280)
     assert pixels.std() > 20  # not a blank page: text, charts and photos
+
+
+def test_a_breed_name_with_dollar_signs_is_drawn_as_written():
+    rows = pd.DataFrame({"status": ["dog"] * 3, "breed": ["$x^$ terrier", "a$b", r"$\frac{"]})
+    fig = report.breed_chart(rows)
+    fig.canvas.draw()  # mathtext would raise a ParseException here
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert r"\$x^\$ terrier" in labels  # escaped, so matplotlib prints the '$' itself

@@ -9,19 +9,12 @@ from typer.testing import CliRunner
 
 from dogbreed import results
 from dogbreed.cli import app
-from dogbreed.config import ScanConfig, load_config
 from dogbreed.scan import run_scan
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "dogbreed" / "samples"
 HUMANS = {"astronaut.png", "grace_hopper.jpg"}
 NEITHER = {"chelsea_cat.png", "coffee.png"}
-
-
-def _cfg(**overrides) -> ScanConfig:
-    # The real shipped config, shrunk for a 2-core CPU.
-    return load_config(ScanConfig, ROOT / "configs" / "scan.yaml",
-                       {"decode.batch_size": 4, "inference.batch_size": 8, **overrides})
 
 
 def test_scan_of_the_samples_through_the_cli(tmp_path, ray_local):
@@ -44,14 +37,14 @@ def test_scan_of_the_samples_through_the_cli(tmp_path, ray_local):
 
 
 @pytest.mark.slow  # two scans
-def test_dtypes_do_not_drift_between_runs(tmp_path, ray_local):
+def test_dtypes_do_not_drift_between_runs(tmp_path, ray_local, scan_config):
     out = tmp_path / "out"
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "cup.png").write_bytes((SAMPLES / "coffee.png").read_bytes())
-    run_scan(_cfg(roots=[str(tmp_path / "a")], out=str(out)))
+    run_scan(scan_config([tmp_path / "a"], out))
     first = pd.read_parquet(out).dtypes
     (tmp_path / "a" / "broken.jpg").write_bytes(b"\xff\xd8garbage")  # a run of only an error row
-    s = run_scan(_cfg(roots=[str(tmp_path / "a")], out=str(out)))
+    s = run_scan(scan_config([tmp_path / "a"], out))
     assert s.counts == {"error": 1} and s.exit_code == 3
     both = pd.read_parquet(out)
     assert len(both) == 2 and both.dtypes.equals(first)
@@ -59,9 +52,9 @@ def test_dtypes_do_not_drift_between_runs(tmp_path, ray_local):
 
 @pytest.mark.slow
 @pytest.mark.shared_data
-def test_scan_of_all_shared_photos_gives_one_right_row_per_file(tmp_path, shared_data, ray_local):
+def test_scan_of_all_shared_photos_gives_one_right_row_per_file(tmp_path, shared_data, ray_local, scan_config):
     out = tmp_path / "out"
-    summary = run_scan(_cfg(roots=[str(shared_data)], out=str(out), **{"decode.batch_size": 16, "inference.batch_size": 32}))
+    summary = run_scan(scan_config([shared_data], out, **{"decode.batch_size": 16, "inference.batch_size": 32}))
     df = results.latest(out)
     labels = pd.read_csv(shared_data / "labels.csv")
     labels["path"] = [str(shared_data.resolve() / f) for f in labels["file"]]  # rows carry the real path of a root

@@ -18,11 +18,14 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 from torch import nn
+from typer.testing import CliRunner
 
-from dogbreed import train, train_data
-from dogbreed.config import ConfigError
+from dogbreed.cli import app
+from dogbreed.config import ConfigError, DecodeConfig
 from dogbreed.models import BreedNet, ModelError, Preprocessing, create_backbone, load_artifact, save_artifact
-from dogbreed.train_config import TrainConfig, load_train_config
+from dogbreed.train import data as train_data
+from dogbreed.train import driver, loop, worker
+from dogbreed.train.config import load_train_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "train.yaml"
@@ -71,13 +74,6 @@ def tiny_weights(tmp_path_factory) -> Path:
     return path
 
 
-def tiny_config(data: Path, out: Path, weights: Path, **overrides) -> TrainConfig:
-    """The real configs/train.yaml, shrunk for the CPU."""
-    shrunk = {"data": str(data), "out": str(out), "backbone": TINY, "weights": str(weights), "input_size": 64,
-              "batch_size": 8, "epochs": 1, "lr": 0.01}
-    return load_train_config(str(CONFIG), shrunk | overrides)
-
-
 # ---- loop functions on plain tensors ------------------------------------------------------------------------
 
 
@@ -87,11 +83,11 @@ def test_train_one_epoch_lowers_loss_on_a_learnable_problem():
     y = (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 1).long()
     batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 256, 32)]
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
-    optimizer, scheduler = train.make_optimizer([{"params": model.parameters(), "lr": 0.05}], 0.0, 5 * len(batches))
-    before = train.evaluate(model, batches, nn.CrossEntropyLoss())
+    optimizer, scheduler = loop.make_optimizer([{"params": model.parameters(), "lr": 0.05}], 0.0, 5 * len(batches))
+    before = loop.eval_one_epoch(model, batches, nn.CrossEntropyLoss())
     for _ in range(5):
-        stats = train.train_one_epoch(model, batches, nn.CrossEntropyLoss(), optimizer, scheduler)
-    after = train.evaluate(model, batches, nn.CrossEntropyLoss())
+        stats = loop.train_one_epoch(model, batches, nn.CrossEntropyLoss(), optimizer, scheduler)
+    after = loop.eval_one_epoch(model, batches, nn.CrossEntropyLoss())
     assert stats.n == 256
     assert after.loss < 0.6 * before.loss
     assert after.acc > 0.85
@@ -99,8 +95,8 @@ def test_train_one_epoch_lowers_loss_on_a_learnable_problem():
 
 def test_discriminative_lrs_decrease_and_imagenet_head_stays_frozen():
     net = BreedNet(create_backbone(TINY), 3)
-    train.set_trainable(net, 3)
-    groups = train.param_groups(net, 3, lr=1e-3, lr_decay=0.5)
+    loop.set_trainable(net, 3)
+    groups = loop.param_groups(net, 3, lr=1e-3, lr_decay=0.5)
     assert [g["name"] for g in groups] == ["breed_head", "backbone_top1", "backbone_top2", "backbone_top3"]
     assert [g["lr"] for g in groups] == pytest.approx([1e-3, 5e-4, 2.5e-4, 1.25e-4])
     in_groups = {id(p) for g in groups for p in g["params"]}
@@ -112,15 +108,15 @@ def test_discriminative_lrs_decrease_and_imagenet_head_stays_frozen():
 
 def test_freeze_trains_only_the_breed_head():
     net = BreedNet(create_backbone(TINY), 3)
-    train.set_trainable(net, 0)
+    loop.set_trainable(net, 0)
     assert {n for n, p in net.named_parameters() if p.requires_grad} == {"breed_head.weight", "breed_head.bias"}
-    train.set_train_mode(train.BreedLogits(net))
+    loop.set_train_mode(loop.BreedLogits(net))
     assert net.breed_head.training and not net.backbone.bn1.training  # frozen BatchNorm keeps its statistics
 
 
 def test_one_cycle_schedule_warms_up_then_decays():
     params = [nn.Parameter(torch.zeros(1))]
-    optimizer, scheduler = train.make_optimizer([{"params": params, "lr": 0.1}], 0.0, total_steps=20)
+    optimizer, scheduler = loop.make_optimizer([{"params": params, "lr": 0.1}], 0.0, total_steps=20)
     lrs = []
     for _ in range(20):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -135,11 +131,11 @@ def test_one_cycle_schedule_warms_up_then_decays():
 
 def test_stages_per_mode():
     base = {"data": "d", "out": "o", "epochs": 5, "head_epochs": 2, "unfreeze_blocks": 2, "lr": 1e-3}
-    freeze = train.stages(load_train_config(str(CONFIG), base | {"mode": "freeze"}))
+    freeze = worker.stages(load_train_config(str(CONFIG), base | {"mode": "freeze"}))
     assert [(s.name, s.epochs, s.unfreeze, s.from_features) for s in freeze] == [("head", 5, 0, True)]
-    finetune = train.stages(load_train_config(str(CONFIG), base | {"mode": "finetune", "cache_features": True}))
+    finetune = worker.stages(load_train_config(str(CONFIG), base | {"mode": "finetune", "cache_features": True}))
     assert [(s.name, s.epochs, s.unfreeze, s.from_features) for s in finetune] == [("finetune", 5, 2, False)]
-    two = train.stages(load_train_config(str(CONFIG), base | {"mode": "two-stage", "finetune_lr": 1e-4}))
+    two = worker.stages(load_train_config(str(CONFIG), base | {"mode": "two-stage", "finetune_lr": 1e-4}))
     assert [(s.name, s.epochs, s.unfreeze, s.lr) for s in two] == [("head", 2, 0, 1e-3), ("finetune", 5, 2, 1e-4)]
     assert load_train_config(str(CONFIG), base | {"mode": "two-stage"}).total_epochs == 7
 
@@ -194,19 +190,32 @@ def test_fingerprint_changes_with_the_photos(tmp_path):
     assert train_data.fingerprint({"data": root}) != before
 
 
-def test_decode_batch_augments_and_drops_unreadable_photos(shapes, tmp_path):
+def test_decode_batch_is_the_scans_crop_augments_and_leaves_out_bad_photos_with_a_reason(shapes, tmp_path, caplog):
+    from dogbreed.images import decode
+
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
-    paths = np.array([str(shapes / CLASSES[0] / "000.jpg"), str(bad), str(shapes / CLASSES[1] / "000.jpg")])
-    prep = Preprocessing(input_size=48)
-    out = train_data.decode_batch({"path": paths, "label": np.array([0, 0, 1])}, prep, train=False)
-    assert out["x"].shape == (2, 3, 48, 48) and out["x"].dtype == np.float32
+    good = shapes / CLASSES[0] / "000.jpg"
+    paths = np.array([str(good), str(bad), str(shapes / CLASSES[1] / "000.jpg")])
+    prep, guards = Preprocessing(input_size=48), DecodeConfig()
+    out = train_data.decode_batch({"path": paths, "label": np.array([0, 0, 1])}, prep, False, guards)
+    assert out["x"].shape == (2, 48, 48, 3) and out["x"].dtype == np.uint8
     assert out["label"].tolist() == [0, 1]
-    again = train_data.decode_batch({"path": paths, "label": np.array([0, 0, 1])}, prep, train=False)
-    assert np.array_equal(out["x"], again["x"])  # evaluation is deterministic
+    assert any("bad.jpg left out: not a recognised image format" in r.getMessage() for r in caplog.records)
+    # The evaluation crop is exactly the crop the scan feeds the network.
+    assert np.array_equal(out["x"][0], decode(good.read_bytes(), prep).model_input)
     one = {"path": paths[:1], "label": np.array([0])}
-    aug = [train_data.decode_batch(one, prep, train=True)["x"] for _ in range(3)]
+    aug = [train_data.decode_batch(one, prep, True, guards)["x"] for _ in range(3)]
+    assert aug[0].shape == (1, 48, 48, 3)
     assert not all(np.array_equal(aug[0], a) for a in aug[1:])  # training photos are augmented
+
+
+def test_transparency_is_white_in_training_as_in_the_scan(tmp_path):
+    path = tmp_path / "clear.png"
+    Image.new("RGBA", (64, 64), (0, 0, 0, 0)).save(path)
+    out = train_data.decode_batch({"path": np.array([str(path)]), "label": np.array([0])},
+                                  Preprocessing(input_size=32), False, DecodeConfig())
+    assert out["x"].min() == 255
 
 
 def test_config_rejects_unknown_keys_and_bad_modes(tmp_path):
@@ -253,9 +262,12 @@ def test_tampered_artifact_fails_to_load(tmp_path):
 
 
 @pytest.mark.slow  # a Ray Train fit
-def test_two_stage_run_through_ray_train_writes_a_usable_artifact(ray_local, shapes, tiny_weights, tmp_path):
-    cfg = tiny_config(shapes, tmp_path / "model", tiny_weights, mode="two-stage", head_epochs=1, unfreeze_blocks=1)
-    result = train.fit(cfg)
+def test_two_stage_run_through_ray_train_writes_a_usable_artifact(ray_local, shapes, tiny_weights, tmp_path,
+                                                                  shrunk_config):
+    test_folder = make_folders(tmp_path / "test", n=4, seed=7)
+    cfg = shrunk_config("train", data=shapes, out=tmp_path / "model", weights=tiny_weights, test_data=test_folder,
+                        mode="two-stage", head_epochs=1, unfreeze_blocks=1)
+    result = driver.fit(cfg)
 
     loaded = load_artifact(result.artifact_dir)
     assert loaded.model_id == result.model_id
@@ -268,7 +280,7 @@ def test_two_stage_run_through_ray_train_writes_a_usable_artifact(ray_local, sha
 
     fresh = create_backbone(TINY, tiny_weights).state_dict()
     last_ckpt = max(_checkpoints(result.artifact_dir))
-    last = torch.load(last_ckpt / train.STATE_FILE, weights_only=True)["model"]  # the weights after the last epoch
+    last = torch.load(last_ckpt / worker.STATE_FILE, weights_only=True)["model"]  # the weights after the last epoch
     for trained in (loaded.net.backbone.state_dict(), {k[len("backbone."):]: v for k, v in last.items()}):
         for name in ("classifier.weight", "classifier.bias", "conv_stem.weight", "blocks.0.0.conv.weight",
                      "bn1.running_mean"):
@@ -281,36 +293,39 @@ def test_two_stage_run_through_ray_train_writes_a_usable_artifact(ray_local, sha
     assert [r.split(",")[1] for r in history[1:]] == ["head", "finetune"]
     for name in ("curves.png", "test/confusion.png", "test/confusion.csv", "test/per_breed.csv", "train_config.yaml"):
         assert (out / name).stat().st_size > 0, name
-    assert json.loads((out / "test" / "metrics.json").read_text())["n"] == 3
+    assert json.loads((out / "test" / "metrics.json").read_text())["n"] == 12
 
-    again = train.evaluate_artifact(out, str(shapes))
-    assert again["n"] == 36 and len(again["per_breed"]) == 3
+    # The stored test accuracy is what `dogbreed evaluate --model` measures on the same folder: one pipeline.
+    r = CliRunner().invoke(app, ["evaluate", str(test_folder), "--model", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    figures = json.loads(r.output)
+    assert figures["dog_photos"] == 12
+    assert figures["breed_top1"] == loaded.spec.metrics["test_top1"]
+    assert figures["breed_top5"] == loaded.spec.metrics["test_top5"] == 1.0
 
 
-def test_changed_setup_refuses_to_resume(tmp_path, shapes, tiny_weights):
-    cfg = tiny_config(shapes, tmp_path / "model", tiny_weights)
-    train._check_resume(cfg, tmp_path / "model")
+def test_changed_setup_refuses_to_resume(tmp_path, shapes, tiny_weights, shrunk_config):
+    cfg = shrunk_config("train", data=shapes, out=tmp_path / "model", weights=tiny_weights)
+    driver._check_resume(cfg, tmp_path / "model")
     (tmp_path / "model" / cfg.run_name).mkdir()
-    train._check_resume(cfg.model_copy(update={"num_workers": 2}), tmp_path / "model")  # resources may change
+    driver._check_resume(cfg.model_copy(update={"num_workers": 2}), tmp_path / "model")  # resources may change
     with pytest.raises(ConfigError, match="lr"):
-        train._check_resume(cfg.model_copy(update={"lr": 0.5}), tmp_path / "model")
+        driver._check_resume(cfg.model_copy(update={"lr": 0.5}), tmp_path / "model")
 
 
 def _checkpoints(out: Path) -> list[Path]:
     return [p for p in (out / "run").glob("checkpoint_*") if p.is_dir()]
 
 
-def _job(shapes: Path, out: Path, weights: Path) -> list[str]:
-    sets = {"data": shapes, "out": out, "backbone": TINY, "weights": weights, "input_size": 64, "batch_size": 8,
-            "epochs": 4, "patience": 10, "cache_features": False, "address": "local"}  # never another engineer's Ray
-    return [sys.executable, str(REPO / "jobs" / "train.py"), "--config", str(CONFIG),
-            *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+def _job(config: Path, shapes: Path, out: Path) -> list[str]:
+    return [sys.executable, str(REPO / "jobs" / "train.py"), "--config", str(config), str(shapes), "--out", str(out)]
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_from_its_last_checkpoint(shapes, tiny_weights, tmp_path):
+def test_killed_run_resumes_from_its_last_checkpoint(shapes, tiny_weights, tmp_path, shrunk_yaml):
     out = tmp_path / "model"
-    first = subprocess.Popen(_job(shapes, out, tiny_weights), cwd=REPO, start_new_session=True,
+    config = shrunk_yaml("train", weights=tiny_weights, epochs=4, patience=10, cache_features=False)
+    first = subprocess.Popen(_job(config, shapes, out), cwd=REPO, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
@@ -322,7 +337,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(shapes, tiny_weights, tmp_p
         first.wait()
     assert not (out / "model.json").exists(), "the first run finished before it could be killed"
 
-    second = subprocess.run(_job(shapes, out, tiny_weights), cwd=REPO, capture_output=True, text=True, timeout=400)
+    second = subprocess.run(_job(config, shapes, out), cwd=REPO, capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stderr[-3000:]
     training = load_artifact(out).spec.training
     assert training["resumed_at_epochs"] and training["resumed_at_epochs"][0] >= 1

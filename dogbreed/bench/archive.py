@@ -24,7 +24,7 @@ from typing import Callable
 
 import pyarrow as pa
 
-from dogbreed.bench.speed import find_sources, make_photos
+from dogbreed.bench.photos import find_sources, make_photos
 
 PER_FOLDER = 1000
 DISTINCT = 40  # source photos: 1,000,000 files are 25,000 links per inode

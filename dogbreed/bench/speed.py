@@ -7,7 +7,6 @@ prints the figures. Performance targets are checked here, never in timed tests.
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import time
@@ -16,13 +15,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
 
 from dogbreed.bench.memory import PeakMemory
-from dogbreed.config import ScanConfig
+from dogbreed.bench.photos import find_sources, make_photos
+from dogbreed.config import DecodeConfig, ScanConfig
+from dogbreed.images import open_photo
+from dogbreed.ray_session import start_ray
 
-SAMPLES = Path(__file__).resolve().parents[1] / "samples"  # the package's own sample photos
-SOURCE_FOLDERS = ("imagewoof/val-unseen", "humans", "other")  # dogs, faces and neither, taken in turn
 CLASSIC_CASCADE = "haarcascade_frontalface_default.xml"  # what the dog-app used
 TARGET_VS_CLASSIC = 10.0  # issue 6: the scan end to end, 12-MP photos, on a 2-core CPU
 TARGET_VS_BOUND = 0.8
@@ -43,53 +42,6 @@ class Measure:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
-# ---------------------------------------------------------------------------------------------- photos
-def find_sources(data: Path | None, limit: int = 90, log: Callable[[str], None] = print) -> list[Path]:
-    """Real photos to build the benchmark from: `data` (../shared/data: dogs, faces, neither in turn), else the samples."""
-    data = data or Path("/nonexistent")
-    folders = [sorted(p for p in (data / f).rglob("*") if p.is_file()) for f in SOURCE_FOLDERS if (data / f).is_dir()]
-    if any(folders):
-        mixed = [p for group in zip(*[f for f in folders if f]) for p in group]
-        return mixed[:limit]
-    log(f"note: {data} is absent; the benchmark is built from the bundled samples in {SAMPLES} instead")
-    return sorted(p for p in SAMPLES.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-
-
-def make_photos(sources: list[Path], folder: Path, n: int, size: tuple[int, int] | None = None,
-                quality: int = 92, noise: float = 8.0, start: int = 0) -> list[Path]:
-    """n JPEGs in folder: the sources in turn, copied as they are (size None) or scaled to cover `size` and centre-cropped.
-
-    Upscaled photos get mild sensor-like noise so that their files are as large as a phone's (3-4 MB at 12 MP).
-    Photos already there are kept, so a re-run does not regenerate them.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    grain = None
-    paths = []
-    for i in range(start, start + n):
-        src = sources[i % len(sources)]
-        path = folder / f"{i:04d}_{src.stem}.jpg"
-        paths.append(path)
-        if path.exists():
-            continue
-        if size is None and src.suffix.lower() in (".jpg", ".jpeg"):
-            shutil.copyfile(src, path)
-            continue
-        im = Image.open(src).convert("RGB")
-        if size is not None:
-            s = max(size[0] / im.width, size[1] / im.height)
-            im = im.resize((round(im.width * s), round(im.height * s)), Image.Resampling.BICUBIC)
-            left, top = (im.width - size[0]) // 2, (im.height - size[1]) // 2
-            im = im.crop((left, top, left + size[0], top + size[1]))
-            if noise:
-                if grain is None:
-                    grain = np.random.default_rng(0).normal(0, noise, (size[1], size[0], 3)).astype(np.int16)
-                im = Image.fromarray(np.clip(np.asarray(im, np.int16) + grain, 0, 255).astype(np.uint8))
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=quality)
-        path.write_bytes(buf.getvalue())
-    return paths
-
-
 # ------------------------------------------------------------------------------------ measurements
 def classic_loop(paths: list[Path], model: str = "default") -> Measure:
     """The dog-app loop: full PIL decode, default Haar cascade on the full-size gray image, then batch-of-one
@@ -103,6 +55,7 @@ def classic_loop(paths: list[Path], model: str = "default") -> Measure:
 
     loaded = load_model(model)
     net, prep = loaded.net.eval(), loaded.spec.preprocessing
+    guards = DecodeConfig()
     cascade = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, CLASSIC_CASCADE))
     to_tensor = T.Compose([T.Resize(prep.resize_to), T.CenterCrop(prep.input_size), T.ToTensor(),
                            T.Normalize(prep.mean, prep.std)])
@@ -112,7 +65,7 @@ def classic_loop(paths: list[Path], model: str = "default") -> Measure:
     t_all = time.perf_counter()
     for path in paths:
         t0 = time.perf_counter()
-        rgb = Image.open(path).convert("RGB")
+        rgb, _ = open_photo(str(path), guards.max_bytes, guards.max_pixels)  # full size, as the app decoded
         t1 = time.perf_counter()
         cascade.detectMultiScale(cv2.cvtColor(np.asarray(rgb), cv2.COLOR_RGB2GRAY))
         t2 = time.perf_counter()
@@ -171,7 +124,7 @@ def faces_only(decoded: list, cfg: ScanConfig) -> Measure:
         detect._cascade(cfg.face.cascade)
         t = time.perf_counter()
         for d in decoded:
-            detect.detect_faces(d.gray, d.gray_scale, cfg.face)
+            detect.detect_faces(d.gray, d.gray_to_full, cfg.face)
         seconds = time.perf_counter() - t
     return Measure("faces only (1 core)", len(decoded), seconds, {"faces": seconds})
 
@@ -218,7 +171,7 @@ def ray_startup(num_cpus: int | None = None) -> float:
     if ray.is_initialized():
         raise RuntimeError("Ray is already initialised in this process; the benchmark times its own local Ray")
     t = time.perf_counter()
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    start_ray("local", num_cpus=num_cpus or os.cpu_count())
     return time.perf_counter() - t
 
 

@@ -1,4 +1,4 @@
-"""Typed configuration of the fine-tuning job (configs/train.yaml documents every key)."""
+"""Typed configuration of the fine-tuning job (configs/train.yaml documents every key and equals the defaults)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from dogbreed.config import ConfigError, _Strict, load_config
+from dogbreed.config import PHOTO_EXTENSIONS, ConfigError, DecodeConfig, _Strict, load_config
 from dogbreed.models import DEFAULT_BACKBONE
 
 __all__ = ["TrainConfig", "load_train_config", "ConfigError"]
@@ -40,11 +40,14 @@ class TrainConfig(_Strict):
     use_gpu: bool = Field(False, description="one GPU per worker; bf16 autocast + channels_last")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per train worker; the rest decode photos")
     torch_threads: int | None = Field(None, ge=1, description="torch threads per worker on CPU; null = cpus_per_worker")
-    feature_actors: int = Field(1, ge=1, description="Ray Data actors that compute bottleneck features and test predictions")
+    feature_actors: int = Field(1, ge=1, description="Ray Data actors that compute bottleneck features")
     patience: int | None = Field(3, ge=1, description="early stopping: epochs without val-loss improvement; null = never")
     select: Literal["best", "last"] = Field("best", description="artifact weights: lowest val loss, or the schedule's end")
     cache_features: bool = Field(True, description="head-only epochs train on bottleneck features computed once")
     seed: int = Field(0, description="split, init and shuffle seed")
+    extensions: list[str] = Field(default_factory=lambda: list(PHOTO_EXTENSIONS),
+                                  description="files that count as photos in the labelled folders")
+    decode: DecodeConfig = Field(default_factory=DecodeConfig, description="photo guards and decode tasks, as in the scan")
     max_failures: int = Field(2, ge=-1, description="worker-failure restarts from the last checkpoint (-1 = unlimited)")
     progress: bool = Field(False, description="show Ray Data progress bars")
     address: str | None = Field(None, description="Ray address; null = RAY_ADDRESS or a local Ray started here")

@@ -1,0 +1,126 @@
+"""Labelled photo folders, read one way for training and for evaluation, with one rule for matching labels.
+
+Layouts: Stanford Dogs (``Images/n02085620-Chihuahua/``), the dog-app's split folders (``train/``,
+``valid/``, ``test/`` of ``001.Affenpinscher/``), plain ``Golden_retriever/`` class folders, and for
+evaluation folders named ``humans/`` or ``other/`` whose photos are all of that category.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.compute as pc
+
+from dogbreed import labels
+from dogbreed.config import PHOTO_EXTENSIONS
+from dogbreed.listing import list_roots, normalise_roots
+
+HUMANS, OTHER = "humans", "other"
+SPLIT_NAMES = {"train": ("train",), "val": ("valid", "val", "validation"), "test": ("test",)}
+
+
+class DataError(ValueError):
+    """A labelled folder that cannot be used; one readable sentence naming it."""
+
+
+def photos_under(root: str | Path, extensions: list[str] | None = None) -> list[str]:
+    """Every photo file under root (recursively, by extension), sorted; names that are not UTF-8 included.
+
+    Paths are ``os.fsdecode`` strings, so ``os.fsencode`` gives back the exact bytes of any name.
+    """
+    exts = tuple(e.lower() for e in (extensions or PHOTO_EXTENSIONS))
+    listing = list_roots(normalise_roots([str(root)]).roots)
+    listing = listing.filter(pc.is_null(listing.column("note_status")))
+    paths = [os.fsdecode(raw) if raw is not None else text
+             for text, raw in zip(listing.column("path").to_pylist(), listing.column("raw").to_pylist())]
+    return sorted(p for p in paths if p.lower().endswith(exts))
+
+
+def class_folders(root: str | Path, extensions: list[str] | None = None) -> dict[str, list[str]]:
+    """{class folder name: sorted photo paths} of a class-per-folder tree (Stanford ``Images/`` is entered)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"labelled folder {root} does not exist")
+    if (root / "Images").is_dir():
+        root = root / "Images"
+    classes: dict[str, list[str]] = {}
+    for path in photos_under(root, extensions):
+        rel = Path(path).relative_to(root.resolve())
+        if len(rel.parts) >= 2 and not rel.parts[0].startswith("."):  # a file directly in root has no label
+            classes.setdefault(rel.parts[0], []).append(path)
+    if len(classes) < 2:
+        raise DataError(f"{root} needs at least two class folders with photos (found {len(classes)})")
+    return dict(sorted(classes.items()))
+
+
+def split_folders(root: str | Path) -> dict[str, Path] | None:
+    """The dog-app layout's train/valid/test subfolders, or None when the folder is not split."""
+    root = Path(root)
+    found = {}
+    for split, names in SPLIT_NAMES.items():
+        present = [root / n for n in names if (root / n).is_dir()]
+        if present:
+            found[split] = present[0]
+    return found if "train" in found and "val" in found else None
+
+
+def class_index(class_names: list[str]):
+    """The one label-matching rule: folder -> index of its class in class_names, or None.
+
+    A folder matches a class when their readable breed names are equal ignoring case, '_', '-' and
+    spacing, or when both are the same ImageNet class (by WordNet id or any ImageNet synonym).
+    """
+    by_key = {labels.canonical(labels.breed_from_folder(n)): i for i, n in enumerate(class_names)}
+    by_imagenet: dict[int, int] = {}
+    for i, n in enumerate(class_names):
+        index = labels.imagenet_index_for(n)
+        if index is not None:
+            by_imagenet.setdefault(index, i)
+
+    def match(folder: str) -> int | None:
+        hit = by_key.get(labels.canonical(labels.breed_from_folder(folder)))
+        if hit is None:
+            index = labels.imagenet_index_for(folder)
+            hit = by_imagenet.get(index) if index is not None else None
+        return hit
+
+    return match
+
+
+def labelled_items(classes: dict[str, list[str]], class_names: list[str], source: str | Path) -> list[tuple[str, int]]:
+    """(path, class index) for every photo; a class folder that matches no class is an error naming it."""
+    match = class_index(class_names)
+    index = {folder: match(folder) for folder in classes}
+    unknown = sorted(f for f, i in index.items() if i is None)
+    if unknown:
+        raise DataError(f"{source} has class folders the model's classes lack: {', '.join(unknown[:5])}")
+    return [(p, index[folder]) for folder, paths in classes.items() for p in paths]
+
+
+@dataclass
+class LabelledPhotos:
+    """Photos of labelled folders: category is dog / human / other; folder is the class folder of a dog."""
+
+    paths: list[str] = field(default_factory=list)
+    category: list[str] = field(default_factory=list)
+    folder: list[str | None] = field(default_factory=list)
+
+
+def evaluation_photos(folders: list[str], extensions: list[str] | None = None) -> LabelledPhotos:
+    """A folder named humans/ or other/ holds that category; any other folder holds one class folder per breed."""
+    out = LabelledPhotos()
+    for folder in folders:
+        name = Path(folder.rstrip("/")).name.lower()
+        if name in (HUMANS, OTHER):
+            paths = photos_under(folder, extensions)
+            out.paths += paths
+            out.category += ["human" if name == HUMANS else "other"] * len(paths)
+            out.folder += [None] * len(paths)
+            continue
+        for class_folder, paths in class_folders(folder, extensions).items():
+            out.paths += paths
+            out.category += ["dog"] * len(paths)
+            out.folder += [class_folder] * len(paths)
+    return out

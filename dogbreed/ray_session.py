@@ -1,0 +1,38 @@
+"""Starting or joining Ray, one way for the scan, training and the benchmark."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Any, Callable
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None) -> Callable[[], None] | None:
+    """Join `address` (or RAY_ADDRESS), else start a private local Ray: never another user's `ray start`.
+
+    Returns ``ray.shutdown`` when this call started the session, None when Ray was already running here.
+    Ray's console output is kept to errors (its own log files keep everything), and a SIGTERM handler
+    installed before the call survives it.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return None
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    kwargs: dict[str, Any] = {"address": address, "log_to_driver": False, "logging_level": logging.ERROR}
+    if address == "local":
+        kwargs["include_dashboard"] = False
+        if num_cpus is not None:
+            kwargs["num_cpus"] = num_cpus
+    on_term = signal.getsignal(signal.SIGTERM)
+    ray.init(**kwargs)
+    if callable(on_term) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)  # Ray's core worker replaces it with a handler that aborts
+    import ray.data  # noqa: F401 - configures Ray Data's logging, which the next lines quieten
+
+    for handler in logging.getLogger("ray.data").handlers:  # its log file keeps everything; the console only errors
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.ERROR)
+    return ray.shutdown

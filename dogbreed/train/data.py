@@ -1,0 +1,190 @@
+"""Training data: seeded splits of labelled folders, a data fingerprint, and the Ray Data pipelines.
+
+Photos are opened the scan's way (images.decode_rgb: every guard, EXIF, any mode to RGB on white, reduced
+decoding) inside the same kind of sandboxed child process, so a photo that crashes or hangs its decoder
+costs one logged photo, not the run. Evaluation crops are the scan's crops (images.model_crop); training
+augmentation is timm's train transform applied to the same decoded photo. Photos travel as uint8 and are
+normalised on the train worker's device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from dogbreed import labels
+from dogbreed.config import DecodeConfig
+from dogbreed.images import ImageError, Preprocessing, decode_rgb, load_plugins, model_crop, read_bytes
+from dogbreed.labelled import DataError, class_folders, labelled_items, photos_under, split_folders
+
+log = logging.getLogger(__name__)
+
+Item = tuple[str, int]  # (photo path, class index)
+
+__all__ = ["DataError", "Item", "Splits", "make_splits", "stratified_split", "fingerprint", "image_dataset",
+           "feature_dataset", "decode_batch"]
+
+
+@dataclass
+class Splits:
+    """Class folders (index = label) and the photos of each split."""
+
+    class_folders: list[str]
+    train: list[Item]
+    val: list[Item]
+    test: list[Item]
+    fingerprint: str
+
+    @property
+    def class_names(self) -> list[str]:
+        return [labels.breed_from_folder(f) for f in self.class_folders]
+
+
+def stratified_split(items: list[Item], fractions: tuple[float, ...], seed: int) -> list[list[Item]]:
+    """Split per class with a seeded shuffle so every part keeps the class balance."""
+    by_class: dict[int, list[Item]] = {}
+    for item in items:
+        by_class.setdefault(item[1], []).append(item)
+    parts: list[list[Item]] = [[] for _ in fractions]
+    rng = random.Random(seed)
+    for label in sorted(by_class):
+        members = sorted(by_class[label])
+        rng.shuffle(members)
+        bounds = np.round(np.cumsum(fractions) / sum(fractions) * len(members)).astype(int)
+        for i, (lo, hi) in enumerate(zip([0, *bounds[:-1]], bounds)):
+            parts[i].extend(members[lo:hi])
+    return parts
+
+
+def fingerprint(roots: dict[str, str | Path], extensions: list[str] | None = None) -> str:
+    """SHA-256 over sorted (role, relative path, size) of every photo: changes when the data does."""
+    h = hashlib.sha256()
+    for role in sorted(roots):
+        root = os.path.realpath(roots[role])
+        lines = sorted(f"{os.path.relpath(p, root)}\t{os.stat(p).st_size}" for p in photos_under(root, extensions))
+        h.update(f"[{role}]\n".encode() + "\n".join(lines).encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def make_splits(data: str, val_data: str | None = None, test_data: str | None = None, seed: int = 0,
+                extensions: list[str] | None = None) -> Splits:
+    """Train/val/test photos: existing splits are kept; otherwise a seeded stratified 80/10/10 split of data."""
+    root = Path(data)
+    split_roots = split_folders(root) if root.is_dir() else None
+    train_root = split_roots["train"] if split_roots else root
+    classes = class_folders(train_root, extensions)
+    folders = list(classes)
+    train = labelled_items(classes, folders, train_root)
+    given = {"val": val_data or (split_roots or {}).get("val"), "test": test_data or (split_roots or {}).get("test")}
+    missing = [k for k, v in given.items() if v is None]
+    parts = {k: labelled_items(class_folders(v, extensions), folders, v) for k, v in given.items() if v is not None}
+    if missing:  # carve what is missing out of the training photos, 10% each
+        carved = stratified_split(train, (1.0 - 0.1 * len(missing), *[0.1] * len(missing)), seed)
+        train = carved[0]
+        parts.update(zip(missing, carved[1:]))
+    roots = {"data": root} | {k: Path(v) for k, v in given.items() if v is not None}
+    return Splits(folders, train, parts["val"], parts["test"], fingerprint(roots, extensions))
+
+
+# ---- decoding, in a sandboxed child per Ray worker process ---------------------------------------------------
+
+
+def photo_reader(short_side: int, decode_cfg: dict) -> Callable[[bytes], Any]:
+    """Runs in the sandboxed child: one photo file -> upright uint8 RGB array (short side >= short_side) or a reason."""
+    cfg = DecodeConfig(**decode_cfg)
+    load_plugins(cfg.plugins)
+
+    def one(raw_path: bytes) -> np.ndarray | str:
+        try:
+            rgb, _ = decode_rgb(read_bytes(raw_path, cfg.max_bytes), cfg.max_pixels, short_side=short_side)
+            return np.asarray(rgb, dtype=np.uint8)
+        except ImageError as e:
+            return str(e)
+        except MemoryError:
+            return "out of memory while decoding (decode.max_memory_mb)"
+
+    return one
+
+
+_READERS: dict[str, Any] = {}  # one sandboxed reader per Ray worker process, kept across its tasks
+
+
+def _reader(short_side: int, decode_cfg: DecodeConfig):
+    from dogbreed.sandbox import Sandbox
+
+    key = f"{short_side}:{decode_cfg.model_dump_json()}"
+    if key not in _READERS:
+        for old in _READERS.values():
+            old.close()
+        _READERS.clear()
+        _READERS[key] = Sandbox("dogbreed.train.data:photo_reader",
+                                {"short_side": short_side, "decode_cfg": decode_cfg.model_dump()},
+                                timeout_s=decode_cfg.timeout_s, memory_mb=decode_cfg.max_memory_mb)
+    return _READERS[key]
+
+
+@lru_cache(maxsize=8)
+def _augment(prep: Preprocessing):
+    """timm's train transform up to (not including) ToTensor/Normalize: PIL in, augmented PIL out."""
+    from timm.data import create_transform
+
+    primary, secondary, _final = create_transform(
+        input_size=(3, prep.input_size, prep.input_size), is_training=True, separate=True,
+        interpolation=prep.interpolation, mean=prep.mean, std=prep.std, crop_pct=prep.crop_pct)
+    return lambda img: secondary(primary(img))
+
+
+def decode_batch(batch: dict[str, np.ndarray], prep: Preprocessing, train: bool,
+                 decode_cfg: DecodeConfig) -> dict[str, np.ndarray]:
+    """Ray Data task: paths -> uint8 (N, S, S, 3) crops, augmented when train. A photo that cannot be used is
+    logged with its reason and left out (one bad photo must not stop training)."""
+    from PIL import Image
+
+    reader = _reader(prep.resize_to, decode_cfg)
+    xs, ys = [], []
+    for path, label in zip(batch["path"], batch["label"]):
+        result, failure = reader(os.fsencode(str(path)))
+        if failure is not None or isinstance(result, str):
+            log.warning("training photo %s left out: %s", path, failure or result)
+            continue
+        rgb = Image.fromarray(result, "RGB")
+        xs.append(np.asarray(_augment(prep)(rgb), dtype=np.uint8) if train else model_crop(rgb, prep))
+        ys.append(int(label))
+    shape = (0, prep.input_size, prep.input_size, 3)
+    return {"x": np.stack(xs) if xs else np.zeros(shape, np.uint8), "label": np.asarray(ys, dtype=np.int64)}
+
+
+def image_dataset(items: list[Item], prep: Preprocessing, train: bool, batch_size: int, decode_cfg: DecodeConfig):
+    """Lazy Ray Dataset of {"x", "label"}; re-executed (reshuffled, re-augmented) every epoch it is read."""
+    import ray.data
+
+    blocks = max(1, min(256, len(items) // (2 * batch_size)))
+    ds = ray.data.from_items([{"path": p, "label": y} for p, y in items], override_num_blocks=blocks)
+    if train:
+        ds = ds.random_shuffle()
+    return ds.map_batches(decode_batch, fn_kwargs={"prep": prep, "train": train, "decode_cfg": decode_cfg},
+                          batch_size=decode_cfg.batch_size, num_cpus=decode_cfg.num_cpus,
+                          max_retries=decode_cfg.max_retries)
+
+
+def feature_dataset(items: list[Item], prep: Preprocessing, model: dict[str, Any], actors: int, use_gpu: bool,
+                    batch_size: int, decode_cfg: DecodeConfig):
+    """Bottleneck features of every photo, computed once (un-augmented) and materialised in the object store."""
+    import ray.data
+
+    from dogbreed.predictors import FeatureExtractor
+
+    ds = image_dataset(items, prep, train=False, batch_size=batch_size, decode_cfg=decode_cfg)
+    return ds.map_batches(FeatureExtractor, fn_constructor_kwargs=model | {"prep": asdict(prep),
+                                                                           "device": "cuda" if use_gpu else "cpu"},
+                          batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+                          num_gpus=1 if use_gpu else 0, max_restarts=decode_cfg.max_retries,
+                          max_task_retries=decode_cfg.max_retries).materialize()

@@ -1,0 +1,151 @@
+"""The training driver: fit(cfg) splits the data, runs Ray Train, exports the best epoch and tests it.
+
+The test split is measured by evaluate.classify, the scan's own decoder and predictor, so the test_top1
+stored in model.json is the accuracy `dogbreed evaluate --model` reports on the same photos.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dogbreed.config import ConfigError, ScanConfig, dump_config
+from dogbreed.models import BreedNet, ModelSpec, Preprocessing, create_backbone, read_artifact_spec, save_artifact
+from dogbreed.ray_session import start_ray
+from dogbreed.train import report
+from dogbreed.train.config import TrainConfig
+from dogbreed.train.data import Item, Splits, feature_dataset, image_dataset, make_splits
+from dogbreed.train.worker import STATE_FILE, stages, train_loop_per_worker
+
+CONFIG_FILE = "train_config.yaml"
+# Keys that may change between a killed run and its restart without invalidating its checkpoints.
+_RESUME_FREE_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "torch_threads", "feature_actors", "max_failures",
+                     "address", "progress"}
+
+
+@dataclass
+class TrainResult:
+    """What fit hands back: where the artifact is, its id, and its headline metrics."""
+
+    artifact_dir: Path
+    model_id: str
+    metrics: dict[str, Any]
+
+
+def _check_resume(cfg: TrainConfig, out: Path) -> None:
+    """Refuse to resume a run whose checkpoints came from a different training setup."""
+    import yaml
+
+    saved_path = out / CONFIG_FILE
+    if saved_path.is_file() and (out / cfg.run_name).is_dir():
+        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+        now = cfg.model_dump(mode="json")
+        changed = sorted(k for k in now if k not in _RESUME_FREE_KEYS and saved.get(k) != now[k])
+        if changed:
+            raise ConfigError(f"{out / cfg.run_name} holds checkpoints of a run with different {', '.join(changed)}; "
+                              "use another out folder or run_name")
+    out.mkdir(parents=True, exist_ok=True)
+    saved_path.write_text(dump_config(cfg), encoding="utf-8")
+
+
+def _datasets(cfg: TrainConfig, splits: Splits, prep: Preprocessing) -> dict[str, Any]:
+    ds = {"train": image_dataset(splits.train, prep, True, cfg.batch_size, cfg.decode),
+          "val": image_dataset(splits.val, prep, False, cfg.batch_size, cfg.decode)}
+    if any(s.from_features for s in stages(cfg)):
+        model = {"backbone": cfg.backbone, "weights": cfg.weights, "pretrained": cfg.pretrained}
+        for name, items in (("train", splits.train), ("val", splits.val)):
+            ds[f"{name}_features"] = feature_dataset(items, prep, model, cfg.feature_actors, cfg.use_gpu,
+                                                     cfg.batch_size, cfg.decode)
+    return ds
+
+
+def _run_trainer(cfg: TrainConfig, out: Path, splits: Splits, prep: Preprocessing):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    steps = math.ceil(len(splits.train) / (cfg.num_workers * cfg.batch_size))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "class_folders": splits.class_folders,
+                           "steps_per_epoch": steps, "preprocessing": asdict(prep)},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        # Same storage_path + name = Ray Train restores the latest checkpoint of a killed run.
+        run_config=RunConfig(name=cfg.run_name, storage_path=str(out),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets=_datasets(cfg, splits, prep),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training in {out / cfg.run_name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _preprocessing(backbone: nn.Module, input_size: int | None) -> Preprocessing:
+    prep = Preprocessing.from_timm(backbone)
+    return replace(prep, input_size=input_size) if input_size else prep
+
+
+def fit(cfg: TrainConfig) -> TrainResult:
+    """Train per cfg with Ray Train, export the best epoch as a model artifact in cfg.out, test it, write results."""
+    if cfg.data is None or cfg.out is None:
+        raise ConfigError("training needs both 'data' and 'out'")
+    t0 = time.perf_counter()
+    out = Path(cfg.out).resolve()
+    _check_resume(cfg, out)
+    splits = make_splits(cfg.data, cfg.val_data, cfg.test_data, cfg.seed, cfg.extensions)
+    backbone = create_backbone(cfg.backbone, cfg.weights, cfg.pretrained)
+    prep = _preprocessing(backbone, cfg.input_size)
+    start_ray(cfg.address)
+    _progress_bars(cfg.progress)
+    saved = _run_trainer(cfg, out, splits, prep)
+    net = BreedNet(backbone, len(splits.class_folders))
+    net.load_state_dict(saved["best_model"])
+    history = saved["run"]["history"]
+    report.write_history(history, out)
+    best = min(history, key=lambda h: h["val_loss"]) if cfg.select == "best" else history[-1]
+    training = {"mode": cfg.mode, "epochs": len(history), "best_epoch": best["epoch"], "select": cfg.select,
+                "data": cfg.data,
+                "val_data": cfg.val_data, "test_data": cfg.test_data, "data_fingerprint": splits.fingerprint,
+                "split_sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+                "unfreeze_blocks": cfg.unfreeze_blocks if cfg.mode != "freeze" else 0, "lr": cfg.lr,
+                "lr_decay": cfg.lr_decay, "head_init": cfg.head_init,
+                "finetune_lr": cfg.finetune_lr, "label_smoothing": cfg.label_smoothing, "seed": cfg.seed,
+                "resumed_at_epochs": saved["run"]["resumed_at"]}
+    spec = ModelSpec(backbone=cfg.backbone, class_names=splits.class_names, breed_source="head",
+                     preprocessing=prep, metrics={"val_loss": best["val_loss"], "val_top1": best["val_acc"]},
+                     training=training)
+    save_artifact(net, spec, out)
+    test = test_artifact(out, splits.test, cfg, out / "test")
+    spec.metrics |= {"test_top1": test["top1"], "test_top5": test["top5"], "test_n": test["n"]}
+    spec.training["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    model_id = save_artifact(net, spec, out)  # same weights and identity: same model_id, metrics added
+    return TrainResult(out, model_id, spec.metrics | {"wall_seconds": spec.training["wall_seconds"]})
+
+
+def test_artifact(model_dir: str | Path, items: list[Item], cfg: TrainConfig,
+                  out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Top-1/top-5, per-breed accuracy and confusion of an artifact on labelled photos, as the scan would see them."""
+    from dogbreed.evaluate import classify
+
+    scan_cfg = ScanConfig(model=str(model_dir), extensions=cfg.extensions, decode=cfg.decode)
+    result = classify([p for p, _ in items], [y for _, y in items], scan_cfg)
+    if out_dir is not None:
+        spec, _ = read_artifact_spec(model_dir)
+        report.write_test_report(result, spec.class_names, out_dir)
+    return result
+
+
+def _progress_bars(enabled: bool) -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = ctx.enable_operator_progress_bars = enabled
