@@ -200,9 +200,8 @@ def killed_run(ray_local, tmp_path_factory, scan_config):
     try:
         _wait_for(lambda: any((out / "_staging").glob("*")), victim, "the scan to stage its run", tmp / "victim.log")
         seen["lock_holder"] = (out / ".lock").read_text()
-        t0 = time.monotonic()
         seen["second"] = cli("scan", str(root), "--out", str(out), "-c", str(config), timeout=120)
-        seen["second_seconds"] = time.monotonic() - t0
+        seen["victim_alive_after_second"] = victim.poll() is None  # refused while the lock was held: never waited
         worker = _wait_for(lambda: find_worker(victim.pid, BUSY_ACTOR), victim, "the inference actor to start a batch",
                            tmp / "victim.log")
         time.sleep(0.3)
@@ -263,7 +262,7 @@ def test_second_concurrent_scan_exits_at_once_with_code_5(killed_run):
     second = killed_run["second"]
     assert second.returncode == EXIT_LOCKED, second.stderr
     assert "refused: another scan is already running on" in second.stderr
-    assert killed_run["second_seconds"] < 60  # process start-up only: it never waits for the lock
+    assert killed_run["victim_alive_after_second"]  # it did not wait for the lock to be released
 
 
 @pytest.mark.slow  # a SIGKILL scenario
@@ -414,9 +413,6 @@ def test_latest_keeps_the_newest_row_per_photo_over_many_runs(tmp_path):
         newest.update({str(p): run_id for p in subset})
     gone = [p for p in paths[:100] if str(p) in newest]
     commit_rows(out, gone, status="deleted")
-    t0 = time.perf_counter()
     current = results.latest(out)
-    seconds = time.perf_counter() - t0
     expected = {p: r for p, r in newest.items() if p not in {str(g) for g in gone}}
     assert dict(zip(current["path"], current["run_id"])) == expected
-    assert seconds < 10, f"latest() took {seconds:.1f} s over 61 runs"

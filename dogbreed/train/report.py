@@ -1,4 +1,7 @@
-"""Results written beside a trained model: per-epoch curves, test top-1/top-5, per-breed accuracy, confusion."""
+"""Results written beside a trained model: per-epoch curves, test top-1/top-5, per-breed accuracy, confusion.
+
+The figures themselves come from evaluate.breed_metrics, the scan-path measurement.
+"""
 
 from __future__ import annotations
 
@@ -54,24 +57,6 @@ def write_history(history: list[dict[str, Any]], out_dir: str | Path) -> tuple[P
     return csv_path, png_path
 
 
-def classification_metrics(labels: np.ndarray, logits: np.ndarray, class_names: list[str]) -> dict[str, Any]:
-    """Top-1, top-5 (top-k for fewer classes), per-breed accuracy and the confusion matrix (rows = truth)."""
-    labels = np.asarray(labels, dtype=np.int64)
-    k = min(5, logits.shape[1])
-    topk = np.argsort(-logits, axis=1)[:, :k]
-    pred = topk[:, 0]
-    n_cls = len(class_names)
-    confusion = np.zeros((n_cls, n_cls), dtype=np.int64)
-    np.add.at(confusion, (labels, pred), 1)
-    support = confusion.sum(1)
-    per_breed = [{"breed": name, "n": int(support[i]),
-                  "accuracy": float(confusion[i, i] / support[i]) if support[i] else float("nan")}
-                 for i, name in enumerate(class_names)]
-    return {"n": int(len(labels)), "top1": float((pred == labels).mean()),
-            "top5": float((topk == labels[:, None]).any(1).mean()), "per_breed": per_breed,
-            "confusion": confusion.tolist()}
-
-
 def write_test_report(result: dict[str, Any], class_names: list[str], out_dir: str | Path) -> None:
     """metrics.json, per_breed.csv, confusion.csv and confusion.png in out_dir."""
     out_dir = Path(out_dir)
@@ -90,7 +75,10 @@ def write_test_report(result: dict[str, Any], class_names: list[str], out_dir: s
 
 
 def _plot_confusion(confusion: np.ndarray, class_names: list[str], path: Path) -> None:
+    from dogbreed.report import plain_text  # breed names are data: a '$' must not start mathtext
+
     plt = _pyplot()
+    class_names = [plain_text(n) for n in class_names]
     n = len(class_names)
     side = min(4 + 0.35 * n, 40)
     fig, ax = plt.subplots(figsize=(side, side))

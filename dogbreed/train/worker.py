@@ -67,7 +67,7 @@ def _shard_batches(name: str, batch_size: int) -> Iterator[tuple[torch.Tensor, t
     import ray.train
 
     shard = ray.train.get_dataset_shard(name)
-    for b in shard.iter_torch_batches(batch_size=batch_size, dtypes={"label": torch.int64}):  # x: uint8 crops or features
+    for b in shard.iter_torch_batches(batch_size=batch_size):  # x: uint8 crops or float32 features, label: int64
         yield b["x"], b["label"]
 
 
