@@ -19,7 +19,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Find dogs and people in photo archives and name each dog's breed.")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/scan.yaml).")]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="'default' or a model artifact folder.")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="'default', a model artifact folder, or timm:NAME[=FILE.safetensors] (zero-shot ImageNet model).")]
 
 
 def _setup_logging(log_file: str | None, verbose: bool = False) -> None:

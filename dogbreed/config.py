@@ -75,12 +75,15 @@ class ScanConfig(_Strict):
 
     roots: list[str] = Field(default_factory=list, description="folders or URIs (s3://, gs://) to scan recursively")
     out: str | None = Field(None, description="output folder (Parquet runs, manifests, lock)")
-    model: str = Field("default", description="'default' (offline EfficientNet-Lite0) or a model artifact folder")
+    model: str = Field("default", description="'default' (offline EfficientNet-Lite0), a model artifact folder, or "
+                       "timm:NAME[=FILE.safetensors] (any timm ImageNet-1k classifier, zero-shot)")
     address: str | None = Field(None, description="Ray address; null = RAY_ADDRESS or a local Ray started here")
     mode: Literal["missing", "all"] = Field("missing", description="missing = only new/changed files; all = everything")
     top_k: int = Field(3, ge=1, le=20, description="breeds kept per photo")
     dog_threshold: float = Field(0.5, ge=0.0, le=1.0, description="dog score (probability mass on dog classes) for 'dog'")
     count_dingo_as_dog: bool = Field(True, description="ImageNet class 273 (dingo) counts as a dog")
+    breed_flip: bool = Field(False, description="test-time flip: breed probabilities averaged over the photo and its "
+                             "mirror image (one more network pass per photo); the dog score is unchanged")
     include_hidden: bool = Field(False, description="scan names starting with '.' too")
     extensions: list[str] = Field(
         default_factory=lambda: list(PHOTO_EXTENSIONS),
@@ -166,4 +169,6 @@ def settings_id(cfg: ScanConfig) -> str:
 
     relevant = {"top_k": cfg.top_k, "dog_threshold": cfg.dog_threshold, "count_dingo_as_dog": cfg.count_dingo_as_dog,
                 "face": cfg.face.model_dump(mode="json")}
+    if cfg.breed_flip:  # added only when on, so rows written before the setting existed stay current
+        relevant["breed_flip"] = True
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]

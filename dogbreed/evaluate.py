@@ -25,7 +25,7 @@ from dogbreed.store import utcnow
 def analyze(paths: Iterable[str], cfg: ScanConfig, predictor: BreedPredictor | None = None) -> pd.DataFrame:
     """One result row (results.SCHEMA) per path, computed in this process (photos decoded in a sandboxed child)."""
     batch_size = cfg.inference.batch_size
-    predictor = predictor or BreedPredictor(cfg.model, cfg.top_k, cfg.dog_threshold, cfg.count_dingo_as_dog)
+    predictor = predictor or BreedPredictor.for_scan(cfg)
     decoder = Decoder(predictor.spec.preprocessing, cfg.face, cfg.decode)
     settings = settings_id(cfg)
     paths = [os.path.abspath(p) for p in paths]
@@ -88,7 +88,7 @@ def breed_metrics(truth: np.ndarray, ranked: np.ndarray, class_names: list[str])
 def classify(paths: list[str], truth: list[int], cfg: ScanConfig) -> dict[str, Any]:
     """Breed metrics of cfg.model on labelled photos, through the scan's own decoder and predictor."""
     cfg = cfg.model_copy(update={"top_k": max(cfg.top_k, 5)})
-    predictor = BreedPredictor(cfg.model, cfg.top_k, cfg.dog_threshold, cfg.count_dingo_as_dog)
+    predictor = BreedPredictor.for_scan(cfg)
     df = analyze(paths, cfg, predictor)
     names = predictor.spec.class_names
     return breed_metrics(np.asarray(truth), ranked_classes(df, names), names)
@@ -100,7 +100,7 @@ def assess(folders: list[str], cfg: ScanConfig) -> dict[str, float | int]:
     if not photos.paths:
         raise ConfigError(f"no labelled photos found in {', '.join(folders)}")
     cfg = cfg.model_copy(update={"top_k": max(cfg.top_k, 5)})
-    predictor = BreedPredictor(cfg.model, cfg.top_k, cfg.dog_threshold, cfg.count_dingo_as_dog)
+    predictor = BreedPredictor.for_scan(cfg)
     df = analyze(photos.paths, cfg, predictor)
     cat = np.array(photos.category)
     is_dog = df["status"].isin(["dog", "dog_and_human"]).to_numpy()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +23,7 @@ from dogbreed import labels
 from dogbreed.images import Preprocessing  # preprocessing travels with the weights
 
 DEFAULT_MODEL = "default"
+TIMM_PREFIX = "timm:"  # zero-shot with a timm ImageNet-1k classifier
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -284,11 +286,75 @@ def load_artifact(model_dir: str | Path) -> LoadedModel:
     return LoadedModel(net.eval(), spec, model_id)
 
 
+# ---- zero-shot with any timm ImageNet-1k classifier: --model timm:NAME[=WEIGHTS.safetensors] ------------------
+
+
+def _timm_ref(ref: str) -> tuple[str, Path]:
+    """(timm model name, local safetensors file) of a ``timm:NAME[=FILE]`` reference; one sentence if unusable."""
+    import timm
+
+    name, _, given = ref[len(TIMM_PREFIX):].partition("=")
+    if not timm.is_model(name):
+        raise ModelError(f"--model {ref}: timm has no model named {name!r}")
+    if given:
+        path = Path(given).expanduser()
+        if path.suffix != ".safetensors" or not path.is_file():
+            raise ModelError(f"--model {ref}: {path} is not a .safetensors weights file")
+        return name, path
+    from timm.models import get_pretrained_cfg
+
+    hub_id = getattr(get_pretrained_cfg(name), "hf_hub_id", None)
+    if not hub_id:
+        raise ModelError(f"--model {ref}: timm names no published weights for {name!r}; give a file: timm:{name}=FILE")
+    from huggingface_hub import hf_hub_download
+
+    try:  # the Hugging Face cache first; a download only where a hub may be reached (HF_HUB_OFFLINE unset)
+        return name, Path(hf_hub_download(hub_id, "model.safetensors", local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached
+        pass
+    try:
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+            raise ConnectionError("HF_HUB_OFFLINE is set")
+        return name, Path(hf_hub_download(hub_id, "model.safetensors", etag_timeout=10))
+    except Exception as e:  # noqa: BLE001 - offline, unreachable, no such file: all mean "give a local file"
+        raise ModelError(f"--model {ref}: the weights {hub_id} are not cached and cannot be downloaded "
+                         f"({type(e).__name__}); give a local file: timm:{name}=/path/model.safetensors") from None
+
+
+def timm_spec(name: str) -> ModelSpec:
+    """Zero-shot description of a timm ImageNet-1k classifier: breeds are its ImageNet dog classes."""
+    idx = labels.dog_class_indices()
+    names = labels.imagenet_names()
+    return ModelSpec(backbone=name, class_names=[labels.readable(names[i]) for i in idx], breed_source="imagenet",
+                     imagenet_breed_indices=idx, preprocessing=Preprocessing.for_backbone(name),
+                     training={"source": f"timm {name}, ImageNet-1k weights (zero-shot)"})
+
+
+@lru_cache(maxsize=8)
+def _timm_model_id(name: str, path: Path, mtime_ns: int) -> str:
+    return _model_id(timm_spec(name), _sha256_file(path))
+
+
+def _describe_timm(ref: str) -> tuple[ModelSpec, str, Path]:
+    name, path = _timm_ref(ref)
+    return timm_spec(name), _timm_model_id(name, path, path.stat().st_mtime_ns), path
+
+
 def load_model(ref: str | Path = DEFAULT_MODEL) -> LoadedModel:
-    """'default' or an artifact folder."""
-    return load_default() if str(ref) == DEFAULT_MODEL else load_artifact(ref)
+    """'default', ``timm:NAME[=FILE]`` (zero-shot) or an artifact folder."""
+    if str(ref) == DEFAULT_MODEL:
+        return load_default()
+    if str(ref).startswith(TIMM_PREFIX):
+        spec, model_id, path = _describe_timm(str(ref))
+        return LoadedModel(BreedNet(create_backbone(spec.backbone, path)).eval(), spec, model_id)
+    return load_artifact(ref)
 
 
 def describe_model(ref: str | Path = DEFAULT_MODEL) -> tuple[ModelSpec, str]:
     """(spec, model_id) without building the network: cheap enough for the driver."""
-    return (default_spec(), _default_model_id()) if str(ref) == DEFAULT_MODEL else read_artifact_spec(ref)
+    if str(ref) == DEFAULT_MODEL:
+        return default_spec(), _default_model_id()
+    if str(ref).startswith(TIMM_PREFIX):
+        spec, model_id, _ = _describe_timm(str(ref))
+        return spec, model_id
+    return read_artifact_spec(ref)

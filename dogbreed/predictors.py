@@ -176,7 +176,8 @@ class BreedPredictor(_OnDevice):
     """Dog score + top-k breeds + decision for decoded batches; the model is loaded once per instance."""
 
     def __init__(self, model: str = "default", top_k: int = 3, dog_threshold: float = 0.5,
-                 count_dingo: bool = True, device: str = "auto", num_threads: int | None = None):
+                 count_dingo: bool = True, device: str = "auto", num_threads: int | None = None,
+                 breed_flip: bool = False):
         from dogbreed import labels
         from dogbreed.models import load_model
 
@@ -184,18 +185,30 @@ class BreedPredictor(_OnDevice):
         self.spec, self.model_id = loaded.spec, loaded.model_id
         super().__init__(loaded.net, self.spec.preprocessing, device, num_threads)
         self.dog_indices = labels.dog_class_indices(count_dingo)
-        self.top_k, self.dog_threshold = top_k, dog_threshold
+        self.top_k, self.dog_threshold, self.breed_flip = top_k, dog_threshold, breed_flip
 
-    def _forward(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        with self.torch.inference_mode(), self._autocast():
-            imagenet_logits, breed_logits = self.net(self._input(images))
-        imagenet = imagenet_logits.float().softmax(-1)
+    @classmethod
+    def for_scan(cls, cfg: Any, **kwargs: Any) -> "BreedPredictor":
+        """The predictor a ScanConfig describes (model, top_k, threshold, dingo rule, test-time flip)."""
+        return cls(cfg.model, cfg.top_k, cfg.dog_threshold, cfg.count_dingo_as_dog, breed_flip=cfg.breed_flip, **kwargs)
+
+    def _breeds(self, imagenet, breed_logits):
         if self.spec.breed_source == "imagenet":
             breeds = imagenet[:, self.spec.imagenet_breed_indices]
-            breeds = breeds / breeds.sum(-1, keepdim=True).clamp_min(1e-12)
-        else:
-            breeds = breed_logits.float().softmax(-1)
-        return imagenet.cpu().numpy(), breeds.cpu().numpy()
+            return breeds / breeds.sum(-1, keepdim=True).clamp_min(1e-12)
+        return breed_logits.float().softmax(-1)
+
+    def _forward(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = self._input(images)
+        with self.torch.inference_mode(), self._autocast():
+            imagenet_logits, breed_logits = self.net(x)
+            imagenet = imagenet_logits.float().softmax(-1)
+            breeds = self._breeds(imagenet, breed_logits)
+            if self.breed_flip:  # test-time augmentation: the breed is the mean over the photo and its mirror
+                flip_imagenet, flip_breed = self.net(x.flip(-1))
+                breeds = (breeds + self._breeds(flip_imagenet.float().softmax(-1), flip_breed)) / 2
+        # The dog score stays that of the photo as it is: the flip only refines which breed.
+        return imagenet.float().cpu().numpy(), breeds.float().cpu().numpy()
 
     def __call__(self, batch: Batch) -> Batch:
         n = len(batch["ok"])

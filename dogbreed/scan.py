@@ -194,6 +194,7 @@ def _stages(ds, cfg: ScanConfig, spec, run_id: str, num_gpus: float, actors: int
         max_restarts=cfg.inference.max_restarts, max_task_retries=cfg.inference.max_task_retries,
         fn_constructor_kwargs=dict(run_id=run_id, settings=settings_id(cfg), model=cfg.model, top_k=cfg.top_k,
                                    dog_threshold=cfg.dog_threshold, count_dingo=cfg.count_dingo_as_dog,
+                                   breed_flip=cfg.breed_flip,
                                    num_threads=None if num_gpus else max(1, int(cfg.inference.num_cpus))),
     )
     return ds

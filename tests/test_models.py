@@ -122,3 +122,63 @@ def test_a_bad_model_json_is_one_sentence_naming_the_key(tmp_path, edit, key):
     with pytest.raises(ModelError, match=f"model.json is not a usable dogbreed model description: key '{key}") as e:
         load_artifact(tmp_path)
     assert "\n" not in str(e.value)
+
+
+# ---- zero-shot with any timm ImageNet-1k classifier -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_timm_file(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("timm") / "tiny.safetensors"
+    save_file(create_backbone("test_efficientnet").state_dict(), str(path))
+    return path
+
+
+def test_timm_model_from_a_local_safetensors_file(tiny_timm_file, tmp_path):
+    from safetensors.torch import save_file
+
+    from dogbreed.models import describe_model, load_model
+
+    ref = f"timm:test_efficientnet={tiny_timm_file}"
+    loaded = load_model(ref)
+    spec, model_id = describe_model(ref)
+    assert loaded.model_id == model_id and model_id.startswith("test_efficientnet@")
+    # Preprocessing comes from timm's pretrained config of that model, not from the default's.
+    assert spec.preprocessing == Preprocessing.for_backbone("test_efficientnet") != Preprocessing()
+    assert spec.preprocessing.input_size == 160 and spec.breed_source == "imagenet"
+    state = create_backbone("test_efficientnet", tiny_timm_file).state_dict()
+    for k, v in loaded.net.backbone.state_dict().items():
+        torch.testing.assert_close(v, state[k])  # the file's weights, not random ones
+    torch.manual_seed(2)
+    other = tmp_path / "other.safetensors"
+    save_file(create_backbone("test_efficientnet").state_dict(), str(other))
+    assert describe_model(f"timm:test_efficientnet={other}")[1] != model_id  # model_id comes from the weights
+
+
+def test_timm_model_runs_in_the_predictor(tiny_timm_file):
+    import numpy as np
+
+    from dogbreed.predictors import BreedPredictor
+
+    p = BreedPredictor(f"timm:test_efficientnet={tiny_timm_file}", top_k=2)
+    out = p({"ok": np.array([True]), "status": np.array([None], dtype=object), "face_count": np.array([0]),
+             "image": np.zeros((1, 160, 160, 3), np.uint8)})
+    assert out["status"][0] in ("dog", "neither") and len(out["breeds"][0]) == 2
+    assert out["model_id"][0] == p.model_id
+
+
+@pytest.mark.parametrize("ref, message", [
+    ("timm:no_such_net", "timm has no model named 'no_such_net'"),
+    ("timm:test_efficientnet=/nope.safetensors", "is not a .safetensors weights file"),
+    ("timm:test_efficientnet", "are not cached and cannot be downloaded"),
+])
+def test_unusable_timm_reference_is_one_sentence(ref, message, monkeypatch):
+    from dogbreed.models import describe_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine with no hub: nothing is fetched
+    with pytest.raises(ModelError, match=message) as e:
+        describe_model(ref)
+    assert "\n" not in str(e.value)

@@ -326,7 +326,7 @@ def run_benchmark(workdir: Path, cfg: ScanConfig, n: int = 60, classic_n: int = 
         stop_s = ray_shutdown()
     first = measures[kinds[0][0]]
     workers_s = max(first["scan_cold"].seconds - first["scan_n"].seconds, 0.0)
-    predictor = BreedPredictor(cfg.model, cfg.top_k, cfg.dog_threshold, cfg.count_dingo_as_dog)
+    predictor = BreedPredictor.for_scan(cfg)
     results = []
     for label, _ in kinds:
         a, _b = folders[label]
