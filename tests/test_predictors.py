@@ -86,3 +86,15 @@ def test_uri_roots_need_no_code_change():
     assert uri_entries.column("size").to_pylist() == local_entries.column("size").to_pylist()
     batch = Decoder(Preprocessing())(_batch(uri_entries.column("path").to_pylist()[:2]))
     assert batch["ok"].all()
+
+
+def test_breed_flip_averages_the_photo_and_its_mirror_and_keeps_the_dog_score(predictor, decoded):
+    flipping = BreedPredictor(top_k=3, breed_flip=True)
+    _, batch = decoded
+    images = batch["image"][batch["ok"]]
+    imagenet, breeds = predictor._forward(images)
+    mirrored_imagenet, mirrored = predictor._forward(np.ascontiguousarray(images[:, :, ::-1]))
+    flip_imagenet, flip_breeds = flipping._forward(images)
+    np.testing.assert_allclose(flip_breeds, (breeds + mirrored) / 2, atol=1e-5)
+    np.testing.assert_allclose(flip_imagenet, imagenet, atol=1e-6)  # the dog score is that of the photo as it is
+    assert not np.allclose(breeds, mirrored, atol=1e-3)  # the mirror really is another input
