@@ -133,7 +133,7 @@ def _scan_config(config: Path | None, **overrides) -> ScanConfig:
 @app.command()
 def scan(
     roots: Annotated[list[str], typer.Argument(help="Folders or URIs (s3://...) to scan recursively.")],
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder for Parquet runs.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output Delta table: a folder, s3://... or gs://...")] = None,
     config: ConfigOpt = None,
     model: ModelOpt = None,
     mode: Annotated[Optional[str], typer.Option(help="missing (new/changed only) or all.")] = None,
@@ -224,17 +224,23 @@ def evaluate(
         typer.echo(f"{key:>24}: {value:.1%}" if isinstance(value, float) else f"{key:>24}: {value}")
 
 
+OutArg = Annotated[str, typer.Argument(help="Scan output: a folder, s3://... or gs://... (a Delta table).")]
+
+
 @app.command()
 def latest(
-    out_dir: Annotated[Path, typer.Argument(help="Scan output folder.")],
+    out_dir: OutArg,
     model_id: Annotated[Optional[str], typer.Option(help="Only rows of this model (default: any).")] = None,
     csv: Annotated[Optional[Path], typer.Option(help="Write the table as CSV here.")] = None,
     parquet: Annotated[Optional[Path], typer.Option(help="Write the table as Parquet here.")] = None,
 ) -> None:
     """The current answer per existing photo (latest successful-or-error row), as a table or file."""
-    from dogbreed.results import latest as read_latest
+    with _user_errors():
+        from dogbreed.results import latest as read_latest
+        from dogbreed.store import check_out
 
-    df = read_latest(out_dir, model_id=model_id)
+        check_out(out_dir)
+        df = read_latest(out_dir, model_id=model_id)
     if csv:
         df.to_csv(csv, index=False)
     if parquet:
@@ -245,8 +251,38 @@ def latest(
 
 
 @app.command()
+def compact(
+    out_dir: OutArg,
+    config: ConfigOpt = None,
+    retention_hours: Annotated[Optional[int], typer.Option(
+        min=1, help="Keep files older versions need this long (default: vacuum_retention_hours, 168).")] = None,
+) -> None:
+    """Rewrite the table's small files into large ones (OPTIMIZE), then delete files no recent version needs (VACUUM)."""
+    with _user_errors():
+        cfg = _scan_config(config, vacuum_retention_hours=retention_hours)
+        from dogbreed.maintain import compact as run_compact
+
+        summary = run_compact(out_dir, cfg.vacuum_retention_hours, cfg.lock_lease_s)
+    typer.echo(summary.line())
+
+
+@app.command()
+def migrate(out_dir: Annotated[Path, typer.Argument(help="Output folder in the old runs/<run_id>/ layout.")],
+            config: ConfigOpt = None) -> None:
+    """Convert an output folder of runs/<run_id>/ + manifests into the Delta table, every row kept."""
+    with _user_errors():
+        cfg = _scan_config(config)
+        from dogbreed.maintain import MIGRATED_DIR
+        from dogbreed.maintain import migrate as run_migrate
+
+        done = run_migrate(str(out_dir), cfg.lock_lease_s)
+    typer.echo(f"migrated {len(done)} runs into the Delta table {out_dir}; the old runs/ folder is now "
+               f"{out_dir / MIGRATED_DIR}: delete it once you have checked the table")
+
+
+@app.command()
 def report(
-    out_dir: Annotated[Path, typer.Argument(help="Scan output folder (the one holding runs/).")],
+    out_dir: OutArg,
     html: Annotated[Path, typer.Option("--html", help="HTML file to write.")] = Path("report.html"),
     max_gallery: Annotated[int, typer.Option(min=0, help="Most photos in the gallery, taken in turn from each status.")] = 200,
     thumb_size: Annotated[int, typer.Option(min=32, help="Longest side of a gallery thumbnail, in pixels.")] = 320,
