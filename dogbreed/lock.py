@@ -274,3 +274,11 @@ def _parse(raw: bytes | None) -> dict | None:
         return json.loads(raw) if raw else None
     except ValueError:
         return None
+
+
+def holder(loc: Location) -> dict | None:
+    """The record of the lock's current holder (who, since when, its lease), or None while nobody holds it."""
+    store = _objects(loc)
+    names = store.names()
+    record = _parse(store.get(names[-1])) if names else None
+    return record if record is not None and _alive(record, time.time()) else None

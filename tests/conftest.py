@@ -126,19 +126,30 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "A
           "AWS_ALLOW_HTTP": "true"}  # deltalake refuses an http:// endpoint unless allowed
 
 
-@pytest.fixture
-def s3_out(moto_endpoint, monkeypatch) -> str:
-    """A fresh bucket on the moto server and an s3:// output URI in it; AWS_* point at the server (dummy keys)."""
+def point_at_moto(mp: pytest.MonkeyPatch, endpoint: str) -> str:
+    """Set AWS_* (dummy keys, endpoint) for this process and its children, create a fresh bucket; returns OUT."""
     import boto3
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    mp.setenv("AWS_ENDPOINT_URL", endpoint)
     for key, value in S3_ENV.items():
-        monkeypatch.setenv(key, value)
+        mp.setenv(key, value)
     for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(key, raising=False)
+        mp.delenv(key, raising=False)
     bucket = f"dogbreed-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=bucket)
     return f"s3://{bucket}/scans/nightly"
+
+
+@pytest.fixture
+def s3_out(moto_endpoint, monkeypatch) -> str:
+    """A fresh bucket on the moto server and an s3:// output URI in it; AWS_* point at the server (dummy keys)."""
+    return point_at_moto(monkeypatch, moto_endpoint)
+
+
+@pytest.fixture(scope="session")
+def s3_env(moto_endpoint) -> Callable[[pytest.MonkeyPatch], str]:
+    """For wider-scoped fixtures: s3_env(monkeypatch_context) -> a fresh s3:// OUT with AWS_* pointing at moto."""
+    return lambda mp: point_at_moto(mp, moto_endpoint)
 
 
 def _commit_rows(out: str | Path, paths: list[Path | str], status: str = "neither", model_id: str = "test-model",
