@@ -251,19 +251,14 @@ def latest(
 
 
 @app.command()
-def compact(
-    out_dir: OutArg,
-    config: ConfigOpt = None,
-    retention_hours: Annotated[Optional[int], typer.Option(
-        min=1, help="Keep files older versions need this long (default: vacuum_retention_hours, 168).")] = None,
-) -> None:
+def compact(out_dir: OutArg, config: ConfigOpt = None, retention_hours: Annotated[Optional[int], typer.Option(
+        min=1, help="Keep files older versions need this long (default: vacuum_retention_hours).")] = None) -> None:
     """Rewrite the table's small files into large ones (OPTIMIZE), then delete files no recent version needs (VACUUM)."""
     with _user_errors():
-        cfg = _scan_config(config, vacuum_retention_hours=retention_hours)
         from dogbreed.maintain import compact as run_compact
 
-        summary = run_compact(out_dir, cfg.vacuum_retention_hours, cfg.lock_lease_s)
-    typer.echo(summary.line())
+        cfg = _scan_config(config, vacuum_retention_hours=retention_hours)
+        typer.echo(run_compact(out_dir, cfg.vacuum_retention_hours, cfg.lock_lease_s).line())
 
 
 @app.command()
@@ -271,12 +266,11 @@ def migrate(out_dir: Annotated[Path, typer.Argument(help="Output folder in the o
             config: ConfigOpt = None) -> None:
     """Convert an output folder of runs/<run_id>/ + manifests into the Delta table, every row kept."""
     with _user_errors():
-        cfg = _scan_config(config)
         from dogbreed.maintain import MIGRATED_DIR
         from dogbreed.maintain import migrate as run_migrate
 
-        done = run_migrate(str(out_dir), cfg.lock_lease_s)
-    typer.echo(f"migrated {len(done)} runs into the Delta table {out_dir}; the old runs/ folder is now "
+        done = run_migrate(str(out_dir), _scan_config(config).lock_lease_s)
+    typer.echo(f"migrated {len(done)} runs into the Delta table {out_dir}; the old runs/ folder is now in "
                f"{out_dir / MIGRATED_DIR}: delete it once you have checked the table")
 
 
@@ -288,14 +282,10 @@ def report(
     thumb_size: Annotated[int, typer.Option(min=32, help="Longest side of a gallery thumbnail, in pixels.")] = 320,
 ) -> None:
     """Write one self-contained HTML report of a scan: summary, breed chart, dog scores, annotated gallery, errors."""
-    from dogbreed.report import ReportError, build_report
+    with _user_errors():  # ReportError: one sentence, exit 2
+        from dogbreed.report import build_report
 
-    try:
-        path = build_report(out_dir, html, max_gallery=max_gallery, thumb_size=thumb_size)
-    except ReportError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    typer.echo(str(path))
+        typer.echo(str(build_report(out_dir, html, max_gallery=max_gallery, thumb_size=thumb_size)))
 
 
 @app.command()
@@ -378,12 +368,13 @@ def submit(
     address: AddressOpt = None,
     config: ConfigOpt = None,
     follow: Annotated[bool, typer.Option("--follow/--no-follow", help="Stream the job's logs and exit as it did.")] = True,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds any one request to the cluster may take.")] = 30.0,
 ) -> None:
     """Run a job on a Ray cluster through its Jobs API; paths in the arguments must exist on the cluster's nodes."""
     from dogbreed.submit import submit as run_submit
 
     with _submit_errors():
-        result = run_submit(job, list(ctx.args), address=address, config=config, follow=follow)
+        result = run_submit(job, list(ctx.args), address=address, config=config, follow=follow, timeout_s=timeout)
     if follow:
         typer.echo(f"{result.job_id}: {result.status} {result.message}".rstrip(), err=True)
     raise typer.Exit(result.exit_code)

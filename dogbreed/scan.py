@@ -26,10 +26,10 @@ import pyarrow.compute as pc
 from dogbreed import results
 from dogbreed.config import ScanConfig, dump_config, settings_id
 from dogbreed.listing import RootError, list_roots, normalise_roots
+from dogbreed.lock import hold
 from dogbreed.models import describe_model
 from dogbreed.plan import KNOWN_COLUMNS, Plan, ScanRefused, make_plan
 from dogbreed.predictors import TRANSIENT, BreedPredictor, Decoder
-from dogbreed.lock import hold
 from dogbreed.store import RunWriter, check_out, clear_orphans, commit, new_run_id, open_table, utcnow
 
 log = logging.getLogger("dogbreed.scan")

@@ -24,9 +24,9 @@ from PIL import Image
 
 from dogbreed import results
 from dogbreed.config import dump_config
+from dogbreed.lock import holder
 from dogbreed.models import describe_model
 from dogbreed.scan import EXIT_BAD_PHOTOS, EXIT_LOCKED, EXIT_OK, EXIT_REFUSED, run_scan
-from dogbreed.lock import holder
 from dogbreed.store import LOG_DIR, locate, open_table, run_prefixes
 
 DOGBREED = Path(sys.executable).with_name("dogbreed")  # the installed console script, as cron runs it

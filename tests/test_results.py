@@ -74,8 +74,9 @@ def test_the_readers_in_the_readme_give_the_current_answer(three_runs):
     # DuckDB on the table's Arrow dataset (delta_scan needs DuckDB's delta extension, downloaded at run time)
     import duckdb
 
-    rows = DeltaTable(out).to_pyarrow_dataset()
-    current = duckdb.sql("""
+    con = duckdb.connect()
+    con.register("rows", DeltaTable(out).to_pyarrow_dataset())
+    current = con.sql("""
         SELECT path, run_id FROM rows
         QUALIFY row_number() OVER (PARTITION BY path ORDER BY run_id DESC) = 1 AND status <> 'deleted'
         ORDER BY path""").fetchall()

@@ -17,8 +17,7 @@ from deltalake import DeltaTable
 
 from dogbreed import results
 from dogbreed.lock import hold
-from dogbreed.store import (OutputError, ScanLocked, check_out, clear_orphans, commit, locate, open_table,
-                            run_prefixes)
+from dogbreed.store import OutputError, ScanLocked, check_out, clear_orphans, commit, locate, open_table, run_prefixes
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -146,8 +146,8 @@ def _commit_done(root: Path, out: Path, config: Path | None) -> int:
     from dogbreed import results
     from dogbreed.config import ScanConfig, load_config, settings_id
     from dogbreed.listing import list_roots, normalise_roots
-    from dogbreed.models import describe_model
     from dogbreed.lock import hold
+    from dogbreed.models import describe_model
     from dogbreed.store import RunWriter, commit, locate, new_run_id, open_table, utcnow
 
     cfg = load_config(ScanConfig, config, {"roots": [str(root)], "out": str(out)})
