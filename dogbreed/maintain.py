@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from dogbreed import results
 from dogbreed.lock import hold
-from dogbreed.store import OutputError, RunWriter, StoreError, check_out, commit, open_table
+from dogbreed.store import DELTA_COMMIT_KEYS, OutputError, RunWriter, StoreError, check_out, commit, open_table
 
 log = logging.getLogger("dogbreed.maintain")
 MIGRATED_DIR = "_runs_before_delta"  # where migrate moves the old runs/ (hidden from Delta and Parquet readers)
@@ -75,7 +75,8 @@ def migrate(out: str, lease_s: float = 60.0) -> list[str]:
         table = open_table(loc)
         have = {m["run_id"] for m in results.manifests(out, table)}
         for run in old:
-            manifest = json.loads((run / results.MANIFEST).read_text(encoding="utf-8"))
+            manifest = {k: v for k, v in json.loads((run / results.MANIFEST).read_text(encoding="utf-8")).items()
+                        if k not in DELTA_COMMIT_KEYS}
             run_id = manifest.get("run_id", run.name)
             if run_id in have:
                 continue

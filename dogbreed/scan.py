@@ -312,9 +312,6 @@ def run_scan(cfg: ScanConfig, dry_run: bool = False) -> ScanSummary:
     settings = settings_id(cfg)
     with hold(loc, cfg.lock_lease_s) as lease:
         table = open_table(loc)  # the snapshot this run plans from and commits on top of
-        left = clear_orphans(loc, table)
-        if left:
-            log.warning("removed the files of %d unfinished earlier run(s): %s", len(left), ", ".join(left))
         started, t0 = utcnow(), time.perf_counter()
         try:
             listing = list_roots(cfg.roots, cfg.include_hidden, cfg.follow_symlinks)
@@ -330,6 +327,9 @@ def run_scan(cfg: ScanConfig, dry_run: bool = False) -> ScanSummary:
             summary.would_process = _preview(plan.todo)
             summary.would_delete = plan.deleted[:DRY_RUN_PREVIEW]
             return summary
+        left = clear_orphans(loc, table)
+        if left:
+            log.warning("removed the files of %d unfinished earlier run(s): %s", len(left), ", ".join(left))
         run_id = new_run_id()
         with RunWriter(loc, run_id) as writer:
             proc_s = _write_run(writer, plan, cfg, run_id, settings, model_id, table)

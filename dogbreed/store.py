@@ -262,8 +262,10 @@ def commit(loc: Location, table, adds: list[Any], manifest: dict[str, Any]) -> i
     from deltalake.exceptions import CommitFailedError, DeltaError
     from deltalake.transaction import create_table_with_add_actions
 
-    props = CommitProperties(custom_metadata={"dogbreed": json.dumps(manifest, sort_keys=True),
-                                              "run_id": manifest["run_id"]}, max_commit_retries=0)
+    clash = set(manifest) & DELTA_COMMIT_KEYS
+    if clash:
+        raise ValueError(f"manifest keys {sorted(clash)} are Delta's own commitInfo fields")
+    props = CommitProperties(custom_metadata=manifest, max_commit_retries=0)
     try:
         if table is None:
             create_table_with_add_actions(loc.uri, delta_schema(), adds, mode="error", name=TABLE_NAME,
@@ -281,16 +283,22 @@ def commit(loc: Location, table, adds: list[Any], manifest: dict[str, Any]) -> i
         raise StoreError(f"cannot commit the run to {loc.out}: {_first_line(e)}") from None
 
 
+# commitInfo fields Delta writers set themselves; a run's manifest sits beside them in the same commitInfo.
+DELTA_COMMIT_KEYS = {"timestamp", "operation", "operationParameters", "operationMetrics", "engineInfo", "clientVersion",
+                     "version", "readVersion", "isolationLevel", "isBlindAppend", "userMetadata", "txnId",
+                     "inCommitTimestamp", "tags"}
+
+
 def committed_runs(table) -> list[dict[str, Any]]:
-    """The manifest of every committed run still in the table's log, oldest first (with its table version)."""
+    """The manifest of every committed run still in the table's log, oldest first, with its table `version`.
+
+    A run's commit carries its manifest as top-level commitInfo fields (run_id, model_id, counts, ...), so any
+    Delta reader's history shows them; compaction commits have no run_id.
+    """
     if table is None:
         return []
-    runs = []
-    for entry in table.history():
-        if "dogbreed" in entry:
-            manifest = json.loads(entry["dogbreed"])
-            manifest["version"] = entry.get("version")
-            runs.append(manifest)
+    runs = [{k: v for k, v in entry.items() if k not in DELTA_COMMIT_KEYS - {"version"}}
+            for entry in table.history() if "run_id" in entry]
     return sorted(runs, key=lambda m: m["version"])
 
 
