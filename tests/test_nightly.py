@@ -93,6 +93,13 @@ def snapshot(out: Path | str) -> dict[str, str]:
     return digest
 
 
+def commit_rows(out: Path | str, paths: list[Path], status: str = "neither", model_id: str = DEFAULT_MODEL_ID) -> str:
+    """Commit one run with a row per path (real size and mtime), as a scan commits it, under the default model."""
+    from conftest import _commit_rows
+
+    return _commit_rows(out, paths, status=status, model_id=model_id)
+
+
 def assert_one_current_row_per_file(out: Path | str, files: list[Path]) -> pd.DataFrame:
     latest = results.latest(out)
     assert latest["path"].is_unique, latest["path"][latest["path"].duplicated()].tolist()
