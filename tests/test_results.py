@@ -48,6 +48,21 @@ def test_latest_does_not_depend_on_file_order_and_survives_compaction(three_runs
     assert len(results.read_all(out)) == 6 and len(results.manifests(out)) == 3
 
 
+def test_compaction_on_s3_keeps_every_row_and_removes_what_it_replaced(s3_out, commit_rows):
+    import boto3
+
+    for batch in (["/p/a.jpg", "/p/b.jpg"], ["/p/b.jpg"], ["/p/c.jpg"]):
+        run = commit_rows(s3_out, batch)
+    before = results.latest(s3_out)
+    summary = compact(s3_out, retention_hours=0)
+    assert (summary.files_before, summary.files_after, summary.removed) == (3, 1, 3)
+    pd.testing.assert_frame_equal(results.latest(s3_out), before)
+    assert before["run_id"].iloc[-1] == run and len(results.read_all(s3_out)) == 4
+    bucket, prefix = s3_out[5:].split("/", 1)
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]]
+    assert sum(k.endswith(".parquet") and "_delta_log" not in k for k in keys) == 1
+
+
 def test_plain_read_parquet_on_the_folder_counts_removed_files_until_vacuum(three_runs):
     """Why the README says: read OUT with deltalake, never as a plain Parquet folder."""
     out, _, _ = three_runs
