@@ -134,7 +134,7 @@ def _scan_config(config: Path | None, **overrides) -> ScanConfig:
 @app.command()
 def scan(
     roots: Annotated[list[str], typer.Argument(help="Folders or URIs (s3://...) to scan recursively.")],
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder for Parquet runs.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output Delta table: a folder, s3://... or gs://...")] = None,
     config: ConfigOpt = None,
     model: ModelOpt = None,
     mode: Annotated[Optional[str], typer.Option(help="missing (new/changed only) or all.")] = None,
@@ -218,17 +218,22 @@ def evaluate_command(
         typer.echo(f"{key:>24}: {value:.1%}" if isinstance(value, float) else f"{key:>24}: {value}")
 
 
+OutArg = Annotated[str, typer.Argument(help="Scan output: a folder, s3://... or gs://... (a Delta table).")]
+
+
 @app.command()
 def latest(
-    out_dir: Annotated[Path, typer.Argument(help="Scan output folder.")],
+    out_dir: OutArg,
     model_id: Annotated[Optional[str], typer.Option(help="Only rows of this model (default: any).")] = None,
     csv: Annotated[Optional[Path], typer.Option(help="Write the table as CSV here.")] = None,
     parquet: Annotated[Optional[Path], typer.Option(help="Write the table as Parquet here.")] = None,
 ) -> None:
     """The current answer per existing photo (latest successful-or-error row), as a table or file."""
     from dogbreed import results
+    from dogbreed.store import check_out
 
     with _user_errors():
+        check_out(out_dir)
         df = results.latest(out_dir, model_id=model_id)
     if csv:
         df.to_csv(csv, index=False)
@@ -240,8 +245,32 @@ def latest(
 
 
 @app.command()
+def compact(out_dir: OutArg, config: ConfigOpt = None, retention_hours: Annotated[Optional[int], typer.Option(
+        min=1, help="Keep files older versions need this long (default: vacuum_retention_hours).")] = None) -> None:
+    """Rewrite the table's small files into large ones (OPTIMIZE), then delete files no recent version needs (VACUUM)."""
+    with _user_errors():
+        from dogbreed.maintain import compact as run_compact
+
+        cfg = _scan_config(config, vacuum_retention_hours=retention_hours)
+        typer.echo(run_compact(out_dir, cfg.vacuum_retention_hours, cfg.lock_lease_s).line())
+
+
+@app.command()
+def migrate(out_dir: Annotated[Path, typer.Argument(help="Output folder in the old runs/<run_id>/ layout.")],
+            config: ConfigOpt = None) -> None:
+    """Convert an output folder of runs/<run_id>/ + manifests into the Delta table, every row kept."""
+    with _user_errors():
+        from dogbreed.maintain import MIGRATED_DIR
+        from dogbreed.maintain import migrate as run_migrate
+
+        done = run_migrate(str(out_dir), _scan_config(config).lock_lease_s)
+    typer.echo(f"migrated {len(done)} runs into the Delta table {out_dir}; the old runs/ folder is now in "
+               f"{out_dir / MIGRATED_DIR}: delete it once you have checked the table")
+
+
+@app.command()
 def report(
-    out_dir: Annotated[Path, typer.Argument(help="Scan output folder (the one holding runs/).")],
+    out_dir: OutArg,
     html: Annotated[Path, typer.Option("--html", help="HTML file to write.")] = Path("report.html"),
     max_gallery: Annotated[int, typer.Option(min=0, help="Most photos in the gallery, taken in turn from each status.")] = 200,
     thumb_size: Annotated[int, typer.Option(min=32, help="Longest side of a gallery thumbnail, in pixels.")] = 320,
@@ -335,12 +364,13 @@ def submit(
     address: AddressOpt = None,
     config: ConfigOpt = None,
     follow: Annotated[bool, typer.Option("--follow/--no-follow", help="Stream the job's logs and exit as it did.")] = True,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds any one request to the cluster may take.")] = 30.0,
 ) -> None:
     """Run a job on a Ray cluster through its Jobs API; paths in the arguments must exist on the cluster's nodes."""
     from dogbreed.submit import submit as run_submit
 
     with _submit_errors():
-        result = run_submit(job, list(ctx.args), address=address, config=config, follow=follow)
+        result = run_submit(job, list(ctx.args), address=address, config=config, follow=follow, timeout_s=timeout)
     if follow:
         typer.echo(f"{result.job_id}: {result.status} {result.message}".rstrip(), err=True)
     raise typer.Exit(result.exit_code)

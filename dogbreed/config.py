@@ -74,7 +74,7 @@ class ScanConfig(_Strict):
     """Everything the scan job needs; see configs/scan.yaml for the documented defaults."""
 
     roots: list[str] = Field(default_factory=list, description="folders or URIs (s3://, gs://) to scan recursively")
-    out: str | None = Field(None, description="output folder (Parquet runs, manifests, lock)")
+    out: str | None = Field(None, description="output Delta table: a local folder, or an s3:// or gs:// URI")
     model: str = Field("default", description="'default' (offline EfficientNet-Lite0), a model artifact folder, or "
                        "timm:NAME[=FILE.safetensors] (any timm ImageNet-1k classifier, zero-shot)")
     address: str | None = Field(None, description="Ray address; null = RAY_ADDRESS or a local Ray started here")
@@ -99,6 +99,10 @@ class ScanConfig(_Strict):
     retry_errors: bool = Field(False, description="also retry error rows that cannot change until their file does")
     log_file: str | None = Field(None, description="append the job's log lines here")
     progress: bool | None = Field(None, description="one progress bar; null = only when stderr is a terminal")
+    lock_lease_s: float = Field(60.0, ge=5, description="lease of the output's lock; a running scan renews it 4 times "
+                                "per lease, a killed one's lock is free again after this long")
+    vacuum_retention_hours: int = Field(168, ge=1, description="dogbreed compact keeps files older versions need for "
+                                        "this long (time travel), then deletes them")
     face: FaceConfig = Field(default_factory=FaceConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)

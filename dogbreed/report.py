@@ -250,11 +250,10 @@ def build_report(out_dir: str | Path, html_path: str | Path, max_gallery: int = 
     Counts and plots describe the current answer per photo (`results.latest`); the run block comes from
     the newest manifest. Returns the path written.
     """
-    out_dir, html_path = Path(out_dir), Path(html_path)
+    html_path = Path(html_path)
     runs = results.manifests(out_dir)
     if not runs:
-        expected = f"{out_dir / results.RUNS_DIR}/<run_id>/{results.MANIFEST}"
-        raise ReportError(f"{out_dir} has no committed scan run (expected {expected}).")
+        raise ReportError(f"{out_dir} has no committed scan run (expected a Delta table with {out_dir}/_delta_log).")
     rows = results.latest(out_dir)
     status_counts = {s: int((rows["status"] == s).sum()) for s in results.STATUSES if s != "deleted"}
     problems = rows[rows["status"].isin(PROBLEM_STATUSES)].sort_values("path")

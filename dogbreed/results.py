@@ -1,20 +1,18 @@
 """The output schema (one constant) and what analysts call to read a scan's output.
 
-Layout of an output folder::
+An output (a local folder or an s3:// / gs:// URI) is a Delta Lake table of result rows::
 
-    OUT/runs/<run_id>/part-*.parquet   rows of one committed run (a run appears whole or not at all)
-    OUT/runs/<run_id>/_manifest.json   run_id, model_id, roots, counts, times, status
-    OUT/runs/<run_id>/_config.yaml     the resolved config of that run
-    OUT/_staging/                      runs in progress (ignored by readers: leading underscore)
-    OUT/.lock                          held by the running scan
+    OUT/_delta_log/                    the table's log: one commit per run, its manifest as commit metadata
+    OUT/data/<run_id>/part-*.parquet   rows written by that run (readers see them once its commit exists)
+    OUT/_dogbreed/lock/                the lock of the running scan
 
-``pandas.read_parquet(OUT)`` reads every row of every run; :func:`latest` gives the current answer per photo.
+The table's current version holds every committed row (the history); :func:`latest` gives the current
+answer per photo. Read it through these functions or `deltalake`, never as a plain Parquet folder.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -75,7 +73,7 @@ STATUSES = OK_STATUSES + ("error", "skipped", "deleted")
 SUMMARY_COLUMNS = ["path", "status", "breed", "breed_prob", "dog_score", "face_count"]
 PREDICT_COLUMNS = ["path", "status", "error", "dog_score", "breed", "breed_prob", "face_count"]
 
-RUNS_DIR = "runs"
+RUNS_DIR = "runs"  # the layout before the Delta table (dogbreed migrate converts it)
 MANIFEST = "_manifest.json"
 
 
@@ -124,23 +122,26 @@ def rows_to_table(rows: dict[str, Any], run_id: str, settings_id: str | None, pr
     return to_table(cols)
 
 
-def run_dirs(out: str | Path) -> list[Path]:
-    """Committed run folders, oldest first (run ids sort by time)."""
-    runs = Path(out) / RUNS_DIR
-    return sorted(p for p in runs.iterdir() if p.is_dir() and (p / MANIFEST).is_file()) if runs.is_dir() else []
+def manifests(out: Any, table: Any = None) -> list[dict[str, Any]]:
+    """Manifest of every committed run still in the table's log, oldest first (run_id, model_id, counts, ...)."""
+    from dogbreed.store import committed_runs, locate, open_table
 
-
-def manifests(out: str | Path) -> list[dict[str, Any]]:
-    """Manifest of every committed run, oldest first."""
-    return [json.loads((d / MANIFEST).read_text(encoding="utf-8")) for d in run_dirs(out)]
+    return committed_runs(table if table is not None else open_table(locate(out)))
 
 
 # Columns with few distinct values: read as dictionaries, a million rows of them cost a few MiB, not tens.
 REPEATED = ("status", "error", "error_kind", "model_id", "settings_id", "run_id")
 
 
-def _dataset(out: str | Path, dictionaries: tuple[str, ...] = ()) -> pads.Dataset | None:
-    files = [str(f) for d in run_dirs(out) for f in sorted(d.glob("*.parquet"))]
+def _dataset(out: Any, dictionaries: tuple[str, ...] = (), table: Any = None) -> pads.Dataset | None:
+    """The current version's files as one pyarrow dataset of exactly SCHEMA (None before the first commit)."""
+    from dogbreed.store import locate, open_table
+
+    loc = locate(out)
+    table = table if table is not None else open_table(loc)
+    if table is None:
+        return None
+    files = [loc.path(p) for p in table.get_add_actions(flatten=True).column("path").to_pylist()]
     if not files:
         return None
     schema, fmt = SCHEMA, pads.ParquetFileFormat()
@@ -149,12 +150,12 @@ def _dataset(out: str | Path, dictionaries: tuple[str, ...] = ()) -> pads.Datase
             i = schema.get_field_index(name)
             schema = schema.set(i, schema.field(i).with_type(pa.dictionary(pa.int32(), pa.string())))
         fmt = pads.ParquetFileFormat(read_options={"dictionary_columns": list(dictionaries)})
-    return pads.dataset(files, schema=schema, format=fmt)
+    return pads.dataset(sorted(files), schema=schema, format=fmt, filesystem=loc.fs)
 
 
-def rows_of(out: str | Path, paths: pa.ChunkedArray, run_ids: pa.ChunkedArray) -> pa.Table:
+def rows_of(out: Any, paths: pa.ChunkedArray, run_ids: pa.ChunkedArray, table: Any = None) -> pa.Table:
     """The committed rows written for (path, run_id) pairs, in the pairs' order (one per pair that exists)."""
-    ds = _dataset(out)
+    ds = _dataset(out, table=table)
     if ds is None:
         return empty_table()
     found = ds.to_table(filter=pc.field("path").isin(pc.unique(paths)))
@@ -172,21 +173,21 @@ def rows_of(out: str | Path, paths: pa.ChunkedArray, run_ids: pa.ChunkedArray) -
     return found.take(pa.array(order, pa.int64()))
 
 
-def read_all(out: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
-    """Every row of every committed run (history), as pandas."""
+def read_all(out: Any, columns: list[str] | None = None) -> pd.DataFrame:
+    """Every row of every committed run (history), as pandas (nullable Int32/Int64 integers in every run)."""
     ds = _dataset(out)
     table = ds.to_table(columns=columns) if ds is not None else empty_table().select(columns or SCHEMA.names)
     return table.to_pandas()
 
 
-def latest_table(out: str | Path, columns: list[str] | None = None, model_id: str | None = None,
-                 compact: bool = False) -> pa.Table:
+def latest_table(out: Any, columns: list[str] | None = None, model_id: str | None = None,
+                 compact: bool = False, table: Any = None) -> pa.Table:
     """Latest row per path (optionally only rows of one model), deleted files included; arrow for speed.
 
     With `compact`, the repeated string columns come back dictionary-encoded (the planner's way of reading
     years of history in little memory).
     """
-    ds = _dataset(out, REPEATED if compact else ())
+    ds = _dataset(out, REPEATED if compact else (), table=table)
     cols = list(dict.fromkeys(["path", "processed_at", "run_id"] + (columns or SCHEMA.names)))
     if ds is None:
         return empty_table().select(cols)
@@ -196,15 +197,21 @@ def latest_table(out: str | Path, columns: list[str] | None = None, model_id: st
     table = ds.to_table(columns=cols, filter=filt)
     if table.num_rows < 2:
         return table
-    # Files are read oldest run first (run ids sort by start time, and runs never overlap), so a path's latest
-    # row is its last occurrence: found with one hash pass, without sorting or copying the whole history.
-    codes = pc.dictionary_encode(table.column("path")).combine_chunks()
-    last = np.full(len(codes.dictionary), -1, dtype=np.int64)
-    np.maximum.at(last, codes.indices.to_numpy(zero_copy_only=False), np.arange(table.num_rows, dtype=np.int64))
-    return table.take(pa.array(np.sort(last)))
+    # A path's latest row is the one of its newest run (run ids sort by start time, runs never overlap, and a
+    # run writes a path once). Compaction reorders rows across files, so the run id decides, not the position:
+    # two hash passes, without sorting or copying the whole history.
+    paths = pc.dictionary_encode(table.column("path")).combine_chunks()
+    runs = table.column("run_id")
+    runs = (runs if pa.types.is_dictionary(runs.type) else pc.dictionary_encode(runs)).combine_chunks()
+    order = pc.rank(runs.dictionary.cast(pa.string()), sort_keys="ascending", tiebreaker="dense").to_numpy()
+    rank = order[runs.indices.to_numpy(zero_copy_only=False)]
+    codes = paths.indices.to_numpy(zero_copy_only=False)
+    best = np.zeros(len(paths.dictionary), dtype=order.dtype)
+    np.maximum.at(best, codes, rank)
+    return table.filter(pa.array(rank == best[codes]))
 
 
-def latest(out: str | Path, model_id: str | None = None) -> pd.DataFrame:
+def latest(out: Any, model_id: str | None = None) -> pd.DataFrame:
     """The current answer per existing photo: its latest row (for `model_id` if given), deleted files left out."""
     table = latest_table(out, model_id=model_id)
     if table.num_rows:

@@ -2,8 +2,8 @@
 
 Every file found yields exactly one row; a bad photo becomes an error row, never a crash. The listing and the
 plan are Arrow tables, the paths reach the decode tasks in blocks of thousands, and the result rows stream
-back to this driver, which writes them into the run's staging folder, counts them and shows progress. The
-whole run is committed atomically by :class:`dogbreed.store.OutputStore`.
+back to this driver, which writes them into the output table's files, counts them and shows progress. The
+whole run is one Delta commit (:mod:`dogbreed.store`), made while holding the output's lock (:mod:`dogbreed.lock`).
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ import pyarrow.compute as pc
 from dogbreed import results
 from dogbreed.config import ScanConfig, dump_config, settings_id
 from dogbreed.listing import RootError, list_roots, normalise_roots
+from dogbreed.lock import hold
 from dogbreed.models import describe_model
 from dogbreed.plan import KNOWN_COLUMNS, Plan, ScanRefused, make_plan
 from dogbreed.predictors import TRANSIENT, BreedPredictor, Decoder
 from dogbreed.ray_session import start_ray
-from dogbreed.store import OutputStore, RunWriter, check_out, new_run_id, utcnow
+from dogbreed.store import RunWriter, check_out, clear_orphans, commit, new_run_id, open_table, utcnow
 
 log = logging.getLogger("dogbreed.scan")
 
@@ -235,12 +236,12 @@ def _write_direct(writer: RunWriter, plan: Plan, run_id: str, settings: str, mod
                                        "processed_at": pa.array([utcnow()] * n, results.UTC_US)}))
 
 
-def _write_carried(writer: RunWriter, plan: Plan, out: str, run_id: str) -> None:
+def _write_carried(writer: RunWriter, plan: Plan, out: str, run_id: str, table: Any) -> None:
     """Moved or re-identified files: their previous result, under their current path and identity."""
     c = plan.carried
     if not c.num_rows:
         return
-    old = results.rows_of(out, c.column("src_path"), c.column("src_run"))
+    old = results.rows_of(out, c.column("src_path"), c.column("src_run"), table=table)
     if old.num_rows != c.num_rows:  # a source row vanished from history (never, unless edited by hand)
         raise ScanFailed(f"{c.num_rows - old.num_rows} carried-over rows could not be found in the history of {out}")
     n = old.num_rows
@@ -279,24 +280,21 @@ def run_scan(cfg: ScanConfig, dry_run: bool = False) -> ScanSummary:
         raise ScanRefused("no roots to scan")
     if not cfg.out:
         raise ScanRefused("no output folder given (--out)")
-    check_out(cfg.out)
+    loc = check_out(cfg.out)
     roots = normalise_roots(cfg.roots)
     for given, outer in roots.dropped:
         log.warning("root %s lies inside root %s: its files are scanned once, through %s", given, outer, outer)
     cfg = cfg.model_copy(update={"roots": roots.roots})
-    store = OutputStore(cfg.out)
     _, model_id = describe_model(cfg.model)
     settings = settings_id(cfg)
-    with store.lock():
-        left = store.clear_staging()
-        if left:
-            log.warning("removed staging of %d unfinished earlier run(s): %s", len(left), ", ".join(left))
+    with hold(loc, cfg.lock_lease_s) as lease:
+        table = open_table(loc)  # the snapshot this run plans from and commits on top of
         started, t0 = utcnow(), time.perf_counter()
         try:
             listing = list_roots(cfg.roots, cfg.include_hidden, cfg.follow_symlinks)
         except RootError as e:
             raise ScanRefused(str(e)) from None
-        known = results.latest_table(cfg.out, columns=["path", "run_id", *KNOWN_COLUMNS], compact=True)
+        known = results.latest_table(cfg.out, columns=["path", "run_id", *KNOWN_COLUMNS], compact=True, table=table)
         plan = make_plan(listing, cfg.roots, known, model_id, settings, cfg)
         del listing, known
         summary = ScanSummary(None, str(cfg.out), model_id, plan.listed, plan.todo.num_rows, plan.unchanged,
@@ -306,23 +304,12 @@ def run_scan(cfg: ScanConfig, dry_run: bool = False) -> ScanSummary:
             summary.would_process = _preview(plan.todo)
             summary.would_delete = plan.deleted[:DRY_RUN_PREVIEW]
             return summary
+        left = clear_orphans(loc, table)
+        if left:
+            log.warning("removed the files of %d unfinished earlier run(s): %s", len(left), ", ".join(left))
         run_id = new_run_id()
-        with RunWriter(store.stage(run_id)) as writer:
-            _write_direct(writer, plan, run_id, settings, model_id)
-            _write_carried(writer, plan, cfg.out, run_id)
-            t_proc = time.perf_counter()
-            if plan.todo.num_rows:
-                shutdown = start_ray(cfg.address)
-                try:
-                    seen = run_pipeline(plan.todo, cfg, run_id, writer)
-                finally:
-                    if shutdown:
-                        shutdown()
-                lost = _write_lost(writer, plan.todo, seen, run_id, settings)
-                if lost == plan.todo.num_rows:
-                    raise ScanFailed(f"all {lost} photos were lost to worker failures; nothing was committed")
-            proc_s = time.perf_counter() - t_proc
-            _write_deleted(writer, plan.deleted, run_id)
+        with RunWriter(loc, run_id) as writer:
+            proc_s = _write_run(writer, plan, cfg, run_id, settings, model_id, table)
         counts = Counter(writer.counts)
         summary.run_id, summary.counts = run_id, dict(counts)
         summary.seconds = time.perf_counter() - t0
@@ -334,6 +321,33 @@ def run_scan(cfg: ScanConfig, dry_run: bool = False) -> ScanSummary:
                        "carried": plan.carried.num_rows, "moved": plan.moved, **counts},
             "files_per_root": plan.files_per_root,
             "seconds": round(summary.seconds, 3), "images_per_s": round(summary.images_per_s, 3),
+            "config": dump_config(cfg),
         }
-        store.commit(run_id, manifest, {"_config.yaml": dump_config(cfg)})
+        try:
+            lease.check(str(cfg.out))
+            commit(loc, table, writer.adds, manifest)
+        except BaseException:
+            writer.abandon()  # refused or failed: its files go now (a kill leaves them to the next run)
+            raise
         return summary
+
+
+def _write_run(writer: RunWriter, plan: Plan, cfg: ScanConfig, run_id: str, settings: str, model_id: str,
+               table: Any) -> float:
+    """Every row of the run into the writer; returns the seconds spent processing photos."""
+    _write_direct(writer, plan, run_id, settings, model_id)
+    _write_carried(writer, plan, cfg.out, run_id, table)
+    t_proc = time.perf_counter()
+    if plan.todo.num_rows:
+        shutdown = start_ray(cfg.address)
+        try:
+            seen = run_pipeline(plan.todo, cfg, run_id, writer)
+        finally:
+            if shutdown:
+                shutdown()
+        lost = _write_lost(writer, plan.todo, seen, run_id, settings)
+        if lost == plan.todo.num_rows:
+            raise ScanFailed(f"all {lost} photos were lost to worker failures; nothing was committed")
+    proc_s = time.perf_counter() - t_proc
+    _write_deleted(writer, plan.deleted, run_id)
+    return proc_s

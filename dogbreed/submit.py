@@ -1,15 +1,21 @@
 """Running the jobs on a Ray cluster through its Jobs API: ship the project, follow the logs, exit as the job did.
 
-`dogbreed submit scan|train`, `dogbreed jobs`, `dogbreed logs` and `dogbreed stop` call the functions here.
+`dogbreed submit scan|train`, `dogbreed jobs`, `dogbreed logs` and `dogbreed stop` call the functions here. Only
+an explicit list of project files is shipped (never .env, keys or tokens that happen to lie in the checkout),
+and every request to the cluster has a timeout, so a head that accepts connections but never answers costs
+one sentence and exit 2, not a hung cron job.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shlex
+import shutil
 import socket
 import sys
+import tempfile
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,9 +30,12 @@ from dogbreed.config import ConfigError, ScanConfig, load_config
 
 JOBS = {"scan": ("jobs/scan.py", "configs/scan.yaml"), "train": ("jobs/train.py", "configs/train.yaml")}
 
-# Never shipped: environments, outputs, caches and tests. Ray also honours the project's .gitignore.
-EXCLUDES = [".venv/", "venv/", ".git/", "out/", "build/", "bench-out/", "tests/", "shared/", "tmp_*",
-            "**/__pycache__/", "*.egg-info/", ".pytest_cache/", "*.parquet", "*.html"]
+# What is shipped: these project files and folders, and in the folders only files of these kinds (no hidden
+# names). Anything else in the checkout (.env, .aws/, id_rsa, token files, outputs, tests) stays here.
+SHIPPED = ("pyproject.toml", "dogbreed", "jobs", "configs")
+SHIPPED_SUFFIXES = (".py", ".yaml", ".yml", ".j2", ".md", ".jpg", ".png")
+REQUEST_TIMEOUT_S = 30.0  # every request to the cluster: connecting, and waiting for each answer
+HEARTBEAT_S = 30.0  # following logs: a head that stops answering pings is given up after about this long
 
 # What `dogbreed submit` exits with when the job never gave an exit code of its own.
 EXIT_OK, EXIT_FAILED, EXIT_NOT_SUBMITTED, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 6, 130
@@ -78,29 +87,70 @@ def _address_env_cleared() -> Iterator[None]:
         os.environ.update(saved)
 
 
-def connect(address: str | None = None, token: str | None = None, timeout_s: float = 10.0):
-    """A JobSubmissionClient for the cluster, or SubmitError naming the address it could not reach."""
+def connect(address: str | None = None, token: str | None = None, timeout_s: float = REQUEST_TIMEOUT_S):
+    """A JobSubmissionClient for the cluster whose every request times out after timeout_s, or SubmitError
+    naming the address it could not reach."""
+    import requests
     from ray.exceptions import AuthenticationError
-    from ray.job_submission import JobSubmissionClient
 
     url = resolve_address(address)
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise SubmitError(f"cluster address {url} is not a dashboard URL like http://HEAD:8265")
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:  # a quick probe: the Jobs client itself has no connect timeout and can hang for minutes
+    try:  # a quick probe, for a clear message when nothing listens
         socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
     except OSError as e:
         raise SubmitError(f"cannot reach the Ray dashboard at {url} ({e.strerror or e}); "
                           "is the head running and its dashboard port open to you?") from None
     try:
         with _address_env_cleared():
-            return JobSubmissionClient(url, headers=_auth_headers(token))
+            return _client_class()(url, headers=_auth_headers(token), timeout_s=timeout_s)
     except AuthenticationError:
         raise SubmitError(f"the cluster at {url} requires a token: set RAY_AUTH_TOKEN (or RAY_AUTH_MODE=token "
                           "with ~/.ray/auth_token) to the cluster's token") from None
-    except (ConnectionError, RuntimeError) as e:
+    except requests.exceptions.Timeout:
+        raise SubmitError(_silent(url, timeout_s)) from None
+    except (ConnectionError, RuntimeError, requests.exceptions.RequestException) as e:
         raise SubmitError(f"the Ray dashboard at {url} did not answer as a Jobs API: {e}") from None
+
+
+def _silent(url: str, timeout_s: float) -> str:
+    return (f"the Ray dashboard at {url} accepted the connection but did not answer within {timeout_s:g} s; "
+            "is it overloaded, or is something else listening on that port?")
+
+
+@functools.cache
+def _client_class():
+    """JobSubmissionClient with a timeout on every request (Ray's own has none) and a heartbeat on the log tail."""
+    import aiohttp
+    import requests
+    from ray.job_submission import JobSubmissionClient
+
+    class TimedClient(JobSubmissionClient):
+        def __init__(self, *args: Any, timeout_s: float = REQUEST_TIMEOUT_S, **kwargs: Any):
+            self.timeout_s = timeout_s
+            super().__init__(*args, **kwargs)
+
+        def _do_request(self, method: str, endpoint: str, **kwargs: Any):
+            kwargs.setdefault("timeout", (self.timeout_s, self.timeout_s))
+            try:
+                return super()._do_request(method, endpoint, **kwargs)
+            except requests.exceptions.Timeout:
+                raise SubmitError(_silent(self._address, self.timeout_s)) from None
+
+        async def tail_job_logs(self, job_id: str):
+            timeout = aiohttp.ClientTimeout(sock_connect=self.timeout_s, sock_read=self.timeout_s)
+            async with aiohttp.ClientSession(cookies=self._cookies, headers=self._headers, timeout=timeout) as session:
+                ws = await session.ws_connect(f"{self._address}/api/jobs/{job_id}/logs/tail", headers=self._headers,
+                                              ssl=self._ssl_context, heartbeat=HEARTBEAT_S)
+                async for msg in ws:  # ends when the head closes the stream, or stops answering the heartbeat
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        yield msg.data
+                    elif msg.type == aiohttp.WSMsgType.ERROR:
+                        break
+
+    return TimedClient
 
 
 def project_root() -> Path:
@@ -155,13 +205,42 @@ def entrypoint(kind: str, config: Path, args: list[str], root: Path) -> str:
     return shlex.join(["python", script, "--config", rel.as_posix(), *args])
 
 
-def runtime_env(root: Path) -> dict[str, Any]:
-    """Ship the project as the job's working dir: it is the driver's cwd and on every worker's PYTHONPATH."""
-    return {"working_dir": str(root), "excludes": EXCLUDES, "env_vars": {"PYTHONUNBUFFERED": "1"}}
+def shipped_files(root: Path, extra: list[Path] = ()) -> list[Path]:
+    """The project files a job needs, relative to root: SHIPPED, filtered by SHIPPED_SUFFIXES, plus `extra`."""
+    found: set[Path] = set()
+    for name in SHIPPED:
+        path = root / name
+        if path.is_file():
+            found.add(Path(name))
+        elif path.is_dir():
+            for f in path.rglob("*"):
+                rel = f.relative_to(root)
+                if (f.is_file() and f.suffix in SHIPPED_SUFFIXES and "__pycache__" not in rel.parts
+                        and not any(p.startswith(".") for p in rel.parts)):
+                    found.add(rel)
+    for f in extra:
+        found.add(f.resolve().relative_to(root))
+    return sorted(found)
+
+
+@contextmanager
+def staged_project(root: Path, extra: list[Path] = ()) -> Iterator[Path]:
+    """A temporary folder holding only shipped_files(root): what the cluster receives as the job's working dir."""
+    with tempfile.TemporaryDirectory(prefix="dogbreed-ship-") as tmp:
+        for rel in shipped_files(root, extra):
+            (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / rel, Path(tmp) / rel)
+        yield Path(tmp)
+
+
+def runtime_env(working_dir: Path) -> dict[str, Any]:
+    """The staged project as the job's working dir: it is the driver's cwd and on every worker's PYTHONPATH."""
+    return {"working_dir": str(working_dir), "env_vars": {"PYTHONUNBUFFERED": "1"}}
 
 
 def submit(kind: str, args: list[str], address: str | None = None, config: str | Path | None = None,
-           follow: bool = True, token: str | None = None, out: TextIO | None = None) -> JobOutcome:
+           follow: bool = True, token: str | None = None, out: TextIO | None = None,
+           timeout_s: float = REQUEST_TIMEOUT_S) -> JobOutcome:
     """Submit `jobs/<kind>.py --config CONFIG ARGS...`; with follow, stream its logs and wait for the outcome."""
     if kind not in JOBS:
         raise SubmitError(f"unknown job {kind!r}: choose one of {', '.join(JOBS)}")
@@ -172,13 +251,14 @@ def submit(kind: str, args: list[str], address: str | None = None, config: str |
     except ConfigError as e:
         raise SubmitError(str(e)) from None
     command = entrypoint(kind, config, args, root)
-    client = connect(address, token)
+    client = connect(address, token, timeout_s)
     if wanted and (have := cluster_gpus(client)) < wanted:
         raise SubmitError(f"the config asks for {wanted:g} GPUs but the cluster has {have:g}; "
                           "add GPU workers or set the job to use none")
     job_id = f"dogbreed-{kind}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
-    client.submit_job(entrypoint=command, submission_id=job_id, runtime_env=runtime_env(root),
-                      metadata={"dogbreed_job": kind})
+    with staged_project(root, [config]) as staged:  # uploaded by submit_job, then removed here
+        client.submit_job(entrypoint=command, submission_id=job_id, runtime_env=runtime_env(staged),
+                          metadata={"dogbreed_job": kind})
     out = out or sys.stdout
     print(f"submitted {job_id}: {command}", file=out, flush=True)
     if not follow:
@@ -198,6 +278,9 @@ def follow_job(client, job_id: str, out: TextIO) -> JobOutcome:
     except KeyboardInterrupt:
         print(f"\nstopped following; {job_id} keeps running (dogbreed stop {job_id} stops it)", file=out)
         return JobOutcome(job_id, "RUNNING", EXIT_INTERRUPTED, "interrupted")
+    except (OSError, asyncio.TimeoutError) as e:  # aiohttp's errors are OSErrors; the head went away
+        print(f"\nlost the log stream of {job_id} ({e or type(e).__name__}); it may still be running "
+              f"(dogbreed logs {job_id})", file=out)
     return outcome(client, job_id)
 
 
@@ -217,26 +300,29 @@ def outcome(client, job_id: str) -> JobOutcome:
     return JobOutcome(job_id, status, exit_code, info.message or "")
 
 
-def list_jobs(address: str | None = None, token: str | None = None) -> list[dict[str, Any]]:
+def list_jobs(address: str | None = None, token: str | None = None,
+              timeout_s: float = REQUEST_TIMEOUT_S) -> list[dict[str, Any]]:
     """The cluster's jobs, newest first: id, status, start time (UTC), entrypoint."""
     rows = []
-    for j in connect(address, token).list_jobs():
+    for j in connect(address, token, timeout_s).list_jobs():
         started = datetime.fromtimestamp(j.start_time / 1000, timezone.utc) if j.start_time else None
         rows.append({"job_id": j.submission_id or j.job_id, "status": _status(j.status),
                      "started": f"{started:%Y-%m-%d %H:%M:%S}" if started else "", "entrypoint": j.entrypoint})
     return sorted(rows, key=lambda r: r["started"], reverse=True)
 
 
-def job_logs(job_id: str, address: str | None = None, token: str | None = None) -> str:
+def job_logs(job_id: str, address: str | None = None, token: str | None = None,
+             timeout_s: float = REQUEST_TIMEOUT_S) -> str:
     """A job's logs so far."""
-    client = connect(address, token)
+    client = connect(address, token, timeout_s)
     _check_known(client, job_id)
     return client.get_job_logs(job_id)
 
 
-def stop_job(job_id: str, address: str | None = None, token: str | None = None) -> bool:
+def stop_job(job_id: str, address: str | None = None, token: str | None = None,
+             timeout_s: float = REQUEST_TIMEOUT_S) -> bool:
     """Ask the cluster to stop a job; False when it had already ended."""
-    client = connect(address, token)
+    client = connect(address, token, timeout_s)
     _check_known(client, job_id)
     return client.stop_job(job_id)
 

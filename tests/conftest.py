@@ -1,9 +1,16 @@
-"""Shared fixtures: one local Ray per test module, the real scan config shrunk for the CPU, photo makers."""
+"""Shared fixtures: one local Ray per test module, the real scan config shrunk for the CPU, photo makers, and a
+real S3 protocol server (moto_server) on 127.0.0.1."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -97,3 +104,110 @@ def make_photos() -> Callable[..., list[Path]]:
         return [_write_photo(folder / f"p{i:03d}.jpg", seed=i) for i in range(start, start + n)]
 
     return make
+
+
+# ---------------------------------------------------------------- a real S3 protocol server on loopback
+
+MOTO_SERVER = Path(sys.executable).with_name("moto_server")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(tmp_path_factory) -> Iterator[str]:
+    """`moto_server` on 127.0.0.1 (a real S3 protocol server in a child process); skipped where it cannot start."""
+    if not MOTO_SERVER.exists():
+        pytest.skip(f"{MOTO_SERVER} is absent (pip install 'moto[server]')")
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    proc = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(url + "/moto-api/", timeout=2).close()
+                break
+            except (OSError, ValueError):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.skip(f"moto_server did not start on {url}; see {log.name}")
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+          "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+          "AWS_ALLOW_HTTP": "true"}  # deltalake refuses an http:// endpoint unless allowed
+
+
+def point_at_moto(mp: pytest.MonkeyPatch, endpoint: str) -> str:
+    """Set AWS_* (dummy keys, endpoint) for this process and its children, create a fresh bucket; returns OUT."""
+    import boto3
+
+    mp.setenv("AWS_ENDPOINT_URL", endpoint)
+    for key, value in S3_ENV.items():
+        mp.setenv(key, value)
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        mp.delenv(key, raising=False)
+    bucket = f"dogbreed-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/scans/nightly"
+
+
+@pytest.fixture
+def s3_out(moto_endpoint, monkeypatch) -> str:
+    """A fresh bucket on the moto server and an s3:// output URI in it; AWS_* point at the server (dummy keys)."""
+    return point_at_moto(monkeypatch, moto_endpoint)
+
+
+@pytest.fixture(scope="session")
+def s3_env(moto_endpoint) -> Callable[[pytest.MonkeyPatch], str]:
+    """For wider-scoped fixtures: s3_env(monkeypatch_context) -> a fresh s3:// OUT with AWS_* pointing at moto."""
+    return lambda mp: point_at_moto(mp, moto_endpoint)
+
+
+def _commit_rows(out: str | Path, paths: list[Path | str], status: str = "neither", model_id: str = "test-model",
+                 lease_s: float = 30.0) -> str:
+    """Commit one run with a row per path (real size and mtime for local files) the way a scan commits."""
+    import pyarrow as pa
+
+    from dogbreed import results
+    from dogbreed.lock import hold
+    from dogbreed.store import RunWriter, commit, locate, new_run_id, open_table, utcnow
+
+    n, run_id = len(paths), new_run_id()
+    stats = [Path(p).stat() if status != "deleted" and Path(p).exists() else None for p in paths]
+    table = results.to_table({
+        "path": [str(p) for p in paths], "status": [status] * n, "run_id": [run_id] * n,
+        "size_bytes": [s.st_size if s else None for s in stats], "model_id": [model_id] * n,
+        "mtime": pa.array([s.st_mtime_ns // 1000 if s else None for s in stats], pa.int64()).cast(results.UTC_US),
+        "processed_at": pa.array([utcnow()] * n, results.UTC_US),
+    })
+    loc = locate(out)
+    with hold(loc, lease_s) as lease:
+        snapshot = open_table(loc)
+        with RunWriter(loc, run_id) as writer:
+            writer.write(table)
+        lease.check(str(out))
+        commit(loc, snapshot, writer.adds, {"run_id": run_id, "model_id": model_id, "status": "committed",
+                                             "counts": dict(writer.counts)})
+    return run_id
+
+
+@pytest.fixture(scope="session")
+def commit_rows() -> Callable[..., str]:
+    """commit_rows(out, paths, status="neither", model_id=...) -> run_id: one committed run, no Ray."""
+    return _commit_rows

@@ -235,7 +235,7 @@ def test_a_progress_bar_when_asked(ray_local, tmp_path, make_photos, scan_config
     assert "photo/s" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("out, message", [("s3://bucket/x", "s3:// output is not supported"),
+@pytest.mark.parametrize("out, message", [("ftp://host/x", "ftp:// output is not supported"),
                                           ("FILE", "is a file, not a folder")])
 def test_a_bad_out_is_one_sentence_and_exit_2_and_creates_nothing(tmp_path, make_photos, out, message):
 
@@ -248,4 +248,4 @@ def test_a_bad_out_is_one_sentence_and_exit_2_and_creates_nothing(tmp_path, make
     proc = subprocess.run([str(DOGBREED), "scan", str(root), "--out", out], capture_output=True, text=True,
                           timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    assert sorted(os.listdir(tmp_path)) == before and not (tmp_path / "s3:").exists()
+    assert sorted(os.listdir(tmp_path)) == before and not (tmp_path / "ftp:").exists()

@@ -48,7 +48,18 @@ def test_missing_model_is_exit_2(tmp_path):
 def test_missing_root_is_refused_with_exit_4(tmp_path):
     r = runner.invoke(app, ["scan", str(tmp_path / "unmounted"), "--out", str(tmp_path / "o")])
     assert r.exit_code == 4 and "does not exist" in r.output
-    assert not (tmp_path / "o" / "runs").exists()
+    assert not (tmp_path / "o" / "_delta_log").exists() and not (tmp_path / "o" / "data").exists()
+
+
+def test_unsupported_out_uri_is_one_sentence_exit_2_and_creates_nothing(tmp_path):
+    r = runner.invoke(app, ["scan", str(SAMPLES), "--out", "ftp://host/out"])
+    assert r.exit_code == 2 and r.output.strip() == (
+        "error: --out ftp://host/out: ftp:// output is not supported; give a local folder, an s3:// or a gs:// URI")
+
+
+def test_missing_bucket_is_one_sentence_exit_2(s3_out):
+    r = runner.invoke(app, ["scan", str(SAMPLES), "--out", "s3://no-such-bucket-here/out"])
+    assert r.exit_code == 2 and "bucket no-such-bucket-here does not exist" in r.output and "Traceback" not in r.output
 
 
 @pytest.mark.shared_data

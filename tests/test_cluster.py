@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from dogbreed import submit
+from dogbreed import results, submit
 from dogbreed.config import ScanConfig, load_config
 from dogbreed.scan import run_scan
 
@@ -40,8 +39,7 @@ def _free_port() -> int:
 
 
 def _rows(out: Path) -> pd.DataFrame:
-    files = sorted((out / "runs").glob("*/*.parquet"))
-    return pq.read_table([str(f) for f in files]).to_pandas().set_index("path").sort_index()
+    return results.read_all(out).set_index("path").sort_index()
 
 
 def _assert_same_answers(got: pd.DataFrame, want: pd.DataFrame) -> None:
@@ -80,6 +78,9 @@ def test_ray_up_cluster_yaml_is_valid_and_has_a_cpu_head_and_gpu_workers():
     assert types[cfg["head_node_type"]]["resources"] == {"CPU": 0}
     assert types["gpu_workers"]["node_config"]["InstanceType"].startswith(("g5.", "g6."))
     assert any("pip install" in c and "dogbreed" in c for c in cfg["setup_commands"])
+    # The output is object storage written by the head alone: no shared output folder is mounted anywhere.
+    assert "--out s3://" in (ROOT / "configs" / "cluster.yaml").read_text()
+    assert not any("dogbreed" in option for option in cfg["docker"]["run_options"])
 
 
 def test_rayjob_manifest_runs_the_scan_job_with_its_config_on_gpu_workers():
@@ -90,6 +91,10 @@ def test_rayjob_manifest_runs_the_scan_job_with_its_config_on_gpu_workers():
     assert (ROOT / argv[1]).is_file() and (ROOT / argv[3]).is_file()
     load_config(ScanConfig, ROOT / argv[3])  # the config it names is valid
     assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["working_dir"]
+    out = argv[argv.index("--out") + 1]
+    assert out.startswith(("s3://", "gs://")) and "--log-file" not in argv  # nothing written to a pod's volume
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert head["serviceAccountName"]  # the driver's credentials for the bucket (IRSA / Workload Identity)
     workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert any(c["resources"]["limits"].get("nvidia.com/gpu") for w in workers for c in w["template"]["spec"]["containers"])
 
@@ -105,9 +110,10 @@ def test_entrypoint_ships_the_config_relative_to_the_project_and_passes_args_thr
 
 
 def test_runtime_env_ships_the_project_but_not_environments_outputs_or_tests():
-    env = submit.runtime_env(ROOT)
-    assert Path(env["working_dir"]) == ROOT
-    assert {".venv/", ".git/", "out/", "tests/"} <= set(env["excludes"])
+    with submit.staged_project(ROOT) as staged:
+        env = submit.runtime_env(staged)
+        assert Path(env["working_dir"]) == staged and (staged / "jobs" / "scan.py").is_file()
+        assert not any((staged / name).exists() for name in (".venv", ".git", "out", "tests"))
 
 
 def test_unreachable_address_is_one_clear_sentence():
@@ -278,7 +284,7 @@ def test_stopped_job_exits_non_zero(ray_head, tmp_path):
         time.sleep(1)
     final = submit.outcome(client, result.job_id)
     assert (final.status, final.exit_code) == ("STOPPED", submit.EXIT_STOPPED)
-    assert not (tmp_path / "out" / "runs").exists() or not any((tmp_path / "out" / "runs").iterdir())
+    assert results.manifests(tmp_path / "out") == []  # no run was committed
 
 
 @pytest.mark.slow  # a real Ray head

@@ -1,5 +1,6 @@
 """Nightly operation, proved on real processes: incremental re-runs, atomic commits under SIGKILL, killed Ray
-workers, one run at a time, the archive guard, and what analysts and cron see.
+workers, one run at a time, the archive guard, and what analysts and cron see; on a local output and on an
+s3:// output served by a real moto_server on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -16,16 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.fs as pafs
 import pytest
+from deltalake import DeltaTable
 from PIL import Image
 
 from dogbreed import results
 from dogbreed.config import dump_config
+from dogbreed.lock import holder
 from dogbreed.models import describe_model
 from dogbreed.scan import EXIT_BAD_PHOTOS, EXIT_LOCKED, EXIT_OK, EXIT_REFUSED, run_scan
-from dogbreed.store import OutputStore, new_run_id, utcnow
+from dogbreed.store import LOG_DIR, locate, open_table, run_prefixes
 
 DOGBREED = Path(sys.executable).with_name("dogbreed")  # the installed console script, as cron runs it
 DEFAULT_MODEL_ID = describe_model("default")[1]
@@ -75,30 +77,30 @@ def find_worker(root_pid: int, prefix: str) -> int | None:
     return next((pid for pid in descendants(root_pid) if title(pid).startswith(prefix)), None)
 
 
-def snapshot(out: Path) -> dict[str, str]:
-    """Committed output, byte for byte: relative path -> sha256 of every file under OUT/runs."""
-    runs = out / results.RUNS_DIR
-    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(runs.rglob("*")) if p.is_file()}
+def snapshot(out: Path | str) -> dict[str, str]:
+    """Committed output, byte for byte: every file of the table's log and every data file the table names."""
+    loc = locate(out)
+    table = open_table(loc)
+    if table is None:
+        return {}
+    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path(LOG_DIR), recursive=True))
+    names = [i.path for i in infos if i.type == pafs.FileType.File]
+    names += [loc.path(p) for p in table.get_add_actions(flatten=True).column("path").to_pylist()]
+    digest = {}
+    for name in sorted(names):
+        with loc.fs.open_input_stream(name) as f:
+            digest[name[len(loc.root) + 1:]] = hashlib.sha256(f.read()).hexdigest()
+    return digest
 
 
-def commit_rows(out: Path, paths: list[Path], status: str = "neither", model_id: str = DEFAULT_MODEL_ID) -> str:
-    """Commit one run with a row per path (real size and mtime) through results.to_table + OutputStore.commit."""
-    n, run_id = len(paths), new_run_id()
-    stats = [p.stat() if status != "deleted" else None for p in paths]
-    table = results.to_table({
-        "path": [str(p) for p in paths], "status": [status] * n, "run_id": [run_id] * n,
-        "size_bytes": [s.st_size if s else None for s in stats], "model_id": [model_id] * n,
-        "mtime": pa.array([s.st_mtime_ns // 1000 if s else None for s in stats], pa.int64()).cast(results.UTC_US),
-        "processed_at": pa.array([utcnow()] * n, results.UTC_US),
-    })
-    store = OutputStore(out)
-    pq.write_table(table, store.stage(run_id) / "part-0.parquet")
-    store.commit(run_id, {"run_id": run_id, "model_id": model_id, "status": "committed"})
-    return run_id
+def commit_rows(out: Path | str, paths: list[Path], status: str = "neither", model_id: str = DEFAULT_MODEL_ID) -> str:
+    """Commit one run with a row per path (real size and mtime), as a scan commits it, under the default model."""
+    from conftest import _commit_rows
+
+    return _commit_rows(out, paths, status=status, model_id=model_id)
 
 
-def assert_one_current_row_per_file(out: Path, files: list[Path]) -> pd.DataFrame:
+def assert_one_current_row_per_file(out: Path | str, files: list[Path]) -> pd.DataFrame:
     latest = results.latest(out)
     assert latest["path"].is_unique, latest["path"][latest["path"].duplicated()].tolist()
     assert sorted(latest["path"]) == sorted(str(f) for f in files)
@@ -116,7 +118,8 @@ def test_rerun_processes_only_new_and_changed_files_and_records_deleted(ray_loca
     assert (first.processed, first.unchanged) == (6, 0)
     again = run_scan(cfg)
     assert (again.processed, again.unchanged) == (0, 6)
-    assert not list((out / "runs" / again.run_id).glob("*.parquet"))  # nothing opened, no row rewritten
+    assert results.manifests(out)[-1]["run_id"] == again.run_id  # a commit of its own ...
+    assert not (out / "data" / again.run_id).exists() and len(results.read_all(out)) == 6  # ... adding no row
 
     write_photo(photos[1], seed=100, size=(200, 150))  # changed content and size
     st = photos[3].stat()
@@ -142,6 +145,25 @@ def test_rerun_processes_only_new_and_changed_files_and_records_deleted(ray_loca
     assert proc.returncode == 0, proc.stderr
     table = pd.read_csv(tmp_path / "latest.csv")
     assert sorted(table["path"]) == sorted(current["path"]) and "6 photos" in proc.stderr
+
+
+@pytest.mark.slow  # two scans
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_scan_commits_a_delta_table_an_unchanged_rerun_adds_no_rows_and_latest_has_one_row_per_photo(
+        kind, ray_local, tmp_path, make_photos, scan_config, request):
+    out = request.getfixturevalue("s3_out") if kind == "s3" else str(tmp_path / "out")
+    photos = make_photos(tmp_path / "photos", 5)
+    first = run_scan(scan_config([tmp_path / "photos"], out))
+    uri = locate(out).uri
+    assert first.processed == 5 and len(DeltaTable(uri).to_pandas()) == 5
+    again = run_scan(scan_config([tmp_path / "photos"], out))
+    assert (again.processed, again.unchanged) == (0, 5)
+    table = DeltaTable(uri)
+    assert table.version() == 1 and len(table.to_pandas()) == 5  # a commit, no new row
+    assert [m["run_id"] for m in results.manifests(out)] == [first.run_id, again.run_id]
+    assert set(assert_one_current_row_per_file(out, photos)["run_id"]) == {first.run_id}
+    proc = cli("latest", out)
+    assert proc.returncode == 0 and "5 photos" in proc.stderr, proc.stderr
 
 
 @pytest.mark.slow
@@ -172,19 +194,26 @@ def test_dry_run_prints_counts_and_the_first_paths(tmp_path, make_photos):
     assert lines[0] == "would process (12, first 10):"
     assert lines[1:11] == [f"  {p}" for p in photos[:10]]
     assert lines[-1].startswith("dry run: 12 files; would process 12 ") and "record 0 as deleted" in lines[-1]
-    assert not (out / "runs").exists()
+    assert snapshot(out) == {} and not (out / "data").exists()
 
 
 # ---------------------------------------------------------------- 2 + 4. SIGKILLed driver, concurrent run, stale lock
 
-@pytest.fixture(scope="module")
-def killed_run(ray_local, tmp_path_factory, scan_config):
+@pytest.fixture(scope="module", params=["local", "s3"])
+def killed_run(request, ray_local, tmp_path_factory, scan_config):
     """Commit 10 photos, start a scan of 30 more, run a second scan beside it, SIGKILL the first mid-run, re-run.
 
-    Records what each step saw; the tests below check one property each.
+    On a local folder and on s3:// (moto_server). Records what each step saw; the tests below check one
+    property each.
     """
-    tmp = tmp_path_factory.mktemp("killed")
-    root, out, log_file = tmp / "photos", tmp / "out", tmp / "cron.log"
+    with pytest.MonkeyPatch.context() as mp:
+        yield from _killed_run(request.param, mp, request, tmp_path_factory, scan_config)
+
+
+def _killed_run(kind: str, mp, request, tmp_path_factory, scan_config):
+    tmp = tmp_path_factory.mktemp(f"killed-{kind}")
+    root, log_file = tmp / "photos", tmp / "cron.log"
+    out = request.getfixturevalue("s3_env")(mp) if kind == "s3" else str(tmp / "out")
     first = [_photo(root / f"a{i:02d}.jpg", i) for i in range(10)]
     committed = run_scan(scan_config([root], out))
     rest = [_photo(root / f"b{i:02d}.jpg", 100 + i) for i in range(30)]
@@ -194,13 +223,13 @@ def killed_run(ray_local, tmp_path_factory, scan_config):
 
     # Output to a file, not a pipe: Ray agents orphaned by the kill would hold a pipe open for a minute.
     with open(tmp / "victim.log", "w") as victim_log:
-        victim = subprocess.Popen([str(DOGBREED), "scan", str(root), "--out", str(out), "-c", str(config)],
+        victim = subprocess.Popen([str(DOGBREED), "scan", str(root), "--out", out, "-c", str(config)],
                                   stdout=victim_log, stderr=subprocess.STDOUT)
     family: list[tuple[int, str]] = []
     try:
-        _wait_for(lambda: any((out / "_staging").glob("*")), victim, "the scan to stage its run", tmp / "victim.log")
-        seen["lock_holder"] = (out / ".lock").read_text()
-        seen["second"] = cli("scan", str(root), "--out", str(out), "-c", str(config), timeout=120)
+        seen["lock_holder"] = _wait_for(lambda: holder(locate(out)), victim, "the scan to take the lock",
+                                        tmp / "victim.log")
+        seen["second"] = cli("scan", str(root), "--out", out, "-c", str(config), timeout=120)
         seen["victim_alive_after_second"] = victim.poll() is None  # refused while the lock was held: never waited
         worker = _wait_for(lambda: find_worker(victim.pid, BUSY_ACTOR), victim, "the inference actor to start a batch",
                            tmp / "victim.log")
@@ -215,9 +244,9 @@ def killed_run(ray_local, tmp_path_factory, scan_config):
             victim.wait(timeout=60)
     seen["victim_log"] = (tmp / "victim.log").read_text()
     seen["after_kill"] = snapshot(out)
-    seen["staging_after_kill"] = sorted(p.name for p in (out / "_staging").iterdir())
-    seen["rerun"] = cli("scan", str(root), "--out", str(out), "-c", str(config), "--log-file", str(log_file))
-    seen["staging_after_rerun"] = sorted(p.name for p in (out / "_staging").iterdir())
+    seen["prefixes_after_kill"] = run_prefixes(locate(out))
+    seen["rerun"] = cli("scan", str(root), "--out", out, "-c", str(config), "--log-file", str(log_file))
+    seen["prefixes_after_rerun"] = run_prefixes(locate(out))
     seen["log"] = log_file.read_text() if log_file.exists() else ""
     seen["out"] = out
     yield seen
@@ -270,23 +299,28 @@ def test_sigkilled_scan_leaves_committed_output_byte_identical(killed_run):
     assert killed_run["victim_rc"] == -signal.SIGKILL
     assert killed_run["killed_worker_title"].startswith(BUSY_ACTOR)  # the kill landed while batches were running
     assert "execution finished" not in killed_run["victim_log"]
-    assert killed_run["after_kill"] == killed_run["before"]
-    assert len(killed_run["staging_after_kill"]) == 1  # its half-written run stays out of sight in staging
+    assert killed_run["after_kill"] == killed_run["before"]  # the table's log and files, byte for byte
 
 
 @pytest.mark.slow  # a SIGKILL scenario
 def test_rerun_after_sigkill_takes_over_the_lock_and_does_exactly_the_missing_work(killed_run):
     rerun, out = killed_run["rerun"], killed_run["out"]
-    assert str(os.getpid()) not in killed_run["lock_holder"] and "pid " in killed_run["lock_holder"]
-    assert rerun.returncode == EXIT_OK, rerun.stderr[-3000:]
+    lock = killed_run["lock_holder"]
+    assert lock["pid"] != os.getpid() and lock["holder"].startswith("scan pid ")
+    assert rerun.returncode == EXIT_OK, rerun.stderr[-3000:]  # the dead holder's lease did not have to run out
     assert "40 files, 30 processed, 10 unchanged" in rerun.stdout
-    assert "removed staging of 1 unfinished earlier run" in rerun.stderr
-    assert killed_run["staging_after_rerun"] == []
+    runs = [m["run_id"] for m in results.manifests(out)]
+    assert runs[0] == killed_run["committed_run"] and len(runs) == 2
+    # Whatever files the killed run had written are gone; only the committed runs' folders are left.
+    left = set(killed_run["prefixes_after_kill"]) - set(runs)
+    assert killed_run["prefixes_after_rerun"] == sorted(runs)
+    assert not left or f"removed the files of {len(left)} unfinished earlier run" in rerun.stderr
     current = assert_one_current_row_per_file(out, killed_run["files"])
     assert set(current["status"]) <= set(results.OK_STATUSES)
     first_ten = current[current["path"].str.contains("/a")]
     assert set(first_ten["run_id"]) == {killed_run["committed_run"]}  # committed rows were not redone
     assert len(results.read_all(out)) == 40  # no duplicates anywhere in history
+    assert len(DeltaTable(locate(out).uri).to_pandas()) == 40  # what deltalake's readers see
 
 
 @pytest.mark.slow  # a SIGKILL scenario
@@ -347,9 +381,9 @@ def test_slow_photo_in_a_real_scan_becomes_an_error_row_and_its_batch_survives(r
 
 # ---------------------------------------------------------------- 5. archive guard
 
-def test_missing_root_is_refused_with_code_4_and_nothing_changes(tmp_path, make_photos):
+def test_missing_root_is_refused_with_code_4_and_nothing_changes(tmp_path, make_photos, commit_rows):
     out = tmp_path / "out"
-    commit_rows(out, make_photos(tmp_path / "photos", 3))
+    commit_rows(out, make_photos(tmp_path / "photos", 3), model_id=DEFAULT_MODEL_ID)
     before = snapshot(out)
     proc = cli("scan", str(tmp_path / "unmounted"), "--out", str(out), timeout=120)
     assert proc.returncode == EXIT_REFUSED, proc.stderr
@@ -358,10 +392,10 @@ def test_missing_root_is_refused_with_code_4_and_nothing_changes(tmp_path, make_
 
 
 @pytest.mark.slow  # two CLI processes
-def test_emptied_root_is_refused_unless_allowed(tmp_path, make_photos):
+def test_emptied_root_is_refused_unless_allowed(tmp_path, make_photos, commit_rows):
     root, out = tmp_path / "photos", tmp_path / "out"
     photos = make_photos(root, 3)
-    commit_rows(out, photos)
+    commit_rows(out, photos, model_id=DEFAULT_MODEL_ID)
     for p in photos:
         p.unlink()
     before = snapshot(out)
@@ -398,7 +432,7 @@ def test_unreadable_root_is_refused(tmp_path):
 
 # ---------------------------------------------------------------- 7. for analysts
 
-def test_latest_keeps_the_newest_row_per_photo_over_many_runs(tmp_path):
+def test_latest_keeps_the_newest_row_per_photo_over_many_runs(tmp_path, commit_rows):
     """60 synthetic runs re-processing random subsets; the last deletes some photos."""
     rng = np.random.default_rng(0)
     root, out = tmp_path / "photos", tmp_path / "out"

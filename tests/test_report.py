@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -11,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
 from dogbreed import report, results
+from dogbreed.lock import hold
+from dogbreed.store import RunWriter, commit, locate, open_table
 
 NASTY_NAME = 'photo <script>alert("x") & ünï 🐶\nline.jpg'  # a file name cannot hold "/"
 NASTY_REASON = 'cannot identify image <script>alert("boom")</script> & "quotes"\nsecond line'
@@ -47,17 +47,20 @@ def _row(path, status, breed=None, prob=None, faces=(), size=(400, 300), error=N
 
 
 def _write_run(out: Path, run_id: str, rows: list[dict]) -> None:
-    run = out / results.RUNS_DIR / run_id
-    run.mkdir(parents=True)
+    """One committed run of these rows, as a scan commits it (a Delta commit with its manifest)."""
     columns = {k: [r.get(k) for r in rows] for k in results.SCHEMA.names}
     columns["run_id"] = [run_id] * len(rows)
-    pq.write_table(results.to_table(columns), run / "part-00000.parquet")
     counts = {"files": len(rows)} | {s: sum(r["status"] == s for r in rows) for s in results.STATUSES}
-    (run / results.MANIFEST).write_text(json.dumps({
-        "run_id": run_id, "model_id": "model-abc", "roots": [str(out.parent / "photos")],
-        "started_at": "2025-01-01T00:00:00Z", "finished_at": "2025-01-01T00:01:00Z", "status": "committed",
-        "counts": counts, "images_per_s": 12.345,
-    }))
+    loc = locate(out)
+    with hold(loc, 30):
+        table = open_table(loc)
+        with RunWriter(loc, run_id) as writer:
+            writer.write(results.to_table(columns))
+        commit(loc, table, writer.adds, {
+            "run_id": run_id, "model_id": "model-abc", "roots": [str(out.parent / "photos")],
+            "started_at": "2025-01-01T00:00:00Z", "finished_at": "2025-01-01T00:01:00Z", "status": "committed",
+            "counts": counts, "images_per_s": 12.345,
+        })
 
 
 @pytest.fixture()

@@ -5,6 +5,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from deltalake import DeltaTable
 from typer.testing import CliRunner
 
 from dogbreed import results
@@ -22,18 +23,18 @@ def test_scan_of_the_samples_through_the_cli(tmp_path, ray_local):
     r = CliRunner().invoke(app, ["scan", str(SAMPLES), "--out", str(out), "--config", str(ROOT / "configs" / "scan.yaml")])
     assert r.exit_code == 0, r.output
     assert "11 files, 11 processed" in r.output
-    df = pd.read_parquet(out)  # analysts' one-liner works on the whole output folder
+    df = DeltaTable(str(out)).to_pandas()  # analysts' one-liner works on the whole output table
     assert len(df) == 11 and df["path"].is_unique
     for _, row in df.iterrows():
         name = Path(row["path"]).name
         expected = "human" if name in HUMANS else "neither" if name in NEITHER else "dog"
         assert row["status"] == expected, name
         assert row["width"] > 0 and row["model_id"].startswith("tf_efficientnet_lite0@")
-    files = list((out / "runs").glob("*/*.parquet"))
-    assert files and all(pq.read_schema(f).equals(results.SCHEMA, check_metadata=False) for f in files)
     manifest = results.manifests(out)[-1]
-    assert manifest["counts"]["files"] == 11 and manifest["status"] == "committed"
-    assert (out / "runs" / manifest["run_id"] / "_config.yaml").is_file()
+    files = list((out / "data" / manifest["run_id"]).glob("*.parquet"))
+    assert files and all(pq.read_schema(f).equals(results.SCHEMA, check_metadata=False) for f in files)
+    assert manifest["counts"]["files"] == 11 and manifest["status"] == "committed" and manifest["version"] == 0
+    assert "top_k: 3" in manifest["config"]  # the resolved config travels in the commit's metadata
 
 
 @pytest.mark.slow  # two scans
@@ -42,12 +43,13 @@ def test_dtypes_do_not_drift_between_runs(tmp_path, ray_local, scan_config):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "cup.png").write_bytes((SAMPLES / "coffee.png").read_bytes())
     run_scan(scan_config([tmp_path / "a"], out))
-    first = pd.read_parquet(out).dtypes
+    first = results.read_all(out).dtypes
     (tmp_path / "a" / "broken.jpg").write_bytes(b"\xff\xd8garbage")  # a run of only an error row
     s = run_scan(scan_config([tmp_path / "a"], out))
     assert s.counts == {"error": 1} and s.exit_code == 3
-    both = pd.read_parquet(out)
+    both = results.read_all(out)
     assert len(both) == 2 and both.dtypes.equals(first)
+    assert str(both["width"].dtype) == "Int32"
 
 
 @pytest.mark.slow

@@ -146,16 +146,17 @@ def _commit_done(root: Path, out: Path, config: Path | None) -> int:
     from dogbreed import results
     from dogbreed.config import ScanConfig, load_config, settings_id
     from dogbreed.listing import list_roots, normalise_roots
+    from dogbreed.lock import hold
     from dogbreed.models import describe_model
-    from dogbreed.store import OutputStore, RunWriter, new_run_id, utcnow
+    from dogbreed.store import RunWriter, commit, locate, new_run_id, open_table, utcnow
 
     cfg = load_config(ScanConfig, config, {"roots": [str(root)], "out": str(out)})
     roots = normalise_roots(cfg.roots).roots
     listing = list_roots(roots)
     n, run_id = listing.num_rows, new_run_id()
-    store = OutputStore(out)
-    with store.lock():
-        with RunWriter(store.stage(run_id)) as writer:
+    loc = locate(out)
+    with hold(loc, cfg.lock_lease_s):
+        with RunWriter(loc, run_id) as writer:
             for start in range(0, n, RunWriter.ROW_GROUP):
                 part = listing.slice(start, RunWriter.ROW_GROUP)
                 k = part.num_rows
@@ -165,7 +166,7 @@ def _commit_done(root: Path, out: Path, config: Path | None) -> int:
                     "status": ["neither"] * k, "model_id": [describe_model(cfg.model)[1]] * k,
                     "settings_id": [settings_id(cfg)] * k, "run_id": [run_id] * k,
                     "processed_at": pa.array([utcnow()] * k, results.UTC_US)}))
-        store.commit(run_id, {"run_id": run_id, "status": "committed", "synthetic": True})
+        commit(loc, open_table(loc), writer.adds, {"run_id": run_id, "status": "committed", "synthetic": True})
     return n
 
 

@@ -1,0 +1,100 @@
+"""Keeping an output table small over years (compact) and converting the old runs/ layout into it (migrate).
+
+Both hold the output's lock, like a scan, so they never run beside one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from dogbreed import results
+from dogbreed.lock import hold
+from dogbreed.store import DELTA_COMMIT_KEYS, OutputError, RunWriter, StoreError, check_out, commit, open_table
+
+log = logging.getLogger("dogbreed.maintain")
+MIGRATED_DIR = "_runs_before_delta"  # where migrate moves the old runs/ (hidden from Delta and Parquet readers)
+OLD_STAGING, OLD_LOCK = "_staging", ".lock"
+
+
+@dataclass
+class CompactSummary:
+    version: int
+    files_before: int
+    files_after: int
+    removed: int
+
+    def line(self) -> str:
+        return (f"compacted to version {self.version}: {self.files_before} -> {self.files_after} current files; "
+                f"{self.removed} unreferenced files older than the retention deleted")
+
+
+def compact(out: str, retention_hours: int, lease_s: float = 60.0) -> CompactSummary:
+    """OPTIMIZE (rewrite small files into large ones), checkpoint, then VACUUM files no version newer than the
+    retention needs, including files of killed runs older than it; nothing is lost from the current version."""
+    loc = check_out(out)
+    with hold(loc, lease_s, what="compact") as lease:
+        table = open_table(loc)
+        if table is None:
+            raise OutputError(f"{out} holds no scan table yet (nothing to compact)")
+        before = len(table.get_add_actions(flatten=True))
+        try:
+            table.optimize.compact()
+            table.create_checkpoint()
+            table.cleanup_metadata()  # log entries past the table's log retention (30 days by default)
+            lease.check(out)
+            # full: also files the log never named (killed runs); the retention protects a running writer's files
+            removed = table.vacuum(retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False,
+                                   full=True)
+        except OSError as e:
+            raise StoreError(f"cannot compact {out}: {str(e).splitlines()[0]}") from None
+        table = open_table(loc)
+        return CompactSummary(table.version(), before, len(table.get_add_actions(flatten=True)), len(removed))
+
+
+def migrate(out: str, lease_s: float = 60.0) -> list[str]:
+    """Convert a local output folder in the runs/<run_id>/ + manifest layout into the Delta table, one commit per
+    old run with its manifest, every row kept; then move runs/ aside. Returns the run ids migrated.
+
+    Killed half-way, it is simply run again: runs already in the table are skipped.
+    """
+    loc = check_out(out)
+    if loc.remote:
+        raise OutputError(f"--out {out}: the runs/ layout only ever existed in local folders")
+    runs_dir = Path(loc.root) / results.RUNS_DIR
+    old = sorted(p for p in runs_dir.iterdir() if (p / results.MANIFEST).is_file()) if runs_dir.is_dir() else []
+    if not old:
+        raise OutputError(f"{out} has no runs/<run_id>/{results.MANIFEST} to migrate")
+    done = []
+    with hold(loc, lease_s, what="migrate") as lease:
+        table = open_table(loc)
+        have = {m["run_id"] for m in results.manifests(out, table)}
+        for run in old:
+            manifest = {k: v for k, v in json.loads((run / results.MANIFEST).read_text(encoding="utf-8")).items()
+                        if k not in DELTA_COMMIT_KEYS}
+            run_id = manifest.get("run_id", run.name)
+            if run_id in have:
+                continue
+            config = run / "_config.yaml"
+            if config.is_file():
+                manifest["config"] = config.read_text(encoding="utf-8")
+            manifest.update(run_id=run_id, migrated_from=f"{results.RUNS_DIR}/{run.name}")
+            with RunWriter(loc, run_id) as writer:
+                for part in sorted(run.glob("*.parquet")):
+                    for batch in pq.ParquetFile(part).iter_batches(batch_size=RunWriter.ROW_GROUP):
+                        writer.write(results.to_table({n: batch.column(n) for n in batch.schema.names}))
+            lease.check(out)
+            commit(loc, table, writer.adds, manifest)
+            table = open_table(loc)
+            done.append(run_id)
+            log.info("migrated run %s: %d rows", run_id, writer.rows)
+        # The old layout stays on disk, out of readers' way, until its owner has checked the table.
+        shutil.move(str(runs_dir), str(Path(loc.root) / MIGRATED_DIR / results.RUNS_DIR))
+        shutil.rmtree(Path(loc.root) / OLD_STAGING, ignore_errors=True)
+        (Path(loc.root) / OLD_LOCK).unlink(missing_ok=True)
+    return done

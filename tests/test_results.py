@@ -1,0 +1,188 @@
+"""Reading the output table: the current answer per photo, history, the readers the README shows (pandas through
+deltalake, DuckDB, Polars), compaction, and migration from the old runs/ layout. No Ray.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from deltalake import DeltaTable
+from typer.testing import CliRunner
+
+from dogbreed import results
+from dogbreed.cli import app
+from dogbreed.maintain import MIGRATED_DIR, compact, migrate
+from dogbreed.store import locate
+
+
+@pytest.fixture
+def three_runs(tmp_path, commit_rows) -> tuple[str, dict[str, str]]:
+    """Three runs over overlapping photos; the third deletes one. Returns OUT and the expected run per photo."""
+    out = str(tmp_path / "out")
+    r1 = commit_rows(out, ["/p/a.jpg", "/p/b.jpg", "/p/c.jpg"])
+    r2 = commit_rows(out, ["/p/b.jpg", "/p/d.jpg"], status="dog", model_id="other-model")
+    r3 = commit_rows(out, ["/p/c.jpg"], status="deleted")
+    return out, {"/p/a.jpg": r1, "/p/b.jpg": r2, "/p/d.jpg": r2}, (r1, r2, r3)
+
+
+def test_latest_is_the_newest_row_per_existing_photo_and_history_keeps_every_row(three_runs):
+    out, expected, _ = three_runs
+    current = results.latest(out)
+    assert dict(zip(current["path"], current["run_id"])) == expected and current["path"].is_monotonic_increasing
+    assert len(results.read_all(out)) == 6
+    by_model = results.latest(out, model_id="test-model")
+    assert list(by_model["path"]) == ["/p/a.jpg", "/p/b.jpg"]  # b's row of the default model; c deleted
+
+
+def test_latest_does_not_depend_on_file_order_and_survives_compaction(three_runs):
+    out, expected, _ = three_runs
+    summary = compact(out, retention_hours=1)
+    assert (summary.files_before, summary.files_after) == (3, 1)  # one file, rows in whatever order OPTIMIZE chose
+    current = results.latest(out)
+    assert dict(zip(current["path"], current["run_id"])) == expected
+    assert len(results.read_all(out)) == 6 and len(results.manifests(out)) == 3
+
+
+def test_compaction_on_s3_keeps_every_row_and_removes_what_it_replaced(s3_out, commit_rows):
+    import boto3
+
+    for batch in (["/p/a.jpg", "/p/b.jpg"], ["/p/b.jpg"], ["/p/c.jpg"]):
+        run = commit_rows(s3_out, batch)
+    before = results.latest(s3_out)
+    summary = compact(s3_out, retention_hours=0)
+    assert (summary.files_before, summary.files_after, summary.removed) == (3, 1, 3)
+    pd.testing.assert_frame_equal(results.latest(s3_out), before)
+    assert before["run_id"].iloc[-1] == run and len(results.read_all(s3_out)) == 4
+    bucket, prefix = s3_out[5:].split("/", 1)
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]]
+    assert sum(k.endswith(".parquet") and "_delta_log" not in k for k in keys) == 1
+
+
+def test_plain_read_parquet_on_the_folder_counts_removed_files_until_vacuum(three_runs):
+    """Why the README says: read OUT with deltalake, never as a plain Parquet folder."""
+    out, _, _ = three_runs
+    compact(out, retention_hours=1)
+    assert len(pd.read_parquet(out)) == 12  # the compacted file plus the three it replaced: every row twice
+    assert len(DeltaTable(out).to_pandas()) == 6
+    compact(out, retention_hours=0)  # vacuum now deletes what the current version no longer names
+    assert len(pd.read_parquet(out)) == 6
+
+
+def test_integer_columns_are_nullable_in_every_run(tmp_path, commit_rows):
+    out = str(tmp_path / "out")
+    commit_rows(out, ["/p/a.jpg"])  # size_bytes null (no such file)
+    commit_rows(out, [Path(__file__)])  # size_bytes set
+    df = results.read_all(out)
+    assert str(df["size_bytes"].dtype) == "Int64" and str(df["width"].dtype) == "Int32"
+
+
+def test_the_readers_in_the_readme_give_the_current_answer(three_runs):
+    out, expected, _ = three_runs
+    # pandas through deltalake: every row of the current version (the history)
+    history = DeltaTable(out).to_pandas()
+    assert len(history) == 6
+    # DuckDB on the table's Arrow dataset (delta_scan needs DuckDB's delta extension, downloaded at run time)
+    import duckdb
+
+    con = duckdb.connect()
+    con.register("rows", DeltaTable(out).to_pyarrow_dataset())
+    current = con.sql("""
+        SELECT path, run_id FROM rows
+        QUALIFY row_number() OVER (PARTITION BY path ORDER BY run_id DESC) = 1 AND status <> 'deleted'
+        ORDER BY path""").fetchall()
+    assert dict(current) == expected
+    # Polars
+    import polars as pl
+
+    newest = (pl.read_delta(out).sort("run_id").group_by("path").last()
+              .filter(pl.col("status") != "deleted").sort("path"))
+    assert dict(zip(newest["path"], newest["run_id"])) == expected
+
+
+def test_time_travel_answers_what_an_earlier_run_said(three_runs):
+    out, _, (r1, r2, r3) = three_runs
+    first = DeltaTable(out, version=0).to_pandas()
+    assert set(first["run_id"]) == {r1} and len(first) == 3
+
+
+def test_latest_command_on_an_s3_output(s3_out, commit_rows, tmp_path):
+    commit_rows(s3_out, ["/p/a.jpg", "/p/b.jpg"])
+    run = commit_rows(s3_out, ["/p/b.jpg"], status="dog")
+    r = CliRunner().invoke(app, ["latest", s3_out, "--csv", str(tmp_path / "l.csv")])
+    assert r.exit_code == 0, r.output
+    table = pd.read_csv(tmp_path / "l.csv")
+    assert list(table["path"]) == ["/p/a.jpg", "/p/b.jpg"] and table["run_id"].iloc[1] == run
+    assert "2 photos" in r.output
+
+
+def test_latest_command_on_a_bad_uri_is_one_sentence():
+    r = CliRunner().invoke(app, ["latest", "ftp://host/out"])
+    assert r.exit_code == 2 and r.output.strip() == (
+        "error: --out ftp://host/out: ftp:// output is not supported; give a local folder, an s3:// or a gs:// URI")
+
+
+# --------------------------------------------------------------------------- migration from runs/
+
+
+def _old_run(out: Path, run_id: str, paths: list[str], status: str) -> None:
+    """A run exactly as the pre-Delta store committed it: runs/<run_id>/part-00000.parquet, manifest, config."""
+    run = out / results.RUNS_DIR / run_id
+    run.mkdir(parents=True)
+    n = len(paths)
+    pq.write_table(results.to_table({"path": paths, "status": [status] * n, "run_id": [run_id] * n,
+                                     "width": [640] * n, "processed_at": pa.array([None] * n, results.UTC_US)}),
+                   run / "part-00000.parquet")
+    (run / results.MANIFEST).write_text(json.dumps({"run_id": run_id, "model_id": "m", "status": "committed",
+                                                    "counts": {status: n}}))
+    (run / "_config.yaml").write_text("top_k: 3\n")
+
+
+def test_migrate_converts_the_runs_layout_keeping_every_row(tmp_path):
+    out = tmp_path / "out"
+    _old_run(out, "20240101T000000000000Z-aaaaaa", ["/p/a.jpg", "/p/b.jpg"], "neither")
+    _old_run(out, "20240102T000000000000Z-bbbbbb", ["/p/b.jpg", "/p/c.jpg"], "dog")
+    (out / "_staging" / "20240103T000000000000Z-cccccc").mkdir(parents=True)  # a killed run's leftovers
+    (out / ".lock").write_text("pid 1")
+    r = CliRunner().invoke(app, ["migrate", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "migrated 2 runs" in r.output
+    runs = results.manifests(out)
+    assert [m["run_id"] for m in runs] == ["20240101T000000000000Z-aaaaaa", "20240102T000000000000Z-bbbbbb"]
+    assert runs[0]["config"] == "top_k: 3\n" and runs[1]["counts"] == {"dog": 2}
+    history = results.read_all(out)
+    assert len(history) == 4 and set(history["width"]) == {640}
+    current = results.latest(out)
+    assert dict(zip(current["path"], current["status"])) == {"/p/a.jpg": "neither", "/p/b.jpg": "dog", "/p/c.jpg": "dog"}
+    assert not (out / results.RUNS_DIR).exists() and (out / MIGRATED_DIR / results.RUNS_DIR).is_dir()
+    assert not (out / "_staging").exists() and not (out / ".lock").exists()
+    assert len(pd.read_parquet(out)) == 4  # the old files are out of plain readers' way too
+    r = CliRunner().invoke(app, ["migrate", str(out)])
+    assert r.exit_code == 2 and "has no runs/<run_id>/_manifest.json to migrate" in r.output
+
+
+def test_migrate_killed_half_way_is_simply_run_again(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _old_run(out, "20240101T000000000000Z-aaaaaa", ["/p/a.jpg"], "neither")
+    _old_run(out, "20240102T000000000000Z-bbbbbb", ["/p/b.jpg"], "dog")
+    import dogbreed.maintain as maintain
+
+    real_commit, calls = maintain.commit, []
+
+    def commit_once(*args, **kwargs):  # the process "dies" after its first commit
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_commit(*args, **kwargs)
+
+    monkeypatch.setattr(maintain, "commit", commit_once)
+    with pytest.raises(KeyboardInterrupt):
+        migrate(str(out))
+    monkeypatch.setattr(maintain, "commit", real_commit)
+    assert migrate(str(out)) == ["20240102T000000000000Z-bbbbbb"]
+    assert len(results.read_all(out)) == 2 and len(results.manifests(out)) == 2
+    assert locate(out).remote is False

@@ -1,0 +1,239 @@
+"""The output table and its lock, local and on a real S3 protocol server (moto_server on 127.0.0.1), without Ray:
+commits, what a killed writer leaves, the lease lock under real killed and paused processes, and --out errors.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from deltalake import DeltaTable
+
+from dogbreed import results
+from dogbreed.lock import hold
+from dogbreed.store import OutputError, ScanLocked, check_out, clear_orphans, commit, locate, open_table, run_prefixes
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(params=["local", "s3"])
+def out(request, tmp_path) -> str:
+    """An output location of each kind: a local folder, and a prefix in a fresh bucket on moto_server."""
+    if request.param == "local":
+        return str(tmp_path / "out")
+    return request.getfixturevalue("s3_out")
+
+
+def table_state(out: str) -> tuple:
+    """What a reader can see: the table's version, its files, and its rows."""
+    loc = locate(out)
+    table = open_table(loc)
+    if table is None:
+        return (None, [], [])
+    rows = results.read_all(out).sort_values(["path", "run_id"]).to_dict("records")
+    return (table.version(), sorted(table.get_add_actions(flatten=True).column("path").to_pylist()), repr(rows))
+
+
+def child(code: str, out: str, *args: str) -> subprocess.Popen:
+    """A separate Python process running `code` (with OUT as sys.argv[1]); its stdout is a pipe to read lines from."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), out, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_line(proc: subprocess.Popen, expected: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.strip() == expected:
+            return line
+        if not line and proc.poll() is not None:
+            pytest.fail(f"child exited {proc.returncode} before {expected!r}: {proc.stderr.read()[-2000:]}")
+    pytest.fail(f"child did not print {expected!r} within {timeout} s")
+
+
+# --------------------------------------------------------------------------- commits and readers
+
+
+def test_each_run_is_one_commit_that_deltalake_reads_with_its_manifest(out, commit_rows):
+    first = commit_rows(out, ["/p/a.jpg", "/p/b.jpg"])
+    second = commit_rows(out, ["/p/b.jpg", "/p/c.jpg"], status="dog")
+    table = DeltaTable(locate(out).uri)
+    assert table.version() == 1
+    history = table.to_pandas()
+    assert len(history) == 4 and set(history["run_id"]) == {first, second}
+    runs = results.manifests(out)
+    assert [(m["run_id"], m["version"], m["counts"]) for m in runs] == [
+        (first, 0, {"neither": 2}), (second, 1, {"dog": 2})]
+    current = results.latest(out)
+    assert dict(zip(current["path"], current["run_id"])) == {"/p/a.jpg": first, "/p/b.jpg": second, "/p/c.jpg": second}
+    assert run_prefixes(locate(out)) == sorted([first, second])
+
+
+def test_a_run_that_planned_from_an_old_version_cannot_commit(out, commit_rows):
+    """Optimistic concurrency backs the lock: of two runs planned from one version, exactly one commits."""
+    commit_rows(out, ["/p/a.jpg"])
+    loc = locate(out)
+    a, b = open_table(loc), open_table(loc)
+    commit(loc, a, [], {"run_id": "run-a"})
+    with pytest.raises(ScanLocked, match="another writer committed to .* while this run was in progress"):
+        commit(loc, b, [], {"run_id": "run-b"})
+    assert [m["run_id"] for m in results.manifests(out)][1:] == ["run-a"]
+
+
+# --------------------------------------------------------------------------- killed writers
+
+
+WRITER = """
+    import sys, time
+    import pyarrow as pa
+    from dogbreed import results
+    from dogbreed.lock import hold
+    from dogbreed.store import RunWriter, locate, new_run_id, utcnow
+    loc, run_id = locate(sys.argv[1]), new_run_id()
+    RunWriter.ROW_GROUP = RunWriter.FILE_ROWS = 1          # every row its own finished file
+    with hold(loc, float(sys.argv[2])):
+        with RunWriter(loc, run_id) as w:
+            for i in range(3):
+                w.write(results.to_table({"path": [f"/p/new{i}.jpg"], "status": ["dog"], "run_id": [run_id],
+                                          "processed_at": pa.array([utcnow()], results.UTC_US)}))
+            print(run_id, flush=True)
+            print("written", flush=True)
+            time.sleep(600)                                # killed here, before its commit
+"""
+
+
+@pytest.mark.slow  # a SIGKILL scenario
+def test_sigkilled_writer_leaves_the_table_unchanged_and_the_next_run_removes_its_files(out, commit_rows):
+    commit_rows(out, ["/p/a.jpg", "/p/b.jpg"])
+    before = table_state(out)
+    proc = child(WRITER, out, "600")
+    try:
+        run_id = proc.stdout.readline().strip()
+        wait_line(proc, "written")
+        loc = locate(out)
+        assert run_id in run_prefixes(loc)  # its files are really there
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert table_state(out) == before  # readers see nothing of it
+    with hold(loc, 30):  # its lease still runs, but its process is gone from this host: taken over at once
+        assert clear_orphans(loc, open_table(loc)) == [run_id]
+    assert run_id not in run_prefixes(loc)
+    commit_rows(out, ["/p/c.jpg"])
+    assert sorted(results.latest(out)["path"]) == ["/p/a.jpg", "/p/b.jpg", "/p/c.jpg"]
+
+
+# --------------------------------------------------------------------------- the lock
+
+
+def test_a_second_holder_is_refused_at_once_naming_the_first_and_the_lock_frees_on_release(out):
+    loc = locate(out)
+    with hold(loc, 30):
+        t0 = time.monotonic()
+        with pytest.raises(ScanLocked, match=r"another scan is already running on .* \(scan pid \d+ on .*, since "):
+            with hold(loc, 30):
+                pass
+        assert time.monotonic() - t0 < 2  # refused, never waiting
+    with hold(loc, 30):
+        pass
+
+
+RACER = """
+    import sys, time
+    from dogbreed.lock import hold
+    from dogbreed.store import ScanLocked, locate
+    loc = locate(sys.argv[1])
+    while time.time() < float(sys.argv[2]):                # start together
+        time.sleep(0.001)
+    try:
+        with hold(loc, 30):
+            print("held", flush=True)
+            time.sleep(1.5)
+    except ScanLocked as e:
+        print("refused", flush=True)
+"""
+
+
+@pytest.mark.slow  # four Python processes
+def test_of_racing_processes_exactly_one_takes_the_lock(out):
+    start = time.time() + 2.5
+    racers = [child(RACER, out, str(start)) for _ in range(4)]
+    answers = [p.communicate(timeout=60)[0].strip() for p in racers]
+    assert sorted(answers) == ["held", "refused", "refused", "refused"], [p.stderr for p in racers]
+    with hold(locate(out), 30):  # released at the end
+        pass
+
+
+PAUSED = """
+    import sys
+    from dogbreed.lock import hold
+    from dogbreed.store import ScanLocked, commit, locate, open_table
+    loc = locate(sys.argv[1])
+    with hold(loc, 2) as lease:
+        table = open_table(loc)
+        print("holding", flush=True)
+        sys.stdin.readline()                               # paused (SIGSTOP) while waiting here
+        try:
+            lease.check(sys.argv[1])
+            commit(loc, table, [], {"run_id": "paused-run"})
+            print("committed", flush=True)
+        except ScanLocked as e:
+            print("refused:", e, flush=True)
+"""
+
+
+@pytest.mark.slow  # waits out a lease
+def test_a_paused_holder_loses_its_lease_and_never_commits_beside_the_run_that_took_over(out, commit_rows):
+    commit_rows(out, ["/p/a.jpg"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(PAUSED), out], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_line(proc, "holding")
+        proc.send_signal(signal.SIGSTOP)  # a frozen VM, a GC pause: it cannot renew
+        time.sleep(2.5)
+        taker = commit_rows(out, ["/p/b.jpg"], lease_s=2)  # takes the stale lock over and commits
+        proc.send_signal(signal.SIGCONT)
+        answer, err = proc.communicate("go\n", timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "refused: this run lost the lock" in answer or "refused: another writer committed" in answer, answer + err
+    assert [m["run_id"] for m in results.manifests(out)][-1] == taker
+    assert "paused-run" not in {m["run_id"] for m in results.manifests(out)}
+
+
+# --------------------------------------------------------------------------- --out errors: one sentence, nothing made
+
+
+def test_unusable_outputs_are_one_sentence_and_create_nothing(tmp_path, s3_out):
+    with pytest.raises(OutputError, match=r"^--out ftp://host/x: ftp:// output is not supported"):
+        check_out("ftp://host/x")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OutputError, match="is a file, not a folder"):
+        check_out(str(tmp_path / "f"))
+    bucket = s3_out.split("/")[2]
+    with pytest.raises(OutputError, match=r"bucket no-such-bucket-x does not exist"):
+        check_out("s3://no-such-bucket-x/out")
+    check_out(s3_out)  # fine, and nothing is created by the check
+    import boto3
+
+    assert "Contents" not in boto3.client("s3").list_objects_v2(Bucket=bucket)
+
+
+@pytest.mark.slow  # the S3 client's bounded retries take 6 s
+def test_an_unreachable_store_is_one_sentence(s3_out, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(OutputError, match=r"^--out s3://\S+: cannot reach the store \(.*\); check the credentials"):
+        check_out(s3_out)
