@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +12,7 @@ from typing import Annotated, Iterator, Optional
 import typer
 
 from dogbreed.config import ConfigError, ScanConfig, load_config
+from dogbreed.console import Terminated, native_stderr_quiet, setup_logging, stop_on_sigterm
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find dogs and people in photo archives and name each dog's breed.")
@@ -21,72 +20,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/scan.yaml).")]
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="'default', a model artifact folder, or timm:NAME[=FILE.safetensors] (zero-shot ImageNet model).")]
-
-
-def _setup_logging(log_file: str | None, verbose: bool = False) -> None:
-    """INFO and up go to the log file; the terminal (or cron's mail) gets warnings and errors only."""
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    handlers: list[logging.Handler] = [console]
-    if log_file:
-        try:
-            Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-            handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
-        except OSError as e:
-            typer.echo(f"warning: cannot write the log file {log_file}: {e.strerror or e}", err=True)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-@contextmanager
-def _native_stderr_quiet(enabled: bool) -> Iterator[None]:
-    """Under cron (stderr not a terminal), keep Ray's native log lines off stderr; Python's messages stay.
-
-    Python writes (warnings, refusals) go to a duplicate of the real stderr; file descriptor 2, which native
-    code (Ray's C++ core worker, child processes) writes to, points to /dev/null meanwhile. Ray keeps those
-    lines in its own session logs.
-    """
-    try:
-        real = sys.stderr.fileno() == 2  # not when stderr is captured (tests, notebooks)
-    except (AttributeError, OSError, ValueError):
-        real = False
-    if not enabled or not real:
-        yield
-        return
-    sys.stderr.flush()
-    saved_fd = os.dup(2)
-    console = os.fdopen(os.dup(saved_fd), "w", buffering=1, encoding=sys.stderr.encoding or "utf-8",
-                        errors="backslashreplace")
-    old_stderr = sys.stderr
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        sys.stderr = console
-        for handler in logging.getLogger().handlers:
-            if type(handler) is logging.StreamHandler:
-                handler.setStream(console)
-        yield
-    finally:
-        console.flush()
-        os.dup2(saved_fd, 2)
-        for handler in logging.getLogger().handlers:
-            if type(handler) is logging.StreamHandler:
-                handler.setStream(old_stderr)
-        sys.stderr = old_stderr
-        for fd in (saved_fd, devnull):
-            os.close(fd)
-        # `console` stays open: loggers created meanwhile (Ray Data's) may still hold it until exit.
-
-
-class Terminated(BaseException):
-    """SIGTERM (cron's timeout, systemd, Kubernetes) arrived: unwind, so the scan stops its Ray and commits nothing."""
-
-
-def _stop_on_sigterm() -> None:
-    def handler(signum, frame):
-        raise Terminated(f"stopped by {signal.Signals(signum).name}")
-
-    signal.signal(signal.SIGTERM, handler)
 
 
 def _fail(code: int, label: str, message: str) -> typer.Exit:
@@ -150,14 +83,14 @@ def scan(
         "--progress/--no-progress", help="One progress bar; default: only when stderr is a terminal.")] = None,
 ) -> None:
     """Scan photo folders into Parquet: one row per file, committed atomically; exit 0 ok, 3 bad photos, 4/5 refused."""
-    _setup_logging(log_file)
-    _stop_on_sigterm()
-    with _native_stderr_quiet(not sys.stderr.isatty()), _user_errors():
+    setup_logging(log_file)
+    stop_on_sigterm()
+    with native_stderr_quiet(not sys.stderr.isatty()), _user_errors():
         cfg = _scan_config(config, roots=roots, out=out, model=model, mode=mode, address=address,
                            allow_empty_roots=allow_empty_roots, allow_deletions=allow_deletions,
                            retry_errors=retry_errors, log_file=log_file, progress=progress)
         if cfg.log_file != log_file:
-            _setup_logging(cfg.log_file)
+            setup_logging(cfg.log_file)
         from dogbreed.scan import EXIT_OK, run_scan
 
         summary = run_scan(cfg, dry_run=dry_run)
@@ -303,7 +236,7 @@ def train(
 
         cfg = load_train_config(config, {"data": data, "out": out, "mode": mode, "val_data": val, "test_data": test,
                                          "epochs": epochs, "num_workers": workers, "use_gpu": gpu, "address": address})
-        _setup_logging(None)
+        setup_logging(None)
         result = fit(cfg)
     typer.echo(json.dumps({"model_id": result.model_id, "artifact": str(result.artifact_dir), **result.metrics}))
 
