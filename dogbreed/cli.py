@@ -266,11 +266,12 @@ def migrate(out_dir: Annotated[Path, typer.Argument(help="Output folder in the o
             config: ConfigOpt = None) -> None:
     """Convert an output folder of runs/<run_id>/ + manifests into the Delta table, every row kept."""
     with _user_errors():
-        from dogbreed import maintain
+        from dogbreed.maintain import MIGRATED_DIR
+        from dogbreed.maintain import migrate as run_migrate
 
-        done = maintain.migrate(str(out_dir), _scan_config(config).lock_lease_s)
+        done = run_migrate(str(out_dir), _scan_config(config).lock_lease_s)
     typer.echo(f"migrated {len(done)} runs into the Delta table {out_dir}; the old runs/ folder is now in "
-               f"{out_dir / maintain.MIGRATED_DIR}: delete it once you have checked the table")
+               f"{out_dir / MIGRATED_DIR}: delete it once you have checked the table")
 
 
 @app.command()
