@@ -211,8 +211,8 @@ def _holder(record: dict | None) -> str:
 
 
 def _alive(record: dict | None, now: float) -> bool:
-    if record is None:  # unreadable: someone is writing it right now
-        return True
+    if record is None:  # gone, or not a record (creates are atomic with their content, so never half-written)
+        return False
     if record.get("released") or now - float(record.get("renewed", 0)) >= float(record.get("lease_s", 0)):
         return False
     if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int):
@@ -246,9 +246,8 @@ def _acquire(store, loc: Location, lease_s: float, what: str) -> Lease:
     names = store.names()
     top = int(names[-1].split(".")[0]) if names else 0
     if top:
-        raw = store.get(_name(top))
-        record = _parse(raw)
-        if raw is not None and _alive(record, time.time()):
+        record = _parse(store.get(_name(top)))
+        if _alive(record, time.time()):
             raise ScanLocked(f"another scan is already running on {loc.out} ({_holder(record)})")
     me = {"holder": f"{what} pid {os.getpid()} on {socket.gethostname()}", "since": utcnow().isoformat(),
           "host": socket.gethostname(), "pid": os.getpid(),

@@ -109,6 +109,8 @@ def connect(address: str | None = None, token: str | None = None, timeout_s: flo
     except AuthenticationError:
         raise SubmitError(f"the cluster at {url} requires a token: set RAY_AUTH_TOKEN (or RAY_AUTH_MODE=token "
                           "with ~/.ray/auth_token) to the cluster's token") from None
+    except SubmitError:
+        raise
     except requests.exceptions.Timeout:
         raise SubmitError(_silent(url, timeout_s)) from None
     except (ConnectionError, RuntimeError, requests.exceptions.RequestException) as e:
