@@ -12,7 +12,17 @@ from typing import Annotated, Iterator, Optional
 import typer
 
 from dogbreed.config import ConfigError, ScanConfig, load_config
-from dogbreed.console import Terminated, native_stderr_quiet, setup_logging, stop_on_sigterm
+from dogbreed.console import (
+    EXIT_FAILED,
+    EXIT_LOCKED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    Terminated,
+    native_stderr_quiet,
+    setup_logging,
+    stop_on_sigterm,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find dogs and people in photo archives and name each dog's breed.")
@@ -37,7 +47,7 @@ def _user_errors() -> Iterator[None]:
     one-line summary goes to the log file, with exit code 1).
     """
     from dogbreed.listing import RootError
-    from dogbreed.scan import EXIT_FAILED, EXIT_LOCKED, EXIT_REFUSED, EXIT_USAGE, ScanRefused
+    from dogbreed.plan import ScanRefused
     from dogbreed.store import ScanLocked
 
     try:
@@ -91,7 +101,7 @@ def scan(
                            retry_errors=retry_errors, log_file=log_file, progress=progress)
         if cfg.log_file != log_file:
             setup_logging(cfg.log_file)
-        from dogbreed.scan import EXIT_OK, run_scan
+        from dogbreed.scan import run_scan
 
         summary = run_scan(cfg, dry_run=dry_run)
     logging.getLogger("dogbreed").info(summary.line())
@@ -163,10 +173,10 @@ def latest(
 ) -> None:
     """The current answer per existing photo (latest successful-or-error row), as a table or file."""
     from dogbreed import results
-    from dogbreed.store import check_out
+    from dogbreed.store import require_table
 
     with _user_errors():
-        check_out(out_dir)
+        require_table(out_dir)
         df = results.latest(out_dir, model_id=model_id)
     if csv:
         df.to_csv(csv, index=False)

@@ -1,4 +1,4 @@
-"""What a run shows and where it logs: the terminal or cron's mail, the log file, and SIGTERM.
+"""What a run shows and where it logs (terminal or cron's mail, the log file), SIGTERM, and the exit codes.
 
 Under cron (stderr not a terminal) Ray's native log lines stay in Ray's own logs; the console gets
 warnings, refusals and the final line, and the log file gets everything at INFO and up.
@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+# The scan's documented exit codes (README, "Exit codes"): cron and schedulers branch on them.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BAD_PHOTOS, EXIT_REFUSED, EXIT_LOCKED = 0, 1, 2, 3, 4, 5
 
 def setup_logging(log_file: str | None, verbose: bool = False) -> None:
     """INFO and up go to the log file; the terminal (or cron's mail) gets warnings and errors only."""

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 
 from dogbreed import results
 from dogbreed.config import ScanConfig, dump_config, settings_id
+from dogbreed.console import EXIT_BAD_PHOTOS, EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_REFUSED, EXIT_USAGE
 from dogbreed.listing import RootError, list_roots, normalise_roots
 from dogbreed.lock import hold
 from dogbreed.models import describe_model
@@ -32,7 +33,6 @@ from dogbreed.store import RunWriter, check_out, clear_orphans, commit, new_run_
 
 log = logging.getLogger("dogbreed.scan")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BAD_PHOTOS, EXIT_REFUSED, EXIT_LOCKED = 0, 1, 2, 3, 4, 5
 DRY_RUN_PREVIEW = 10  # paths a dry run lists of each kind
 DECODE_CALLS_PER_WORKER = 50  # a decode worker process exits after this many blocks (max_calls)
 OUTPUT_BLOCK_PHOTOS = 32  # decoded crops per block sent on to the actors

@@ -129,6 +129,14 @@ def check_out(out: str | Path) -> Location:
     return loc
 
 
+def require_table(out: str | Path):
+    """The committed table at `out` for a reader; one sentence where `out` holds no committed scan run."""
+    table = open_table(check_out(out))
+    if table is None:
+        raise OutputError(f"{out} holds no committed scan run (no Delta table there)")
+    return table
+
+
 def open_table(loc: Location, version: int | None = None):
     """The Delta table at loc (its latest version, or `version`), or None where no run has committed yet."""
     from deltalake import DeltaTable

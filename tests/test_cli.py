@@ -68,3 +68,9 @@ def test_evaluate_command(shared_data):
     assert r.exit_code == 0, r.output
     figures = json.loads(r.output)
     assert figures["human_photos"] == 60 and figures["face_detected_in_human"] >= 0.95
+
+
+def test_latest_of_a_folder_without_a_scan_is_one_sentence(tmp_path):
+    r = runner.invoke(app, ["latest", str(tmp_path / "nothing")])
+    assert r.exit_code == 2
+    assert "holds no committed scan run" in r.output and "Traceback" not in r.output
