@@ -77,13 +77,18 @@ class Preprocessing:
 
 @dataclass
 class Decoded:
-    """A photo ready for the detectors: model crop, grayscale copy for faces, and full-size geometry."""
+    """A photo ready for the detectors: model crop, small copy for faces, and full-size geometry."""
 
     width: int  # full-size width after EXIF orientation
     height: int
     model_input: np.ndarray  # uint8 (S, S, 3), resized and centre-cropped per the model's preprocessing
-    gray: np.ndarray  # uint8 (h, w), longest side <= face max_side
-    gray_scale: float  # full-size pixels per gray pixel (a scale factor, not a colour)
+    small: np.ndarray  # uint8 RGB (h, w, 3), upright, longest side <= face max_side: what face detectors see
+    gray_scale: float  # full-size pixels per pixel of the small copy (a scale factor, not a colour)
+
+    @property
+    def gray(self) -> np.ndarray:
+        """The small copy in grayscale (Haar's input), uint8 (h, w)."""
+        return np.asarray(Image.fromarray(self.small).convert("L"), dtype=np.uint8)
 
 
 def is_uri(path: str | bytes) -> bool:
@@ -243,8 +248,8 @@ def decode(data: bytes, prep: Preprocessing, face_max_side: int = 640, max_pixel
         except Exception:  # noqa: BLE001 - a broken EXIF block keeps the pixels as stored
             pass
     rgb = _to_rgb(im)
-    gray, _ = gray_copy(rgb, face_max_side)
-    return Decoded(width=w, height=h, model_input=model_crop(rgb, prep), gray=gray, gray_scale=w / gray.shape[1])
+    small = small_copy(rgb, face_max_side)
+    return Decoded(width=w, height=h, model_input=model_crop(rgb, prep), small=small, gray_scale=w / small.shape[1])
 
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
@@ -266,6 +271,13 @@ def gray_copy_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
     w, h = size
     s = min(1.0, max_side / max(w, h))
     return max(1, round(w * s)), max(1, round(h * s))
+
+
+def small_copy(rgb: Image.Image, max_side: int) -> np.ndarray:
+    """RGB copy (h, w, 3) with the longest side <= max_side, box-filtered."""
+    size = gray_copy_size(rgb.size, max_side)
+    small = rgb.resize(size, Image.Resampling.BOX, reducing_gap=2.0) if size != rgb.size else rgb
+    return np.asarray(small, dtype=np.uint8)
 
 
 def gray_copy(rgb: Image.Image, max_side: int) -> tuple[np.ndarray, float]:
