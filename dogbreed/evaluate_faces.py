@@ -1,8 +1,8 @@
 """Face detectors side by side on labelled folders: faces found on humans, false faces on dogs and on other
 photos, the same on copies rotated by some angle, and each detector's speed on one core.
 
-Photos go through the decode and detect_faces functions the scan's decoder child runs (in this process, so
-the detector's own time can be measured); rotated copies are made at full size and then decoded the same way.
+Photos go through the decode and detect_faces functions the scan's decoder child runs, in a sandboxed child of
+the same kind, which also times the detector alone; rotated copies are made at full size, then decoded the same way.
 """
 
 from __future__ import annotations
@@ -10,14 +10,16 @@ from __future__ import annotations
 import io
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from PIL import Image, ImageOps
 from pydantic import ValidationError
 
 from dogbreed import detect
-from dogbreed.config import ConfigError, FaceConfig, ScanConfig
-from dogbreed.evaluate import collect
-from dogbreed.images import Decoded, ImageError, Preprocessing, decode, read_bytes
+from dogbreed.config import ConfigError, DecodeConfig, FaceConfig, ScanConfig
+from dogbreed.evaluate import LabelledPhotos, collect
+from dogbreed.images import ImageError, Preprocessing, decode, read_bytes
+from dogbreed.sandbox import Sandbox
 
 CATEGORIES = ("human", "dog", "other")
 
@@ -51,33 +53,59 @@ def rotated(data: bytes, degrees: float) -> bytes:
     return buf.getvalue()
 
 
-def _decoded(paths: list[str], cfg: ScanConfig, degrees: float) -> list[Decoded | None]:
+def faces_worker(face: dict, decode_cfg: dict) -> Callable[[str, float], "tuple[int, float] | None"]:
+    """Runs in a sandboxed child, as the scan's decoder does: per photo (rotated if asked), the number of faces
+    and the seconds detect_faces took; None for a photo that cannot be decoded.
+
+    A child of its own keeps the detector away from torch's OpenMP threads in the calling process (with them
+    beside it YuNet ran 40 times slower), and measures it the way a decode task runs it: one core.
+    """
+    import cv2
+
+    face_, cfg = FaceConfig(**face), DecodeConfig(**decode_cfg)
+    detect.load_face_detector(face_)
+    cv2.setNumThreads(1)
     prep = Preprocessing()  # the model crop is not used here; the face copy does not depend on it
-    out: list[Decoded | None] = []
-    for path in paths:
+
+    def one(path: str, degrees: float) -> tuple[int, float] | None:
         try:
-            data = read_bytes(path, cfg.decode.max_bytes)
-            out.append(decode(rotated(data, degrees) if degrees else data, prep, cfg.face.max_side,
-                              cfg.decode.max_pixels))
+            data = read_bytes(path, cfg.max_bytes)
+            d = decode(rotated(data, degrees) if degrees else data, prep, face_.max_side, cfg.max_pixels)
         except (ImageError, OSError):
-            out.append(None)  # an unreadable photo counts for no detector
-    return out
-
-
-def _share_with_faces(decoded: list[Decoded | None], category: list[str], face_cfg) -> tuple[dict, dict, float]:
-    counts = {c: 0 for c in CATEGORIES}
-    hits = {c: 0 for c in CATEGORIES}
-    seconds = 0.0
-    for d, c in zip(decoded, category):
-        if d is None:
-            continue
+            return None  # an unreadable photo counts for no detector
         t0 = time.perf_counter()
-        found = detect.detect_faces(d.small, d.gray_scale, face_cfg)
-        seconds += time.perf_counter() - t0
-        counts[c] += 1
-        hits[c] += bool(found)
-    shares = {c: hits[c] / counts[c] for c in CATEGORIES if counts[c]}
-    return {c: n for c, n in counts.items() if n}, shares, seconds
+        found = detect.detect_faces(d.small, d.gray_scale, face_)
+        return len(found), time.perf_counter() - t0
+
+    return one
+
+
+def _figures(name: str, face_cfg: FaceConfig, photos: LabelledPhotos, cfg: ScanConfig,
+             rotate_degrees: float) -> DetectorFigures:
+    """One detector over every photo, upright and (with rotate_degrees) rotated, in one sandboxed child."""
+    angles = [0.0] + ([rotate_degrees] if rotate_degrees else [])
+    counts = {a: dict.fromkeys(CATEGORIES, 0) for a in angles}
+    hits = {a: dict.fromkeys(CATEGORIES, 0) for a in angles}
+    seconds = 0.0
+    sandbox = Sandbox("dogbreed.evaluate_faces:faces_worker",
+                      {"face": face_cfg.model_dump(), "decode_cfg": cfg.decode.model_dump()},
+                      timeout_s=cfg.decode.timeout_s, memory_mb=cfg.decode.max_memory_mb)
+    try:
+        for angle in angles:
+            for path, c in zip(photos.paths, photos.category):
+                result, failure = sandbox(path, angle)
+                if failure is not None or result is None:
+                    continue  # a photo that cannot be decoded (or crashes the decoder) counts for no detector
+                counts[angle][c] += 1
+                hits[angle][c] += result[0] > 0
+                seconds += result[1] if angle == 0.0 else 0.0
+    finally:
+        sandbox.close()
+    shares = {a: {c: hits[a][c] / counts[a][c] for c in CATEGORIES if counts[a][c]} for a in angles}
+    upright = {c: n for c, n in counts[0.0].items() if n}
+    return DetectorFigures(name, detect.active_detector(face_cfg), upright, shares[0.0],
+                           shares[rotate_degrees] if rotate_degrees else {},
+                           sum(upright.values()) / seconds if seconds > 0 else 0.0)
 
 
 def compare_detectors(folders: list[str], cfg: ScanConfig, detectors: list[str] | None = None,
@@ -86,8 +114,6 @@ def compare_detectors(folders: list[str], cfg: ScanConfig, detectors: list[str] 
 
     With `rotate_degrees`, each photo is also rotated by that angle and searched again.
     """
-    import cv2
-
     photos = collect(folders)
     if not photos.paths:
         raise ConfigError(f"no labelled photos found in {', '.join(folders)}")
@@ -98,18 +124,7 @@ def compare_detectors(folders: list[str], cfg: ScanConfig, detectors: list[str] 
             face_cfgs.append(FaceConfig.model_validate({**cfg.face.model_dump(), "detector": name}))
         except ValidationError:
             raise ConfigError(f"face.detector: unknown detector {name!r} (use yunet or haar)") from None
-    cv2.setNumThreads(1)  # as in a decode task: one photo at a time on one core
-    upright = _decoded(photos.paths, cfg, 0.0)
-    rotated_ = _decoded(photos.paths, cfg, rotate_degrees) if rotate_degrees else []
-    out = []
-    for name, face_cfg in zip(names, face_cfgs):
-        counts, shares, seconds = _share_with_faces(upright, photos.category, face_cfg)
-        fig = DetectorFigures(name, detect.active_detector(face_cfg), counts, shares,
-                              images_per_s=sum(counts.values()) / seconds if seconds > 0 else 0.0)
-        if rotated_:
-            fig.faces_rotated = _share_with_faces(rotated_, photos.category, face_cfg)[1]
-        out.append(fig)
-    return out
+    return [_figures(name, face_cfg, photos, cfg, rotate_degrees) for name, face_cfg in zip(names, face_cfgs)]
 
 
 def with_face_figures(figures: dict, compared: list[DetectorFigures], detector: str) -> dict:

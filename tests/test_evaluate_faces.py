@@ -28,6 +28,7 @@ def labelled(tmp_path_factory) -> list[str]:
     return [str(root / "humans"), str(root / "other"), str(root / "dogs")]
 
 
+@pytest.mark.slow  # two detectors over every photo twice
 @needs_yuface
 def test_compare_finds_rotated_faces_with_yunet_only(labelled):
     haar, yunet = compare_detectors(labelled, ScanConfig(), ["haar", "yunet"], rotate_degrees=30)
@@ -45,6 +46,13 @@ def test_compare_finds_rotated_faces_with_yunet_only(labelled):
 def test_compare_defaults_to_the_configured_detector_without_rotation(labelled):
     (only,) = compare_detectors(labelled, ScanConfig(face={"detector": "haar"}))
     assert only.detector == "haar" and only.faces["human"] == 1.0 and only.faces_rotated == {}
+
+
+@needs_yuface
+def test_compare_rotated_humans_with_the_default_detector(labelled):
+    (only,) = compare_detectors(labelled[:1], ScanConfig(), rotate_degrees=30)
+    assert (only.detector, only.photos, only.faces, only.faces_rotated) == ("yunet", {"human": 2}, {"human": 1.0},
+                                                                           {"human": 1.0})
 
 
 def test_unknown_detector_and_empty_folders_are_one_sentence(labelled, tmp_path):
