@@ -210,8 +210,8 @@ def evaluate(
     model: ModelOpt = None,
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
-    rotate: Annotated[float, typer.Option(min=0, max=180, help="Also search faces on copies rotated by this many "
-                                          "degrees (0 = not).")] = 0.0,
+    rotate: Annotated[float, typer.Option(min=-180, max=180, help="Also search faces on copies rotated by this many "
+                                          "degrees, counter-clockwise (0 = not).")] = 0.0,
     detectors: Annotated[Optional[str], typer.Option(help="Compare these face detectors, comma-separated "
                                                      "(e.g. haar,yunet): faces found, false faces, images/s.")] = None,
 ) -> None:
