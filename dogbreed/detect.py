@@ -55,7 +55,9 @@ def _one_openmp_thread(module: Any) -> None:
     """One thread for yuface's own (vendored) OpenMP, as cv2.setNumThreads(1) does for OpenCV.
 
     A decode task works on one photo on one core; OpenMP threads spinning beside it on a busy node made
-    YuNet 17 times slower (1.3 instead of 22 photos/s measured on 2 loaded cores).
+    YuNet 17 times slower (1.3 instead of 22 photos/s measured on 2 loaded cores). Decoder children also get
+    OMP_NUM_THREADS=1 (dogbreed.sandbox). In a process that loaded torch first, yuface's OpenMP calls reach
+    torch's runtime instead, which this cannot limit: measure YuNet in a child (see evaluate_faces).
     """
     import ctypes
     import glob
