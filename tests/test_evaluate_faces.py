@@ -73,3 +73,15 @@ def test_evaluate_command_prints_rotated_figures_and_the_comparison(labelled):
     assert [d["detector"] for d in figures["detectors"]] == ["haar", "yunet"]
     r = CliRunner().invoke(app, ["evaluate", *labelled, "--detectors", "haar,nope"])
     assert r.exit_code != 0 and "unknown detector 'nope'" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.slow  # every labelled shared photo, upright and rotated
+@pytest.mark.shared_data
+@needs_yuface
+def test_default_detector_meets_the_face_targets_on_the_shared_photos(shared_data):
+    (yunet,) = compare_detectors([str(shared_data / "humans"), str(shared_data / "other"),
+                                  str(shared_data / "imagewoof" / "val-unseen")], ScanConfig(), rotate_degrees=30)
+    assert yunet.photos == {"human": 60, "dog": 200, "other": 48}
+    assert yunet.faces["human"] >= 0.98 and yunet.faces_rotated["human"] >= 0.90
+    assert yunet.faces["dog"] <= 0.03 and yunet.faces["other"] <= 0.03
+    assert yunet.faces_rotated["dog"] <= 0.03 and yunet.faces_rotated["other"] <= 0.03
