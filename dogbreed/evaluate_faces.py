@@ -35,12 +35,12 @@ class DetectorFigures:
     faces_rotated: dict[str, float] = field(default_factory=dict)  # the same on the rotated copies (empty: none)
     images_per_s: float = 0.0  # detect_faces on the upright copies, one core, decoding not counted
 
-    def flat(self, prefix: str = "") -> dict[str, float | int | str]:
+    def flat(self) -> dict[str, float | int | str]:
         """Figures as flat keys (face_detected_in_human, ..._rotated), for JSON and the evaluate listing."""
-        out: dict[str, float | int | str] = {f"{prefix}detector": self.ran_as}
-        out.update({f"{prefix}face_detected_in_{c}": v for c, v in self.faces.items()})
-        out.update({f"{prefix}face_detected_in_{c}_rotated": v for c, v in self.faces_rotated.items()})
-        out[f"{prefix}face_images_per_s"] = round(self.images_per_s, 1)
+        out: dict[str, float | int | str] = {"detector": self.detector, "ran_as": self.ran_as}
+        out.update({f"face_detected_in_{c}": v for c, v in self.faces.items()})
+        out.update({f"face_detected_in_{c}_rotated": v for c, v in self.faces_rotated.items()})
+        out["face_images_per_s"] = round(self.images_per_s, 1)
         return out
 
 
