@@ -147,18 +147,29 @@ def evaluate_command(
     model: ModelOpt = None,
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    rotate: Annotated[float, typer.Option(min=-180, max=180, help="Also search faces on copies rotated by this many "
+                                          "degrees, counter-clockwise (0 = not).")] = 0.0,
+    detectors: Annotated[Optional[str], typer.Option(help="Compare these face detectors, comma-separated "
+                                                     "(e.g. haar,yunet): faces found, false faces, images/s.")] = None,
 ) -> None:
     """Assess the detectors and the breed classifier on labelled photos, the way the dog-app did."""
     with _user_errors():
         cfg = _scan_config(config, model=model)
         from dogbreed.evaluate import assess
+        from dogbreed.evaluate_faces import compare_detectors, detector_table, with_face_figures
 
         figures = assess(folders, cfg)
+        names = [n.strip() for n in detectors.split(",") if n.strip()] if detectors else None
+        compared = compare_detectors(folders, cfg, names, rotate) if names or rotate else []
+        figures = with_face_figures(figures, compared, cfg.face.detector)
     if as_json:
-        typer.echo(json.dumps(figures, indent=2))
+        typer.echo(json.dumps({**figures, "detectors": [c.flat() for c in compared]} if names else figures, indent=2))
         return
     for key, value in figures.items():
-        typer.echo(f"{key:>24}: {value:.1%}" if isinstance(value, float) else f"{key:>24}: {value}")
+        typer.echo(f"{key:>32}: {value:.1%}" if isinstance(value, float) and not key.endswith("_per_s")
+                   else f"{key:>32}: {value}")
+    if names:
+        typer.echo("\n" + detector_table(compared, rotate))
 
 
 OutArg = Annotated[str, typer.Argument(help="Scan output: a folder, s3://... or gs://... (a Delta table).")]

@@ -95,13 +95,18 @@ class Preprocessing:
 
 @dataclass
 class Decoded:
-    """A photo ready for the detectors: model crop, grayscale copy for faces, and full-size geometry."""
+    """A photo ready for the detectors: model crop, small copy for faces, and full-size geometry."""
 
     width: int  # full-size width after EXIF orientation
     height: int
     model_input: np.ndarray  # uint8 (S, S, 3), resized and centre-cropped per the model's preprocessing
-    gray: np.ndarray  # uint8 (h, w), longest side <= face max_side
-    gray_to_full: float  # full-size pixels per pixel of the gray copy (multiply a gray box by it)
+    small: np.ndarray  # uint8 RGB (h, w, 3), upright, longest side <= face max_side: what face detectors see
+    small_to_full: float  # full-size pixels per pixel of the small copy (multiply a small-copy box by it)
+
+    @property
+    def gray(self) -> np.ndarray:
+        """The small copy in grayscale (Haar's input), uint8 (h, w)."""
+        return np.asarray(Image.fromarray(self.small).convert("L"), dtype=np.uint8)
 
 
 def load_plugins(names: list[str]) -> None:
@@ -287,10 +292,10 @@ def decode_rgb(data: bytes, max_pixels: int, short_side: int | None = None,
 
 
 def decode(data: bytes, prep: Preprocessing, face_max_side: int = 640, max_pixels: int = 180_000_000) -> Decoded:
-    """Decode bytes into a model crop and a small grayscale copy; raises ImageError with a reason."""
+    """Decode bytes into a model crop and a small RGB copy for the face detector; raises ImageError with a reason."""
     rgb, (w, h) = decode_rgb(data, max_pixels, short_side=prep.resize_to, long_side=face_max_side)
-    gray, _ = gray_copy(rgb, face_max_side)
-    return Decoded(width=w, height=h, model_input=model_crop(rgb, prep), gray=gray, gray_to_full=w / gray.shape[1])
+    small = small_copy(rgb, face_max_side)
+    return Decoded(width=w, height=h, model_input=model_crop(rgb, prep), small=small, small_to_full=w / small.shape[1])
 
 
 def open_photo(path: str | bytes, max_bytes: int, max_pixels: int, short_side: int | None = None,
@@ -322,6 +327,13 @@ def gray_copy_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
     w, h = size
     s = min(1.0, max_side / max(w, h))
     return max(1, round(w * s)), max(1, round(h * s))
+
+
+def small_copy(rgb: Image.Image, max_side: int) -> np.ndarray:
+    """RGB copy (h, w, 3) with the longest side <= max_side, box-filtered."""
+    size = gray_copy_size(rgb.size, max_side)
+    small = rgb.resize(size, Image.Resampling.BOX, reducing_gap=2.0) if size != rgb.size else rgb
+    return np.asarray(small, dtype=np.uint8)
 
 
 def gray_copy(rgb: Image.Image, max_side: int) -> tuple[np.ndarray, float]:

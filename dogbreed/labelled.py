@@ -38,8 +38,11 @@ def photos_under(root: str | Path, extensions: list[str] | None = None) -> list[
     return sorted(p for p in paths if p.lower().endswith(exts))
 
 
-def class_folders(root: str | Path, extensions: list[str] | None = None) -> dict[str, list[str]]:
-    """{class folder name: sorted photo paths} of a class-per-folder tree (Stanford ``Images/`` is entered)."""
+def class_folders(root: str | Path, extensions: list[str] | None = None, min_classes: int = 2) -> dict[str, list[str]]:
+    """{class folder name: sorted photo paths} of a class-per-folder tree (Stanford ``Images/`` is entered).
+
+    Training needs two classes at least; an evaluation folder may hold one breed, or none (min_classes=0).
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"labelled folder {root} does not exist")
@@ -50,8 +53,9 @@ def class_folders(root: str | Path, extensions: list[str] | None = None) -> dict
         rel = Path(path).relative_to(root.resolve())
         if len(rel.parts) >= 2 and not rel.parts[0].startswith("."):  # a file directly in root has no label
             classes.setdefault(rel.parts[0], []).append(path)
-    if len(classes) < 2:
-        raise DataError(f"{root} needs at least two class folders with photos (found {len(classes)})")
+    if len(classes) < min_classes:
+        need = "at least two class folders" if min_classes == 2 else f"at least {min_classes} class folder(s)"
+        raise DataError(f"{root} needs {need} with photos (found {len(classes)})")
     return dict(sorted(classes.items()))
 
 
@@ -119,7 +123,7 @@ def evaluation_photos(folders: list[str], extensions: list[str] | None = None) -
             out.category += ["human" if name == HUMANS else "other"] * len(paths)
             out.folder += [None] * len(paths)
             continue
-        for class_folder, paths in class_folders(folder, extensions).items():
+        for class_folder, paths in class_folders(folder, extensions, min_classes=0).items():
             out.paths += paths
             out.category += ["dog"] * len(paths)
             out.folder += [class_folder] * len(paths)

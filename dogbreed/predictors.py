@@ -1,6 +1,6 @@
 """Callables that Ray Data runs on batches; each loads what it needs once and is pure on numpy batches.
 
-:class:`Decoder` (CPU tasks) turns listed files into 224-px model crops plus Haar face boxes, so only
+:class:`Decoder` (CPU tasks) turns listed files into 224-px model crops plus face boxes, so only
 small uint8 arrays travel through the object store; each photo is decoded in a sandboxed child process.
 :class:`BreedPredictor` (actor pool, GPU when present) runs one backbone pass per batch for both the dog
 score and the breed. Both are usable without Ray: ``BreedPredictor()(Decoder(...)(batch))``.
@@ -52,7 +52,7 @@ def photo_worker(prep: dict, face: dict, decode_cfg: dict) -> Callable[[bytes], 
             fp = fingerprint_of_bytes(data)
             d = decode(data, prep_, face_.max_side, cfg.max_pixels)
             del data
-            faces = detect.detect_faces(d.gray, d.gray_to_full, face_)
+            faces = detect.detect_faces(d.small, d.small_to_full, face_)
         except ImageError as e:
             return {"status": "error", "error": str(e), "error_kind": PERMANENT if e.permanent else TRANSIENT,
                     "fingerprint": fp}

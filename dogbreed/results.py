@@ -22,7 +22,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 BREED = pa.struct([("breed", pa.string()), ("prob", pa.float32())])
-BOX = pa.struct([("x", pa.int32()), ("y", pa.int32()), ("w", pa.int32()), ("h", pa.int32())])
+# score: the detector's confidence 0..1 (face.detector yunet); null for haar, which has none, and in older runs.
+BOX = pa.struct([("x", pa.int32()), ("y", pa.int32()), ("w", pa.int32()), ("h", pa.int32()), ("score", pa.float32())])
+BOX_FIELDS = tuple(f.name for f in BOX)
 UTC_US = pa.timestamp("us", tz="UTC")
 
 # One row per file found. Documented column by column in README.md ("Output schema").
@@ -43,7 +45,7 @@ SCHEMA = pa.schema([
     ("breed_prob", pa.float32()),       # its probability among breeds
     ("breeds", pa.list_(BREED)),        # top-k breeds with probabilities, best first
     ("face_count", pa.int32()),
-    ("faces", pa.list_(BOX)),           # face boxes in full-size oriented pixel coordinates
+    ("faces", pa.list_(BOX)),           # face boxes in full-size oriented pixel coordinates, with a score
     ("model_id", pa.string()),          # content hash of the model that produced the row
     ("settings_id", pa.string()),       # hash of the result-changing settings (thresholds, dingo rule, faces, top_k)
     ("run_id", pa.string()),
@@ -112,7 +114,7 @@ def rows_to_table(rows: dict[str, Any], run_id: str, settings_id: str | None, pr
                                 pa.int64()).cast(UTC_US)
     for name in ("width", "height", "face_count"):
         cols[name] = [int(v) if good else None for v, good in zip(rows[name], ok)]
-    cols["faces"] = [[dict(zip("xywh", b)) for b in json.loads(f)] if good else None for f, good in zip(rows["faces"], ok)]
+    cols["faces"] = [[dict(zip(BOX_FIELDS, b)) for b in json.loads(f)] if good else None for f, good in zip(rows["faces"], ok)]
     cols["dog_score"] = [float(v) if good else None for v, good in zip(rows["dog_score"], ok)]
     cols["breed_prob"] = [float(v) if good else None for v, good in zip(rows["breed_prob"], ok)]
     cols["breeds"] = [list(b) if good else None for b, good in zip(rows["breeds"], ok)]

@@ -57,3 +57,12 @@ def test_dump_round_trips(tmp_path):
     f = tmp_path / "r.yaml"
     f.write_text(dump_config(cfg))
     assert load_config(ScanConfig, f) == cfg
+
+
+def test_unknown_face_detector_is_one_sentence_naming_the_key(tmp_path):
+    f = tmp_path / "faces.yaml"
+    f.write_text("face:\n  detector: mtcnn\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(ScanConfig, f)
+    assert str(e.value).startswith(f"{f}: key 'face.detector'") and "'mtcnn'" in str(e.value)
+    assert "\n" not in str(e.value) and "yunet" in str(e.value) and "haar" in str(e.value)

@@ -1,5 +1,8 @@
-"""Faces, dog score, top-k and the decision rule."""
+"""Faces (YuNet and Haar), dog score, top-k and the decision rule."""
 
+import importlib.util
+import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -7,11 +10,12 @@ import pytest
 from PIL import Image
 
 from dogbreed import detect
-from dogbreed.config import FaceConfig
+from dogbreed.config import FaceConfig, ScanConfig, settings_id
 from dogbreed.images import decode
 from dogbreed.models import Preprocessing
 
 SAMPLES = Path(__file__).resolve().parents[1] / "dogbreed" / "samples"
+HAVE_YUFACE = importlib.util.find_spec("yuface") is not None
 
 
 @pytest.mark.parametrize("status, score, faces", [
@@ -40,19 +44,89 @@ def test_top_k_order_and_names():
     assert detect.top_k(probs, ["a", "b", "c"], 2) == [[("b", pytest.approx(0.7)), ("c", pytest.approx(0.2))]]
 
 
-def test_face_found_on_real_portrait_in_full_size_coordinates():
-    data = (SAMPLES / "grace_hopper.jpg").read_bytes()
-    w, h = Image.open(SAMPLES / "grace_hopper.jpg").size
+def _jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, "JPEG", quality=92, **kw)
+    return buf.getvalue()
+
+
+def _faces(data: bytes, cfg: FaceConfig):
+    d = decode(data, Preprocessing(), face_max_side=cfg.max_side)
+    return d, detect.detect_faces(d.small, d.small_to_full, cfg)
+
+
+DETECTORS = [pytest.param("haar", id="haar"),
+             pytest.param("yunet", id="yunet", marks=pytest.mark.skipif(not HAVE_YUFACE, reason="no yuface here"))]
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+@pytest.mark.parametrize("sample", ["grace_hopper.jpg", "astronaut.png"])
+def test_each_detector_finds_the_face_in_full_size_coordinates(detector, sample):
+    w, h = Image.open(SAMPLES / sample).size
     # A small face copy (200 px) forces a real rescale back to full-size pixels.
-    d = decode(data, Preprocessing(), face_max_side=200)
-    faces = detect.detect_faces(d.gray, d.gray_to_full, FaceConfig(max_side=200, min_size=20, min_neighbors=3))
+    cfg = FaceConfig(detector=detector, max_side=200, min_size=20, min_neighbors=3)
+    d, faces = _faces((SAMPLES / sample).read_bytes(), cfg)
+    assert d.small_to_full > 2
     assert len(faces) == 1
-    x, y, fw, fh = faces[0]
+    x, y, fw, fh, score = faces[0]
     assert 0 <= x and x + fw <= w and 0 <= y and y + fh <= h
-    assert fw > 100  # the face is ~220 px wide in the 512x600 original, not ~75 px of the copy
-    assert 100 < x + fw / 2 < 400 and 100 < y + fh / 2 < 400
+    assert fw > 80  # a face of ~100-220 px in the original, not the ~40-75 px it has in the copy
+    if detector == "yunet":
+        assert 0.9 <= score <= 1.0
+    else:
+        assert score is None  # Haar cascades give no confidence
 
 
-def test_no_face_on_a_cup():
-    d = decode((SAMPLES / "coffee.png").read_bytes(), Preprocessing())
-    assert detect.detect_faces(d.gray, d.gray_to_full, FaceConfig()) == []
+@pytest.mark.skipif(not HAVE_YUFACE, reason="no yuface here")
+def test_yunet_finds_a_face_rotated_by_30_degrees_and_haar_does_not():
+    img = Image.open(SAMPLES / "grace_hopper.jpg").rotate(30, resample=Image.Resampling.BICUBIC, expand=True)
+    data = _jpeg(img)
+    _, haar = _faces(data, FaceConfig(detector="haar"))
+    _, upright_only = _faces(data, FaceConfig(rotate_deg=0))
+    d, faces = _faces(data, FaceConfig())
+    assert haar == [] and upright_only == []  # too tilted for Haar, and for one upright YuNet pass
+    assert len(faces) == 1
+    x, y, fw, fh, score = faces[0]
+    assert score >= 0.9
+    # The face's centre in the rotated photo: the original centre (~267, ~227) turned 30 degrees about the middle.
+    c, s = np.cos(np.radians(30)), np.sin(np.radians(30))
+    ox, oy = 267 - 256, 227 - 300
+    ex, ey = img.width / 2 + c * ox + s * oy, img.height / 2 - s * ox + c * oy
+    assert abs(x + fw / 2 - ex) < 30 and abs(y + fh / 2 - ey) < 30
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_boxes_are_in_the_exif_upright_frame(detector):
+    upright = Image.open(SAMPLES / "grace_hopper.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned a quarter; EXIF says to rotate 90 degrees clockwise for display
+    cfg = FaceConfig(detector=detector)
+    _, want = _faces(_jpeg(upright), cfg)
+    d, got = _faces(_jpeg(upright.rotate(90, expand=True), exif=exif.tobytes()), cfg)
+    assert (d.width, d.height) == upright.size
+    assert len(want) == len(got) == 1
+    assert np.allclose(want[0][:4], got[0][:4], atol=12)
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_no_face_on_a_cup(detector):
+    assert _faces((SAMPLES / "coffee.png").read_bytes(), FaceConfig(detector=detector))[1] == []
+
+
+def test_without_yuface_yunet_falls_back_to_haar_and_settings_say_so(monkeypatch):
+    monkeypatch.setitem(sys.modules, "yuface", None)  # what `import yuface` meets where it is not installed
+    for cached in (detect._yuface, detect._warn_fallback):
+        cached.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="needs the yuface package"):
+            assert detect.active_detector(FaceConfig()) == "haar"
+        _, faces = _faces((SAMPLES / "grace_hopper.jpg").read_bytes(), FaceConfig())
+        assert len(faces) == 1 and faces[0][4] is None  # Haar's box: no score
+        assert settings_id(ScanConfig()) == settings_id(ScanConfig(face={"detector": "haar"}))
+    finally:
+        monkeypatch.undo()  # yuface importable again (where installed), then forget the cached absence
+        detect._yuface.cache_clear()
+        detect._warn_fallback.cache_clear()
+    if HAVE_YUFACE:
+        assert detect.active_detector(FaceConfig()) == "yunet"
+        assert settings_id(ScanConfig()) != settings_id(ScanConfig(face={"detector": "haar"}))

@@ -42,7 +42,7 @@ def test_large_jpeg_uses_dct_scaling_but_reports_full_size(monkeypatch):
     assert (d.width, d.height) == (4000, 3000)
     assert drafts and drafts[0][1][0] <= 1000  # decoded at 1/4 scale or smaller, not 4000 px wide
     assert d.model_input.shape == (224, 224, 3) and d.model_input.dtype == np.uint8
-    assert max(d.gray.shape) <= 640 and d.gray_to_full == pytest.approx(4000 / d.gray.shape[1])
+    assert max(d.gray.shape) <= 640 and d.small_to_full == pytest.approx(4000 / d.gray.shape[1])
 
 
 def test_exif_rotation_swaps_the_frame():

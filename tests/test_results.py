@@ -186,3 +186,42 @@ def test_migrate_killed_half_way_is_simply_run_again(tmp_path, monkeypatch):
     assert migrate(str(out)) == ["20240102T000000000000Z-bbbbbb"]
     assert len(results.read_all(out)) == 2 and len(results.manifests(out)) == 2
     assert locate(out).remote is False
+
+
+# ---- face boxes carry the detector's score --------------------------------------------------------------------
+
+
+def _face_rows(faces: list[list]) -> dict:
+    import numpy as np
+
+    n = len(faces)
+    return {"path": np.array([f"/p/{i}.jpg" for i in range(n)], dtype=object), "status": np.array(["human"] * n, dtype=object),
+            "size_bytes": np.ones(n, np.int64), "mtime_ns": np.zeros(n, np.int64), "width": np.full(n, 100, np.int32),
+            "height": np.full(n, 80, np.int32), "face_count": np.array([len(f) for f in faces], np.int32),
+            "faces": np.array([json.dumps(f) for f in faces], dtype=object), "dog_score": np.zeros(n, np.float32),
+            "breed_prob": np.zeros(n, np.float32), "breeds": np.array([[]] * n + [None], dtype=object)[:n]}
+
+
+def test_face_boxes_carry_the_detectors_score_or_null():
+    table = results.rows_to_table(_face_rows([[[1, 2, 30, 40, 0.93]], [[5, 6, 7, 8, None]]]), "r", "s", None)
+    assert table.schema.field("faces").type == pa.list_(results.BOX)
+    faces = table.column("faces").to_pylist()
+    assert faces[0] == [{"x": 1, "y": 2, "w": 30, "h": 40, "score": faces[0][0]["score"]}]
+    assert abs(faces[0][0]["score"] - 0.93) < 1e-6  # float32
+    assert faces[1][0]["score"] is None  # Haar: no confidence
+
+
+def test_runs_written_before_scores_existed_migrate_with_a_null_score(tmp_path):
+    out = tmp_path / "out"
+    run = out / "runs" / "20200101T000000Z-old"
+    run.mkdir(parents=True)
+    old_box = pa.struct([(n, pa.int32()) for n in "xywh"])
+    old_schema = pa.schema([f if f.name != "faces" else pa.field("faces", pa.list_(old_box)) for f in results.SCHEMA])
+    old = results.rows_to_table(_face_rows([[[1, 2, 3, 4, None]]]), "20200101T000000Z-old", "s", None)
+    old = old.drop_columns(["faces"]).append_column("faces", pa.array([[{"x": 1, "y": 2, "w": 3, "h": 4}]],
+                                                                      pa.list_(old_box))).select(old_schema.names)
+    pq.write_table(old.cast(old_schema), run / "part-0.parquet")
+    (run / "_manifest.json").write_text(json.dumps({"run_id": "20200101T000000Z-old", "status": "committed"}))
+    migrate(out)
+    df = results.latest(out)
+    assert df["faces"][0].tolist() == [{"x": 1, "y": 2, "w": 3, "h": 4, "score": None}]

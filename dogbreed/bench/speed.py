@@ -116,17 +116,18 @@ def decode_only(paths: list[Path], cfg: ScanConfig) -> tuple[Measure, list]:
     return Measure("decode only (1 core)", len(paths), seconds, {"decode": seconds}), decoded
 
 
-def faces_only(decoded: list, cfg: ScanConfig) -> Measure:
-    """The project's Haar cascade on the decoded face copies, on one core."""
+def faces_only(decoded: list, cfg: ScanConfig, detector: str | None = None) -> Measure:
+    """The configured face detector (or `detector`) on the decoded small copies, on one core, as in a decode task."""
     from dogbreed import detect
 
-    with _Threads(1):
-        detect._cascade(cfg.face.cascade)
+    face = cfg.face if detector is None else cfg.face.model_copy(update={"detector": detector})
+    with _Threads(1):  # also torch's: with torch loaded, YuNet's OpenMP threads are torch's (30x slower unpinned)
+        detect.load_face_detector(face)
         t = time.perf_counter()
         for d in decoded:
-            detect.detect_faces(d.gray, d.gray_to_full, cfg.face)
+            detect.detect_faces(d.small, d.small_to_full, face)
         seconds = time.perf_counter() - t
-    return Measure("faces only (1 core)", len(decoded), seconds, {"faces": seconds})
+    return Measure(f"faces only, {detect.active_detector(face)} (1 core)", len(decoded), seconds, {"faces": seconds})
 
 
 def model_only(decoded: list, cfg: ScanConfig, predictor, threads: int | None) -> Measure:
@@ -274,6 +275,12 @@ class SizeResult:
     def best_bound(self) -> float:
         return max(self.rate("in_process"), self.ideal_bound)
 
+    def cpu_split(self, faces: str = "faces") -> dict[str, float]:
+        """Share of one photo's single-core CPU time in decode, faces (the `faces` measure) and model."""
+        seconds = {"decode": 1 / self.rate("decode"), "faces": 1 / self.rate(faces), "model": 1 / self.rate("model_1")}
+        total = sum(seconds.values())
+        return {k: v / total for k, v in seconds.items()}
+
     def ratios(self) -> dict[str, float]:
         scan = self.rate("scan_3n")
         return {"scan / classic": scan / self.rate("classic"), "scan / in-process": scan / self.rate("in_process"),
@@ -334,6 +341,8 @@ def run_benchmark(workdir: Path, cfg: ScanConfig, n: int = 60, classic_n: int = 
         log(f"stage bounds: {label}")
         m["decode"], decoded = decode_only(a, cfg)
         m["faces"] = faces_only(decoded, cfg)
+        if cfg.face.detector != "haar":
+            m["faces_haar"] = faces_only(decoded, cfg, "haar")
         m["model_1"] = model_only(decoded, cfg, predictor, 1)
         m["model_all"] = model_only(decoded, cfg, predictor, None)
         m["in_process"] = in_process(a, cfg, predictor)
@@ -348,7 +357,8 @@ def run_benchmark(workdir: Path, cfg: ScanConfig, n: int = 60, classic_n: int = 
 _ROWS = [("classic", "classic loop (full decode, Haar on full size, 2 x batch-1 forward)"),
          ("scan_cold", "scan end to end, N photos, first in a fresh Ray"),
          ("scan_n", "scan end to end, N photos"), ("scan_3n", "scan end to end, 3N photos"),
-         ("decode", "decode only, 1 core"), ("faces", "faces only, 1 core"), ("model_1", "model only, 1 core"),
+         ("decode", "decode only, 1 core"), ("faces", "faces only, the configured detector, 1 core"),
+         ("faces_haar", "faces only, Haar (for comparison), 1 core"), ("model_1", "model only, 1 core"),
          ("model_all", "model only, all cores"), ("in_process", "in-process loop (stage bound)")]
 
 
@@ -374,6 +384,8 @@ def format_report(report: BenchReport) -> str:
         lines += [f"  {'scan, 3N, with Ray start + stop + worker start-up':<82}{r.scan_with_startup:>10.2f}",
                   f"  {'scan, marginal rate between N and 3N (no fixed costs)':<82}{r.scan_marginal:>10.2f}",
                   f"  {'ideal pipeline bound: cores / (decode + faces + model s per photo)':<82}{r.ideal_bound:>10.2f}",
+                  *[f"  per-photo CPU split (1 core, {name}): " + " · ".join(f"{k} {v:.0%}" for k, v in r.cpu_split(key).items())
+                    for key, name in (("faces", "configured detector"), ("faces_haar", "with Haar")) if key in m],
                   "  ratios (scan = 3N, without Ray start): " + ", ".join(f"{k} {v:.2f}" for k, v in r.ratios().items()),
                   f"  targets: scan >= {TARGET_VS_CLASSIC:g} x classic: {_ok(r.ratios()['scan / classic'] >= TARGET_VS_CLASSIC)}; "
                   f"scan >= {TARGET_VS_BOUND:.0%} of the in-process bound: {_ok(r.ratios()['scan / in-process'] >= TARGET_VS_BOUND)}",
