@@ -1,0 +1,307 @@
+"""Decoding on the inference actor's device (``decode.device: accelerator``): JPEGs travel compressed, pixels are made there.
+
+:class:`JpegShipper` (CPU tasks) reads each file, fingerprints it and checks its JPEG header without decoding a pixel;
+plain JPEGs travel on as their compressed bytes, everything else is decoded by the sandboxed
+:class:`~dogbreed.predictors.Decoder` exactly as with ``decode.device: cpu``. :class:`DeviceDecoder` (in the inference
+actor) decodes the JPEGs in batches with ``torchvision.io.decode_jpeg`` on its device (nvJPEG on CUDA), applies EXIF
+orientation, makes the model crop and the face copy there, and sends any JPEG the device refuses to its own
+sandboxed Decoder, so no photo is lost and none can take the actor down.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from dogbreed import detect
+from dogbreed.config import DecodeConfig, FaceConfig
+from dogbreed.images import ImageError, Preprocessing, fingerprint_of_bytes, gray_copy_size, jpeg_header, read_bytes
+from dogbreed.predictors import Batch, Decoder, _node_id
+
+PAYLOAD, KIND, ORIENTATION = "payload", "payload_kind", "orientation"  # columns between the two stages only
+JPEG, CROP = "jpeg", "crop"  # payload kinds: compressed bytes to decode on the device; a crop the CPU already made
+# Full-size pixels decoded per decode_jpeg call: bounds the device memory a batch of 12-MP photos takes
+# (3 bytes each, plus a float copy of one photo at a time while it is resized): about 1.2 GB here.
+CHUNK_PIXELS = 400_000_000
+_TORCH_MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest-exact"}  # PIL filter -> torch mode
+
+
+def wants_accelerator(where: str, num_gpus: float) -> bool:
+    """Whether the scan decodes JPEGs in its inference actors (decode.device, and the GPUs each actor gets)."""
+    return where == "accelerator" or (where == "auto" and num_gpus > 0)
+
+
+def device_supports(prep: Preprocessing) -> bool:
+    """torch has no Lanczos resize: weights that ask for it keep the CPU decode path."""
+    return prep.interpolation in _TORCH_MODES
+
+
+def _raw(batch: Batch, i: int) -> bytes:
+    import os
+
+    raw = batch["raw"][i] if "raw" in batch else None
+    return bytes(raw) if raw is not None else os.fsencode(str(batch["path"][i]))
+
+
+def _objects(values: list) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)  # element by element: equal-length bytes must not become a 2-D array
+    for i, v in enumerate(values):
+        out[i] = v
+    return out
+
+
+class JpegShipper:
+    """CPU-task stage: read + fingerprint + JPEG header check; ship plain JPEGs compressed, decode the rest as today.
+
+    Output: the Decoder's columns without ``image``, plus ``payload`` (JPEG bytes, or the bytes of the crop the
+    sandboxed Decoder made; empty for error rows), ``payload_kind`` and ``orientation``.
+    """
+
+    def __init__(self, prep: Preprocessing, face: FaceConfig | None = None, decode_cfg: DecodeConfig | None = None):
+        self.cfg = decode_cfg or DecodeConfig()
+        self.decoder = Decoder(prep, face, self.cfg)  # its sandboxed child starts only if a file needs it
+
+    def _probe(self, raw: bytes) -> dict[str, Any] | None:
+        try:
+            data = read_bytes(raw, self.cfg.max_bytes)
+        except ImageError:
+            return None  # the Decoder reads it again and writes the same error row as the CPU path
+        head = jpeg_header(data, self.cfg.max_pixels)
+        if head is None:
+            return None
+        w, h, orientation = head
+        return {PAYLOAD: data, "width": w, "height": h, ORIENTATION: orientation, "fingerprint": fingerprint_of_bytes(data)}
+
+    def __call__(self, batch: Batch) -> Batch:
+        n = len(batch["path"])
+        probed = [self._probe(_raw(batch, i)) for i in range(n)]
+        rest = [i for i, p in enumerate(probed) if p is None]
+        rows: list[dict[str, Any]] = [{"ok": True, "status": None, "error": None, "error_kind": None,
+                                       "face_count": 0, "faces": "[]", KIND: JPEG, **p} if p else {} for p in probed]
+        if rest:
+            decoded = self.decoder({k: np.asarray(v)[rest] for k, v in batch.items()})
+            for j, i in enumerate(rest):
+                ok = bool(decoded["ok"][j])
+                rows[i] = {k: decoded[k][j] for k in ("ok", "status", "error", "error_kind", "fingerprint", "width",
+                                                      "height", "face_count", "faces")}
+                rows[i].update({PAYLOAD: decoded["image"][j].tobytes() if ok else b"", KIND: CROP if ok else None,
+                                ORIENTATION: 1})
+        out = dict(batch)
+        out.update({
+            "ok": np.array([r["ok"] for r in rows], dtype=bool),
+            "status": _objects([r["status"] for r in rows]),
+            "error": _objects([r["error"] for r in rows]),
+            "error_kind": _objects([r["error_kind"] for r in rows]),
+            "fingerprint": _objects([r["fingerprint"] for r in rows]),
+            "width": np.array([r["width"] for r in rows], dtype=np.int32),
+            "height": np.array([r["height"] for r in rows], dtype=np.int32),
+            "face_count": np.array([r["face_count"] for r in rows], dtype=np.int32),
+            "faces": _objects([r["faces"] for r in rows]),
+            PAYLOAD: _objects([r[PAYLOAD] for r in rows]),
+            KIND: _objects([r[KIND] for r in rows]),
+            ORIENTATION: np.array([r[ORIENTATION] for r in rows], dtype=np.int8),
+            "decode_node": np.array([_node_id()] * n, dtype=object),
+        })
+        return out
+
+    def close(self) -> None:
+        self.decoder.close()
+
+
+def orient(img, orientation: int):
+    """EXIF orientation (1-8) applied to a (C, H, W) tensor, as PIL's ImageOps.exif_transpose does to an image."""
+    import torch
+
+    if orientation == 2:
+        return img.flip(-1)
+    if orientation == 3:
+        return img.flip(-2, -1)
+    if orientation == 4:
+        return img.flip(-2)
+    if orientation == 5:
+        return img.transpose(-2, -1)
+    if orientation == 6:
+        return torch.rot90(img, -1, (-2, -1))
+    if orientation == 7:
+        return torch.rot90(img, 1, (-2, -1)).flip(-2)
+    if orientation == 8:
+        return torch.rot90(img, 1, (-2, -1))
+    return img
+
+
+def model_crop(img, prep: Preprocessing):
+    """images.model_crop on a (3, H, W) uint8 tensor: short side to prep.resize_to (antialiased), centre crop; (S, S, 3)."""
+    import torch.nn.functional as F
+
+    _, h, w = img.shape
+    s = prep.resize_to / min(w, h)
+    nw, nh = max(prep.input_size, round(w * s)), max(prep.input_size, round(h * s))
+    mode = _TORCH_MODES[prep.interpolation]
+    x = img.unsqueeze(0).float()
+    if (nh, nw) != (h, w):
+        smooth = mode in ("bicubic", "bilinear")  # antialias=True is torch's PIL-like filter (PIL's a = -0.5 cubic)
+        x = F.interpolate(x, size=(nh, nw), mode=mode, antialias=smooth, **({"align_corners": False} if smooth else {}))
+    left, top = (nw - prep.input_size) // 2, (nh - prep.input_size) // 2
+    x = x[0, :, top:top + prep.input_size, left:left + prep.input_size]
+    return x.round_().clamp_(0, 255).to(dtype=img.dtype).permute(1, 2, 0)
+
+
+def gray_copy(img, max_side: int):
+    """images.gray_copy on a (3, H, W) uint8 tensor: PIL's 'L' weights, box-reduced to max_side; (gray, scale)."""
+    import torch
+    import torch.nn.functional as F
+
+    _, h, w = img.shape
+    gw, gh = gray_copy_size((w, h), max_side)
+    # PIL's RGB -> L in fixed point (ITU-R 601-2 luma), so an unreduced gray copy is bit-identical.
+    x = img.to(torch.int32)
+    gray = (x[0] * 19595 + x[1] * 38470 + x[2] * 7471 + 0x8000) >> 16
+    if (gh, gw) != (h, w):
+        gray = F.interpolate(gray[None, None].float(), size=(gh, gw), mode="area")[0, 0].round_()
+    return gray.to(torch.uint8), w / gw
+
+
+class DeviceDecoder:
+    """Actor stage before the network: JPEG payloads -> model crops + face boxes on ``device``; crops pass through.
+
+    The output batch is what :class:`~dogbreed.predictors.Decoder` makes, with ``image`` as a uint8 (N, S, S, 3)
+    tensor on the device (BreedPredictor takes it without a copy back to the host).
+    """
+
+    def __init__(self, prep: Preprocessing, face: FaceConfig | None = None, decode_cfg: DecodeConfig | None = None,
+                 device: Any = "cpu", face_threads: int = 1):
+        import cv2
+        import torch
+
+        self.torch, self.prep, self.face = torch, prep, face or FaceConfig()
+        self.device = torch.device(device)
+        self.fallback = Decoder(prep, self.face, decode_cfg)  # sandboxed; its child starts at the first refusal
+        detect.load_face_detector(self.face)
+        if face_threads > 1:
+            cv2.setNumThreads(1)  # one cascade per thread, as many threads as the actor reserves CPUs
+        self.pool = ThreadPoolExecutor(face_threads) if face_threads > 1 else None
+        self.seconds: dict[str, float] = defaultdict(float)  # where the actor's decode time goes (dogbreed bench)
+        self.fallbacks = 0
+
+    def _timed(self, stage: str, t0: float) -> float:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)  # honest stage times; the copies back synchronise anyway
+        t = time.perf_counter()
+        self.seconds[stage] += t - t0
+        return t
+
+    def _decode(self, datas: list[tuple[bytes, int]]) -> list[Any]:
+        """decode_jpeg of (bytes, declared pixels) on the device, in chunks of at most CHUNK_PIXELS; None where it fails."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        def one_call(items):
+            tensors = [self.torch.frombuffer(bytearray(d), dtype=self.torch.uint8) for d in items]
+            out = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device)
+            return out if isinstance(out, list) else [out]
+
+        out: list[Any] = []
+        chunk: list[bytes] = []
+        budget = 0
+
+        def flush():
+            if not chunk:
+                return
+            try:
+                out.extend(one_call(chunk))
+            except Exception:  # noqa: BLE001 - one bad JPEG fails the batched call: find it one by one
+                for d in chunk:
+                    try:
+                        out.extend(one_call([d]))
+                    except Exception:  # noqa: BLE001 - the sandboxed CPU decoder takes it
+                        out.append(None)
+            chunk.clear()
+
+        for d, pixels in datas:
+            if chunk and budget + pixels > CHUNK_PIXELS:
+                flush()
+                budget = 0
+            chunk.append(d)
+            budget += pixels
+        flush()
+        return out
+
+    def _prepare(self, img, orientation: int, width: int, height: int):
+        """(crop, gray, gray_to_full) for one decoded JPEG, or None if it does not match its header."""
+        img = orient(img, orientation)
+        if tuple(img.shape) != (3, height, width):
+            return None  # the device read another frame size than the header declared: the CPU path decides
+        gray, scale = gray_copy(img, self.face.max_side)
+        return model_crop(img, self.prep), gray, scale
+
+    def _faces(self, grays: list, scales: list[float]) -> list[list[tuple[int, int, int, int]]]:
+        """Face boxes for the gray copies (device tensors), in full-size pixels.
+
+        The seam for a CNN face detector (issue 11): it would take ``grays`` in one batched call on the device
+        here. The Haar cascade runs on the CPU, on host copies, in a pool of ``face_threads`` threads.
+        """
+        host = [g.cpu().numpy() for g in grays]
+        if self.pool is None:
+            return [detect.detect_faces(g, s, self.face) for g, s in zip(host, scales)]
+        return list(self.pool.map(lambda gs: detect.detect_faces(gs[0], gs[1], self.face), zip(host, scales)))
+
+    def __call__(self, batch: Batch) -> Batch:
+        torch = self.torch
+        n, size = len(batch["path"]), self.prep.input_size
+        kinds = batch[KIND]
+        out = {k: (np.array(v, copy=True) if isinstance(v, np.ndarray) else v) for k, v in batch.items()
+               if k not in (PAYLOAD, KIND, ORIENTATION)}
+        images = torch.zeros((n, size, size, 3), dtype=torch.uint8, device=self.device)
+        t = time.perf_counter()
+        crops = [i for i in range(n) if kinds[i] == CROP]
+        if crops:
+            host = np.stack([np.frombuffer(batch[PAYLOAD][i], np.uint8).reshape(size, size, 3) for i in crops])
+            images[torch.as_tensor(crops)] = torch.from_numpy(host).to(self.device)
+        jpegs = [i for i in range(n) if kinds[i] == JPEG]
+        t = self._timed("copy", t)
+        decoded = self._decode([(batch[PAYLOAD][i], int(batch["width"][i]) * int(batch["height"][i])) for i in jpegs])
+        t = self._timed("decode", t)
+        done, grays, scales, refused = [], [], [], []
+        for i, img in zip(jpegs, decoded):
+            try:
+                ready = None if img is None else self._prepare(img, int(batch[ORIENTATION][i]), int(batch["width"][i]),
+                                                               int(batch["height"][i]))
+            except Exception:  # noqa: BLE001 - e.g. out of device memory on a huge photo: the CPU path takes it
+                ready = None
+            if ready is None:
+                refused.append(i)
+                continue
+            images[i], gray, scale = ready[0], ready[1], ready[2]
+            done.append(i)
+            grays.append(gray)
+            scales.append(scale)
+        del decoded
+        t = self._timed("resize", t)
+        for i, faces in zip(done, self._faces(grays, scales)):
+            out["faces"][i], out["face_count"][i] = json.dumps(faces), len(faces)
+        t = self._timed("faces", t)
+        if refused:
+            self._cpu(batch, refused, out, images)
+            self._timed("cpu fallback", t)
+        out["image"] = images
+        return out
+
+    def _cpu(self, batch: Batch, rows: list[int], out: Batch, images) -> None:
+        """JPEGs the device refused, through the sandboxed CPU decoder (same guards, same error rows)."""
+        self.fallbacks += len(rows)
+        sub = {k: np.asarray(v)[rows] for k, v in batch.items() if k not in (PAYLOAD, KIND, ORIENTATION)}
+        decoded = self.fallback(sub)
+        for j, i in enumerate(rows):
+            for k in ("ok", "status", "error", "error_kind", "fingerprint", "width", "height", "face_count", "faces"):
+                out[k][i] = decoded[k][j]
+            if decoded["ok"][j]:
+                images[i] = self.torch.from_numpy(decoded["image"][j]).to(self.device)
+
+    def close(self) -> None:
+        self.fallback.close()
+        if self.pool is not None:
+            self.pool.shutdown()
