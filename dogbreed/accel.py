@@ -128,7 +128,7 @@ def orient(img, orientation: int):
     if orientation == 6:
         return torch.rot90(img, -1, (-2, -1))
     if orientation == 7:
-        return torch.rot90(img, 1, (-2, -1)).flip(-2)
+        return img.transpose(-2, -1).flip(-2, -1)
     if orientation == 8:
         return torch.rot90(img, 1, (-2, -1))
     return img
@@ -151,18 +151,43 @@ def model_crop(img, prep: Preprocessing):
     return x.round_().clamp_(0, 255).to(dtype=img.dtype).permute(1, 2, 0)
 
 
-def gray_copy(img, max_side: int):
-    """images.gray_copy on a (3, H, W) uint8 tensor: PIL's 'L' weights, box-reduced to max_side; (gray, scale)."""
+def _box_spans(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and last input pixel of each output pixel of PIL's BOX reduction, in PIL's own double arithmetic
+    (Resample.c: a pixel counts when (j - centre + 0.5) / scale lies in (-0.5, 0.5]), so ties fall the same way."""
+    scale = n_in / n_out
+    centre = (np.arange(n_out) + 0.5) * scale
+    first = np.maximum((centre - scale * 0.5 + 0.5).astype(np.int64), 0)
+    j = first[:, None] + np.arange(int(np.ceil(scale)) + 2)[None, :]
+    x = (j - centre[:, None] + 0.5) * (1.0 / scale)
+    inside = (x > -0.5) & (x <= 0.5) & (j < n_in)
+    lo = np.where(inside.any(1), j[np.arange(n_out), inside.argmax(1)], first)
+    return lo, lo + inside.sum(1) - 1
+
+
+def _box(x, n_out: int, dim: int):
+    """PIL's BOX reduction along one axis of an int32 tensor, from integer prefix sums, rounded half up (as PIL's
+    fixed point rounds it)."""
     import torch
-    import torch.nn.functional as F
+
+    lo, hi = (torch.from_numpy(v).to(x.device) for v in _box_spans(x.shape[dim], n_out))
+    sums = torch.nn.functional.pad(x.cumsum(dim, dtype=torch.int64), (1, 0) if dim == -1 else (0, 0, 1, 0))
+    total = sums.index_select(dim, hi + 1) - sums.index_select(dim, lo)
+    count = (hi - lo + 1).view(-1) if dim == -1 else (hi - lo + 1).view(-1, 1)
+    return torch.div(2 * total + count, 2 * count, rounding_mode="floor").to(torch.int32)
+
+
+def gray_copy(img, max_side: int):
+    """images.gray_copy on a (3, H, W) uint8 tensor: PIL's 'L' luma, box-reduced to max_side; (gray, scale)."""
+    import torch
 
     _, h, w = img.shape
     gw, gh = gray_copy_size((w, h), max_side)
-    # PIL's RGB -> L in fixed point (ITU-R 601-2 luma), so an unreduced gray copy is bit-identical.
     x = img.to(torch.int32)
-    gray = (x[0] * 19595 + x[1] * 38470 + x[2] * 7471 + 0x8000) >> 16
-    if (gh, gw) != (h, w):
-        gray = F.interpolate(gray[None, None].float(), size=(gh, gw), mode="area")[0, 0].round_()
+    gray = (x[0] * 19595 + x[1] * 38470 + x[2] * 7471 + 0x8000) >> 16  # PIL's RGB -> L, in the same fixed point
+    if gw != w:
+        gray = _box(gray, gw, -1)  # PIL resamples horizontally first, rounding to 8 bits between the passes
+    if gh != h:
+        gray = _box(gray, gh, -2)
     return gray.to(torch.uint8), w / gw
 
 
