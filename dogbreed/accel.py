@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -45,7 +44,7 @@ def _raw(batch: Batch, i: int) -> bytes:
     import os
 
     raw = batch["raw"][i] if "raw" in batch else None
-    return bytes(raw) if raw is not None else os.fsencode(str(batch["path"][i]))
+    return bytes(raw) if isinstance(raw, (bytes, bytearray)) else os.fsencode(str(batch["path"][i]))
 
 
 def _objects(values: list) -> np.ndarray:
@@ -207,9 +206,9 @@ class DeviceDecoder:
         self.device = torch.device(device)
         self.fallback = Decoder(prep, self.face, decode_cfg)  # sandboxed; its child starts at the first refusal
         detect.load_face_detector(self.face)
-        if face_threads > 1:
-            cv2.setNumThreads(1)  # one cascade per thread, as many threads as the actor reserves CPUs
-        self.pool = ThreadPoolExecutor(face_threads) if face_threads > 1 else None
+        # A cascade object is not thread-safe, so no thread pool: OpenCV's own threads (one cascade call spreads
+        # its scales over them) use as many cores as the actor reserves.
+        cv2.setNumThreads(face_threads)
         self.seconds: dict[str, float] = defaultdict(float)  # where the actor's decode time goes (dogbreed bench)
         self.fallbacks = 0
 
@@ -267,19 +266,23 @@ class DeviceDecoder:
         """Face boxes for the gray copies (device tensors), in full-size pixels.
 
         The seam for a CNN face detector (issue 11): it would take ``grays`` in one batched call on the device
-        here. The Haar cascade runs on the CPU, on host copies, in a pool of ``face_threads`` threads.
+        here. The Haar cascade runs on the CPU, on host copies, one photo at a time on ``face_threads`` cores.
         """
-        host = [g.cpu().numpy() for g in grays]
-        if self.pool is None:
-            return [detect.detect_faces(g, s, self.face) for g, s in zip(host, scales)]
-        return list(self.pool.map(lambda gs: detect.detect_faces(gs[0], gs[1], self.face), zip(host, scales)))
+        return [detect.detect_faces(g.cpu().numpy(), s, self.face) for g, s in zip(grays, scales)]
 
     def __call__(self, batch: Batch) -> Batch:
         torch = self.torch
         n, size = len(batch["path"]), self.prep.input_size
         kinds = batch[KIND]
-        out = {k: (np.array(v, copy=True) if isinstance(v, np.ndarray) else v) for k, v in batch.items()
-               if k not in (PAYLOAD, KIND, ORIENTATION)}
+        out = {k: v for k, v in batch.items() if k not in (PAYLOAD, KIND, ORIENTATION)}
+        # Fresh, writable columns of the Decoder's types (through Arrow, a column of None arrives as float NaN).
+        for k in ("status", "error", "error_kind", "fingerprint", "faces"):
+            out[k] = _objects([None if isinstance(v, (float, np.floating)) else v for v in batch[k]])
+        for k in ("width", "height", "face_count"):
+            out[k] = np.array(batch[k], dtype=np.int32)
+        out["ok"] = np.array(batch["ok"], dtype=bool)
+        if "raw" in batch:  # path bytes, null for UTF-8 paths (NaN after Arrow): the fallback must not open b"\0\0\xc0\x7f"
+            out["raw"] = _objects([v if isinstance(v, (bytes, bytearray)) else None for v in batch["raw"]])
         images = torch.zeros((n, size, size, 3), dtype=torch.uint8, device=self.device)
         t = time.perf_counter()
         crops = [i for i in range(n) if kinds[i] == CROP]
@@ -318,7 +321,7 @@ class DeviceDecoder:
     def _cpu(self, batch: Batch, rows: list[int], out: Batch, images) -> None:
         """JPEGs the device refused, through the sandboxed CPU decoder (same guards, same error rows)."""
         self.fallbacks += len(rows)
-        sub = {k: np.asarray(v)[rows] for k, v in batch.items() if k not in (PAYLOAD, KIND, ORIENTATION)}
+        sub = {k: np.asarray(v)[rows] for k, v in out.items() if k in batch}
         decoded = self.fallback(sub)
         for j, i in enumerate(rows):
             for k in ("ok", "status", "error", "error_kind", "fingerprint", "width", "height", "face_count", "faces"):
@@ -328,5 +331,3 @@ class DeviceDecoder:
 
     def close(self) -> None:
         self.fallback.close()
-        if self.pool is not None:
-            self.pool.shutdown()
