@@ -150,6 +150,22 @@ def model_crop(img, prep: Preprocessing):
     return x.round_().clamp_(0, 255).to(dtype=img.dtype).permute(1, 2, 0)
 
 
+def reductions(w: int, h: int, prep: Preprocessing, max_side: int) -> list[int]:
+    """The integer reductions images.decode_rgb makes of a w x h JPEG before resizing: Pillow's draft (DCT scaling
+    by 1/2, 1/4 or 1/8), then a box reduction if it is still twice as large as needed. On the device both are box
+    reductions of the full-size decode, so the crop and the face copy see what the CPU path's decode sees."""
+    need = max(prep.resize_to / min(w, h), min(1.0, max_side / max(w, h)))
+    out, rw, rh = [], w, h
+    if need < 0.5:
+        scale = min(w // max(1, int(w * need)), h // max(1, int(h * need)))  # Pillow's JpegImageFile.draft
+        draft = next((s for s in (8, 4, 2) if scale >= s), 1)
+        if draft > 1:
+            out.append(draft)
+            rw, rh = -(-w // draft), -(-h // draft)
+    factor = int(max(rw, rh) / max(w, h) / need)  # decode_rgb's box reduction after the draft
+    return out + ([factor] if factor >= 2 else [])
+
+
 def _box_spans(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     """First and last input pixel of each output pixel of PIL's BOX reduction, in PIL's own double arithmetic
     (Resample.c: a pixel counts when (j - centre + 0.5) / scale lies in (-0.5, 0.5]), so ties fall the same way."""
@@ -259,8 +275,10 @@ class DeviceDecoder:
         img = orient(img, orientation)
         if tuple(img.shape) != (3, height, width):
             return None  # the device read another frame size than the header declared: the CPU path decides
-        gray, scale = gray_copy(img, self.face.max_side)
-        return model_crop(img, self.prep), gray, scale
+        for factor in reductions(width, height, self.prep, self.face.max_side):
+            img = self.torch.nn.functional.avg_pool2d(img[None].float(), factor, ceil_mode=True)[0].round_().to(img.dtype)
+        gray, _ = gray_copy(img, self.face.max_side)
+        return model_crop(img, self.prep), gray, width / gray.shape[1]
 
     def _faces(self, grays: list, scales: list[float]) -> list[list[tuple[int, int, int, int]]]:
         """Face boxes for the gray copies (device tensors), in full-size pixels.

@@ -81,10 +81,17 @@ def rows_both_ways(paths, predictor, device="cpu", decode_cfg=None):
     return cpu, dev, dd
 
 
+def _clear_lead(ranked) -> bool:
+    """Whether the top breed leads the runner-up by more than 0.01 (a non-dog's look-alike breed is often a tie)."""
+    return ranked is not None and (len(ranked) < 2 or ranked[0]["prob"] - ranked[1]["prob"] > 0.01)
+
+
 def assert_same_rows(paths, cpu, dev):
     for i, p in enumerate(paths):
         for key in ROW_KEYS:
             a, b = cpu[key][i], dev[key][i]
+            if key == "breed" and not _clear_lead(cpu["breeds"][i]):
+                continue
             assert a == b or (a is None and b is None), (p.name, key, a, b)
         if cpu["status"][i] != "error":
             assert abs(cpu["dog_score"][i] - dev["dog_score"][i]) <= SCORE_TOLERANCE, p.name

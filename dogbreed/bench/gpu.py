@@ -158,9 +158,9 @@ def device_decode(paths: list[Path], cfg: ScanConfig, prep, device: str) -> tupl
 
 def model_bound(decoded: list, cfg: ScanConfig, predictor) -> Measure:
     """One actor's per-photo work after decoding: Haar faces (inference.num_cpus threads) and the batched backbone."""
-    from dogbreed import detect
-
     import cv2
+
+    from dogbreed import detect
 
     b, threads = cfg.inference.batch_size, max(1, int(cfg.inference.num_cpus))
     crops = np.stack([d.model_input for d in decoded])
@@ -232,11 +232,11 @@ def run_gpu_benchmark(workdir: Path, cfg: ScanConfig, n: int = 200, size: tuple[
                       quality: int = 92, sources: list[Path] | None = None, small: bool = True,
                       log: Callable[[str], None] = print) -> GpuReport:
     """Generate the photos, then measure the bounds and the scan on them, sampling GPU and CPU use throughout."""
+    import torch
+
     from dogbreed.images import decode, read_bytes
     from dogbreed.models import describe_model
     from dogbreed.predictors import BreedPredictor
-
-    import torch
 
     cuda, cores = torch.cuda.is_available(), int(os.cpu_count() or 1)
     if not cuda:
@@ -249,10 +249,13 @@ def run_gpu_benchmark(workdir: Path, cfg: ScanConfig, n: int = 200, size: tuple[
                for label, sz in kinds}
     results = {label: GpuSize(label, {}) for label, _ in kinds}
 
-    def timed(label: str, key: str, fn: Callable[[], Measure]) -> None:
+    def timed(label: str, key: str, fn: Callable[..., Measure], *args) -> None:
         with Sampler(reader, cores) as s:
-            results[label].measures[key] = fn()
+            results[label].measures[key] = fn(*args)
         results[label].usage[key] = s.usage
+
+    def on(where: str) -> ScanConfig:
+        return cfg.model_copy(update={"decode": cfg.decode.model_copy(update={"device": where})})
 
     ray_startup(cores)
     try:
@@ -264,27 +267,24 @@ def run_gpu_benchmark(workdir: Path, cfg: ScanConfig, n: int = 200, size: tuple[
         for label, _ in kinds:
             root = [folders[label][0].parent]
             log(f"scan: {label}")
-            where = "accelerator" if cuda else "cpu"
-            timed(label, "scan", lambda: scan(root, workdir / "gpu-out", cfg.model_copy(
-                update={"decode": cfg.decode.model_copy(update={"device": where})})))
+            timed(label, "scan", scan, root, workdir / "gpu-out", on("accelerator" if cuda else "cpu"))
             if cuda:  # the same scan with every photo decoded on the CPU, for comparison
-                timed(label, "scan_cpu_decode", lambda: scan(root, workdir / "gpu-out", cfg.model_copy(
-                    update={"decode": cfg.decode.model_copy(update={"device": "cpu"})})))
+                timed(label, "scan_cpu_decode", scan, root, workdir / "gpu-out", on("cpu"))
     finally:
         ray_shutdown()
     predictor = BreedPredictor.for_scan(cfg)
     for label, _ in kinds:
         paths = [str(p) for p in folders[label]]
         log(f"bounds: {label}")
-        timed(label, "decode_cpu", lambda: all_cores("CPU decode", _cpu_decode, [
-            (p, asdict(prep), cfg.face.max_side, cfg.decode.max_bytes, cfg.decode.max_pixels) for p in paths], cores))
-        timed(label, "ship_cpu", lambda: all_cores("read + JPEG header", _ship, [
-            (p, cfg.decode.max_bytes, cfg.decode.max_pixels) for p in paths], cores))
+        timed(label, "decode_cpu", all_cores, "CPU decode", _cpu_decode, [
+            (p, asdict(prep), cfg.face.max_side, cfg.decode.max_bytes, cfg.decode.max_pixels) for p in paths], cores)
+        timed(label, "ship_cpu", all_cores, "read + JPEG header", _ship, [
+            (p, cfg.decode.max_bytes, cfg.decode.max_pixels) for p in paths], cores)
         if cuda:
-            timed(label, "decode_gpu", lambda: device_decode(folders[label], cfg, prep, "cuda")[0])
+            timed(label, "decode_gpu", lambda ps: device_decode(ps, cfg, prep, "cuda")[0], folders[label])
         decoded = [decode(read_bytes(p, cfg.decode.max_bytes), prep, cfg.face.max_side, cfg.decode.max_pixels)
                    for p in paths]
-        timed(label, "model", lambda: model_bound(decoded, cfg, predictor))
+        timed(label, "model", model_bound, decoded, cfg, predictor)
     return GpuReport(_device_name(), cuda, cores, [results[label] for label, _ in kinds])
 
 
