@@ -235,40 +235,42 @@ class DeviceDecoder:
         self.seconds[stage] += t - t0
         return t
 
-    def _decode(self, datas: list[tuple[bytes, int]]) -> list[Any]:
-        """decode_jpeg of (bytes, declared pixels) on the device, in chunks of at most CHUNK_PIXELS; None where it fails."""
+    def _decode_chunk(self, datas: list[bytes]) -> list[Any]:
+        """One batched decode_jpeg on the device; if it fails, one call per JPEG, None for each that still fails."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        def one_call(items):
+        def call(items: list[bytes]) -> list[Any]:
             tensors = [self.torch.frombuffer(bytearray(d), dtype=self.torch.uint8) for d in items]
             out = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device)
             return out if isinstance(out, list) else [out]
 
-        out: list[Any] = []
-        chunk: list[bytes] = []
-        budget = 0
-
-        def flush():
-            if not chunk:
-                return
-            try:
-                out.extend(one_call(chunk))
-            except Exception:  # noqa: BLE001 - one bad JPEG fails the batched call: find it one by one
-                for d in chunk:
-                    try:
-                        out.extend(one_call([d]))
-                    except Exception:  # noqa: BLE001 - the sandboxed CPU decoder takes it
-                        out.append(None)
-            chunk.clear()
-
-        for d, pixels in datas:
-            if chunk and budget + pixels > CHUNK_PIXELS:
-                flush()
-                budget = 0
-            chunk.append(d)
-            budget += pixels
-        flush()
+        t = time.perf_counter()
+        try:
+            out = call(datas)
+        except Exception:  # noqa: BLE001 - one bad JPEG fails the batched call: find it one by one
+            out = []
+            for d in datas:
+                try:
+                    out.extend(call([d]))
+                except Exception:  # noqa: BLE001 - the sandboxed CPU decoder takes it
+                    out.append(None)
+        self._timed("decode", t)
         return out
+
+    def _decoded(self, items: list[tuple[int, bytes, int]]):
+        """(row, decoded tensor or None) for (row, JPEG bytes, declared pixels), one chunk at a time: at most about
+        CHUNK_PIXELS full-size pixels are held on the device while the chunk is turned into crops."""
+        chunk: list[tuple[int, bytes]] = []
+        budget = 0
+        for row, data, pixels in [*items, (-1, b"", 0)]:
+            if chunk and (row < 0 or budget + pixels > CHUNK_PIXELS):
+                rows, imgs = [r for r, _ in chunk], self._decode_chunk([d for _, d in chunk])
+                chunk, budget = [], 0
+                while rows:  # hand each photo over and drop it here, so a prepared one is freed at once
+                    yield rows.pop(0), imgs.pop(0)
+            if row >= 0:
+                chunk.append((row, data))
+                budget += pixels
 
     def _prepare(self, img, orientation: int, width: int, height: int):
         """(crop, gray, gray_to_full) for one decoded JPEG, or None if it does not match its header."""
@@ -307,26 +309,27 @@ class DeviceDecoder:
         if crops:
             host = np.stack([np.frombuffer(batch[PAYLOAD][i], np.uint8).reshape(size, size, 3) for i in crops])
             images[torch.as_tensor(crops)] = torch.from_numpy(host).to(self.device)
-        jpegs = [i for i in range(n) if kinds[i] == JPEG]
-        t = self._timed("copy", t)
-        decoded = self._decode([(batch[PAYLOAD][i], int(batch["width"][i]) * int(batch["height"][i])) for i in jpegs])
-        t = self._timed("decode", t)
+        jpegs = [(i, batch[PAYLOAD][i], int(batch["width"][i]) * int(batch["height"][i])) for i in range(n)
+                 if kinds[i] == JPEG]
+        self._timed("copy", t)
         done, grays, scales, refused = [], [], [], []
-        for i, img in zip(jpegs, decoded):
+        for i, img in self._decoded(jpegs):
+            t = time.perf_counter()
             try:
                 ready = None if img is None else self._prepare(img, int(batch[ORIENTATION][i]), int(batch["width"][i]),
                                                                int(batch["height"][i]))
             except Exception:  # noqa: BLE001 - e.g. out of device memory on a huge photo: the CPU path takes it
                 ready = None
+            del img
+            self._timed("resize", t)
             if ready is None:
                 refused.append(i)
                 continue
-            images[i], gray, scale = ready[0], ready[1], ready[2]
+            images[i], gray, scale = ready
             done.append(i)
             grays.append(gray)
             scales.append(scale)
-        del decoded
-        t = self._timed("resize", t)
+        t = time.perf_counter()
         for i, faces in zip(done, self._faces(grays, scales)):
             out["faces"][i], out["face_count"][i] = json.dumps(faces), len(faces)
         t = self._timed("faces", t)

@@ -185,6 +185,41 @@ def test_a_jpeg_the_device_refuses_gets_the_cpu_row(monkeypatch, predictor):
     assert list(dev["status"]) == ["human", "dog"]
 
 
+def test_decode_calls_are_chunked_by_declared_pixels(monkeypatch):
+    import torchvision.io
+
+    paths = [SAMPLES / n for n in ("grace_hopper.jpg", "Brittany_02625.jpg", "Labrador_retriever_06455.jpg")]
+    calls, real = [], torchvision.io.decode_jpeg
+
+    def spy(tensors, **kwargs):
+        calls.append(len(tensors))
+        return real(tensors, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", spy)
+    monkeypatch.setattr(accel, "CHUNK_PIXELS", 700_000)  # room for two of these ~0.3-Mpixel photos per call
+    dd = accel.DeviceDecoder(PREP, device="cpu")
+    out = dd(accel.JpegShipper(PREP)(_batch(paths)))
+    assert calls == [2, 1] and out["ok"].all() and dd.fallbacks == 0
+    assert np.array_equal(out["image"][2].numpy(), dd(accel.JpegShipper(PREP)(_batch(paths[2:])))["image"][0].numpy())
+
+
+def test_scan_decodes_on_the_device_only_when_asked_and_able(shrunk_config, caplog):
+    from dogbreed.scan import _on_device
+
+    def cfg(where):
+        return shrunk_config("scan", **{"decode.device": where})
+
+    assert not _on_device(cfg("cpu"), _Spec(PREP), 1.0) and not _on_device(cfg("auto"), _Spec(PREP), 0.0)
+    assert _on_device(cfg("auto"), _Spec(PREP), 1.0) and _on_device(cfg("accelerator"), _Spec(PREP), 0.0)
+    assert not _on_device(cfg("accelerator"), _Spec(Preprocessing(interpolation="lanczos")), 1.0)
+    assert "lanczos resize has no torch equivalent" in caplog.text
+
+
+class _Spec:
+    def __init__(self, prep):
+        self.preprocessing = prep
+
+
 @pytest.mark.slow
 @pytest.mark.shared_data
 def test_device_path_gives_the_cpu_rows_on_real_photos(shared_data, predictor):
