@@ -77,4 +77,7 @@ def test_gpu_benchmark_runs_on_cpu_and_produces_every_cpu_figure(tmp_path, write
     assert all(m.images == 3 and m.seconds > 0 for m in r.measures.values())
     assert r.usage["scan"].cpu_cores is not None and r.ratio > 0
     assert any("_InferStage" in k for k in r.measures["scan"].stages)
-    assert "scan / min(decode bound, model bound)" in gpu.format_gpu_report(report)
+    assert r.agreement["photos"] == 3 and r.agreement["status"] == 3 and r.agreement["size"] == 3
+    assert r.agreement["device fallbacks"] == 0 and r.agreement["max dog score diff"] <= 0.02
+    text = gpu.format_gpu_report(report)
+    assert "scan / min(decode bound, model bound)" in text and "device path vs. CPU path (device=cpu), 3 photos" in text

@@ -182,6 +182,39 @@ def model_bound(decoded: list, cfg: ScanConfig, predictor) -> Measure:
                    {"faces": t_faces - t, "backbone": t_end - t_faces})
 
 
+def agreement(paths: list[Path], cfg: ScanConfig, prep, predictor, device: str) -> dict[str, float]:
+    """The device path's rows against the CPU path's on the same photos and the same predictor (README figures)."""
+    import json
+
+    from dogbreed.accel import DeviceDecoder, JpegShipper
+    from dogbreed.predictors import Decoder
+
+    cpu_dec, ship = Decoder(prep, cfg.face, cfg.decode), JpegShipper(prep, cfg.face, cfg.decode)
+    dd = DeviceDecoder(prep, cfg.face, cfg.decode, device=device)
+    same = {"status": 0, "breed": 0, "size": 0, "faces": 0, "error": 0}
+    score, box, crop = [0.0], [0.0], []
+    for i in range(0, len(paths), cfg.inference.batch_size):
+        batch = {"path": np.array([str(p) for p in paths[i:i + cfg.inference.batch_size]], dtype=object)}
+        c, d = cpu_dec(batch), dd(ship(batch))
+        a, b = predictor(c), predictor(d)
+        for j in range(len(batch["path"])):
+            same["status"] += a["status"][j] == b["status"][j]
+            same["breed"] += a["breed"][j] == b["breed"][j]
+            same["size"] += (a["width"][j], a["height"][j]) == (b["width"][j], b["height"][j])
+            same["faces"] += a["face_count"][j] == b["face_count"][j]
+            same["error"] += a["error"][j] == b["error"][j]
+            if a["status"][j] != "error":
+                score.append(abs(float(a["dog_score"][j]) - float(b["dog_score"][j])))
+                crop.append(float(np.abs(c["image"][j].astype(int) - d["image"][j].cpu().numpy().astype(int)).mean()))
+                per_px = max(1.0, max(int(a["width"][j]), int(a["height"][j])) / cfg.face.max_side)
+                box += [float(np.abs(np.subtract(x, y)).max()) / per_px
+                        for x, y in zip(json.loads(a["faces"][j]), json.loads(b["faces"][j]))]
+    for closing in (cpu_dec, ship, dd):
+        closing.close()
+    return {"photos": len(paths), **same, "max dog score diff": max(score), "max box diff (face-copy px)": max(box),
+            "crop mean abs diff": float(np.mean(crop)) if crop else 0.0, "device fallbacks": dd.fallbacks}
+
+
 # ------------------------------------------------------------------------------------------- the run
 @dataclass
 class GpuSize:
@@ -190,6 +223,7 @@ class GpuSize:
     label: str
     measures: dict[str, Measure]  # decode_cpu, ship_cpu, [decode_gpu,] model, scan, [scan_cpu_decode]
     usage: dict[str, Usage] = field(default_factory=dict)
+    agreement: dict[str, float] = field(default_factory=dict)  # the device path's rows vs. the CPU path's
 
     def rate(self, key: str) -> float:
         return self.measures[key].images_per_s if key in self.measures else float("nan")
@@ -285,6 +319,7 @@ def run_gpu_benchmark(workdir: Path, cfg: ScanConfig, n: int = 200, size: tuple[
         decoded = [decode(read_bytes(p, cfg.decode.max_bytes), prep, cfg.face.max_side, cfg.decode.max_pixels)
                    for p in paths]
         timed(label, "model", model_bound, decoded, cfg, predictor)
+        results[label].agreement = agreement(folders[label][:64], cfg, prep, predictor, "cuda" if cuda else "cpu")
     return GpuReport(_device_name(), cuda, cores, [results[label] for label, _ in kinds])
 
 
@@ -322,4 +357,12 @@ def format_gpu_report(report: GpuReport) -> str:
                   f"  scan / min(decode bound, model bound) = {r.ratio:.2f} "
                   f"(target >= {TARGET:.2f}: {'met' if r.ratio >= TARGET else 'MISSED'}"
                   + ("" if report.cuda else "; on CPU the bounds share the same cores, so this is not the GPU target") + ")"]
+        if r.agreement:
+            g = r.agreement
+            n = int(g["photos"])
+            lines.append(f"  device path vs. CPU path ({'cuda' if report.cuda else 'device=cpu'}), {n} photos: statuses "
+                         f"{g['status']}/{n}, top-1 breeds {g['breed']}/{n}, sizes {g['size']}/{n}, face counts "
+                         f"{g['faces']}/{n}, errors {g['error']}/{n}; max |dog score diff| {g['max dog score diff']:.4f}, "
+                         f"face boxes within {g['max box diff (face-copy px)']:.1f} px of the face copy, crop mean "
+                         f"|diff| {g['crop mean abs diff']:.2f}; {g['device fallbacks']} sent to the CPU decoder")
     return "\n".join(lines)
