@@ -264,8 +264,9 @@ def train(
 
 @app.command()
 def bench(
-    mode: Annotated[str, typer.Option(help="speed: classic loop vs. scan vs. stage bounds; archive: listing, memory "
-                                           "and first result at 10k-1M files.")] = "speed",
+    mode: Annotated[str, typer.Option(help="speed: classic loop vs. scan vs. stage bounds; gpu: the scan against its "
+                                           "GPU/CPU decode and model bounds, with GPU and CPU use; archive: listing, "
+                                           "memory and first result at 10k-1M files.")] = "speed",
     photos: Annotated[int, typer.Option(min=2, help="speed: the scan runs on N and on 3N photos; 60+ amortises Ray's fixed costs.")] = 60,
     classic: Annotated[int, typer.Option(min=1, help="speed: photos (of the N) for the slow classic dog-app loop.")] = 8,
     files: Annotated[str, typer.Option(help="archive: comma-separated archive sizes.")] = "2000,10000,100000,1000000",
@@ -275,7 +276,7 @@ def bench(
     config: ConfigOpt = None,
     model: ModelOpt = None,
 ) -> None:
-    """Benchmarks: `--mode speed` (12-MP and small photos) or `--mode archive` (10k to 1M files)."""
+    """Benchmarks: `--mode speed` or `--mode gpu` (12-MP and small photos), or `--mode archive` (10k to 1M files)."""
     with _user_errors():
         if mode == "archive":
             from dogbreed.bench.archive import format_report as archive_report
@@ -285,9 +286,17 @@ def bench(
             typer.echo(archive_report(run_archive_benchmark(workdir, sizes, data if data.is_dir() else None,
                                                             log=typer.echo)))
             return
-        if mode != "speed":
-            raise ConfigError(f"--mode {mode!r}: expected speed or archive")
+        if mode not in ("speed", "gpu"):
+            raise ConfigError(f"--mode {mode!r}: expected speed, gpu or archive")
         cfg = _scan_config(config, model=model)
+        if mode == "gpu":
+            from dogbreed.bench.gpu import format_gpu_report, run_gpu_benchmark
+            from dogbreed.bench.photos import find_sources
+
+            report = run_gpu_benchmark(workdir, cfg, n=photos, small=small, log=typer.echo,
+                                       sources=find_sources(data if data.is_dir() else None, log=typer.echo))
+            typer.echo(format_gpu_report(report))
+            return
         from dogbreed.bench.photos import find_sources
         from dogbreed.bench.speed import format_report, run_benchmark
 

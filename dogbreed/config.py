@@ -63,6 +63,10 @@ class DecodeConfig(_Strict):
     num_cpus: float = Field(0.75, gt=0, description="CPUs reserved per decode task; 2 x 0.75 + the CPU actor's 0.5 fill 2 cores")
     max_retries: int = Field(2, ge=0, description="retries of a decode task whose worker died; then its photos are "
                              "error rows ('lost'), retried next run")
+    device: Literal["cpu", "accelerator", "auto"] = Field(
+        "cpu", description="where JPEG pixels are decoded: cpu = in the decode tasks (sandboxed); accelerator = the "
+        "tasks only read and check JPEG headers and the inference actor decodes batches on its device (nvJPEG on a "
+        "GPU), other files keep the CPU path; auto = accelerator when the actors get a GPU")
 
 
 class InferenceConfig(_Strict):

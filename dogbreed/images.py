@@ -298,6 +298,58 @@ def decode(data: bytes, prep: Preprocessing, face_max_side: int = 640, max_pixel
     return Decoded(width=w, height=h, model_input=model_crop(rgb, prep), small=small, small_to_full=w / small.shape[1])
 
 
+# SOF markers an accelerator's JPEG decoder (nvJPEG, libjpeg-turbo through torchvision) takes whole: baseline,
+# extended sequential and progressive Huffman. Lossless, hierarchical and arithmetic-coded files keep the CPU path.
+_DEVICE_SOF = (0xC0, 0xC1, 0xC2)
+
+
+def _jpeg_sof(data: bytes) -> tuple[int, int] | None:
+    """(SOF marker, sample precision) of a JPEG, walking its segment headers only; None if there is none before SOS."""
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # standalone markers carry no length
+            i += 2
+            continue
+        if marker == 0xDA or marker == 0xD9:  # scan data or end before any frame header
+            return None
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return (marker, data[i + 4]) if i + 5 <= n else None
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def jpeg_header(data: bytes, max_pixels: int) -> tuple[int, int, int] | None:
+    """(width, height after EXIF orientation, EXIF orientation) of a JPEG an accelerator can decode whole, from
+    its header alone (no pixel is decoded); None for anything else, which then takes :func:`decode` with every guard.
+
+    Accepted: 8-bit baseline or progressive RGB/gray JPEGs within max_pixels that end in an EOI marker (a
+    truncated file keeps the CPU path, which names it). CMYK/YCCK, other formats and odd files are refused here.
+    """
+    if data[:3] != b"\xff\xd8\xff" or not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        return None
+    sof = _jpeg_sof(data)
+    if sof is None or sof[0] not in _DEVICE_SOF or sof[1] != 8:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=["JPEG"])  # the JPEG plugin only: header parsing in Python
+    except Exception:  # noqa: BLE001 - whatever Pillow refuses, decode() will name
+        return None
+    w, h = im.size
+    if im.format not in ("JPEG", "MPO") or im.mode not in ("RGB", "L") or w <= 0 or h <= 0 or w * h > max_pixels:
+        return None
+    orientation = _orientation(im)
+    orientation = orientation if 1 <= orientation <= 8 else 1  # exif_transpose ignores other values too
+    return (h, w, orientation) if orientation in (5, 6, 7, 8) else (w, h, orientation)
+
+
 def open_photo(path: str | bytes, max_bytes: int, max_pixels: int, short_side: int | None = None,
                long_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """Read and decode one photo file (local path, raw-bytes path or URI) with every guard the scan uses.
@@ -323,7 +375,7 @@ def model_crop(rgb: Image.Image, prep: Preprocessing) -> np.ndarray:
     return np.asarray(crop, dtype=np.uint8)
 
 
-def gray_copy_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+def small_copy_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
     w, h = size
     s = min(1.0, max_side / max(w, h))
     return max(1, round(w * s)), max(1, round(h * s))
@@ -331,15 +383,6 @@ def gray_copy_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
 
 def small_copy(rgb: Image.Image, max_side: int) -> np.ndarray:
     """RGB copy (h, w, 3) with the longest side <= max_side, box-filtered."""
-    size = gray_copy_size(rgb.size, max_side)
+    size = small_copy_size(rgb.size, max_side)
     small = rgb.resize(size, Image.Resampling.BOX, reducing_gap=2.0) if size != rgb.size else rgb
     return np.asarray(small, dtype=np.uint8)
-
-
-def gray_copy(rgb: Image.Image, max_side: int) -> tuple[np.ndarray, float]:
-    """Grayscale copy with the longest side <= max_side, and its scale relative to the given image."""
-    size = gray_copy_size(rgb.size, max_side)
-    small = rgb.convert("L")
-    if size != rgb.size:
-        small = small.resize(size, Image.Resampling.BOX, reducing_gap=2.0)
-    return np.asarray(small, dtype=np.uint8), rgb.size[0] / size[0]

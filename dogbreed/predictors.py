@@ -144,6 +144,8 @@ class _OnDevice:
         from dogbreed.models import normalise
 
         torch = self.torch
+        if isinstance(images, torch.Tensor):  # made on this device already (decode.device: accelerator, dogbreed.accel)
+            return normalise(images.to(self.device), self.prep)
         x = torch.from_numpy(np.ascontiguousarray(images))
         if self.device.type == "cuda":
             if self._pinned is None or self._pinned.shape[0] < len(x) or self._pinned.shape[1:] != x.shape[1:]:

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dogbreed import results
+from dogbreed import accel, results
 from dogbreed.config import ScanConfig, dump_config, settings_id
 from dogbreed.console import EXIT_BAD_PHOTOS, EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_REFUSED, EXIT_USAGE
 from dogbreed.listing import RootError, list_roots, normalise_roots
@@ -84,24 +84,27 @@ class ScanSummary:
 class _InferStage:
     """Actor-pool stage: BreedPredictor then the fixed output schema (so the driver never infers types)."""
 
-    def __init__(self, run_id: str, settings: str, **predictor_kwargs: Any):
+    def __init__(self, run_id: str, settings: str, device_decode: dict[str, Any] | None = None, **predictor_kwargs: Any):
         self.run_id, self.settings = run_id, settings
         self.predict = BreedPredictor(**predictor_kwargs)
+        self.decode = None  # decode.device accelerator: JPEGs arrive compressed and are decoded on the actor's device
+        if device_decode is not None:
+            self.decode = accel.DeviceDecoder(self.predict.spec.preprocessing, device=self.predict.device, **device_decode)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        rows = self.predict(batch)
+        rows = self.predict(self.decode(batch) if self.decode else batch)
         table = results.rows_to_table(rows, self.run_id, self.settings, utcnow())
         return table.append_column("_idx", pa.array(np.asarray(rows["_idx"], dtype=np.int64)))
 
 
-_DECODERS: dict[str, Decoder] = {}  # one sandboxed decoder per decode worker process, kept across its tasks
+_DECODERS: dict[str, Any] = {}  # one sandboxed decoder per decode worker process, kept across its tasks
 
 
-def _decode_stage(batch: dict[str, np.ndarray], **decoder_kwargs: Any) -> dict[str, np.ndarray]:
-    key = repr(sorted(decoder_kwargs.items()))
+def _decode_stage(batch: dict[str, np.ndarray], ship_jpegs: bool = False, **decoder_kwargs: Any) -> dict[str, np.ndarray]:
+    key = repr((ship_jpegs, sorted(decoder_kwargs.items())))
     if key not in _DECODERS:
         _DECODERS.clear()
-        _DECODERS[key] = Decoder(**decoder_kwargs)
+        _DECODERS[key] = (accel.JpegShipper if ship_jpegs else Decoder)(**decoder_kwargs)
     return _DECODERS[key](batch)
 
 
@@ -159,7 +162,7 @@ def run_pipeline(todo: pa.Table, cfg: ScanConfig, run_id: str, writer: RunWriter
     with warnings.catch_warnings():
         # Bounded retries can only be given as remote args, which Ray 2.60 deprecates without a replacement yet.
         warnings.simplefilter("ignore", DeprecationWarning)
-        ds = _stages(ds, cfg, spec, run_id, num_gpus, actors, decoders)
+        ds = _stages(ds, cfg, spec, run_id, num_gpus, actors, decoders, _on_device(cfg, spec, num_gpus))
     seen = np.zeros(todo.num_rows, dtype=np.int32)
     with _progress(cfg, todo.num_rows) as bar:
         # Result blocks are small (no pixels). They are fetched here from the bundles' references: on Ray 2.60,
@@ -176,13 +179,25 @@ def run_pipeline(todo: pa.Table, cfg: ScanConfig, run_id: str, writer: RunWriter
     return seen
 
 
-def _stages(ds, cfg: ScanConfig, spec, run_id: str, num_gpus: float, actors: int, decoders: int):
+def _on_device(cfg: ScanConfig, spec, num_gpus: float) -> bool:
+    """Whether JPEGs are decoded in the inference actors (decode.device), and the model's resize exists in torch."""
+    if not accel.wants_accelerator(cfg.decode.device, num_gpus):
+        return False
+    if not accel.device_supports(spec.preprocessing):
+        log.warning("decode.device %s: the model's %s resize has no torch equivalent; photos are decoded on the CPU",
+                    cfg.decode.device, spec.preprocessing.interpolation)
+        return False
+    return True
+
+
+def _stages(ds, cfg: ScanConfig, spec, run_id: str, num_gpus: float, actors: int, decoders: int,
+            on_device: bool = False):
     import ray
 
     ds = ds.map_batches(
         _decode_stage, batch_size=cfg.decode.batch_size, batch_format="numpy", num_cpus=cfg.decode.num_cpus,
         compute=ray.data.TaskPoolStrategy(size=decoders),
-        fn_kwargs=dict(prep=spec.preprocessing, face=cfg.face, decode_cfg=cfg.decode),
+        fn_kwargs=dict(prep=spec.preprocessing, face=cfg.face, decode_cfg=cfg.decode, ship_jpegs=on_device),
         # Ray Data would retry a task whose worker died without bound; a poison photo only kills its sandboxed
         # child, so a dead worker is a node or infrastructure fault and a few retries are plenty. max_calls also
         # keeps decoding from being fused into the inference actors.
@@ -196,6 +211,9 @@ def _stages(ds, cfg: ScanConfig, spec, run_id: str, num_gpus: float, actors: int
         fn_constructor_kwargs=dict(run_id=run_id, settings=settings_id(cfg), model=cfg.model, top_k=cfg.top_k,
                                    dog_threshold=cfg.dog_threshold, count_dingo=cfg.count_dingo_as_dog,
                                    breed_flip=cfg.breed_flip,
+                                   device_decode=dict(face=cfg.face, decode_cfg=cfg.decode,
+                                                      face_threads=max(1, int(cfg.inference.num_cpus)))
+                                   if on_device else None,
                                    num_threads=None if num_gpus else max(1, int(cfg.inference.num_cpus))),
     )
     return ds

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dogbreed.images import ImageError, decode, gray_copy, model_crop
+from dogbreed.images import ImageError, decode, model_crop, small_copy
 from dogbreed.models import Preprocessing
 
 PREP = Preprocessing()
@@ -89,9 +89,9 @@ def test_model_crop_matches_timm_eval_transform():
     assert np.abs(ref.astype(int) - ours.astype(int)).mean() < 1.5
 
 
-def test_gray_copy_scale():
-    g, scale = gray_copy(_gradient(1280, 960), 640)
-    assert g.shape == (480, 640) and scale == pytest.approx(2.0)
+def test_small_copy_size():
+    small = small_copy(_gradient(1280, 960), 640)
+    assert small.shape == (480, 640, 3) and small.dtype == np.uint8
 
 
 @pytest.mark.parametrize("data, reason", [
