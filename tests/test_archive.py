@@ -33,6 +33,7 @@ def _current(out: Path) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- 1. poison photos in a real scan
 
+@pytest.mark.slow  # native crashes in a real Ray scan; test_hostile covers the Decoder itself in the quick tier
 def test_native_crash_and_hang_in_a_decode_worker_are_one_error_row_each_and_not_retried(ray_local, tmp_path,
                                                                                          make_photos, scan_config):
     root, out = tmp_path / "photos", tmp_path / "out"

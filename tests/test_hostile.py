@@ -253,6 +253,7 @@ def test_unreadable_file_is_an_error_row_for_an_unprivileged_reader(tmp_path_fac
     assert proc.stdout.strip() == "error | permission denied | transient"  # retried on the next run
 
 
+@pytest.mark.slow  # a SIGKILL scenario
 def test_a_decoder_child_hung_in_native_code_dies_with_its_decode_worker(tmp_path):
     """A killed decode worker must not leave its child hanging forever (it would never see stdin close)."""
     import time
