@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from dogbreed.bench.memory import Sampling
 from dogbreed.bench.photos import find_sources, make_photos
 from dogbreed.bench.speed import Measure, ray_shutdown, ray_startup, scan
 from dogbreed.config import ScanConfig
@@ -75,30 +75,26 @@ class Usage:
     samples: int = 0
 
 
-class Sampler:
+class Sampler(Sampling):
     """Samples the GPU reader every `interval` seconds in a thread and the machine's CPU ticks at both ends."""
 
     def __init__(self, reader: Callable[[], float | None] | None, cores: int, interval: float = 0.2,
                  ticks: Callable[[], tuple[float, float]] = cpu_ticks):
-        self.reader, self.cores, self.interval, self.ticks = reader, cores, interval, ticks
+        self.reader, self.cores, self.every, self.ticks = reader, cores, interval, ticks
         self.values: list[float] = []
         self.usage = Usage()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            v = self.reader() if self.reader else None
-            if v is not None:
-                self.values.append(v)
+    def _sample(self) -> None:
+        v = self.reader() if self.reader else None
+        if v is not None:
+            self.values.append(v)
 
     def __enter__(self) -> "Sampler":
-        self._stop, self._t0 = threading.Event(), self.ticks()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
+        self._t0 = self.ticks()
+        return super().__enter__()
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+        super().__exit__(*exc)
         (b0, t0), (b1, t1) = self._t0, self.ticks()
         cores = self.cores * (b1 - b0) / (t1 - t0) if t1 > t0 else None
         v = self.values

@@ -42,7 +42,30 @@ def _descendants(root: int) -> dict[int, str]:
     return out
 
 
-class PeakMemory:
+class Sampling:
+    """Calls ``_sample()`` every ``every`` seconds on a daemon thread while the with-block runs."""
+
+    every: float = 0.5
+
+    def _sample(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def __enter__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class PeakMemory(Sampling):
     """Peak RSS (MiB) of this driver and of the Ray worker processes below it while the block runs.
 
     The driver's peak is the kernel's high-water mark (reset on entry); workers are sampled every `every` s,
@@ -51,7 +74,6 @@ class PeakMemory:
 
     def __init__(self, every: float = 0.5):
         self.every, self.peaks = every, {"driver": 0.0, "actor": 0.0, "decode worker": 0.0, "decode child": 0.0}
-        self._stop = threading.Event()
 
     def _sample(self) -> None:
         for pid, cmd in _descendants(os.getpid()).items():
@@ -63,21 +85,14 @@ class PeakMemory:
                 kind = "actor" if "MapWorker" in cmd else "decode worker"
             self.peaks[kind] = max(self.peaks[kind], _status_kb(pid, "VmRSS") / 1024)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            self._sample()
-
     def __enter__(self) -> "PeakMemory":
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM: the peak of this block, not of the whole benchmark
         except OSError:
             pass
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
+        return super().__enter__()
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+        super().__exit__(*exc)
         self.peaks["driver"] = _status_kb("self", "VmHWM") / 1024
