@@ -43,12 +43,12 @@ def _descendants(root: int) -> dict[int, str]:
 
 
 class Sampling:
-    """Calls ``_sample()`` every ``every`` seconds on a daemon thread while the with-block runs."""
+    """Calls ``_sample()`` every ``every`` seconds on a daemon thread while the with-block runs.
+
+    Subclasses define ``_sample`` (what one reading does) and ``every``.
+    """
 
     every: float = 0.5
-
-    def _sample(self) -> None:
-        raise NotImplementedError
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
