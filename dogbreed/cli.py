@@ -28,6 +28,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Find dogs and people in photo archives and name each dog's breed.")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/scan.yaml).")]
+BreakLockOpt = Annotated[Optional[bool], typer.Option(
+    "--break-lock", help="Take the output's lock whatever its record says (held, malformed, dated in the future).")]
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="'default', a model artifact folder, or timm:NAME[=FILE.safetensors] (zero-shot ImageNet model).")]
 
@@ -88,6 +90,7 @@ def scan(
         "--allow-deletions", help="Accept a run that records more than max_deleted_fraction of a root's files as deleted.")] = None,
     retry_errors: Annotated[Optional[bool], typer.Option(
         "--retry-errors", help="Also retry error rows that cannot change until their file does (corrupt, crash, hang).")] = None,
+    break_lock: BreakLockOpt = None,
     log_file: Annotated[Optional[str], typer.Option(help="Append log lines to this file.")] = None,
     progress: Annotated[Optional[bool], typer.Option(
         "--progress/--no-progress", help="One progress bar; default: only when stderr is a terminal.")] = None,
@@ -98,7 +101,7 @@ def scan(
     with native_stderr_quiet(not sys.stderr.isatty()), _user_errors():
         cfg = _scan_config(config, roots=roots, out=out, model=model, mode=mode, address=address,
                            allow_empty_roots=allow_empty_roots, allow_deletions=allow_deletions,
-                           retry_errors=retry_errors, log_file=log_file, progress=progress)
+                           retry_errors=retry_errors, log_file=log_file, progress=progress, break_lock=break_lock)
         if cfg.log_file != log_file:
             setup_logging(cfg.log_file)
         from dogbreed.scan import run_scan
@@ -184,7 +187,7 @@ def latest(
 ) -> None:
     """The current answer per existing photo (latest successful-or-error row), as a table or file."""
     from dogbreed import results
-    from dogbreed.store import require_table
+    from dogbreed.ownership import require_table
 
     with _user_errors():
         require_table(out_dir)
@@ -200,24 +203,26 @@ def latest(
 
 @app.command()
 def compact(out_dir: OutArg, config: ConfigOpt = None, retention_hours: Annotated[Optional[int], typer.Option(
-        min=1, help="Keep files older versions need this long (default: vacuum_retention_hours).")] = None) -> None:
+        min=1, help="Keep files older versions need this long (default: vacuum_retention_hours).")] = None,
+        break_lock: BreakLockOpt = None) -> None:
     """Rewrite the table's small files into large ones (OPTIMIZE), then delete files no recent version needs (VACUUM)."""
     with _user_errors():
         from dogbreed.maintain import compact as run_compact
 
-        cfg = _scan_config(config, vacuum_retention_hours=retention_hours)
-        typer.echo(run_compact(out_dir, cfg.vacuum_retention_hours, cfg.lock_lease_s).line())
+        cfg = _scan_config(config, vacuum_retention_hours=retention_hours, break_lock=break_lock)
+        typer.echo(run_compact(out_dir, cfg.vacuum_retention_hours, cfg.lock_lease_s, cfg.break_lock).line())
 
 
 @app.command()
 def migrate(out_dir: Annotated[Path, typer.Argument(help="Output folder in the old runs/<run_id>/ layout.")],
-            config: ConfigOpt = None) -> None:
+            config: ConfigOpt = None, break_lock: BreakLockOpt = None) -> None:
     """Convert an output folder of runs/<run_id>/ + manifests into the Delta table, every row kept."""
     with _user_errors():
         from dogbreed.maintain import MIGRATED_DIR
         from dogbreed.maintain import migrate as run_migrate
 
-        done = run_migrate(str(out_dir), _scan_config(config).lock_lease_s)
+        cfg = _scan_config(config, break_lock=break_lock)
+        done = run_migrate(str(out_dir), cfg.lock_lease_s, cfg.break_lock)
     typer.echo(f"migrated {len(done)} runs into the Delta table {out_dir}; the old runs/ folder is now in "
                f"{out_dir / MIGRATED_DIR}: delete it once you have checked the table")
 

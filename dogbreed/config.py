@@ -111,6 +111,8 @@ class ScanConfig(_Strict):
                                         description="refuse a run that would mark more than this share of known files deleted")
     allow_deletions: bool = Field(False, description="accept a run that marks more than max_deleted_fraction deleted")
     retry_errors: bool = Field(False, description="also retry error rows that cannot change until their file does")
+    break_lock: bool = Field(False, description="take the output's lock even if its record says it is held, is "
+                             "malformed or is dated in the future (a run holding it then fails to commit)")
     log_file: str | None = Field(None, description="append the job's log lines here")
     progress: bool | None = Field(None, description="one progress bar; null = only when stderr is a terminal")
     lock_lease_s: float = Field(60.0, ge=5, description="lease of the output's lock; a running scan renews it 4 times "

@@ -15,139 +15,18 @@ import os
 import socket
 import threading
 import time
-import uuid
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
-from dogbreed.store import META_DIR, Location, ScanLocked, StoreError, utcnow
+from dogbreed.objects import objects
+from dogbreed.store import Location, ScanLocked, StoreError, utcnow
 
-LOCK_DIR = f"{META_DIR}/lock"
+LOCK_DIR = "lock"  # OUT/_dogbreed/lock/<generation>.json
 RENEWALS_PER_LEASE = 4  # renew this often per lease, so a few slow or failed requests do not lose it
 
 
-class _LocalObjects:
-    """The lock folder on a local (or NFS) file system: create-if-absent is link(2), which never overwrites."""
-
-    def __init__(self, root: str):
-        self.dir = Path(root) / LOCK_DIR
-
-    def names(self) -> list[str]:
-        return sorted(p.name for p in self.dir.glob("*.json")) if self.dir.is_dir() else []
-
-    def get(self, name: str) -> bytes | None:
-        try:
-            return (self.dir / name).read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def create(self, name: str, data: bytes) -> bool:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".{name}.{uuid.uuid4().hex}"
-        tmp.write_bytes(data)
-        try:
-            os.link(tmp, self.dir / name)  # atomic and with its content, unlike O_EXCL + write
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            tmp.unlink()
-
-    def put(self, name: str, data: bytes) -> None:
-        tmp = self.dir / f".{name}.{uuid.uuid4().hex}"
-        tmp.write_bytes(data)
-        os.replace(tmp, self.dir / name)
-
-    def delete(self, name: str) -> None:
-        (self.dir / name).unlink(missing_ok=True)
-
-
-class _S3Objects:
-    """The lock prefix on S3 or an S3-compatible store (AWS_ENDPOINT_URL), through boto3's credential chain."""
-
-    def __init__(self, root: str):
-        import boto3
-        from botocore.config import Config
-
-        self.bucket, _, prefix = root.partition("/")
-        self.prefix = "/".join(p for p in (prefix, LOCK_DIR) if p) + "/"
-        # Every request is bounded: a store that stops answering costs the run its lease, not a hang.
-        self.s3 = boto3.client("s3", config=Config(connect_timeout=5, read_timeout=15,
-                                                   retries={"max_attempts": 3, "mode": "standard"}))
-
-    def names(self) -> list[str]:
-        r = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix)
-        return sorted(o["Key"][len(self.prefix):] for o in r.get("Contents", []) if o["Key"].endswith(".json"))
-
-    def get(self, name: str) -> bytes | None:
-        try:
-            return self.s3.get_object(Bucket=self.bucket, Key=self.prefix + name)["Body"].read()
-        except self.s3.exceptions.NoSuchKey:
-            return None
-
-    def create(self, name: str, data: bytes) -> bool:
-        from botocore.exceptions import ClientError
-
-        try:
-            self.s3.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=data, IfNoneMatch="*")
-            return True
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
-                return False
-            raise
-
-    def put(self, name: str, data: bytes) -> None:
-        self.s3.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=data)
-
-    def delete(self, name: str) -> None:
-        self.s3.delete_object(Bucket=self.bucket, Key=self.prefix + name)
-
-
-class _GCSObjects:
-    """The lock prefix on Google Cloud Storage (google-cloud-storage, application default credentials)."""
-
-    def __init__(self, root: str):
-        try:
-            from google.cloud import storage
-        except ImportError:
-            raise StoreError("gs:// output needs the google-cloud-storage package for its lock "
-                             "(pip install 'dogbreed[gcs]')") from None
-        bucket, _, prefix = root.partition("/")
-        self.prefix = "/".join(p for p in (prefix, LOCK_DIR) if p) + "/"
-        self.bucket = storage.Client().bucket(bucket)
-
-    def names(self) -> list[str]:
-        return sorted(b.name[len(self.prefix):] for b in self.bucket.list_blobs(prefix=self.prefix, timeout=15)
-                      if b.name.endswith(".json"))
-
-    def get(self, name: str) -> bytes | None:
-        from google.api_core.exceptions import NotFound
-
-        try:
-            return self.bucket.blob(self.prefix + name).download_as_bytes(timeout=15)
-        except NotFound:
-            return None
-
-    def create(self, name: str, data: bytes) -> bool:
-        from google.api_core.exceptions import PreconditionFailed
-
-        try:
-            self.bucket.blob(self.prefix + name).upload_from_string(data, if_generation_match=0, timeout=15)
-            return True
-        except PreconditionFailed:
-            return False
-
-    def put(self, name: str, data: bytes) -> None:
-        self.bucket.blob(self.prefix + name).upload_from_string(data, timeout=15)
-
-    def delete(self, name: str) -> None:
-        self.bucket.blob(self.prefix + name).delete(timeout=15)
-
-
 def _objects(loc: Location):
-    if not loc.remote:
-        return _LocalObjects(loc.root)
-    return _S3Objects(loc.root) if loc.uri.startswith("s3://") else _GCSObjects(loc.root)
+    return objects(loc.uri, loc.root, LOCK_DIR)
 
 
 def _name(generation: int) -> str:
@@ -205,7 +84,7 @@ def _encode(record: dict) -> bytes:
 
 
 def _holder(record: dict | None) -> str:
-    if not record:
+    if not isinstance(record, dict):
         return "unknown holder"
     return f"{record.get('holder', 'unknown holder')}, since {record.get('since', '?')}"
 
@@ -215,9 +94,10 @@ def _alive(record: dict | None, now: float) -> bool:
         return False
     if record.get("released") or now - float(record.get("renewed", 0)) >= float(record.get("lease_s", 0)):
         return False
-    if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int):
+    pid = record.get("pid")
+    if record.get("host") == socket.gethostname() and isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
         try:  # the kernel knows whether a holder on this machine still exists
-            os.kill(record["pid"], 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             return False
         except PermissionError:
@@ -226,13 +106,21 @@ def _alive(record: dict | None, now: float) -> bool:
 
 
 @contextmanager
-def hold(loc: Location, lease_s: float, what: str = "scan") -> Iterator[Lease]:
-    """Hold the output's lock for the duration; a second holder is refused at once with ScanLocked."""
+def hold(loc: Location, lease_s: float, what: str = "scan", break_lock: bool = False,
+         old_layout_ok: bool = False) -> Iterator[Lease]:
+    """Claim the output (see :mod:`dogbreed.ownership`) and hold its lock for the duration; a second holder is
+    refused at once with ScanLocked. `break_lock` takes the lock whatever its record says (a run that held it
+    then fails to commit: it sees the newer generation)."""
+    from dogbreed.ownership import claim
+
+    claim(loc, allow_old_layout=old_layout_ok)
     try:
         store = _objects(loc)
-        lease = _acquire(store, loc, lease_s, what)
+        lease = _acquire(store, loc, lease_s, what, break_lock)
     except (ScanLocked, StoreError):
         raise
+    except OSError as e:
+        raise StoreError(f"cannot take the lock on {loc.out}: {e.strerror or e}") from None
     except Exception as e:  # noqa: BLE001 - the store's own errors (network, credentials): one sentence
         raise StoreError(f"cannot take the lock on {loc.out}: {str(e).strip().splitlines()[0] if str(e) else e!r}") from None
     lease._thread.start()
@@ -242,11 +130,32 @@ def hold(loc: Location, lease_s: float, what: str = "scan") -> Iterator[Lease]:
         lease.release()
 
 
-def _acquire(store, loc: Location, lease_s: float, what: str) -> Lease:
+BREAK_HINT = "if no dogbreed run is using it, run again with --break-lock"
+
+
+def _check_record(raw: bytes | None, name: str, loc: Location, now: float) -> dict | None:
+    """The newest generation's record, validated; a malformed or future-dated one is a sentence, never a silent
+    block (nor a silent takeover)."""
+    if raw is None:
+        return None  # removed since the listing: over
+    record = _parse(raw)
+    where = f"the lock record {loc.out}/_dogbreed/{LOCK_DIR}/{name}"
+    fields_ok = (isinstance(record, dict) and isinstance(record.get("renewed"), (int, float))
+                 and isinstance(record.get("lease_s"), (int, float)) and not isinstance(record.get("renewed"), bool))
+    if not fields_ok:
+        raise ScanLocked(f"{where} is malformed; {BREAK_HINT}")
+    ahead = float(record["renewed"]) - now
+    if ahead > float(record["lease_s"]):
+        raise ScanLocked(f"{where} says it was renewed {ahead:.0f} s in the future, beyond its {record['lease_s']:g} s "
+                         f"lease (a clock far off, or a tampered record); {BREAK_HINT}")
+    return record
+
+
+def _acquire(store, loc: Location, lease_s: float, what: str, break_lock: bool = False) -> Lease:
     names = store.names()
     top = int(names[-1].split(".")[0]) if names else 0
-    if top:
-        record = _parse(store.get(_name(top)))
+    if top and not break_lock:
+        record = _check_record(store.get(_name(top)), _name(top), loc, time.time())
         if _alive(record, time.time()):
             raise ScanLocked(f"another scan is already running on {loc.out} ({_holder(record)})")
     me = {"holder": f"{what} pid {os.getpid()} on {socket.gethostname()}", "since": utcnow().isoformat(),
@@ -280,4 +189,4 @@ def holder(loc: Location) -> dict | None:
     store = _objects(loc)
     names = store.names()
     record = _parse(store.get(names[-1])) if names else None
-    return record if record is not None and _alive(record, time.time()) else None
+    return record if isinstance(record, dict) and _alive(record, time.time()) else None

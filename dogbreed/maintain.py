@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from dogbreed import results
 from dogbreed.lock import hold
-from dogbreed.store import DELTA_COMMIT_KEYS, OutputError, RunWriter, StoreError, check_out, commit, open_table
+from dogbreed.store import DELTA_COMMIT_KEYS, OutputError, RunWriter, StoreError, check_out, clear_orphans, open_table
 
 log = logging.getLogger("dogbreed.maintain")
 MIGRATED_DIR = "_runs_before_delta"  # where migrate moves the old runs/ (hidden from Delta and Parquet readers)
@@ -31,33 +31,39 @@ class CompactSummary:
 
     def line(self) -> str:
         return (f"compacted to version {self.version}: {self.files_before} -> {self.files_after} current files; "
-                f"{self.removed} unreferenced files older than the retention deleted")
+                f"{self.removed} files of earlier versions (older than the retention) or of killed runs deleted")
 
 
-def compact(out: str, retention_hours: int, lease_s: float = 60.0) -> CompactSummary:
-    """OPTIMIZE (rewrite small files into large ones), checkpoint, then VACUUM files no version newer than the
-    retention needs, including files of killed runs older than it; nothing is lost from the current version."""
+def compact(out: str, retention_hours: int, lease_s: float = 60.0, break_lock: bool = False) -> CompactSummary:
+    """OPTIMIZE (rewrite small files into large ones), checkpoint, then VACUUM the files this table's log removed
+    longer ago than the retention, and the files of killed runs; nothing is lost from the current version.
+
+    Only files dogbreed recorded are deleted: those the log added and later removed, and those a killed run named
+    in its record. Anything else in the output (a user's files, whatever their age) is never touched.
+    """
     loc = check_out(out)
-    with hold(loc, lease_s, what="compact") as lease:
+    with hold(loc, lease_s, what="compact", break_lock=break_lock) as lease:
         table = open_table(loc)
         if table is None:
             raise OutputError(f"{out} holds no scan table yet (nothing to compact)")
         before = len(table.get_add_actions(flatten=True))
+        orphans = clear_orphans(loc, table)
         try:
             table.optimize.compact()
             table.create_checkpoint()
-            table.cleanup_metadata()  # log entries past the table's log retention (30 days by default)
             lease.check(out)
-            # full: also files the log never named (killed runs); the retention protects a running writer's files
+            # Not full: only tombstones (files the log removed), never "whatever the log does not name".
             removed = table.vacuum(retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False,
-                                   full=True)
+                                   full=False)
+            table.cleanup_metadata()  # log entries past the table's log retention (30 days by default)
         except OSError as e:
             raise StoreError(f"cannot compact {out}: {str(e).splitlines()[0]}") from None
         table = open_table(loc)
-        return CompactSummary(table.version(), before, len(table.get_add_actions(flatten=True)), len(removed))
+        return CompactSummary(table.version(), before, len(table.get_add_actions(flatten=True)),
+                              len(removed) + len(orphans))
 
 
-def migrate(out: str, lease_s: float = 60.0) -> list[str]:
+def migrate(out: str, lease_s: float = 60.0, break_lock: bool = False) -> list[str]:
     """Convert a local output folder in the runs/<run_id>/ + manifest layout into the Delta table, one commit per
     old run with its manifest, every row kept; then move runs/ aside. Returns the run ids migrated.
 
@@ -71,7 +77,7 @@ def migrate(out: str, lease_s: float = 60.0) -> list[str]:
     if not old:
         raise OutputError(f"{out} has no runs/<run_id>/{results.MANIFEST} to migrate")
     done = []
-    with hold(loc, lease_s, what="migrate") as lease:
+    with hold(loc, lease_s, what="migrate", break_lock=break_lock, old_layout_ok=True) as lease:
         table = open_table(loc)
         have = {m["run_id"] for m in results.manifests(out, table)}
         for run in old:
@@ -89,7 +95,7 @@ def migrate(out: str, lease_s: float = 60.0) -> list[str]:
                     for batch in pq.ParquetFile(part).iter_batches(batch_size=RunWriter.ROW_GROUP):
                         writer.write(results.to_table({n: batch.column(n) for n in batch.schema.names}))
             lease.check(out)
-            commit(loc, table, writer.adds, manifest)
+            writer.commit(table, manifest)
             table = open_table(loc)
             done.append(run_id)
             log.info("migrated run %s: %d rows", run_id, writer.rows)

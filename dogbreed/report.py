@@ -250,8 +250,10 @@ def build_report(out_dir: str | Path, html_path: str | Path, max_gallery: int = 
     Counts and plots describe the current answer per photo (`results.latest`); the run block comes from
     the newest manifest. Returns the path written.
     """
+    from dogbreed.ownership import require_table
+
     html_path = Path(html_path)
-    runs = results.manifests(out_dir)
+    runs = results.manifests(out_dir, require_table(out_dir))
     if not runs:
         raise ReportError(f"{out_dir} has no committed scan run (expected a Delta table with {out_dir}/_delta_log).")
     rows = results.latest(out_dir)

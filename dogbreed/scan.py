@@ -26,10 +26,11 @@ from dogbreed.console import EXIT_BAD_PHOTOS, EXIT_FAILED, EXIT_LOCKED, EXIT_OK,
 from dogbreed.listing import RootError, list_roots, normalise_roots
 from dogbreed.lock import hold
 from dogbreed.models import describe_model
+from dogbreed.ownership import check_roots, inspect
 from dogbreed.plan import KNOWN_COLUMNS, Plan, ScanRefused, make_plan
 from dogbreed.predictors import TRANSIENT, BreedPredictor, Decoder
 from dogbreed.ray_session import start_ray
-from dogbreed.store import RunWriter, check_out, clear_orphans, commit, new_run_id, open_table, utcnow
+from dogbreed.store import RunWriter, check_out, clear_orphans, new_run_id, open_table, utcnow
 
 log = logging.getLogger("dogbreed.scan")
 
@@ -298,30 +299,23 @@ def run_scan(cfg: ScanConfig, dry_run: bool = False) -> ScanSummary:
         raise ScanRefused("no roots to scan")
     if not cfg.out:
         raise ScanRefused("no output folder given (--out)")
-    loc = check_out(cfg.out)
+    loc = check_out(cfg.out, write=not dry_run)
     roots = normalise_roots(cfg.roots)
+    check_roots(loc, roots.roots)
     for given, outer in roots.dropped:
         log.warning("root %s lies inside root %s: its files are scanned once, through %s", given, outer, outer)
     cfg = cfg.model_copy(update={"roots": roots.roots})
     _, model_id = describe_model(cfg.model)
     settings = settings_id(cfg)
-    with hold(loc, cfg.lock_lease_s) as lease:
+    if dry_run:  # reads the committed table as it is: no lock, no marker, nothing written
+        inspect(loc)
+        return _dry_run(cfg, open_table(loc), model_id, settings)
+    with hold(loc, cfg.lock_lease_s, break_lock=cfg.break_lock) as lease:
         table = open_table(loc)  # the snapshot this run plans from and commits on top of
         started, t0 = utcnow(), time.perf_counter()
-        try:
-            listing = list_roots(cfg.roots, cfg.include_hidden, cfg.follow_symlinks)
-        except RootError as e:
-            raise ScanRefused(str(e)) from None
-        known = results.latest_table(cfg.out, columns=["path", "run_id", *KNOWN_COLUMNS], compact=True, table=table)
-        plan = make_plan(listing, cfg.roots, known, model_id, settings, cfg)
-        del listing, known
+        plan = _plan(cfg, table, model_id, settings)
         summary = ScanSummary(None, str(cfg.out), model_id, plan.listed, plan.todo.num_rows, plan.unchanged,
-                              carried=plan.carried.num_rows, dry_run=dry_run)
-        if dry_run:
-            summary.counts = {"to_process": plan.todo.num_rows, "deleted": len(plan.deleted)}
-            summary.would_process = _preview(plan.todo)
-            summary.would_delete = plan.deleted[:DRY_RUN_PREVIEW]
-            return summary
+                              carried=plan.carried.num_rows)
         left = clear_orphans(loc, table)
         if left:
             log.warning("removed the files of %d unfinished earlier run(s): %s", len(left), ", ".join(left))
@@ -343,11 +337,31 @@ def run_scan(cfg: ScanConfig, dry_run: bool = False) -> ScanSummary:
         }
         try:
             lease.check(str(cfg.out))
-            commit(loc, table, writer.adds, manifest)
+            writer.commit(table, manifest)
         except BaseException:
             writer.abandon()  # refused or failed: its files go now (a kill leaves them to the next run)
             raise
         return summary
+
+
+def _plan(cfg: ScanConfig, table: Any, model_id: str, settings: str) -> Plan:
+    """List the roots and plan the run against the latest committed rows of `table` (None: nothing yet)."""
+    try:
+        listing = list_roots(cfg.roots, cfg.include_hidden, cfg.follow_symlinks)
+    except RootError as e:
+        raise ScanRefused(str(e)) from None
+    known = results.latest_table(cfg.out, columns=["path", "run_id", *KNOWN_COLUMNS], compact=True, table=table)
+    return make_plan(listing, cfg.roots, known, model_id, settings, cfg)
+
+
+def _dry_run(cfg: ScanConfig, table: Any, model_id: str, settings: str) -> ScanSummary:
+    plan = _plan(cfg, table, model_id, settings)
+    summary = ScanSummary(None, str(cfg.out), model_id, plan.listed, plan.todo.num_rows, plan.unchanged,
+                          carried=plan.carried.num_rows, dry_run=True)
+    summary.counts = {"to_process": plan.todo.num_rows, "deleted": len(plan.deleted)}
+    summary.would_process = _preview(plan.todo)
+    summary.would_delete = plan.deleted[:DRY_RUN_PREVIEW]
+    return summary
 
 
 def _write_run(writer: RunWriter, plan: Plan, cfg: ScanConfig, run_id: str, settings: str, model_id: str,

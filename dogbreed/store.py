@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,9 +26,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dogbreed import results
+from dogbreed.objects import objects
 
 DATA_DIR = "data"  # OUT/data/<run_id>/part-*.parquet: a run's files, under a prefix of its own
-META_DIR = "_dogbreed"  # OUT/_dogbreed/lock/: the lock objects (a leading underscore: Delta and Parquet readers skip it)
+RUNS_DIR = "runs"  # OUT/_dogbreed/runs/<run_id>.json: the files a run in progress has created
 LOG_DIR = "_delta_log"
 SCHEMES = ("s3", "gs")
 TABLE_NAME = "dogbreed scan results"
@@ -76,12 +79,36 @@ class Location:
         return None
 
 
+# Names Delta Lake's object store cannot hold: it percent-decodes paths (a folder "a%2Fb" would be written as a/b,
+# and its data files lost) and refuses control characters (a newline aborts the process).
+_BAD_NAME = re.compile(r"%[0-9A-Fa-f]{2}|[\x00-\x1f\x7f]")
+
+
+# On object stores, keys hold only the characters AWS calls safe: pyarrow cannot parse a URI with a space, and
+# Delta Lake would percent-encode what pyarrow writes verbatim.
+_SAFE_KEY = re.compile(r"[A-Za-z0-9!_.*'()/=+,@-]*")
+
+
+def _check_name(out: str, path: str, remote: bool) -> None:
+    if remote and not _SAFE_KEY.fullmatch(path):
+        odd = next(c for c in path if not _SAFE_KEY.fullmatch(c))
+        raise OutputError(f"--out {out!r}: object-store outputs may name only letters, digits and !_.*'()/=+,@- "
+                          f"(not {odd!r}), which Delta Lake cannot store in a table path otherwise; give another name")
+    bad = _BAD_NAME.search(path)
+    if bad:
+        what = "a control character" if bad.group(0) < " " or bad.group(0) == "\x7f" else repr(bad.group(0))
+        raise OutputError(f"--out {out!r}: its path holds {what}, which Delta Lake cannot store in a table path; "
+                          "give another folder name")
+
+
 def locate(out: str | Path) -> Location:
-    """Parse --out into a Location without touching the store (OutputError for an unsupported URI)."""
+    """Parse --out into a Location without touching the store (OutputError for an unsupported URI or name)."""
     out = str(out)
     if "://" not in out:
         root = str(Path(out).absolute())
+        _check_name(out, root, remote=False)
         return Location(out, root, pafs.LocalFileSystem(), root)
+    _check_name(out, out.split("://", 1)[1], remote=True)
     parts = urlsplit(out)
     if parts.scheme not in SCHEMES:
         raise OutputError(f"--out {out}: {parts.scheme}:// output is not supported; give a local folder, "
@@ -93,17 +120,20 @@ def locate(out: str | Path) -> Location:
     try:
         fs, root = pafs.FileSystem.from_uri(uri)
     except (OSError, ValueError, pa.ArrowException) as e:
-        raise OutputError(f"--out {out}: cannot use {parts.scheme}:// storage here ({_first_line(e)})") from None
+        raise OutputError(f"--out {out}: cannot use {parts.scheme}:// storage here ({first_line(e)})") from None
     return Location(out, uri, fs, root.rstrip("/"))
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def check_out(out: str | Path) -> Location:
-    """Refuse an unusable output location before anything is created or started; returns where it is."""
+def check_out(out: str | Path, write: bool = True) -> Location:
+    """Refuse an unusable output location before anything is created or started; returns where it is.
+
+    Readers (write=False) need no write access: a read-only table serves `latest`, `report` and `--dry-run`.
+    """
     loc = locate(out)
     if not loc.remote:
         path = Path(loc.root)
@@ -112,7 +142,7 @@ def check_out(out: str | Path) -> Location:
         parent = next((p for p in [path, *path.parents] if p.exists()), None)
         if parent is not None and not parent.is_dir():
             raise OutputError(f"--out {out}: {parent} is a file, not a folder")
-        if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        if write and parent is not None and not os.access(parent, os.W_OK | os.X_OK):
             raise OutputError(f"--out {out}: {parent} is not writable")
         return loc
     bucket = loc.root.split("/", 1)[0]
@@ -120,21 +150,13 @@ def check_out(out: str | Path) -> Location:
         kind = loc.fs.get_file_info(bucket).type
         here = loc.fs.get_file_info(loc.root).type if loc.root != bucket else pafs.FileType.Directory
     except (OSError, pa.ArrowException) as e:
-        raise OutputError(f"--out {out}: cannot reach the store ({_first_line(e)}); check the credentials "
+        raise OutputError(f"--out {out}: cannot reach the store ({first_line(e)}); check the credentials "
                           "(standard chain, AWS_ENDPOINT_URL for an S3-compatible store)") from None
     if kind == pafs.FileType.NotFound:
         raise OutputError(f"--out {out}: bucket {bucket} does not exist (or these credentials cannot see it)")
     if here == pafs.FileType.File:
         raise OutputError(f"--out {out} is an object, not a prefix")
     return loc
-
-
-def require_table(out: str | Path):
-    """The committed table at `out` for a reader; one sentence where `out` holds no committed scan run."""
-    table = open_table(check_out(out))
-    if table is None:
-        raise OutputError(f"{out} holds no committed scan run (no Delta table there)")
-    return table
 
 
 def open_table(loc: Location, version: int | None = None):
@@ -149,7 +171,7 @@ def open_table(loc: Location, version: int | None = None):
     except TableNotFoundError:
         return None
     except OSError as e:
-        raise StoreError(f"cannot read the table at {loc.out}: {_first_line(e)}") from None
+        raise StoreError(f"cannot read the table at {loc.out}: {first_line(e)}") from None
 
 
 class RunWriter:
@@ -174,6 +196,16 @@ class RunWriter:
         self._stream = None
         self._writer: pq.ParquetWriter | None = None
         self._file_rows = 0
+        self.files: list[str] = []  # every file this run created, recorded before it is created
+        self._records = objects(loc.uri, loc.root, RUNS_DIR)
+
+    def _record(self) -> None:
+        """The run's record (OUT/_dogbreed/runs/<run_id>.json): what a later cleanup may delete, and nothing else."""
+        doc = {"run_id": self.run_id, "files": self.files, "host": socket.gethostname(), "pid": os.getpid()}
+        try:
+            self._records.put(f"{self.run_id}.json", json.dumps(doc).encode())
+        except Exception as e:  # noqa: BLE001 - local or object-store failure: the run cannot write safely
+            raise StoreError(f"cannot write the run's record to {self.loc.out}: {first_line(e)}") from None
 
     def __enter__(self) -> "RunWriter":
         return self
@@ -207,6 +239,8 @@ class RunWriter:
         try:
             if self._writer is None:
                 name = f"{self.prefix}/part-{len(self.adds):05d}.parquet"
+                self.files.append(name)
+                self._record()  # recorded before it exists: a kill at any moment leaves nothing unnamed
                 if not self.loc.remote:  # object stores have no folders to make
                     self.loc.fs.create_dir(self.loc.path(self.prefix), recursive=True)
                 self._stream = self.loc.fs.open_output_stream(self.loc.path(name))
@@ -215,7 +249,7 @@ class RunWriter:
                 self._writer = pq.ParquetWriter(self._stream, results.SCHEMA, compression="zstd")
             self._writer.write_table(table, row_group_size=self.ROW_GROUP)
         except (OSError, pa.ArrowException) as e:
-            raise StoreError(f"cannot write the run's rows to {self.loc.out}: {_first_line(e)}") from None
+            raise StoreError(f"cannot write the run's rows to {self.loc.out}: {first_line(e)}") from None
         self._file_rows += table.num_rows
 
     def _close_file(self) -> None:
@@ -228,13 +262,25 @@ class RunWriter:
             size = self._stream.tell()
             self._stream.close()
         except (OSError, pa.ArrowException) as e:
-            raise StoreError(f"cannot write the run's rows to {self.loc.out}: {_first_line(e)}") from None
+            raise StoreError(f"cannot write the run's rows to {self.loc.out}: {first_line(e)}") from None
         stats = json.dumps({"numRecords": self._file_rows})
         self.adds.append(AddAction(self._name, size, {}, int(utcnow().timestamp() * 1000), True, stats))
         self._writer = self._stream = None
 
+    def commit(self, table, manifest: dict[str, Any]) -> int:
+        """Commit the run's files (see :func:`commit`); its record goes once they are part of the table."""
+        version = commit(self.loc, table, self.adds, manifest)
+        self.forget()
+        return version
+
+    def forget(self) -> None:
+        try:
+            self._records.delete(f"{self.run_id}.json")
+        except Exception:  # noqa: BLE001 - a leftover record of a committed run only costs the next run a lookup
+            pass
+
     def abandon(self) -> None:
-        """Close and delete the run's files (a run that failed or was refused)."""
+        """Close and delete the files this run wrote (a run that failed or was refused), and its record."""
         try:
             if self._writer is not None:
                 self._writer.close()
@@ -242,16 +288,32 @@ class RunWriter:
         except (OSError, pa.ArrowException):
             pass
         self._writer = self._stream = None
-        delete_prefix(self.loc, self.prefix)
+        if delete_run_files(self.loc, self.run_id, self.files):
+            self.forget()
 
 
-def delete_prefix(loc: Location, prefix: str) -> None:
-    try:
-        loc.fs.delete_dir(loc.path(prefix))
-    except FileNotFoundError:
+def delete_run_files(loc: Location, run_id: str, files: list[str]) -> bool:
+    """Delete the files a run recorded (only names inside its own data/<run_id>/ folder), then that folder if it
+    is empty; True when nothing of it is left. Files the run did not record are never touched."""
+    ok = True
+    own = f"{DATA_DIR}/{run_id}/"
+    for name in files:
+        if not (isinstance(name, str) and name.startswith(own) and "/" not in name[len(own):]
+                and name.endswith(".parquet")):
+            continue  # not a name this code writes: a tampered record deletes nothing
+        try:
+            loc.fs.delete_file(loc.path(name))
+        except FileNotFoundError:
+            pass
+        except OSError:
+            ok = False  # best effort: the record stays, so the next run tries again
+    folder = loc.path(DATA_DIR, run_id)
+    try:  # the folder goes only if it is empty (pyarrow keeps an empty marker object on S3): anything else stays
+        if not loc.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+            loc.fs.delete_dir(folder)
+    except (OSError, pa.ArrowException):
         pass
-    except OSError:
-        pass  # best effort: the next run deletes what is left
+    return ok
 
 
 def delta_schema():
@@ -286,9 +348,9 @@ def commit(loc: Location, table, adds: list[Any], manifest: dict[str, Any]) -> i
         if isinstance(e, CommitFailedError) or "exists" in str(e).lower():
             raise ScanLocked(f"another writer committed to {loc.out} while this run was in progress; "
                              "this run was discarded") from None
-        raise StoreError(f"cannot commit the run to {loc.out}: {_first_line(e)}") from None
+        raise StoreError(f"cannot commit the run to {loc.out}: {first_line(e)}") from None
     except OSError as e:
-        raise StoreError(f"cannot commit the run to {loc.out}: {_first_line(e)}") from None
+        raise StoreError(f"cannot commit the run to {loc.out}: {first_line(e)}") from None
 
 
 # commitInfo fields Delta writers set themselves; a run's manifest sits beside them in the same commitInfo.
@@ -315,22 +377,44 @@ def run_prefixes(loc: Location) -> list[str]:
     try:
         infos = loc.fs.get_file_info(pafs.FileSelector(loc.path(DATA_DIR), allow_not_found=True))
     except (OSError, pa.ArrowException) as e:
-        raise StoreError(f"cannot list {loc.out}/{DATA_DIR}: {_first_line(e)}") from None
+        raise StoreError(f"cannot list {loc.out}/{DATA_DIR}: {first_line(e)}") from None
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
 
 def clear_orphans(loc: Location, table) -> list[str]:
     """Delete the files of runs that never committed (call with the lock held); returns their run ids.
 
-    A run's folder is live while the table's log names its run (history) or a current file lies in it; the
-    log keeps the last 30 days, beyond which only current files count (tombstoned files that old are past
-    any vacuum retention anyway).
+    Only runs that left a record (OUT/_dogbreed/runs/<run_id>.json) are cleaned, and only the files named in it:
+    whatever else lies in the output is never touched. A record of a run the log names (it committed, then was
+    killed before removing its record) is simply removed.
     """
+    import logging
+
+    records = objects(loc.uri, loc.root, RUNS_DIR)
+    try:
+        names = records.names()
+    except Exception as e:  # noqa: BLE001
+        raise StoreError(f"cannot list the run records of {loc.out}: {first_line(e)}") from None
+    if not names:
+        return []
     live = {m["run_id"] for m in committed_runs(table)}
     if table is not None:
         live |= {p.split("/")[1] for p in table.get_add_actions(flatten=True).column("path").to_pylist()
                  if p.startswith(DATA_DIR + "/")}
-    left = [rid for rid in run_prefixes(loc) if rid not in live]
-    for rid in left:
-        delete_prefix(loc, f"{DATA_DIR}/{rid}")
-    return left
+    cleaned = []
+    for name in names:
+        try:
+            doc = json.loads(records.get(name) or b"null")
+            run_id, files = doc["run_id"], list(doc["files"])
+            if f"{run_id}.json" != name:
+                raise ValueError("run id and record name differ")
+        except (ValueError, KeyError, TypeError) as e:
+            logging.getLogger("dogbreed.store").warning("run record %s in %s is unreadable (%s): left alone",
+                                                        name, loc.out, e)
+            continue
+        if run_id in live:
+            records.delete(name)
+        elif delete_run_files(loc, run_id, files):
+            records.delete(name)
+            cleaned.append(run_id)
+    return cleaned

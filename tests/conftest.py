@@ -186,7 +186,7 @@ def _commit_rows(out: str | Path, paths: list[Path | str], status: str = "neithe
 
     from dogbreed import results
     from dogbreed.lock import hold
-    from dogbreed.store import RunWriter, commit, locate, new_run_id, open_table, utcnow
+    from dogbreed.store import RunWriter, locate, new_run_id, open_table, utcnow
 
     n, run_id = len(paths), new_run_id()
     stats = [Path(p).stat() if status != "deleted" and Path(p).exists() else None for p in paths]
@@ -202,7 +202,7 @@ def _commit_rows(out: str | Path, paths: list[Path | str], status: str = "neithe
         with RunWriter(loc, run_id) as writer:
             writer.write(table)
         lease.check(str(out))
-        commit(loc, snapshot, writer.adds, {"run_id": run_id, "model_id": model_id, "status": "committed",
+        writer.commit(snapshot, {"run_id": run_id, "model_id": model_id, "status": "committed",
                                              "counts": dict(writer.counts)})
     return run_id
 

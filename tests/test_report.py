@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from dogbreed import report, results
 from dogbreed.lock import hold
-from dogbreed.store import RunWriter, commit, locate, open_table
+from dogbreed.store import RunWriter, locate, open_table
 
 NASTY_NAME = 'photo <script>alert("x") & ünï 🐶\nline.jpg'  # a file name cannot hold "/"
 NASTY_REASON = 'cannot identify image <script>alert("boom")</script> & "quotes"\nsecond line'
@@ -56,7 +56,7 @@ def _write_run(out: Path, run_id: str, rows: list[dict]) -> None:
         table = open_table(loc)
         with RunWriter(loc, run_id) as writer:
             writer.write(results.to_table(columns))
-        commit(loc, table, writer.adds, {
+        writer.commit(table, {
             "run_id": run_id, "model_id": "model-abc", "roots": [str(out.parent / "photos")],
             "started_at": "2025-01-01T00:00:00Z", "finished_at": "2025-01-01T00:01:00Z", "status": "committed",
             "counts": counts, "images_per_s": 12.345,
@@ -202,7 +202,9 @@ def test_report_of_a_run_without_a_decoded_photo_lists_its_errors(tmp_path):
 
 
 def test_report_on_a_folder_without_runs_names_it(tmp_path):
-    with pytest.raises(report.ReportError, match="has no committed scan run"):
+    from dogbreed.store import OutputError
+
+    with pytest.raises(OutputError, match=f"^{tmp_path} holds no committed scan run"):
         report.build_report(tmp_path, tmp_path / "r.html")
 
 

@@ -169,9 +169,9 @@ def test_migrate_killed_half_way_is_simply_run_again(tmp_path, monkeypatch):
     out = tmp_path / "out"
     _old_run(out, "20240101T000000000000Z-aaaaaa", ["/p/a.jpg"], "neither")
     _old_run(out, "20240102T000000000000Z-bbbbbb", ["/p/b.jpg"], "dog")
-    import dogbreed.maintain as maintain
+    import dogbreed.store as store
 
-    real_commit, calls = maintain.commit, []
+    real_commit, calls = store.commit, []
 
     def commit_once(*args, **kwargs):  # the process "dies" after its first commit
         if calls:
@@ -179,10 +179,10 @@ def test_migrate_killed_half_way_is_simply_run_again(tmp_path, monkeypatch):
         calls.append(1)
         return real_commit(*args, **kwargs)
 
-    monkeypatch.setattr(maintain, "commit", commit_once)
+    monkeypatch.setattr(store, "commit", commit_once)
     with pytest.raises(KeyboardInterrupt):
         migrate(str(out))
-    monkeypatch.setattr(maintain, "commit", real_commit)
+    monkeypatch.setattr(store, "commit", real_commit)
     assert migrate(str(out)) == ["20240102T000000000000Z-bbbbbb"]
     assert len(results.read_all(out)) == 2 and len(results.manifests(out)) == 2
     assert locate(out).remote is False

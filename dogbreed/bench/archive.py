@@ -148,7 +148,7 @@ def _commit_done(root: Path, out: Path, config: Path | None) -> int:
     from dogbreed.listing import list_roots, normalise_roots
     from dogbreed.lock import hold
     from dogbreed.models import describe_model
-    from dogbreed.store import RunWriter, commit, locate, new_run_id, open_table, utcnow
+    from dogbreed.store import RunWriter, locate, new_run_id, open_table, utcnow
 
     cfg = load_config(ScanConfig, config, {"roots": [str(root)], "out": str(out)})
     roots = normalise_roots(cfg.roots).roots
@@ -166,7 +166,7 @@ def _commit_done(root: Path, out: Path, config: Path | None) -> int:
                     "status": ["neither"] * k, "model_id": [describe_model(cfg.model)[1]] * k,
                     "settings_id": [settings_id(cfg)] * k, "run_id": [run_id] * k,
                     "processed_at": pa.array([utcnow()] * k, results.UTC_US)}))
-        commit(loc, open_table(loc), writer.adds, {"run_id": run_id, "status": "committed", "synthetic": True})
+        writer.commit(open_table(loc), {"run_id": run_id, "status": "committed", "synthetic": True})
     return n
 
 
