@@ -48,9 +48,9 @@ def _user_errors() -> Iterator[None]:
     Only the project's own error types are caught here: a real bug still shows its traceback (and its
     one-line summary goes to the log file, with exit code 1).
     """
-    from dogbreed.listing import RootError
-    from dogbreed.plan import ScanRefused
-    from dogbreed.store import ScanLocked
+    from dogbreed.scan.listing import RootError
+    from dogbreed.scan.plan import ScanRefused
+    from dogbreed.table.store import ScanLocked
 
     try:
         yield
@@ -104,7 +104,7 @@ def scan(
                            retry_errors=retry_errors, log_file=log_file, progress=progress, break_lock=break_lock)
         if cfg.log_file != log_file:
             setup_logging(cfg.log_file)
-        from dogbreed.scan import run_scan
+        from dogbreed.scan.job import run_scan
 
         summary = run_scan(cfg, dry_run=dry_run)
     logging.getLogger("dogbreed").info(summary.line())
@@ -132,13 +132,13 @@ def predict(
     """Print the dog-app answer per photo: 'dog: <breed> (p)', 'human: looks like <breed> (p)' or 'neither'."""
     with _user_errors():
         cfg = _scan_config(config, model=model)
-        from dogbreed import results
-        from dogbreed.evaluate import analyze
+        from dogbreed.evaluation.breeds import analyze
         from dogbreed.report import describe, write_annotated
+        from dogbreed.table import schema
 
         df = analyze([str(p) for p in images], cfg)
         for row in df.to_dict("records"):
-            typer.echo(json.dumps({k: row[k] for k in results.PREDICT_COLUMNS}, default=str) if as_json
+            typer.echo(json.dumps({k: row[k] for k in schema.PREDICT_COLUMNS}, default=str) if as_json
                        else f"{row['path']}: {describe(row)}")
         if annotate:
             write_annotated(df, annotate, cfg.decode)
@@ -158,8 +158,8 @@ def evaluate_command(
     """Assess the detectors and the breed classifier on labelled photos, the way the dog-app did."""
     with _user_errors():
         cfg = _scan_config(config, model=model)
-        from dogbreed.evaluate import assess
-        from dogbreed.evaluate_faces import compare_detectors, detector_table, with_face_figures
+        from dogbreed.evaluation.breeds import assess
+        from dogbreed.evaluation.faces import compare_detectors, detector_table, with_face_figures
 
         figures = assess(folders, cfg)
         names = [n.strip() for n in detectors.split(",") if n.strip()] if detectors else None
@@ -186,18 +186,18 @@ def latest(
     parquet: Annotated[Optional[Path], typer.Option(help="Write the table as Parquet here.")] = None,
 ) -> None:
     """The current answer per existing photo (latest successful-or-error row), as a table or file."""
-    from dogbreed import results
-    from dogbreed.ownership import require_table
+    from dogbreed.table import readers, schema
+    from dogbreed.table.ownership import require_table
 
     with _user_errors():
         require_table(out_dir)
-        df = results.latest(out_dir, model_id=model_id)
+        df = readers.latest(out_dir, model_id=model_id)
     if csv:
         df.to_csv(csv, index=False)
     if parquet:
         df.to_parquet(parquet, index=False)
     if not csv and not parquet:
-        typer.echo(df[results.SUMMARY_COLUMNS].to_string(index=False))
+        typer.echo(df[schema.SUMMARY_COLUMNS].to_string(index=False))
     typer.echo(f"{len(df)} photos; " + ", ".join(f"{k} {v}" for k, v in df["status"].value_counts().items()), err=True)
 
 
@@ -207,7 +207,7 @@ def compact(out_dir: OutArg, config: ConfigOpt = None, retention_hours: Annotate
         break_lock: BreakLockOpt = None) -> None:
     """Rewrite the table's small files into large ones (OPTIMIZE), then delete files no recent version needs (VACUUM)."""
     with _user_errors():
-        from dogbreed.maintain import compact as run_compact
+        from dogbreed.table.maintain import compact as run_compact
 
         cfg = _scan_config(config, vacuum_retention_hours=retention_hours, break_lock=break_lock)
         typer.echo(run_compact(out_dir, cfg.vacuum_retention_hours, cfg.lock_lease_s, cfg.break_lock).line())
@@ -218,8 +218,8 @@ def migrate(out_dir: Annotated[Path, typer.Argument(help="Output folder in the o
             config: ConfigOpt = None, break_lock: BreakLockOpt = None) -> None:
     """Convert an output folder of runs/<run_id>/ + manifests into the Delta table, every row kept."""
     with _user_errors():
-        from dogbreed.maintain import MIGRATED_DIR
-        from dogbreed.maintain import migrate as run_migrate
+        from dogbreed.table.maintain import MIGRATED_DIR
+        from dogbreed.table.maintain import migrate as run_migrate
 
         cfg = _scan_config(config, break_lock=break_lock)
         done = run_migrate(str(out_dir), cfg.lock_lease_s, cfg.break_lock)
@@ -316,7 +316,7 @@ AddressOpt = Annotated[Optional[str], typer.Option("--address", help="Ray dashbo
 @contextmanager
 def _submit_errors() -> Iterator[None]:
     """SubmitError (no address, unreachable, token, GPUs, bad config) -> one sentence and exit 2: nothing ran."""
-    from dogbreed.submit import EXIT_NOT_SUBMITTED, SubmitError
+    from dogbreed.cluster.submit import EXIT_NOT_SUBMITTED, SubmitError
 
     try:
         yield
@@ -335,7 +335,7 @@ def submit(
     timeout: Annotated[float, typer.Option(min=0.1, help="Seconds any one request to the cluster may take.")] = 30.0,
 ) -> None:
     """Run a job on a Ray cluster through its Jobs API; paths in the arguments must exist on the cluster's nodes."""
-    from dogbreed.submit import submit as run_submit
+    from dogbreed.cluster.submit import submit as run_submit
 
     with _submit_errors():
         result = run_submit(job, list(ctx.args), address=address, config=config, follow=follow, timeout_s=timeout)
@@ -347,7 +347,7 @@ def submit(
 @app.command()
 def jobs(address: AddressOpt = None) -> None:
     """List the cluster's jobs, newest first."""
-    from dogbreed.submit import list_jobs
+    from dogbreed.cluster.submit import list_jobs
 
     with _submit_errors():
         rows = list_jobs(address)
@@ -358,7 +358,7 @@ def jobs(address: AddressOpt = None) -> None:
 @app.command()
 def logs(job_id: Annotated[str, typer.Argument(help="Job id from `dogbreed jobs`.")], address: AddressOpt = None) -> None:
     """Print a job's logs so far."""
-    from dogbreed.submit import job_logs
+    from dogbreed.cluster.submit import job_logs
 
     with _submit_errors():
         typer.echo(job_logs(job_id, address), nl=False)
@@ -367,7 +367,7 @@ def logs(job_id: Annotated[str, typer.Argument(help="Job id from `dogbreed jobs`
 @app.command()
 def stop(job_id: Annotated[str, typer.Argument(help="Job id from `dogbreed jobs`.")], address: AddressOpt = None) -> None:
     """Stop a running job (its scan run is discarded; the output keeps its last committed run)."""
-    from dogbreed.submit import stop_job
+    from dogbreed.cluster.submit import stop_job
 
     with _submit_errors():
         stopped = stop_job(job_id, address)

@@ -181,7 +181,7 @@ def dump_config(cfg: BaseModel) -> str:
 
 def _effective_face(face: FaceConfig) -> dict[str, Any]:
     """The face settings as they will run: a yunet that falls back to haar (no yuface here) hashes as haar."""
-    from dogbreed.detect import active_detector  # detect imports this module
+    from dogbreed.vision.faces import active_detector  # detect imports this module
 
     return face.model_copy(update={"detector": active_detector(face)}).model_dump(mode="json")
 

@@ -19,9 +19,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from dogbreed import results
 from dogbreed.config import DecodeConfig
-from dogbreed.images import ImageError, open_photo
+from dogbreed.table import readers, schema
+from dogbreed.vision.decode import ImageError, open_photo
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -36,7 +36,7 @@ STATUS_COLORS = {
     "deleted": (60, 60, 60),
 }
 FACE_COLOR = (255, 221, 0)  # yellow with a dark rim: visible on both skin and sky
-IMAGE_STATUSES = results.OK_STATUSES  # rows whose photo was decoded, so there is something to draw on
+IMAGE_STATUSES = schema.OK_STATUSES  # rows whose photo was decoded, so there is something to draw on
 PROBLEM_STATUSES = ("error", "skipped")
 
 
@@ -247,17 +247,17 @@ def build_report(out_dir: str | Path, html_path: str | Path, max_gallery: int = 
                  max_errors: int = 1000) -> Path:
     """Write one self-contained HTML report (plots and thumbnails embedded) of a scan output folder.
 
-    Counts and plots describe the current answer per photo (`results.latest`); the run block comes from
+    Counts and plots describe the current answer per photo (`readers.latest`); the run block comes from
     the newest manifest. Returns the path written.
     """
-    from dogbreed.ownership import require_table
+    from dogbreed.table.ownership import require_table
 
     html_path = Path(html_path)
-    runs = results.manifests(out_dir, require_table(out_dir))
+    runs = readers.manifests(out_dir, require_table(out_dir))
     if not runs:
         raise ReportError(f"{out_dir} has no committed scan run (expected a Delta table with {out_dir}/_delta_log).")
-    rows = results.latest(out_dir)
-    status_counts = {s: int((rows["status"] == s).sum()) for s in results.STATUSES if s != "deleted"}
+    rows = readers.latest(out_dir)
+    status_counts = {s: int((rows["status"] == s).sum()) for s in schema.STATUSES if s != "deleted"}
     problems = rows[rows["status"].isin(PROBLEM_STATUSES)].sort_values("path")
     gallery = _pick_gallery(rows, max_gallery)
     items = _gallery_items(gallery, thumb_size)

@@ -184,17 +184,17 @@ def _commit_rows(out: str | Path, paths: list[Path | str], status: str = "neithe
     """Commit one run with a row per path (real size and mtime for local files) the way a scan commits."""
     import pyarrow as pa
 
-    from dogbreed import results
-    from dogbreed.lock import hold
-    from dogbreed.store import RunWriter, locate, new_run_id, open_table, utcnow
+    from dogbreed.table import schema
+    from dogbreed.table.lock import hold
+    from dogbreed.table.store import RunWriter, locate, new_run_id, open_table, utcnow
 
     n, run_id = len(paths), new_run_id()
     stats = [Path(p).stat() if status != "deleted" and Path(p).exists() else None for p in paths]
-    table = results.to_table({
+    table = schema.to_table({
         "path": [str(p) for p in paths], "status": [status] * n, "run_id": [run_id] * n,
         "size_bytes": [s.st_size if s else None for s in stats], "model_id": [model_id] * n,
-        "mtime": pa.array([s.st_mtime_ns // 1000 if s else None for s in stats], pa.int64()).cast(results.UTC_US),
-        "processed_at": pa.array([utcnow()] * n, results.UTC_US),
+        "mtime": pa.array([s.st_mtime_ns // 1000 if s else None for s in stats], pa.int64()).cast(schema.UTC_US),
+        "processed_at": pa.array([utcnow()] * n, schema.UTC_US),
     })
     loc = locate(out)
     with hold(loc, lease_s) as lease:

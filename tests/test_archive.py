@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dogbreed import results
-from dogbreed.scan import EXIT_BAD_PHOTOS, EXIT_OK, run_scan
+from dogbreed.scan.job import EXIT_BAD_PHOTOS, EXIT_OK, run_scan
+from dogbreed.table import readers, schema
 
 POISON_PLUGIN = str(Path(__file__).with_name("poison_plugin.py"))
 DOGBREED = Path(sys.executable).with_name("dogbreed")
@@ -26,7 +26,7 @@ def _poison(path: Path, action: str) -> Path:
 
 
 def _current(out: Path) -> pd.DataFrame:
-    cur = results.latest(out)
+    cur = readers.latest(out)
     assert cur["path"].is_unique, cur["path"][cur["path"].duplicated()].tolist()
     return cur.set_index("path")
 
@@ -49,11 +49,11 @@ def test_native_crash_and_hang_in_a_decode_worker_are_one_error_row_each_and_not
     assert cur.loc[str(segv), "error"] == "decoder crashed (SIGSEGV)"
     assert cur.loc[str(abort), "error"] == "decoder crashed (SIGABRT)"
     assert cur.loc[str(hang), "error"] == "decoder hung for over 3 s"
-    assert set(cur.loc[[str(p) for p in good], "status"]) <= set(results.OK_STATUSES)  # their batch-mates survived
+    assert set(cur.loc[[str(p) for p in good], "status"]) <= set(schema.OK_STATUSES)  # their batch-mates survived
 
     second = run_scan(cfg)  # the next night: an unchanged poison file is not tried again
     assert (second.processed, second.unchanged, second.exit_code) == (0, 9, EXIT_OK)
-    assert len(results.read_all(out)) == 9
+    assert len(readers.read_all(out)) == 9
 
     forced = run_scan(cfg.model_copy(update={"retry_errors": True}))
     assert forced.processed == 3 and forced.counts.get("error") == 3
@@ -71,7 +71,7 @@ def test_a_name_that_is_not_utf8_gets_its_row_and_keeps_its_bytes(ray_local, tmp
     assert summary.exit_code == EXIT_OK and summary.processed == 2
     cur = _current(out)
     text = str(root) + "/caf\\xe9.jpg"
-    assert cur.loc[text, "status"] in results.OK_STATUSES
+    assert cur.loc[text, "status"] in schema.OK_STATUSES
     assert cur.loc[text, "path_bytes"] == raw and pd.isna(cur.loc[str(root / "plain.jpg"), "path_bytes"])
     assert cur.loc[text, "breed"] == cur.loc[str(root / "plain.jpg"), "breed"]  # the same photo, decoded
     assert run_scan(scan_config([root], out)).processed == 0  # and it is recognised the next night
@@ -97,7 +97,7 @@ def test_a_reorganised_archive_keeps_its_results_without_inference(ray_local, tm
         old, new = before.loc[str(p)], after.loc[str(root / "2024" / p.name)]
         assert (new["breed"], new["breed_prob"], new["status"]) == (old["breed"], old["breed_prob"], old["status"])
         assert new["run_id"] == moved.run_id
-    assert results.manifests(out)[-1]["counts"]["moved"] == 12
+    assert readers.manifests(out)[-1]["counts"]["moved"] == 12
     assert run_scan(scan_config([root], out)).unchanged == 12
 
 
@@ -150,7 +150,7 @@ def test_roots_are_normalised_and_overlapping_roots_count_each_file_once(ray_loc
     given = [f"{root}/sub/..", f"{root}/", str(root / "sub"), str(tmp_path / "mounted")]
     summary = run_scan(scan_config(given, out))
     assert (summary.listed, summary.processed) == (3, 3)
-    assert results.manifests(out)[-1]["roots"] == [str(root.resolve())]
+    assert readers.manifests(out)[-1]["roots"] == [str(root.resolve())]
     assert sorted(_current(out).index) == sorted(str(p.resolve()) for p in photos)
     # Deletion tracking works through the odd spelling too: a vanished photo is recorded.
     photos[0].unlink()
@@ -188,7 +188,7 @@ def test_changed_settings_reprocess_and_rows_never_mix_settings(ray_local, tmp_p
     for change in ({"dog_threshold": 0.3}, {"count_dingo_as_dog": False}, {"face.min_neighbors": 5}, {"top_k": 5}):
         again = run_scan(scan_config([root], out, **change))
         assert again.processed == 3, change
-        cur = results.latest(out)
+        cur = readers.latest(out)
         assert cur["settings_id"].nunique() == 1 and cur["run_id"].nunique() == 1, change
     assert run_scan(scan_config([root], out, top_k=5)).processed == 0
 
@@ -204,10 +204,10 @@ def test_transient_errors_are_retried_and_permanent_ones_are_not(ray_local, tmp_
     assert _current(out).loc[str(root / "corrupt.jpg"), "error_kind"] == "permanent"
     # A transient error row (as a permission error or a lost worker leaves) for an unchanged photo:
     commit_rows(out, [photos[0]], status="error")
-    store_rows = results.read_all(out)
+    store_rows = readers.read_all(out)
     assert store_rows["error_kind"].isna().iloc[-1]  # written without a kind: treated as transient
     again = run_scan(scan_config([root], out))
-    assert again.processed == 1 and _current(out).loc[str(photos[0]), "status"] in results.OK_STATUSES
+    assert again.processed == 1 and _current(out).loc[str(photos[0]), "status"] in schema.OK_STATUSES
 
 
 # ---------------------------------------------------------------- 9 + 10 + 11. what cron and a person see

@@ -1,4 +1,4 @@
-"""Tests of dogbreed.submit and the cluster configs: a real Ray head on 127.0.0.1 runs a scan submitted through the
+"""Tests of dogbreed.cluster.submit and the cluster configs: a real Ray head on 127.0.0.1 runs a scan submitted through the
 Jobs API, and a multi-node cluster on one machine spreads a scan's decode tasks and inference actors over its nodes.
 
 Every Ray process these tests start is theirs alone: the head runs in its own session (and temp dir) and is
@@ -23,9 +23,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from dogbreed import results, submit
+from dogbreed.cluster import submit
 from dogbreed.config import ScanConfig, load_config
-from dogbreed.scan import run_scan
+from dogbreed.scan.job import run_scan
+from dogbreed.table import readers
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "dogbreed" / "samples"
@@ -39,7 +40,7 @@ def _free_port() -> int:
 
 
 def _rows(out: Path) -> pd.DataFrame:
-    return results.read_all(out).set_index("path").sort_index()
+    return readers.read_all(out).set_index("path").sort_index()
 
 
 def _assert_same_answers(got: pd.DataFrame, want: pd.DataFrame) -> None:
@@ -284,7 +285,7 @@ def test_stopped_job_exits_non_zero(ray_head, tmp_path):
         time.sleep(1)
     final = submit.outcome(client, result.job_id)
     assert (final.status, final.exit_code) == ("STOPPED", submit.EXIT_STOPPED)
-    assert results.manifests(tmp_path / "out") == []  # no run was committed
+    assert readers.manifests(tmp_path / "out") == []  # no run was committed
 
 
 @pytest.mark.slow  # a real Ray head

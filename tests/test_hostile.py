@@ -20,11 +20,11 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageOps
 
-from dogbreed import results
 from dogbreed.config import DecodeConfig
-from dogbreed.models import Preprocessing
-from dogbreed.predictors import Decoder
-from dogbreed.scan import run_scan
+from dogbreed.scan.job import run_scan
+from dogbreed.table import readers, schema
+from dogbreed.vision.models import Preprocessing
+from dogbreed.vision.predictors import Decoder
 
 REPO = Path(__file__).resolve().parents[1]
 GRACE = REPO / "dogbreed" / "samples" / "grace_hopper.jpg"  # 512x600, one frontal face
@@ -115,13 +115,13 @@ def scanned(corpus, ray_local, scan_config, tmp_path_factory):
     root, _ = corpus
     out = tmp_path_factory.mktemp("hostile_out")
     summary = run_scan(scan_config([root], out, **{"decode.batch_size": 4, "inference.batch_size": 8}))
-    return summary, results.read_all(out)
+    return summary, readers.read_all(out)
 
 
 def _problems(case: Case, status: str | None, error: str | None) -> list[str]:
     """What is wrong with one file's outcome (empty when it is right); status None is Decoder's "decoded"."""
     want_ok = case.status == "ok"
-    if (status is None or status in results.OK_STATUSES) != want_ok or (not want_ok and status != case.status):
+    if (status is None or status in schema.OK_STATUSES) != want_ok or (not want_ok and status != case.status):
         return [f"{case.name!r}: status {status} ({error}), expected {case.status}"]
     if want_ok:
         return [f"{case.name!r}: error {error!r} on a good photo"] if error else []
@@ -162,12 +162,12 @@ def _decode(paths: list[Path], **decode_cfg) -> dict[str, np.ndarray]:
 def test_listing_plan_and_decoder_alone_give_each_hostile_file_its_status(corpus):
     """The same outcome without Ray: listing and planning decide skips and loops, the decoder the rest."""
     from dogbreed.config import ScanConfig, settings_id
-    from dogbreed.listing import list_roots
-    from dogbreed.plan import make_plan
+    from dogbreed.scan.listing import list_roots
+    from dogbreed.scan.plan import make_plan
 
     root, cases = corpus
     cfg = ScanConfig(roots=[str(root)], out="unused")
-    plan = make_plan(list_roots([str(root.resolve())]), [str(root.resolve())], results.empty_table(), "m", settings_id(cfg), cfg)
+    plan = make_plan(list_roots([str(root.resolve())]), [str(root.resolve())], schema.empty_table(), "m", settings_id(cfg), cfg)
     got = {p: (s, e) for p, s, e in zip(plan.direct.column("path").to_pylist(), plan.direct.column("status").to_pylist(),
                                         plan.direct.column("error").to_pylist())}
     out = _decode(plan.todo.column("path").to_pylist())
@@ -238,7 +238,7 @@ def test_unreadable_file_is_an_error_row_for_an_unprivileged_reader(tmp_path_fac
         # Import and warm up first: the interpreter's own files may not be readable by nobody.
         # The function the decoder's sandboxed child runs, set up as root, then called as nobody.
         code = ("import os, sys, dataclasses\n"
-                "from dogbreed.predictors import photo_worker; from dogbreed.images import Preprocessing\n"
+                "from dogbreed.vision.predictors import photo_worker; from dogbreed.vision.decode import Preprocessing\n"
                 "from dogbreed.config import DecodeConfig, FaceConfig\n"
                 "one = photo_worker(dataclasses.asdict(Preprocessing()), FaceConfig().model_dump(), DecodeConfig().model_dump())\n"
                 "one(os.fsencode(sys.argv[2]))\n"
@@ -261,8 +261,8 @@ def test_a_decoder_child_hung_in_native_code_dies_with_its_decode_worker(tmp_pat
     poison = tmp_path / "hang.jpg"
     poison.write_bytes(b"POISON:HANG\n" + bytes(64))
     code = ("import os, sys, threading, time, numpy as np\n"
-            "from dogbreed.predictors import Decoder\n"
-            "from dogbreed.images import Preprocessing\n"
+            "from dogbreed.vision.predictors import Decoder\n"
+            "from dogbreed.vision.decode import Preprocessing\n"
             "from dogbreed.config import DecodeConfig\n"
             "d = Decoder(Preprocessing(), decode_cfg=DecodeConfig(plugins=[sys.argv[2]], timeout_s=600))\n"
             "threading.Thread(target=d, args=({'path': np.array([sys.argv[1]], dtype=object)},), daemon=True).start()\n"

@@ -6,8 +6,8 @@ import pickle
 import pytest
 import torch
 
-from dogbreed import models
-from dogbreed.models import BreedNet, ModelError, ModelSpec, Preprocessing, create_backbone
+from dogbreed.vision import models
+from dogbreed.vision.models import BreedNet, ModelError, ModelSpec, Preprocessing, create_backbone
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_pickled_code_is_never_executed(tmp_path):
 def test_a_bad_model_json_is_one_sentence_naming_the_key(tmp_path, edit, key):
     import json
 
-    from dogbreed.models import load_artifact, save_artifact
+    from dogbreed.vision.models import load_artifact, save_artifact
 
     spec = ModelSpec(backbone="test_efficientnet", class_names=["a", "b"], breed_source="head",
                      preprocessing=Preprocessing(input_size=64, crop_pct=1.0))
@@ -140,7 +140,7 @@ def tiny_timm_file(tmp_path_factory):
 def test_timm_model_from_a_local_safetensors_file(tiny_timm_file, tmp_path):
     from safetensors.torch import save_file
 
-    from dogbreed.models import describe_model, load_model
+    from dogbreed.vision.models import describe_model, load_model
 
     ref = f"timm:test_efficientnet={tiny_timm_file}"
     loaded = load_model(ref)
@@ -161,7 +161,7 @@ def test_timm_model_from_a_local_safetensors_file(tiny_timm_file, tmp_path):
 def test_timm_model_runs_in_the_predictor(tiny_timm_file):
     import numpy as np
 
-    from dogbreed.predictors import BreedPredictor
+    from dogbreed.vision.predictors import BreedPredictor
 
     p = BreedPredictor(f"timm:test_efficientnet={tiny_timm_file}", top_k=2)
     out = p({"ok": np.array([True]), "status": np.array([None], dtype=object), "face_count": np.array([0]),
@@ -176,7 +176,7 @@ def test_timm_model_runs_in_the_predictor(tiny_timm_file):
     ("timm:test_efficientnet", "are not cached and cannot be downloaded"),
 ])
 def test_unusable_timm_reference_is_one_sentence(ref, message, monkeypatch):
-    from dogbreed.models import describe_model
+    from dogbreed.vision.models import describe_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine with no hub: nothing is fetched
     with pytest.raises(ModelError, match=message) as e:

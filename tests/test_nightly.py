@@ -22,12 +22,12 @@ import pytest
 from deltalake import DeltaTable
 from PIL import Image
 
-from dogbreed import results
 from dogbreed.config import dump_config
-from dogbreed.lock import holder
-from dogbreed.models import describe_model
-from dogbreed.scan import EXIT_BAD_PHOTOS, EXIT_LOCKED, EXIT_OK, EXIT_REFUSED, run_scan
-from dogbreed.store import LOG_DIR, locate, open_table, run_prefixes
+from dogbreed.scan.job import EXIT_BAD_PHOTOS, EXIT_LOCKED, EXIT_OK, EXIT_REFUSED, run_scan
+from dogbreed.table import readers, schema
+from dogbreed.table.lock import holder
+from dogbreed.table.store import LOG_DIR, locate, open_table, run_prefixes
+from dogbreed.vision.models import describe_model
 
 DOGBREED = Path(sys.executable).with_name("dogbreed")  # the installed console script, as cron runs it
 DEFAULT_MODEL_ID = describe_model("default")[1]
@@ -101,7 +101,7 @@ def commit_rows(out: Path | str, paths: list[Path], status: str = "neither", mod
 
 
 def assert_one_current_row_per_file(out: Path | str, files: list[Path]) -> pd.DataFrame:
-    latest = results.latest(out)
+    latest = readers.latest(out)
     assert latest["path"].is_unique, latest["path"][latest["path"].duplicated()].tolist()
     assert sorted(latest["path"]) == sorted(str(f) for f in files)
     return latest
@@ -118,8 +118,8 @@ def test_rerun_processes_only_new_and_changed_files_and_records_deleted(ray_loca
     assert (first.processed, first.unchanged) == (6, 0)
     again = run_scan(cfg)
     assert (again.processed, again.unchanged) == (0, 6)
-    assert results.manifests(out)[-1]["run_id"] == again.run_id  # a commit of its own ...
-    assert not (out / "data" / again.run_id).exists() and len(results.read_all(out)) == 6  # ... adding no row
+    assert readers.manifests(out)[-1]["run_id"] == again.run_id  # a commit of its own ...
+    assert not (out / "data" / again.run_id).exists() and len(readers.read_all(out)) == 6  # ... adding no row
 
     write_photo(photos[1], seed=100, size=(200, 150))  # changed content and size
     st = photos[3].stat()
@@ -137,7 +137,7 @@ def test_rerun_processes_only_new_and_changed_files_and_records_deleted(ray_loca
     current = assert_one_current_row_per_file(out, [photos[0], photos[1], photos[3], photos[4], photos[5], new])
     run_of = dict(zip(current["path"], current["run_id"]))
     assert run_of[str(photos[0])] == first.run_id and run_of[str(photos[1])] == third.run_id
-    assert len(results.read_all(out)) == 6 + 3 + 1  # history: run 1, run 3 and one deleted row
+    assert len(readers.read_all(out)) == 6 + 3 + 1  # history: run 1, run 3 and one deleted row
 
     # The analyst's view from the command line, across the three runs.
     proc = subprocess.run([str(DOGBREED), "latest", str(out), "--csv", str(tmp_path / "latest.csv")],
@@ -160,7 +160,7 @@ def test_scan_commits_a_delta_table_an_unchanged_rerun_adds_no_rows_and_latest_h
     assert (again.processed, again.unchanged) == (0, 5)
     table = DeltaTable(uri)
     assert table.version() == 1 and len(table.to_pandas()) == 5  # a commit, no new row
-    assert [m["run_id"] for m in results.manifests(out)] == [first.run_id, again.run_id]
+    assert [m["run_id"] for m in readers.manifests(out)] == [first.run_id, again.run_id]
     assert set(assert_one_current_row_per_file(out, photos)["run_id"]) == {first.run_id}
     proc = cli("latest", out)
     assert proc.returncode == 0 and "5 photos" in proc.stderr, proc.stderr
@@ -168,7 +168,7 @@ def test_scan_commits_a_delta_table_an_unchanged_rerun_adds_no_rows_and_latest_h
 
 @pytest.mark.slow
 def test_mode_all_and_a_different_model_reprocess_everything(ray_local, tmp_path, make_photos, scan_config):
-    from dogbreed.models import default_spec, load_default, save_artifact
+    from dogbreed.vision.models import default_spec, load_default, save_artifact
 
     root, out = tmp_path / "photos", tmp_path / "out"
     make_photos(root, 4)
@@ -180,7 +180,7 @@ def test_mode_all_and_a_different_model_reprocess_everything(ray_local, tmp_path
     assert other_id != DEFAULT_MODEL_ID
     other = scan_config([root], out, model=str(tmp_path / "model"))
     assert run_scan(other).processed == 4
-    assert set(results.latest(out)["model_id"]) == {other_id}
+    assert set(readers.latest(out)["model_id"]) == {other_id}
     assert run_scan(other).processed == 0
     assert run_scan(scan_config([root], out), dry_run=True).processed == 4  # back to the default: due again
 
@@ -309,17 +309,17 @@ def test_rerun_after_sigkill_takes_over_the_lock_and_does_exactly_the_missing_wo
     assert lock["pid"] != os.getpid() and lock["holder"].startswith("scan pid ")
     assert rerun.returncode == EXIT_OK, rerun.stderr[-3000:]  # the dead holder's lease did not have to run out
     assert "40 files, 30 processed, 10 unchanged" in rerun.stdout
-    runs = [m["run_id"] for m in results.manifests(out)]
+    runs = [m["run_id"] for m in readers.manifests(out)]
     assert runs[0] == killed_run["committed_run"] and len(runs) == 2
     # Whatever files the killed run had written are gone; only the committed runs' folders are left.
     left = set(killed_run["prefixes_after_kill"]) - set(runs)
     assert killed_run["prefixes_after_rerun"] == sorted(runs)
     assert not left or f"removed the files of {len(left)} unfinished earlier run" in rerun.stderr
     current = assert_one_current_row_per_file(out, killed_run["files"])
-    assert set(current["status"]) <= set(results.OK_STATUSES)
+    assert set(current["status"]) <= set(schema.OK_STATUSES)
     first_ten = current[current["path"].str.contains("/a")]
     assert set(first_ten["run_id"]) == {killed_run["committed_run"]}  # committed rows were not redone
-    assert len(results.read_all(out)) == 40  # no duplicates anywhere in history
+    assert len(readers.read_all(out)) == 40  # no duplicates anywhere in history
     assert len(DeltaTable(locate(out).uri).to_pandas()) == 40  # what deltalake's readers see
 
 
@@ -353,13 +353,13 @@ def test_killed_ray_workers_lose_no_photo(ray_local, tmp_path, make_photos, scan
                for p in (BUSY_ACTOR, BUSY_DECODER)]
     for k in killers:
         k.start()
-    with caplog.at_level(logging.WARNING, logger="dogbreed.scan"):
+    with caplog.at_level(logging.WARNING, logger="dogbreed.scan.job"):
         summary = run_scan(scan_config([root], out))
     done.set()
     assert len(killed) == 2, f"only killed {killed}: the run ended before both kills landed"
     assert summary.processed == 30 and summary.counts.get("error", 0) == 0
     assert_one_current_row_per_file(out, photos)
-    assert len(results.read_all(out)) == 30
+    assert len(readers.read_all(out)) == 30
     assert "lost to worker failures" not in caplog.text  # Ray retried the batches (a bounded number of times)
 
 
@@ -375,7 +375,7 @@ def test_slow_photo_in_a_real_scan_becomes_an_error_row_and_its_batch_survives(r
     rows = assert_one_current_row_per_file(out, [*small, big]).set_index("path")
     assert rows.loc[str(big), "status"] == "error"
     assert rows.loc[str(big), "error"] == "decoder hung for over 1.5 s"
-    assert set(rows.drop(str(big))["status"]) <= set(results.OK_STATUSES)
+    assert set(rows.drop(str(big))["status"]) <= set(schema.OK_STATUSES)
     assert summary.exit_code == EXIT_BAD_PHOTOS
 
 
@@ -406,7 +406,7 @@ def test_emptied_root_is_refused_unless_allowed(tmp_path, make_photos, commit_ro
 
     proc = cli("scan", str(root), "--out", str(out), "--allow-empty-roots", timeout=120)
     assert proc.returncode == EXIT_OK, proc.stderr
-    assert "deleted 3" in proc.stdout and results.latest(out).empty
+    assert "deleted 3" in proc.stdout and readers.latest(out).empty
 
 
 def test_unreadable_root_is_refused(tmp_path):
@@ -419,7 +419,7 @@ def test_unreadable_root_is_refused(tmp_path):
     folder = Path(tempfile.mkdtemp(prefix="dogbreed_noroot_"))
     try:
         folder.chmod(0o700)  # owned by root: nobody may not list it
-        code = ("import os, sys; from dogbreed.listing import RootError, list_roots\n"
+        code = ("import os, sys; from dogbreed.scan.listing import RootError, list_roots\n"
                 "os.setgid(65534); os.setuid(65534)\n"
                 "try:\n    list_roots([sys.argv[1]], False)\nexcept RootError as e:\n    print('refused:', e)\n")
         proc = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True,
@@ -447,6 +447,6 @@ def test_latest_keeps_the_newest_row_per_photo_over_many_runs(tmp_path, commit_r
         newest.update({str(p): run_id for p in subset})
     gone = [p for p in paths[:100] if str(p) in newest]
     commit_rows(out, gone, status="deleted")
-    current = results.latest(out)
+    current = readers.latest(out)
     expected = {p: r for p, r in newest.items() if p not in {str(g) for g in gone}}
     assert dict(zip(current["path"], current["run_id"])) == expected

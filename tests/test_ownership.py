@@ -18,11 +18,11 @@ import pyarrow.fs as pafs
 import pytest
 from deltalake import DeltaTable, write_deltalake
 
-from dogbreed import results
-from dogbreed.lock import hold
-from dogbreed.objects import META_DIR
-from dogbreed.ownership import MARKER
-from dogbreed.store import RunWriter, StoreError, clear_orphans, locate, new_run_id, open_table, utcnow
+from dogbreed.table import readers, schema
+from dogbreed.table.lock import hold
+from dogbreed.table.objects import META_DIR
+from dogbreed.table.ownership import MARKER
+from dogbreed.table.store import RunWriter, StoreError, clear_orphans, locate, new_run_id, open_table, utcnow
 
 DOGBREED = Path(sys.executable).with_name("dogbreed")  # the installed console script, as cron runs it
 EXIT_USAGE, EXIT_LOCKED = 2, 5
@@ -160,8 +160,8 @@ def test_cleanup_and_compact_delete_only_files_dogbreed_recorded(base, commit_ro
     loc, run_id = locate(out), new_run_id()
     with hold(loc, 30):
         writer = RunWriter(loc, run_id)
-        writer.write(results.to_table({"path": ["/p/x.jpg"], "status": ["dog"], "run_id": [run_id],
-                                       "processed_at": pa.array([utcnow()], results.UTC_US)}))
+        writer.write(schema.to_table({"path": ["/p/x.jpg"], "status": ["dog"], "run_id": [run_id],
+                                       "processed_at": pa.array([utcnow()], schema.UTC_US)}))
         writer.flush()
         writer._close_file()
     tree.write(f"data/{run_id}/user-notes.txt", b"not dogbreed's")
@@ -173,7 +173,7 @@ def test_cleanup_and_compact_delete_only_files_dogbreed_recorded(base, commit_ro
     assert f"data/{run_id}/part-00000.parquet" not in after  # the killed run's own file went
     assert after[f"data/{run_id}/user-notes.txt"] == b"not dogbreed's"
     assert not any(k.startswith(f"{META_DIR}/runs/") for k in after)  # and so did its record
-    current = results.latest(out)
+    current = readers.latest(out)
     assert dict(zip(current["path"], current["status"])) == {"/p/a.jpg": "neither", "/p/b.jpg": "dog", "/p/c.jpg": "dog"}
 
 
@@ -214,7 +214,7 @@ def test_other_out_names_work_end_to_end(tmp_path, commit_rows, name):
     out = tmp_path / name
     commit_rows(out, ["/p/a.jpg"])
     commit_rows(out, ["/p/b.jpg"], status="dog")
-    assert sorted(results.latest(out)["path"]) == ["/p/a.jpg", "/p/b.jpg"]
+    assert sorted(readers.latest(out)["path"]) == ["/p/a.jpg", "/p/b.jpg"]
     proc = cli("compact", str(out), "--retention-hours", "1")
     assert proc.returncode == 0, proc.stderr
     proc = cli("latest", str(out))
@@ -224,7 +224,7 @@ def test_other_out_names_work_end_to_end(tmp_path, commit_rows, name):
 def test_s3_out_names_outside_the_safe_characters_are_refused_up_front(s3_out, commit_rows):
     base = s3_out.rsplit("/", 1)[0]
     commit_rows(f"{base}/night-2024_v1.0", ["/p/a.jpg"])
-    assert list(results.latest(f"{base}/night-2024_v1.0")["path"]) == ["/p/a.jpg"]
+    assert list(readers.latest(f"{base}/night-2024_v1.0")["path"]) == ["/p/a.jpg"]
     for name in ("sp ace", "ünï→cøde", "q?mark", "ha#sh", "a%2Fb"):
         proc = cli("latest", f"{base}/{name}")
         assert proc.returncode == EXIT_USAGE and "cannot store in a table path" in one_sentence(proc), name
@@ -263,7 +263,7 @@ def test_a_malformed_or_future_lock_record_is_one_sentence_and_breakable(tmp_pat
 def test_a_failed_lock_attempt_leaves_no_temporary_file(tmp_path, monkeypatch):
     """Zero-byte temporary files of failed attempts (a full disk) used to stay forever."""
     out = tmp_path / "table"
-    import dogbreed.objects as objects
+    import dogbreed.table.objects as objects
 
     real_open = open
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from dogbreed.config import FaceConfig
-from dogbreed.models import Preprocessing
-from dogbreed.predictors import BreedPredictor, Decoder
+from dogbreed.vision.models import Preprocessing
+from dogbreed.vision.predictors import BreedPredictor, Decoder
 
 SAMPLES = Path(__file__).resolve().parents[1] / "dogbreed" / "samples"
 EXPECTED = {  # what the sample photos show (see dogbreed/SAMPLES_NOTICE.md)
@@ -80,7 +80,7 @@ def test_all_bad_batch(predictor, tmp_path):
 
 def test_uri_roots_need_no_code_change():
     # A pyarrow filesystem URI (file:// here, s3:// or gs:// on a cluster) lists and decodes like a local path.
-    from dogbreed.listing import list_roots
+    from dogbreed.scan.listing import list_roots
 
     uri_entries = list_roots([SAMPLES.as_uri()])
     local_entries = list_roots([str(SAMPLES)])

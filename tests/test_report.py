@@ -13,9 +13,10 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageDraw
 
-from dogbreed import report, results
-from dogbreed.lock import hold
-from dogbreed.store import RunWriter, locate, open_table
+from dogbreed import report
+from dogbreed.table import readers, schema
+from dogbreed.table.lock import hold
+from dogbreed.table.store import RunWriter, locate, open_table
 
 NASTY_NAME = 'photo <script>alert("x") & ünï 🐶\nline.jpg'  # a file name cannot hold "/"
 NASTY_REASON = 'cannot identify image <script>alert("boom")</script> & "quotes"\nsecond line'
@@ -33,7 +34,7 @@ def _photo(path: Path, size=(400, 300), color=(200, 170, 120), orientation: int 
 
 
 def _row(path, status, breed=None, prob=None, faces=(), size=(400, 300), error=None, score=None, minutes=0):
-    decoded = status in results.OK_STATUSES
+    decoded = status in schema.OK_STATUSES
     return {
         "path": str(path), "status": status, "error": error,
         "width": size[0] if decoded else None, "height": size[1] if decoded else None,
@@ -48,14 +49,14 @@ def _row(path, status, breed=None, prob=None, faces=(), size=(400, 300), error=N
 
 def _write_run(out: Path, run_id: str, rows: list[dict]) -> None:
     """One committed run of these rows, as a scan commits it (a Delta commit with its manifest)."""
-    columns = {k: [r.get(k) for r in rows] for k in results.SCHEMA.names}
+    columns = {k: [r.get(k) for r in rows] for k in schema.SCHEMA.names}
     columns["run_id"] = [run_id] * len(rows)
-    counts = {"files": len(rows)} | {s: sum(r["status"] == s for r in rows) for s in results.STATUSES}
+    counts = {"files": len(rows)} | {s: sum(r["status"] == s for r in rows) for s in schema.STATUSES}
     loc = locate(out)
     with hold(loc, 30):
         table = open_table(loc)
         with RunWriter(loc, run_id) as writer:
-            writer.write(results.to_table(columns))
+            writer.write(schema.to_table(columns))
         writer.commit(table, {
             "run_id": run_id, "model_id": "model-abc", "roots": [str(out.parent / "photos")],
             "started_at": "2025-01-01T00:00:00Z", "finished_at": "2025-01-01T00:01:00Z", "status": "committed",
@@ -156,7 +157,7 @@ def test_annotate_applies_exif_orientation_before_drawing(tmp_path):
 def test_report_shows_summary_charts_gallery_and_escaped_errors(scan_out, tmp_path):
     path = report.build_report(scan_out, tmp_path / "site" / "report.html", thumb_size=160)
     html = path.read_text(encoding="utf-8")
-    current = results.latest(scan_out)
+    current = readers.latest(scan_out)
 
     def card(key):
         return int(re.search(rf'data-count="{key}"><b>(\d+)</b>', html).group(1))
@@ -202,7 +203,7 @@ def test_report_of_a_run_without_a_decoded_photo_lists_its_errors(tmp_path):
 
 
 def test_report_on_a_folder_without_runs_names_it(tmp_path):
-    from dogbreed.store import OutputError
+    from dogbreed.table.store import OutputError
 
     with pytest.raises(OutputError, match=f"^{tmp_path} holds no committed scan run"):
         report.build_report(tmp_path, tmp_path / "r.html")

@@ -8,9 +8,9 @@ import pytest
 from deltalake import DeltaTable
 from typer.testing import CliRunner
 
-from dogbreed import results
 from dogbreed.cli import app
-from dogbreed.scan import run_scan
+from dogbreed.scan.job import run_scan
+from dogbreed.table import readers, schema
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "dogbreed" / "samples"
@@ -32,9 +32,9 @@ def test_scan_of_the_samples_through_the_cli(tmp_path, ray_local):
                     "dog_and_human" if name == FALSE_FACE else "dog")
         assert row["status"] == expected, name
         assert row["width"] > 0 and row["model_id"].startswith("tf_efficientnet_lite0@")
-    manifest = results.manifests(out)[-1]
+    manifest = readers.manifests(out)[-1]
     files = list((out / "data" / manifest["run_id"]).glob("*.parquet"))
-    assert files and all(pq.read_schema(f).equals(results.SCHEMA, check_metadata=False) for f in files)
+    assert files and all(pq.read_schema(f).equals(schema.SCHEMA, check_metadata=False) for f in files)
     assert manifest["counts"]["files"] == 11 and manifest["status"] == "committed" and manifest["version"] == 0
     assert "top_k: 3" in manifest["config"]  # the resolved config travels in the commit's metadata
 
@@ -45,11 +45,11 @@ def test_dtypes_do_not_drift_between_runs(tmp_path, ray_local, scan_config):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "cup.png").write_bytes((SAMPLES / "coffee.png").read_bytes())
     run_scan(scan_config([tmp_path / "a"], out))
-    first = results.read_all(out).dtypes
+    first = readers.read_all(out).dtypes
     (tmp_path / "a" / "broken.jpg").write_bytes(b"\xff\xd8garbage")  # a run of only an error row
     s = run_scan(scan_config([tmp_path / "a"], out))
     assert s.counts == {"error": 1} and s.exit_code == 3
-    both = results.read_all(out)
+    both = readers.read_all(out)
     assert len(both) == 2 and both.dtypes.equals(first)
     assert str(both["width"].dtype) == "Int32"
 
@@ -59,7 +59,7 @@ def test_dtypes_do_not_drift_between_runs(tmp_path, ray_local, scan_config):
 def test_scan_of_all_shared_photos_gives_one_right_row_per_file(tmp_path, shared_data, ray_local, scan_config):
     out = tmp_path / "out"
     summary = run_scan(scan_config([shared_data], out, **{"decode.batch_size": 16, "inference.batch_size": 32}))
-    df = results.latest(out)
+    df = readers.latest(out)
     labels = pd.read_csv(shared_data / "labels.csv")
     labels["path"] = [str(shared_data.resolve() / f) for f in labels["file"]]  # rows carry the real path of a root
     m = labels.merge(df, on="path", how="left", validate="one_to_one")

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from deltalake import DeltaTable
 
-from dogbreed import results
-from dogbreed.lock import hold
-from dogbreed.store import OutputError, ScanLocked, check_out, clear_orphans, commit, locate, open_table, run_prefixes
+from dogbreed.table import readers
+from dogbreed.table.lock import hold
+from dogbreed.table.store import OutputError, ScanLocked, check_out, clear_orphans, commit, locate, open_table, run_prefixes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def table_state(out: str) -> tuple:
     table = open_table(loc)
     if table is None:
         return (None, [], [])
-    rows = results.read_all(out).sort_values(["path", "run_id"]).to_dict("records")
+    rows = readers.read_all(out).sort_values(["path", "run_id"]).to_dict("records")
     return (table.version(), sorted(table.get_add_actions(flatten=True).column("path").to_pylist()), repr(rows))
 
 
@@ -68,10 +68,10 @@ def test_each_run_is_one_commit_that_deltalake_reads_with_its_manifest(out, comm
     assert table.version() == 1
     history = table.to_pandas()
     assert len(history) == 4 and set(history["run_id"]) == {first, second}
-    runs = results.manifests(out)
+    runs = readers.manifests(out)
     assert [(m["run_id"], m["version"], m["counts"]) for m in runs] == [
         (first, 0, {"neither": 2}), (second, 1, {"dog": 2})]
-    current = results.latest(out)
+    current = readers.latest(out)
     assert dict(zip(current["path"], current["run_id"])) == {"/p/a.jpg": first, "/p/b.jpg": second, "/p/c.jpg": second}
     assert run_prefixes(locate(out)) == sorted([first, second])
 
@@ -84,7 +84,7 @@ def test_a_run_that_planned_from_an_old_version_cannot_commit(out, commit_rows):
     commit(loc, a, [], {"run_id": "run-a"})
     with pytest.raises(ScanLocked, match="another writer committed to .* while this run was in progress"):
         commit(loc, b, [], {"run_id": "run-b"})
-    assert [m["run_id"] for m in results.manifests(out)][1:] == ["run-a"]
+    assert [m["run_id"] for m in readers.manifests(out)][1:] == ["run-a"]
 
 
 # --------------------------------------------------------------------------- killed writers
@@ -93,16 +93,16 @@ def test_a_run_that_planned_from_an_old_version_cannot_commit(out, commit_rows):
 WRITER = """
     import sys, time
     import pyarrow as pa
-    from dogbreed import results
-    from dogbreed.lock import hold
-    from dogbreed.store import RunWriter, locate, new_run_id, utcnow
+    from dogbreed.table import schema
+    from dogbreed.table.lock import hold
+    from dogbreed.table.store import RunWriter, locate, new_run_id, utcnow
     loc, run_id = locate(sys.argv[1]), new_run_id()
     RunWriter.ROW_GROUP = RunWriter.FILE_ROWS = 1          # every row its own finished file
     with hold(loc, float(sys.argv[2])):
         with RunWriter(loc, run_id) as w:
             for i in range(3):
-                w.write(results.to_table({"path": [f"/p/new{i}.jpg"], "status": ["dog"], "run_id": [run_id],
-                                          "processed_at": pa.array([utcnow()], results.UTC_US)}))
+                w.write(schema.to_table({"path": [f"/p/new{i}.jpg"], "status": ["dog"], "run_id": [run_id],
+                                          "processed_at": pa.array([utcnow()], schema.UTC_US)}))
             print(run_id, flush=True)
             print("written", flush=True)
             time.sleep(600)                                # killed here, before its commit
@@ -130,7 +130,7 @@ def test_sigkilled_writer_leaves_the_table_unchanged_and_the_next_run_removes_it
         assert clear_orphans(loc, open_table(loc)) == [run_id]
     assert run_id not in run_prefixes(loc)
     commit_rows(out, ["/p/c.jpg"])
-    assert sorted(results.latest(out)["path"]) == ["/p/a.jpg", "/p/b.jpg", "/p/c.jpg"]
+    assert sorted(readers.latest(out)["path"]) == ["/p/a.jpg", "/p/b.jpg", "/p/c.jpg"]
 
 
 # --------------------------------------------------------------------------- the lock
@@ -150,8 +150,8 @@ def test_a_second_holder_is_refused_at_once_naming_the_first_and_the_lock_frees_
 
 RACER = """
     import sys, time
-    from dogbreed.lock import hold
-    from dogbreed.store import ScanLocked, locate
+    from dogbreed.table.lock import hold
+    from dogbreed.table.store import ScanLocked, locate
     loc = locate(sys.argv[1])
     while time.time() < float(sys.argv[2]):                # start together
         time.sleep(0.001)
@@ -176,8 +176,8 @@ def test_of_racing_processes_exactly_one_takes_the_lock(out):
 
 PAUSED = """
     import sys
-    from dogbreed.lock import hold
-    from dogbreed.store import ScanLocked, commit, locate, open_table
+    from dogbreed.table.lock import hold
+    from dogbreed.table.store import ScanLocked, commit, locate, open_table
     loc = locate(sys.argv[1])
     with hold(loc, 2) as lease:
         table = open_table(loc)
@@ -210,8 +210,8 @@ def test_a_paused_holder_loses_its_lease_and_never_commits_beside_the_run_that_t
             proc.kill()
             proc.wait()
     assert "refused: this run lost the lock" in answer or "refused: another writer committed" in answer, answer + err
-    assert [m["run_id"] for m in results.manifests(out)][-1] == taker
-    assert "paused-run" not in {m["run_id"] for m in results.manifests(out)}
+    assert [m["run_id"] for m in readers.manifests(out)][-1] == taker
+    assert "paused-run" not in {m["run_id"] for m in readers.manifests(out)}
 
 
 # --------------------------------------------------------------------------- --out errors: one sentence, nothing made

@@ -1,4 +1,4 @@
-"""dogbreed.submit without a cluster: what is shipped (an explicit list, never secrets), and every request to the
+"""dogbreed.cluster.submit without a cluster: what is shipped (an explicit list, never secrets), and every request to the
 cluster timing out, against real servers on 127.0.0.1 that accept connections but never (or only partly) answer.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from dogbreed import submit
 from dogbreed.cli import app
+from dogbreed.cluster import submit
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRETS = [".env", ".aws/credentials", "id_rsa", ".ssh/id_ed25519", "token", "ray_token.txt", "dogbreed/.env",
@@ -56,7 +56,7 @@ def test_a_config_named_on_the_command_line_is_shipped_too(tmp_path):
 
 def test_the_real_project_ships_code_and_configs_and_nothing_else():
     shipped = {p.as_posix() for p in submit.shipped_files(ROOT)}
-    assert {"pyproject.toml", "dogbreed/store.py", "dogbreed/lock.py", "jobs/scan.py", "configs/scan.yaml"} <= shipped
+    assert {"pyproject.toml", "dogbreed/table/store.py", "dogbreed/table/lock.py", "jobs/scan.py", "configs/scan.yaml"} <= shipped
     assert {p.split("/")[0] for p in shipped} == {"pyproject.toml", "dogbreed", "jobs", "configs"}
     assert not any(part.startswith(".") for p in shipped for part in p.split("/"))
 

@@ -22,10 +22,10 @@ from typer.testing import CliRunner
 
 from dogbreed.cli import app
 from dogbreed.config import ConfigError, DecodeConfig
-from dogbreed.models import BreedNet, ModelError, Preprocessing, create_backbone, load_artifact, save_artifact
 from dogbreed.train import data as train_data
 from dogbreed.train import driver, loop, worker
 from dogbreed.train.config import load_train_config
+from dogbreed.vision.models import BreedNet, ModelError, Preprocessing, create_backbone, load_artifact, save_artifact
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "train.yaml"
@@ -191,7 +191,7 @@ def test_fingerprint_changes_with_the_photos(tmp_path):
 
 
 def test_decode_batch_is_the_scans_crop_augments_and_leaves_out_bad_photos_with_a_reason(shapes, tmp_path, monkeypatch):
-    from dogbreed.images import decode
+    from dogbreed.vision.decode import decode
 
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
@@ -233,7 +233,7 @@ def test_config_rejects_unknown_keys_and_bad_modes(tmp_path):
 
 
 def _tiny_spec():
-    from dogbreed.models import ModelSpec
+    from dogbreed.vision.models import ModelSpec
 
     return ModelSpec(backbone=TINY, class_names=["A", "B", "C"], breed_source="head",
                      preprocessing=Preprocessing(input_size=64), training={"mode": "freeze"})

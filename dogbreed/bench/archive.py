@@ -143,12 +143,12 @@ def _scan_start(root: Path, out: Path, fig: SizeFigures, stream_s: float, limit_
 
 def _commit_done(root: Path, out: Path, config: Path | None) -> int:
     """Commit one run in which every listed file has a current 'neither' row (as if all were processed)."""
-    from dogbreed import results
     from dogbreed.config import ScanConfig, load_config, settings_id
-    from dogbreed.listing import list_roots, normalise_roots
-    from dogbreed.lock import hold
-    from dogbreed.models import describe_model
-    from dogbreed.store import RunWriter, locate, new_run_id, open_table, utcnow
+    from dogbreed.scan.listing import list_roots, normalise_roots
+    from dogbreed.table import schema
+    from dogbreed.table.lock import hold
+    from dogbreed.table.store import RunWriter, locate, new_run_id, open_table, utcnow
+    from dogbreed.vision.models import describe_model
 
     cfg = load_config(ScanConfig, config, {"roots": [str(root)], "out": str(out)})
     roots = normalise_roots(cfg.roots).roots
@@ -160,12 +160,12 @@ def _commit_done(root: Path, out: Path, config: Path | None) -> int:
             for start in range(0, n, RunWriter.ROW_GROUP):
                 part = listing.slice(start, RunWriter.ROW_GROUP)
                 k = part.num_rows
-                writer.write(results.to_table({
+                writer.write(schema.to_table({
                     "path": part.column("path"), "size_bytes": part.column("size"),
                     "mtime": _us(part.column("mtime_ns")), "ctime": _us(part.column("ctime_ns")),
                     "status": ["neither"] * k, "model_id": [describe_model(cfg.model)[1]] * k,
                     "settings_id": [settings_id(cfg)] * k, "run_id": [run_id] * k,
-                    "processed_at": pa.array([utcnow()] * k, results.UTC_US)}))
+                    "processed_at": pa.array([utcnow()] * k, schema.UTC_US)}))
         writer.commit(open_table(loc), {"run_id": run_id, "status": "committed", "synthetic": True})
     return n
 
@@ -173,9 +173,9 @@ def _commit_done(root: Path, out: Path, config: Path | None) -> int:
 def _us(ns: pa.ChunkedArray) -> pa.Array:
     import pyarrow.compute as pc
 
-    from dogbreed import results
+    from dogbreed.table import schema
 
-    return pc.cast(pc.cast(pc.divide(ns, 1000), pa.int64()), results.UTC_US)
+    return pc.cast(pc.cast(pc.divide(ns, 1000), pa.int64()), schema.UTC_US)
 
 
 def _unchanged(root: Path, out: Path, fig: SizeFigures, config: Path | None) -> None:

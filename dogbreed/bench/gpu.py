@@ -104,7 +104,7 @@ class Sampler(Sampling):
 # ------------------------------------------------------------------------------------ measurements
 def _cpu_decode(args: tuple) -> int:
     """One photo through the CPU path's decode (read, reduced decode, model crop, face copy), in a pool process."""
-    from dogbreed.images import Preprocessing, decode, read_bytes
+    from dogbreed.vision.decode import Preprocessing, decode, read_bytes
 
     path, prep, max_side, max_bytes, max_pixels = args
     decode(read_bytes(path, max_bytes), Preprocessing(**prep), max_side, max_pixels)
@@ -113,7 +113,7 @@ def _cpu_decode(args: tuple) -> int:
 
 def _ship(args: tuple) -> int:
     """One photo through what decode tasks do with decode.device accelerator: read, fingerprint, JPEG header."""
-    from dogbreed.images import fingerprint_of_bytes, jpeg_header, read_bytes
+    from dogbreed.vision.decode import fingerprint_of_bytes, jpeg_header, read_bytes
 
     path, max_bytes, max_pixels = args
     data = read_bytes(path, max_bytes)
@@ -134,7 +134,7 @@ def all_cores(name: str, fn: Callable[[tuple], int], items: list[tuple], cores: 
 def device_decode(paths: list[Path], cfg: ScanConfig, prep, device: str) -> tuple[Measure, dict]:
     """DeviceDecoder on `device`, batches of inference.batch_size, bytes already in memory: decode + orient + resize
     + face copy (the faces it also finds are timed apart and excluded from this bound)."""
-    from dogbreed.accel import DeviceDecoder, JpegShipper
+    from dogbreed.vision.device_decode import DeviceDecoder, JpegShipper
 
     b = cfg.inference.batch_size
     shipper = JpegShipper(prep, cfg.face, cfg.decode)
@@ -156,18 +156,18 @@ def model_bound(decoded: list, cfg: ScanConfig, predictor) -> Measure:
     """One actor's per-photo work after decoding: Haar faces (inference.num_cpus threads) and the batched backbone."""
     import cv2
 
-    from dogbreed import detect
+    from dogbreed.vision import faces
 
     b, threads = cfg.inference.batch_size, max(1, int(cfg.inference.num_cpus))
     crops = np.stack([d.model_input for d in decoded])
     predictor._forward(crops[:b])  # warm-up
-    detect.load_face_detector(cfg.face)
+    faces.load_face_detector(cfg.face)
     saved = cv2.getNumThreads()
     cv2.setNumThreads(threads)  # as DeviceDecoder sets it in the actor
     try:
         t = time.perf_counter()
         for d in decoded:
-            detect.detect_faces(d.small, d.small_to_full, cfg.face)
+            faces.detect_faces(d.small, d.small_to_full, cfg.face)
         t_faces = time.perf_counter()
         for i in range(0, len(crops), b):
             predictor._forward(crops[i:i + b])
@@ -182,8 +182,8 @@ def agreement(paths: list[Path], cfg: ScanConfig, prep, predictor, device: str) 
     """The device path's rows against the CPU path's on the same photos and the same predictor (README figures)."""
     import json
 
-    from dogbreed.accel import DeviceDecoder, JpegShipper
-    from dogbreed.predictors import Decoder
+    from dogbreed.vision.device_decode import DeviceDecoder, JpegShipper
+    from dogbreed.vision.predictors import Decoder
 
     cpu_dec, ship = Decoder(prep, cfg.face, cfg.decode), JpegShipper(prep, cfg.face, cfg.decode)
     dd = DeviceDecoder(prep, cfg.face, cfg.decode, device=device)
@@ -264,9 +264,9 @@ def run_gpu_benchmark(workdir: Path, cfg: ScanConfig, n: int = 200, size: tuple[
     """Generate the photos, then measure the bounds and the scan on them, sampling GPU and CPU use throughout."""
     import torch
 
-    from dogbreed.images import decode, read_bytes
-    from dogbreed.models import describe_model
-    from dogbreed.predictors import BreedPredictor
+    from dogbreed.vision.decode import decode, read_bytes
+    from dogbreed.vision.models import describe_model
+    from dogbreed.vision.predictors import BreedPredictor
 
     cuda, cores = torch.cuda.is_available(), int(os.cpu_count() or 1)
     if not cuda:

@@ -77,8 +77,8 @@ class PeakMemory(Sampling):
 
     def _sample(self) -> None:
         for pid, cmd in _descendants(os.getpid()).items():
-            if "dogbreed.sandbox" in cmd:
-                kind = "decode child"  # the sandboxed process that really decodes (dogbreed.sandbox)
+            if "dogbreed.vision.sandbox" in cmd:
+                kind = "decode child"  # the sandboxed process that really decodes (dogbreed.vision.sandbox)
             elif not cmd.startswith("ray::") or "Dashboard" in cmd or "RuntimeEnv" in cmd:
                 continue
             else:

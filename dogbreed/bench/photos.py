@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from dogbreed.config import DecodeConfig
-from dogbreed.images import open_photo
+from dogbreed.vision.decode import open_photo
 
 SOURCE_FOLDERS = ("imagewoof/val-unseen", "humans", "other")  # dogs, faces and neither, taken in turn
 

@@ -18,9 +18,9 @@ import numpy as np
 
 from dogbreed.bench.memory import PeakMemory
 from dogbreed.bench.photos import find_sources, make_photos
+from dogbreed.cluster.session import start_ray
 from dogbreed.config import DecodeConfig, ScanConfig
-from dogbreed.images import open_photo
-from dogbreed.ray_session import start_ray
+from dogbreed.vision.decode import open_photo
 
 CLASSIC_CASCADE = "haarcascade_frontalface_default.xml"  # what the dog-app used
 TARGET_VS_CLASSIC = 10.0  # issue 6: the scan end to end, 12-MP photos, on a 2-core CPU
@@ -50,8 +50,8 @@ def classic_loop(paths: list[Path], model: str = "default") -> Measure:
     import torch
     from torchvision import transforms as T
 
-    from dogbreed import labels
-    from dogbreed.models import load_model
+    from dogbreed.breeds import taxonomy
+    from dogbreed.vision.models import load_model
 
     loaded = load_model(model)
     net, prep = loaded.net.eval(), loaded.spec.preprocessing
@@ -59,7 +59,7 @@ def classic_loop(paths: list[Path], model: str = "default") -> Measure:
     cascade = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, CLASSIC_CASCADE))
     to_tensor = T.Compose([T.Resize(prep.resize_to), T.CenterCrop(prep.input_size), T.ToTensor(),
                            T.Normalize(prep.mean, prep.std)])
-    dogs = labels.dog_class_indices(False)
+    dogs = taxonomy.dog_class_indices(False)
     stages = {"decode": 0.0, "faces": 0.0, "model": 0.0}
     dogs_seen = 0
     t_all = time.perf_counter()
@@ -104,8 +104,8 @@ class _Threads:
 
 def decode_only(paths: list[Path], cfg: ScanConfig) -> tuple[Measure, list]:
     """Read + reduced decode + model crop + face copy, one photo at a time on one core; also returns the decoded photos."""
-    from dogbreed.images import decode, read_bytes
-    from dogbreed.models import describe_model
+    from dogbreed.vision.decode import decode, read_bytes
+    from dogbreed.vision.models import describe_model
 
     prep = describe_model(cfg.model)[0].preprocessing
     with _Threads(1):
@@ -118,16 +118,16 @@ def decode_only(paths: list[Path], cfg: ScanConfig) -> tuple[Measure, list]:
 
 def faces_only(decoded: list, cfg: ScanConfig, detector: str | None = None) -> Measure:
     """The configured face detector (or `detector`) on the decoded small copies, on one core, as in a decode task."""
-    from dogbreed import detect
+    from dogbreed.vision import faces
 
     face = cfg.face if detector is None else cfg.face.model_copy(update={"detector": detector})
     with _Threads(1):  # also torch's: with torch loaded, YuNet's OpenMP threads are torch's (30x slower unpinned)
-        detect.load_face_detector(face)
+        faces.load_face_detector(face)
         t = time.perf_counter()
         for d in decoded:
-            detect.detect_faces(d.small, d.small_to_full, face)
+            faces.detect_faces(d.small, d.small_to_full, face)
         seconds = time.perf_counter() - t
-    return Measure(f"faces only, {detect.active_detector(face)} (1 core)", len(decoded), seconds, {"faces": seconds})
+    return Measure(f"faces only, {faces.active_detector(face)} (1 core)", len(decoded), seconds, {"faces": seconds})
 
 
 def model_only(decoded: list, cfg: ScanConfig, predictor, threads: int | None) -> Measure:
@@ -147,7 +147,7 @@ def model_only(decoded: list, cfg: ScanConfig, predictor, threads: int | None) -
 def in_process(paths: list[Path], cfg: ScanConfig, predictor) -> Measure:
     """The in-process stage bound: the scan's own Decoder and BreedPredictor in one loop in this process (reduced
     decode, Haar on the small copy, one batched pass per inference batch), libraries at their default threads."""
-    from dogbreed.predictors import Decoder
+    from dogbreed.vision.predictors import Decoder
 
     decoder = Decoder(predictor.spec.preprocessing, cfg.face, cfg.decode)
     b = cfg.inference.batch_size
@@ -190,7 +190,7 @@ class _StatsLog:
     def __enter__(self) -> "_StatsLog":
         import logging
 
-        self.text, self._log = "", logging.getLogger("dogbreed.scan")
+        self.text, self._log = "", logging.getLogger("dogbreed.scan.job")
         outer = self
 
         class _Catch(logging.Handler):
@@ -227,7 +227,7 @@ def _seconds(text: str) -> float:
 
 def scan(roots: list[Path], out: Path, cfg: ScanConfig) -> Measure:
     """run_scan end to end on a fresh output folder, in the Ray already started (images/s excludes Ray's own startup)."""
-    from dogbreed.scan import run_scan
+    from dogbreed.scan.job import run_scan
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = cfg.model_copy(update={"roots": [str(r) for r in roots], "out": str(out), "mode": "missing"})
@@ -305,7 +305,7 @@ def run_benchmark(workdir: Path, cfg: ScanConfig, n: int = 60, classic_n: int = 
                   quality: int = 92, sources: list[Path] | None = None, small: bool = True,
                   log: Callable[[str], None] = print) -> BenchReport:
     """Generate the photos in workdir, then measure everything on them in one run (scans first, on a fresh Ray)."""
-    from dogbreed.predictors import BreedPredictor
+    from dogbreed.vision.predictors import BreedPredictor
 
     sources = sources or find_sources(None, log=log)
     cores = int(os.cpu_count() or 1)

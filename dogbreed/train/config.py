@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from dogbreed.config import PHOTO_EXTENSIONS, ConfigError, DecodeConfig, _Strict, load_config
-from dogbreed.models import DEFAULT_BACKBONE
+from dogbreed.vision.models import DEFAULT_BACKBONE
 
 __all__ = ["TrainConfig", "load_train_config", "ConfigError"]
 

@@ -20,10 +20,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from dogbreed import labels
+from dogbreed.breeds import taxonomy
+from dogbreed.breeds.folders import DataError, class_folders, labelled_items, photos_under, split_folders
 from dogbreed.config import DecodeConfig
-from dogbreed.images import ImageError, Preprocessing, decode_rgb, load_plugins, model_crop, read_bytes
-from dogbreed.labelled import DataError, class_folders, labelled_items, photos_under, split_folders
+from dogbreed.vision.decode import ImageError, Preprocessing, decode_rgb, load_plugins, model_crop, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class Splits:
 
     @property
     def class_names(self) -> list[str]:
-        return [labels.breed_from_folder(f) for f in self.class_folders]
+        return [taxonomy.breed_from_folder(f) for f in self.class_folders]
 
 
 def stratified_split(items: list[Item], fractions: tuple[float, ...], seed: int) -> list[list[Item]]:
@@ -118,7 +118,7 @@ _READERS: dict[str, Any] = {}  # one sandboxed reader per Ray worker process, ke
 
 
 def _reader(short_side: int, decode_cfg: DecodeConfig):
-    from dogbreed.sandbox import Sandbox
+    from dogbreed.vision.sandbox import Sandbox
 
     key = f"{short_side}:{decode_cfg.model_dump_json()}"
     if key not in _READERS:
@@ -180,7 +180,7 @@ def feature_dataset(items: list[Item], prep: Preprocessing, model: dict[str, Any
     """Bottleneck features of every photo, computed once (un-augmented) and materialised in the object store."""
     import ray.data
 
-    from dogbreed.predictors import FeatureExtractor
+    from dogbreed.vision.predictors import FeatureExtractor
 
     ds = image_dataset(items, prep, train=False, batch_size=batch_size, decode_cfg=decode_cfg)
     return ds.map_batches(FeatureExtractor, fn_constructor_kwargs=model | {"prep": asdict(prep),

@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from dogbreed.cluster.session import start_ray
 from dogbreed.config import ConfigError, ScanConfig, dump_config
-from dogbreed.models import BreedNet, ModelSpec, Preprocessing, create_backbone, read_artifact_spec, save_artifact
-from dogbreed.ray_session import start_ray
 from dogbreed.train import report
 from dogbreed.train.config import TrainConfig
 from dogbreed.train.data import Item, Splits, feature_dataset, image_dataset, make_splits
 from dogbreed.train.worker import STATE_FILE, stages, train_loop_per_worker
+from dogbreed.vision.models import BreedNet, ModelSpec, Preprocessing, create_backbone, read_artifact_spec, save_artifact
 
 CONFIG_FILE = "train_config.yaml"
 # Keys that may change between a killed run and its restart without invalidating its checkpoints.
@@ -134,7 +134,7 @@ def fit(cfg: TrainConfig) -> TrainResult:
 def test_artifact(model_dir: str | Path, items: list[Item], cfg: TrainConfig,
                   out_dir: str | Path | None = None) -> dict[str, Any]:
     """Top-1/top-5, per-breed accuracy and confusion of an artifact on labelled photos, as the scan would see them."""
-    from dogbreed.evaluate import classify
+    from dogbreed.evaluation.breeds import classify
 
     scan_cfg = ScanConfig(model=str(model_dir), extensions=cfg.extensions, decode=cfg.decode)
     result = classify([p for p, _ in items], [y for _, y in items], scan_cfg)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dogbreed.models import BreedNet, Preprocessing, normalise
+from dogbreed.vision.models import BreedNet, Preprocessing, normalise
 
 WARMUP_FRACTION = 0.3  # share of a stage's steps spent raising the lr (one-cycle); early stopping waits it out
 
@@ -57,7 +57,7 @@ def init_breed_head(net: BreedNet, class_folders: list[str]) -> int:
 
     The head then starts at the zero-shot ImageNet answer instead of chance; other breeds keep random rows.
     """
-    from dogbreed.labels import imagenet_index_for
+    from dogbreed.breeds.taxonomy import imagenet_index_for
 
     classifier = net.backbone.get_classifier()
     copied = 0

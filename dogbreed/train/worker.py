@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from dogbreed.models import BreedNet, Preprocessing, create_backbone
 from dogbreed.train.config import TrainConfig
 from dogbreed.train.loop import (
     WARMUP_FRACTION,
@@ -25,6 +24,7 @@ from dogbreed.train.loop import (
     set_trainable,
     train_one_epoch,
 )
+from dogbreed.vision.models import BreedNet, Preprocessing, create_backbone
 
 STATE_FILE = "state.pt"
 

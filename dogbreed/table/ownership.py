@@ -16,8 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from dogbreed.objects import META_DIR, objects
-from dogbreed.store import LOG_DIR, TABLE_NAME, Location, OutputError, StoreError, check_out, first_line, open_table, utcnow
+from dogbreed.table.objects import META_DIR, objects
+from dogbreed.table.store import LOG_DIR, TABLE_NAME, Location, OutputError, StoreError, check_out, first_line, open_table, utcnow
 
 MARKER = "table.json"
 MARKER_FORMAT = "dogbreed-table"

@@ -3,7 +3,7 @@
 import pytest
 
 from dogbreed.config import ScanConfig
-from dogbreed.evaluate import assess
+from dogbreed.evaluation.breeds import assess
 
 pytestmark = pytest.mark.shared_data
 

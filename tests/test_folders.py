@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dogbreed.labelled import DataError, class_folders, class_index, evaluation_photos, labelled_items, split_folders
+from dogbreed.breeds.folders import DataError, class_folders, class_index, evaluation_photos, labelled_items, split_folders
 
 
 def _touch(path: Path, data: bytes = b"x") -> Path:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from dogbreed import labels
+from dogbreed.breeds import taxonomy
 from dogbreed.config import PHOTO_EXTENSIONS
-from dogbreed.listing import list_roots, normalise_roots
+from dogbreed.scan.listing import list_roots, normalise_roots
 
 HUMANS, OTHER = "humans", "other"
 SPLIT_NAMES = {"train": ("train",), "val": ("valid", "val", "validation"), "test": ("test",)}
@@ -76,17 +76,17 @@ def class_index(class_names: list[str]):
     A folder matches a class when their readable breed names are equal ignoring case, '_', '-' and
     spacing, or when both are the same ImageNet class (by WordNet id or any ImageNet synonym).
     """
-    by_key = {labels.canonical(labels.breed_from_folder(n)): i for i, n in enumerate(class_names)}
+    by_key = {taxonomy.canonical(taxonomy.breed_from_folder(n)): i for i, n in enumerate(class_names)}
     by_imagenet: dict[int, int] = {}
     for i, n in enumerate(class_names):
-        index = labels.imagenet_index_for(n)
+        index = taxonomy.imagenet_index_for(n)
         if index is not None:
             by_imagenet.setdefault(index, i)
 
     def match(folder: str) -> int | None:
-        hit = by_key.get(labels.canonical(labels.breed_from_folder(folder)))
+        hit = by_key.get(taxonomy.canonical(taxonomy.breed_from_folder(folder)))
         if hit is None:
-            index = labels.imagenet_index_for(folder)
+            index = taxonomy.imagenet_index_for(folder)
             hit = by_imagenet.get(index) if index is not None else None
         return hit
 

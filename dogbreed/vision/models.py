@@ -19,8 +19,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from dogbreed import labels
-from dogbreed.images import Preprocessing  # preprocessing travels with the weights
+from dogbreed.breeds import taxonomy
+from dogbreed.vision.decode import Preprocessing  # preprocessing travels with the weights
 
 DEFAULT_MODEL = "default"
 TIMM_PREFIX = "timm:"  # zero-shot with a timm ImageNet-1k classifier
@@ -197,11 +197,11 @@ class LoadedModel:
 
 def default_spec(count_dingo: bool = True) -> ModelSpec:
     """Description of the offline default: ImageNet head, breeds = ImageNet dog classes."""
-    idx = labels.dog_class_indices(count_dingo)
-    names = labels.imagenet_names()
+    idx = taxonomy.dog_class_indices(count_dingo)
+    names = taxonomy.imagenet_names()
     return ModelSpec(
         backbone=DEFAULT_BACKBONE,
-        class_names=[labels.readable(names[i]) for i in idx],
+        class_names=[taxonomy.readable(names[i]) for i in idx],
         breed_source="imagenet",
         imagenet_breed_indices=idx,
         preprocessing=Preprocessing.for_backbone(DEFAULT_BACKBONE),  # timm's pretrained config
@@ -323,9 +323,9 @@ def _timm_ref(ref: str) -> tuple[str, Path]:
 
 def timm_spec(name: str) -> ModelSpec:
     """Zero-shot description of a timm ImageNet-1k classifier: breeds are its ImageNet dog classes."""
-    idx = labels.dog_class_indices()
-    names = labels.imagenet_names()
-    return ModelSpec(backbone=name, class_names=[labels.readable(names[i]) for i in idx], breed_source="imagenet",
+    idx = taxonomy.dog_class_indices()
+    names = taxonomy.imagenet_names()
+    return ModelSpec(backbone=name, class_names=[taxonomy.readable(names[i]) for i in idx], breed_source="imagenet",
                      imagenet_breed_indices=idx, preprocessing=Preprocessing.for_backbone(name),
                      training={"source": f"timm {name}, ImageNet-1k weights (zero-shot)"})
 

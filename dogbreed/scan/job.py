@@ -3,7 +3,7 @@
 Every file found yields exactly one row; a bad photo becomes an error row, never a crash. The listing and the
 plan are Arrow tables, the paths reach the decode tasks in blocks of thousands, and the result rows stream
 back to this driver, which writes them into the output table's files, counts them and shows progress. The
-whole run is one Delta commit (:mod:`dogbreed.store`), made while holding the output's lock (:mod:`dogbreed.lock`).
+whole run is one Delta commit (:mod:`dogbreed.table.store`), made while holding the output's lock (:mod:`dogbreed.table.lock`).
 """
 
 from __future__ import annotations
@@ -20,19 +20,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dogbreed import accel, results
+from dogbreed.cluster.session import start_ray
 from dogbreed.config import ScanConfig, dump_config, settings_id
 from dogbreed.console import EXIT_BAD_PHOTOS, EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_REFUSED, EXIT_USAGE
-from dogbreed.listing import RootError, list_roots, normalise_roots
-from dogbreed.lock import hold
-from dogbreed.models import describe_model
-from dogbreed.ownership import check_roots, inspect
-from dogbreed.plan import KNOWN_COLUMNS, Plan, ScanRefused, make_plan
-from dogbreed.predictors import TRANSIENT, BreedPredictor, Decoder
-from dogbreed.ray_session import start_ray
-from dogbreed.store import RunWriter, check_out, clear_orphans, new_run_id, open_table, utcnow
+from dogbreed.scan.listing import RootError, list_roots, normalise_roots
+from dogbreed.scan.plan import KNOWN_COLUMNS, Plan, ScanRefused, make_plan
+from dogbreed.table import readers, schema
+from dogbreed.table.lock import hold
+from dogbreed.table.ownership import check_roots, inspect
+from dogbreed.table.store import RunWriter, check_out, clear_orphans, new_run_id, open_table, utcnow
+from dogbreed.vision import device_decode
+from dogbreed.vision.models import describe_model
+from dogbreed.vision.predictors import TRANSIENT, BreedPredictor, Decoder
 
-log = logging.getLogger("dogbreed.scan")
+log = logging.getLogger("dogbreed.scan.job")
 
 DRY_RUN_PREVIEW = 10  # paths a dry run lists of each kind
 DECODE_CALLS_PER_WORKER = 50  # a decode worker process exits after this many blocks (max_calls)
@@ -90,11 +91,11 @@ class _InferStage:
         self.predict = BreedPredictor(**predictor_kwargs)
         self.decode = None  # decode.device accelerator: JPEGs arrive compressed and are decoded on the actor's device
         if device_decode is not None:
-            self.decode = accel.DeviceDecoder(self.predict.spec.preprocessing, device=self.predict.device, **device_decode)
+            self.decode = device_decode.DeviceDecoder(self.predict.spec.preprocessing, device=self.predict.device, **device_decode)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         rows = self.predict(self.decode(batch) if self.decode else batch)
-        table = results.rows_to_table(rows, self.run_id, self.settings, utcnow())
+        table = schema.rows_to_table(rows, self.run_id, self.settings, utcnow())
         return table.append_column("_idx", pa.array(np.asarray(rows["_idx"], dtype=np.int64)))
 
 
@@ -105,7 +106,7 @@ def _decode_stage(batch: dict[str, np.ndarray], ship_jpegs: bool = False, **deco
     key = repr((ship_jpegs, sorted(decoder_kwargs.items())))
     if key not in _DECODERS:
         _DECODERS.clear()
-        _DECODERS[key] = (accel.JpegShipper if ship_jpegs else Decoder)(**decoder_kwargs)
+        _DECODERS[key] = (device_decode.JpegShipper if ship_jpegs else Decoder)(**decoder_kwargs)
     return _DECODERS[key](batch)
 
 
@@ -182,9 +183,9 @@ def run_pipeline(todo: pa.Table, cfg: ScanConfig, run_id: str, writer: RunWriter
 
 def _on_device(cfg: ScanConfig, spec, num_gpus: float) -> bool:
     """Whether JPEGs are decoded in the inference actors (decode.device), and the model's resize exists in torch."""
-    if not accel.wants_accelerator(cfg.decode.device, num_gpus):
+    if not device_decode.wants_accelerator(cfg.decode.device, num_gpus):
         return False
-    if not accel.device_supports(spec.preprocessing):
+    if not device_decode.device_supports(spec.preprocessing):
         log.warning("decode.device %s: the model's %s resize has no torch equivalent; photos are decoded on the CPU",
                     cfg.decode.device, spec.preprocessing.interpolation)
         return False
@@ -240,8 +241,8 @@ class _progress:
 
 def _identity_columns(table: pa.Table) -> dict[str, Any]:
     return {"path": table.column("path"), "path_bytes": table.column("raw"), "size_bytes": table.column("size_bytes"),
-            "mtime": pc.cast(pc.cast(pc.divide(table.column("mtime_ns"), 1000), pa.int64()), results.UTC_US),
-            "ctime": pc.cast(pc.cast(pc.divide(table.column("ctime_ns"), 1000), pa.int64()), results.UTC_US)}
+            "mtime": pc.cast(pc.cast(pc.divide(table.column("mtime_ns"), 1000), pa.int64()), schema.UTC_US),
+            "ctime": pc.cast(pc.cast(pc.divide(table.column("ctime_ns"), 1000), pa.int64()), schema.UTC_US)}
 
 
 def _write_direct(writer: RunWriter, plan: Plan, run_id: str, settings: str, model_id: str) -> None:
@@ -249,10 +250,10 @@ def _write_direct(writer: RunWriter, plan: Plan, run_id: str, settings: str, mod
     d = plan.direct
     if d.num_rows:
         n = d.num_rows
-        writer.write(results.to_table({**_identity_columns(d), "status": d.column("status"), "error": d.column("error"),
+        writer.write(schema.to_table({**_identity_columns(d), "status": d.column("status"), "error": d.column("error"),
                                        "error_kind": d.column("error_kind"), "model_id": [model_id] * n,
                                        "settings_id": [settings] * n, "run_id": [run_id] * n,
-                                       "processed_at": pa.array([utcnow()] * n, results.UTC_US)}))
+                                       "processed_at": pa.array([utcnow()] * n, schema.UTC_US)}))
 
 
 def _write_carried(writer: RunWriter, plan: Plan, out: str, run_id: str, table: Any) -> None:
@@ -260,14 +261,14 @@ def _write_carried(writer: RunWriter, plan: Plan, out: str, run_id: str, table: 
     c = plan.carried
     if not c.num_rows:
         return
-    old = results.rows_of(out, c.column("src_path"), c.column("src_run"), table=table)
+    old = readers.rows_of(out, c.column("src_path"), c.column("src_run"), table=table)
     if old.num_rows != c.num_rows:  # a source row vanished from history (never, unless edited by hand)
         raise ScanFailed(f"{c.num_rows - old.num_rows} carried-over rows could not be found in the history of {out}")
     n = old.num_rows
-    cols = {name: old.column(name) for name in results.SCHEMA.names}
+    cols = {name: old.column(name) for name in schema.SCHEMA.names}
     cols.update(_identity_columns(c))
-    cols.update({"run_id": [run_id] * n, "processed_at": pa.array([utcnow()] * n, results.UTC_US)})
-    writer.write(results.to_table(cols))
+    cols.update({"run_id": [run_id] * n, "processed_at": pa.array([utcnow()] * n, schema.UTC_US)})
+    writer.write(schema.to_table(cols))
 
 
 def _write_lost(writer: RunWriter, todo: pa.Table, seen: np.ndarray, run_id: str, settings: str) -> int:
@@ -275,18 +276,18 @@ def _write_lost(writer: RunWriter, todo: pa.Table, seen: np.ndarray, run_id: str
     n = lost.num_rows
     if n:
         log.warning("%d photos were lost to worker failures after bounded retries; they are error rows, retried next run", n)
-        writer.write(results.to_table({**_identity_columns(lost), "status": ["error"] * n,
+        writer.write(schema.to_table({**_identity_columns(lost), "status": ["error"] * n,
                                        "error": ["lost during processing (worker failure)"] * n,
                                        "error_kind": [TRANSIENT] * n, "settings_id": [settings] * n,
-                                       "run_id": [run_id] * n, "processed_at": pa.array([utcnow()] * n, results.UTC_US)}))
+                                       "run_id": [run_id] * n, "processed_at": pa.array([utcnow()] * n, schema.UTC_US)}))
     return n
 
 
 def _write_deleted(writer: RunWriter, deleted: list[str], run_id: str) -> None:
     n = len(deleted)
     if n:
-        writer.write(results.to_table({"path": deleted, "status": ["deleted"] * n, "run_id": [run_id] * n,
-                                       "processed_at": pa.array([utcnow()] * n, results.UTC_US)}))
+        writer.write(schema.to_table({"path": deleted, "status": ["deleted"] * n, "run_id": [run_id] * n,
+                                       "processed_at": pa.array([utcnow()] * n, schema.UTC_US)}))
 
 
 def _preview(table: pa.Table) -> list[str]:
@@ -350,7 +351,7 @@ def _plan(cfg: ScanConfig, table: Any, model_id: str, settings: str) -> Plan:
         listing = list_roots(cfg.roots, cfg.include_hidden, cfg.follow_symlinks)
     except RootError as e:
         raise ScanRefused(str(e)) from None
-    known = results.latest_table(cfg.out, columns=["path", "run_id", *KNOWN_COLUMNS], compact=True, table=table)
+    known = readers.latest_table(cfg.out, columns=["path", "run_id", *KNOWN_COLUMNS], compact=True, table=table)
     return make_plan(listing, cfg.roots, known, model_id, settings, cfg)
 
 

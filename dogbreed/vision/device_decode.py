@@ -2,7 +2,7 @@
 
 :class:`JpegShipper` (CPU tasks) reads each file, fingerprints it and checks its JPEG header without decoding a pixel;
 plain JPEGs travel on as their compressed bytes, everything else is decoded by the sandboxed
-:class:`~dogbreed.predictors.Decoder` exactly as with ``decode.device: cpu``. :class:`DeviceDecoder` (in the inference
+:class:`~dogbreed.vision.predictors.Decoder` exactly as with ``decode.device: cpu``. :class:`DeviceDecoder` (in the inference
 actor) decodes the JPEGs in batches with ``torchvision.io.decode_jpeg`` on its device (nvJPEG on CUDA), applies EXIF
 orientation, makes the model crop and the face copy there, and sends any JPEG the device refuses to its own
 sandboxed Decoder, so no photo is lost and none can take the actor down.
@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from dogbreed import detect
 from dogbreed.config import DecodeConfig, FaceConfig
-from dogbreed.images import ImageError, Preprocessing, fingerprint_of_bytes, jpeg_header, read_bytes, small_copy_size
-from dogbreed.predictors import Batch, Decoder, _node_id
+from dogbreed.vision import faces
+from dogbreed.vision.decode import ImageError, Preprocessing, fingerprint_of_bytes, jpeg_header, read_bytes, small_copy_size
+from dogbreed.vision.predictors import Batch, Decoder, _node_id
 
 PAYLOAD, KIND, ORIENTATION = "payload", "payload_kind", "orientation"  # columns between the two stages only
 JPEG, CROP = "jpeg", "crop"  # payload kinds: compressed bytes to decode on the device; a crop the CPU already made
@@ -211,7 +211,7 @@ def small_copy(img, max_side: int):
 class DeviceDecoder:
     """Actor stage before the network: JPEG payloads -> model crops + face boxes on ``device``; crops pass through.
 
-    The output batch is what :class:`~dogbreed.predictors.Decoder` makes, with ``image`` as a uint8 (N, S, S, 3)
+    The output batch is what :class:`~dogbreed.vision.predictors.Decoder` makes, with ``image`` as a uint8 (N, S, S, 3)
     tensor on the device (BreedPredictor takes it without a copy back to the host).
     """
 
@@ -223,7 +223,7 @@ class DeviceDecoder:
         self.torch, self.prep, self.face = torch, prep, face or FaceConfig()
         self.device = torch.device(device)
         self.fallback = Decoder(prep, self.face, decode_cfg)  # sandboxed; its child starts at the first refusal
-        detect.load_face_detector(self.face)
+        faces.load_face_detector(self.face)
         # A cascade object is not thread-safe, so no thread pool: OpenCV's own threads (one cascade call spreads
         # its scales over them) use as many cores as the actor reserves.
         cv2.setNumThreads(face_threads)
@@ -290,7 +290,7 @@ class DeviceDecoder:
         The seam for running the face detector batched on the device: it would take ``smalls`` in one call
         here. YuNet (yuface) and Haar run on the CPU, on host copies, one photo at a time.
         """
-        return [detect.detect_faces(np.ascontiguousarray(g.permute(1, 2, 0).cpu().numpy()), s, self.face)
+        return [faces.detect_faces(np.ascontiguousarray(g.permute(1, 2, 0).cpu().numpy()), s, self.face)
                 for g, s in zip(smalls, scales)]
 
     def __call__(self, batch: Batch) -> Batch:
@@ -333,8 +333,8 @@ class DeviceDecoder:
             smalls.append(small)
             scales.append(scale)
         t = time.perf_counter()
-        for i, faces in zip(done, self._faces(smalls, scales)):
-            out["faces"][i], out["face_count"][i] = json.dumps(faces), len(faces)
+        for i, boxes in zip(done, self._faces(smalls, scales)):
+            out["faces"][i], out["face_count"][i] = json.dumps(boxes), len(boxes)
         t = self._timed("faces", t)
         if refused:
             self._cpu(batch, refused, out, images)

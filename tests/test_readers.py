@@ -14,10 +14,10 @@ import pytest
 from deltalake import DeltaTable
 from typer.testing import CliRunner
 
-from dogbreed import results
 from dogbreed.cli import app
-from dogbreed.maintain import MIGRATED_DIR, compact, migrate
-from dogbreed.store import locate
+from dogbreed.table import readers, schema
+from dogbreed.table.maintain import MIGRATED_DIR, compact, migrate
+from dogbreed.table.store import locate
 
 
 @pytest.fixture
@@ -32,10 +32,10 @@ def three_runs(tmp_path, commit_rows) -> tuple[str, dict[str, str]]:
 
 def test_latest_is_the_newest_row_per_existing_photo_and_history_keeps_every_row(three_runs):
     out, expected, _ = three_runs
-    current = results.latest(out)
+    current = readers.latest(out)
     assert dict(zip(current["path"], current["run_id"])) == expected and current["path"].is_monotonic_increasing
-    assert len(results.read_all(out)) == 6
-    by_model = results.latest(out, model_id="test-model")
+    assert len(readers.read_all(out)) == 6
+    by_model = readers.latest(out, model_id="test-model")
     assert list(by_model["path"]) == ["/p/a.jpg", "/p/b.jpg"]  # b's row of the default model; c deleted
 
 
@@ -43,9 +43,9 @@ def test_latest_does_not_depend_on_file_order_and_survives_compaction(three_runs
     out, expected, _ = three_runs
     summary = compact(out, retention_hours=1)
     assert (summary.files_before, summary.files_after) == (3, 1)  # one file, rows in whatever order OPTIMIZE chose
-    current = results.latest(out)
+    current = readers.latest(out)
     assert dict(zip(current["path"], current["run_id"])) == expected
-    assert len(results.read_all(out)) == 6 and len(results.manifests(out)) == 3
+    assert len(readers.read_all(out)) == 6 and len(readers.manifests(out)) == 3
 
 
 def test_compaction_on_s3_keeps_every_row_and_removes_what_it_replaced(s3_out, commit_rows):
@@ -53,11 +53,11 @@ def test_compaction_on_s3_keeps_every_row_and_removes_what_it_replaced(s3_out, c
 
     for batch in (["/p/a.jpg", "/p/b.jpg"], ["/p/b.jpg"], ["/p/c.jpg"]):
         run = commit_rows(s3_out, batch)
-    before = results.latest(s3_out)
+    before = readers.latest(s3_out)
     summary = compact(s3_out, retention_hours=0)
     assert (summary.files_before, summary.files_after, summary.removed) == (3, 1, 3)
-    pd.testing.assert_frame_equal(results.latest(s3_out), before)
-    assert before["run_id"].iloc[-1] == run and len(results.read_all(s3_out)) == 4
+    pd.testing.assert_frame_equal(readers.latest(s3_out), before)
+    assert before["run_id"].iloc[-1] == run and len(readers.read_all(s3_out)) == 4
     bucket, prefix = s3_out[5:].split("/", 1)
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]]
     assert sum(k.endswith(".parquet") and "_delta_log" not in k for k in keys) == 1
@@ -77,7 +77,7 @@ def test_integer_columns_are_nullable_in_every_run(tmp_path, commit_rows):
     out = str(tmp_path / "out")
     commit_rows(out, ["/p/a.jpg"])  # size_bytes null (no such file)
     commit_rows(out, [Path(__file__)])  # size_bytes set
-    df = results.read_all(out)
+    df = readers.read_all(out)
     assert str(df["size_bytes"].dtype) == "Int64" and str(df["width"].dtype) == "Int32"
 
 
@@ -131,13 +131,13 @@ def test_latest_command_on_a_bad_uri_is_one_sentence():
 
 def _old_run(out: Path, run_id: str, paths: list[str], status: str) -> None:
     """A run exactly as the pre-Delta store committed it: runs/<run_id>/part-00000.parquet, manifest, config."""
-    run = out / results.RUNS_DIR / run_id
+    run = out / schema.RUNS_DIR / run_id
     run.mkdir(parents=True)
     n = len(paths)
-    pq.write_table(results.to_table({"path": paths, "status": [status] * n, "run_id": [run_id] * n,
-                                     "width": [640] * n, "processed_at": pa.array([None] * n, results.UTC_US)}),
+    pq.write_table(schema.to_table({"path": paths, "status": [status] * n, "run_id": [run_id] * n,
+                                     "width": [640] * n, "processed_at": pa.array([None] * n, schema.UTC_US)}),
                    run / "part-00000.parquet")
-    (run / results.MANIFEST).write_text(json.dumps({"run_id": run_id, "model_id": "m", "status": "committed",
+    (run / schema.MANIFEST).write_text(json.dumps({"run_id": run_id, "model_id": "m", "status": "committed",
                                                     "counts": {status: n}}))
     (run / "_config.yaml").write_text("top_k: 3\n")
 
@@ -151,14 +151,14 @@ def test_migrate_converts_the_runs_layout_keeping_every_row(tmp_path):
     r = CliRunner().invoke(app, ["migrate", str(out)])
     assert r.exit_code == 0, r.output
     assert "migrated 2 runs" in r.output
-    runs = results.manifests(out)
+    runs = readers.manifests(out)
     assert [m["run_id"] for m in runs] == ["20240101T000000000000Z-aaaaaa", "20240102T000000000000Z-bbbbbb"]
     assert runs[0]["config"] == "top_k: 3\n" and runs[1]["counts"] == {"dog": 2}
-    history = results.read_all(out)
+    history = readers.read_all(out)
     assert len(history) == 4 and set(history["width"]) == {640}
-    current = results.latest(out)
+    current = readers.latest(out)
     assert dict(zip(current["path"], current["status"])) == {"/p/a.jpg": "neither", "/p/b.jpg": "dog", "/p/c.jpg": "dog"}
-    assert not (out / results.RUNS_DIR).exists() and (out / MIGRATED_DIR / results.RUNS_DIR).is_dir()
+    assert not (out / schema.RUNS_DIR).exists() and (out / MIGRATED_DIR / schema.RUNS_DIR).is_dir()
     assert not (out / "_staging").exists() and not (out / ".lock").exists()
     assert len(pd.read_parquet(out)) == 4  # the old files are out of plain readers' way too
     r = CliRunner().invoke(app, ["migrate", str(out)])
@@ -169,7 +169,7 @@ def test_migrate_killed_half_way_is_simply_run_again(tmp_path, monkeypatch):
     out = tmp_path / "out"
     _old_run(out, "20240101T000000000000Z-aaaaaa", ["/p/a.jpg"], "neither")
     _old_run(out, "20240102T000000000000Z-bbbbbb", ["/p/b.jpg"], "dog")
-    import dogbreed.store as store
+    import dogbreed.table.store as store
 
     real_commit, calls = store.commit, []
 
@@ -184,7 +184,7 @@ def test_migrate_killed_half_way_is_simply_run_again(tmp_path, monkeypatch):
         migrate(str(out))
     monkeypatch.setattr(store, "commit", real_commit)
     assert migrate(str(out)) == ["20240102T000000000000Z-bbbbbb"]
-    assert len(results.read_all(out)) == 2 and len(results.manifests(out)) == 2
+    assert len(readers.read_all(out)) == 2 and len(readers.manifests(out)) == 2
     assert locate(out).remote is False
 
 
@@ -203,8 +203,8 @@ def _face_rows(faces: list[list]) -> dict:
 
 
 def test_face_boxes_carry_the_detectors_score_or_null():
-    table = results.rows_to_table(_face_rows([[[1, 2, 30, 40, 0.93]], [[5, 6, 7, 8, None]]]), "r", "s", None)
-    assert table.schema.field("faces").type == pa.list_(results.BOX)
+    table = schema.rows_to_table(_face_rows([[[1, 2, 30, 40, 0.93]], [[5, 6, 7, 8, None]]]), "r", "s", None)
+    assert table.schema.field("faces").type == pa.list_(schema.BOX)
     faces = table.column("faces").to_pylist()
     assert faces[0] == [{"x": 1, "y": 2, "w": 30, "h": 40, "score": faces[0][0]["score"]}]
     assert abs(faces[0][0]["score"] - 0.93) < 1e-6  # float32
@@ -216,12 +216,12 @@ def test_runs_written_before_scores_existed_migrate_with_a_null_score(tmp_path):
     run = out / "runs" / "20200101T000000Z-old"
     run.mkdir(parents=True)
     old_box = pa.struct([(n, pa.int32()) for n in "xywh"])
-    old_schema = pa.schema([f if f.name != "faces" else pa.field("faces", pa.list_(old_box)) for f in results.SCHEMA])
-    old = results.rows_to_table(_face_rows([[[1, 2, 3, 4, None]]]), "20200101T000000Z-old", "s", None)
+    old_schema = pa.schema([f if f.name != "faces" else pa.field("faces", pa.list_(old_box)) for f in schema.SCHEMA])
+    old = schema.rows_to_table(_face_rows([[[1, 2, 3, 4, None]]]), "20200101T000000Z-old", "s", None)
     old = old.drop_columns(["faces"]).append_column("faces", pa.array([[{"x": 1, "y": 2, "w": 3, "h": 4}]],
                                                                       pa.list_(old_box))).select(old_schema.names)
     pq.write_table(old.cast(old_schema), run / "part-0.parquet")
     (run / "_manifest.json").write_text(json.dumps({"run_id": "20200101T000000Z-old", "status": "committed"}))
     migrate(out)
-    df = results.latest(out)
+    df = readers.latest(out)
     assert df["faces"][0].tolist() == [{"x": 1, "y": 2, "w": 3, "h": 4, "score": None}]

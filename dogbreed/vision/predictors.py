@@ -15,10 +15,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from dogbreed import detect
 from dogbreed.config import DecodeConfig, FaceConfig
-from dogbreed.images import ImageError, Preprocessing, decode, fingerprint_of_bytes, load_plugins, read_bytes
-from dogbreed.sandbox import Sandbox, SandboxError
+from dogbreed.vision import decision, faces
+from dogbreed.vision.decode import ImageError, Preprocessing, decode, fingerprint_of_bytes, load_plugins, read_bytes
+from dogbreed.vision.sandbox import Sandbox, SandboxError
 
 Batch = dict[str, np.ndarray]
 # Decoding runs ahead of the network and fills any idle core; a lower priority lets the inference actor, the stage
@@ -37,10 +37,10 @@ def _node_id() -> str | None:
 
 
 def photo_worker(prep: dict, face: dict, decode_cfg: dict) -> Callable[[bytes], dict[str, Any]]:
-    """Runs in the sandboxed child (see dogbreed.sandbox): read, fingerprint, decode and find faces, per photo."""
+    """Runs in the sandboxed child (see dogbreed.vision.sandbox): read, fingerprint, decode and find faces, per photo."""
     prep_, face_, cfg = Preprocessing(**prep), FaceConfig(**face), DecodeConfig(**decode_cfg)
     load_plugins(cfg.plugins)
-    detect.load_face_detector(face_)  # fail at start-up, once, if the detector cannot be loaded
+    faces.load_face_detector(face_)  # fail at start-up, once, if the detector cannot be loaded
     import cv2
 
     cv2.setNumThreads(1)  # one photo at a time on one core: a decode task reserves under one CPU
@@ -52,7 +52,7 @@ def photo_worker(prep: dict, face: dict, decode_cfg: dict) -> Callable[[bytes], 
             fp = fingerprint_of_bytes(data)
             d = decode(data, prep_, face_.max_side, cfg.max_pixels)
             del data
-            faces = detect.detect_faces(d.small, d.small_to_full, face_)
+            boxes = faces.detect_faces(d.small, d.small_to_full, face_)
         except ImageError as e:
             return {"status": "error", "error": str(e), "error_kind": PERMANENT if e.permanent else TRANSIENT,
                     "fingerprint": fp}
@@ -64,7 +64,7 @@ def photo_worker(prep: dict, face: dict, decode_cfg: dict) -> Callable[[bytes], 
             return {"status": "error", "error": f"{type(e).__name__}: {msg}".strip().rstrip(":"),
                     "error_kind": PERMANENT, "fingerprint": fp}
         return {"status": None, "error": None, "error_kind": None, "width": d.width, "height": d.height,
-                "image": d.model_input, "faces": json.dumps(faces), "face_count": len(faces), "fingerprint": fp}
+                "image": d.model_input, "faces": json.dumps(boxes), "face_count": len(boxes), "fingerprint": fp}
 
     return one
 
@@ -80,7 +80,7 @@ class Decoder:
         self.prep = prep
         self.face = face or FaceConfig()
         self.cfg = decode_cfg or DecodeConfig()
-        self.sandbox = Sandbox("dogbreed.predictors:photo_worker",
+        self.sandbox = Sandbox("dogbreed.vision.predictors:photo_worker",
                                {"prep": asdict(prep), "face": self.face.model_dump(), "decode_cfg": self.cfg.model_dump()},
                                timeout_s=self.cfg.timeout_s, memory_mb=self.cfg.max_memory_mb, nice=DECODE_NICE)
 
@@ -141,10 +141,10 @@ class _OnDevice:
 
     def _input(self, images: np.ndarray):
         """uint8 NHWC to the normalised float input on the device; on CUDA through the reused pinned buffer."""
-        from dogbreed.models import normalise
+        from dogbreed.vision.models import normalise
 
         torch = self.torch
-        if isinstance(images, torch.Tensor):  # made on this device already (decode.device: accelerator, dogbreed.accel)
+        if isinstance(images, torch.Tensor):  # made on this device already (decode.device: accelerator, dogbreed.vision.device_decode)
             return normalise(images.to(self.device), self.prep)
         x = torch.from_numpy(np.ascontiguousarray(images))
         if self.device.type == "cuda":
@@ -164,7 +164,7 @@ class FeatureExtractor(_OnDevice):
     """Pooled bottleneck features of model crops (training's cached-feature stages); loads the backbone once."""
 
     def __init__(self, backbone: str, weights: str | None, pretrained: bool, prep: dict, device: str = "auto"):
-        from dogbreed.models import BreedNet, create_backbone
+        from dogbreed.vision.models import BreedNet, create_backbone
 
         super().__init__(BreedNet(create_backbone(backbone, weights, pretrained)), Preprocessing(**prep), device)
 
@@ -180,13 +180,13 @@ class BreedPredictor(_OnDevice):
     def __init__(self, model: str = "default", top_k: int = 3, dog_threshold: float = 0.5,
                  count_dingo: bool = True, device: str = "auto", num_threads: int | None = None,
                  breed_flip: bool = False):
-        from dogbreed import labels
-        from dogbreed.models import load_model
+        from dogbreed.breeds import taxonomy
+        from dogbreed.vision.models import load_model
 
         loaded = load_model(model)
         self.spec, self.model_id = loaded.spec, loaded.model_id
         super().__init__(loaded.net, self.spec.preprocessing, device, num_threads)
-        self.dog_indices = labels.dog_class_indices(count_dingo)
+        self.dog_indices = taxonomy.dog_class_indices(count_dingo)
         self.top_k, self.dog_threshold, self.breed_flip = top_k, dog_threshold, breed_flip
 
     @classmethod
@@ -220,12 +220,12 @@ class BreedPredictor(_OnDevice):
         status = np.array(batch["status"], dtype=object)
         if ok.any():
             imagenet, breeds = self._forward(batch["image"][ok])
-            scores = detect.dog_scores(imagenet, self.dog_indices)
-            top1_dog = detect.top1_is_dog(imagenet, self.dog_indices)
-            ranked = detect.top_k(breeds, self.spec.class_names, self.top_k)
+            scores = decision.dog_scores(imagenet, self.dog_indices)
+            top1_dog = decision.top1_is_dog(imagenet, self.dog_indices)
+            ranked = decision.top_k(breeds, self.spec.class_names, self.top_k)
             for j, i in enumerate(np.flatnonzero(ok)):
                 dog[i], topk[i] = scores[j], ranked[j]
-                status[i] = detect.decide(float(scores[j]), int(batch["face_count"][i]), self.dog_threshold,
+                status[i] = decision.decide(float(scores[j]), int(batch["face_count"][i]), self.dog_threshold,
                                           bool(top1_dog[j]))
         out = {k: v for k, v in batch.items() if k not in ("image", "ok")}
         out.update({

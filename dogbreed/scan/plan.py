@@ -17,11 +17,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dogbreed import results
 from dogbreed.config import ScanConfig
-from dogbreed.images import fingerprint_file
+from dogbreed.table import schema
+from dogbreed.vision.decode import fingerprint_file
 
-log = logging.getLogger("dogbreed.scan")
+log = logging.getLogger("dogbreed.scan.job")
 
 KNOWN_COLUMNS = ["status", "error", "error_kind", "model_id", "settings_id", "size_bytes", "mtime", "ctime",
                  "fingerprint"]
@@ -113,7 +113,7 @@ def _is_current(k: pa.Table, model_id: str, settings: str, cfg: ScanConfig) -> n
     if cfg.mode == "all":
         return np.zeros(k.num_rows, dtype=bool)
     status = k.column("status")
-    ok = (_np(pc.is_in(status, value_set=pa.array(results.OK_STATUSES))) & _eq(k.column("model_id"), pa.scalar(model_id))
+    ok = (_np(pc.is_in(status, value_set=pa.array(schema.OK_STATUSES))) & _eq(k.column("model_id"), pa.scalar(model_id))
           & _eq(k.column("settings_id"), pa.scalar(settings)))
     permanent = _np(pc.equal(status, "error")) & _np(pc.equal(k.column("error_kind"), "permanent"))
     return ok | (permanent & (not cfg.retry_errors))

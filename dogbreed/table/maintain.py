@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from dogbreed import results
-from dogbreed.lock import hold
-from dogbreed.store import DELTA_COMMIT_KEYS, OutputError, RunWriter, StoreError, check_out, clear_orphans, open_table
+from dogbreed.table import readers, schema
+from dogbreed.table.lock import hold
+from dogbreed.table.store import DELTA_COMMIT_KEYS, OutputError, RunWriter, StoreError, check_out, clear_orphans, open_table
 
-log = logging.getLogger("dogbreed.maintain")
+log = logging.getLogger("dogbreed.table.maintain")
 MIGRATED_DIR = "_runs_before_delta"  # where migrate moves the old runs/ (hidden from Delta and Parquet readers)
 OLD_STAGING, OLD_LOCK = "_staging", ".lock"
 
@@ -72,16 +72,16 @@ def migrate(out: str, lease_s: float = 60.0, break_lock: bool = False) -> list[s
     loc = check_out(out)
     if loc.remote:
         raise OutputError(f"--out {out}: the runs/ layout only ever existed in local folders")
-    runs_dir = Path(loc.root) / results.RUNS_DIR
-    old = sorted(p for p in runs_dir.iterdir() if (p / results.MANIFEST).is_file()) if runs_dir.is_dir() else []
+    runs_dir = Path(loc.root) / schema.RUNS_DIR
+    old = sorted(p for p in runs_dir.iterdir() if (p / schema.MANIFEST).is_file()) if runs_dir.is_dir() else []
     if not old:
-        raise OutputError(f"{out} has no runs/<run_id>/{results.MANIFEST} to migrate")
+        raise OutputError(f"{out} has no runs/<run_id>/{schema.MANIFEST} to migrate")
     done = []
     with hold(loc, lease_s, what="migrate", break_lock=break_lock, old_layout_ok=True) as lease:
         table = open_table(loc)
-        have = {m["run_id"] for m in results.manifests(out, table)}
+        have = {m["run_id"] for m in readers.manifests(out, table)}
         for run in old:
-            manifest = {k: v for k, v in json.loads((run / results.MANIFEST).read_text(encoding="utf-8")).items()
+            manifest = {k: v for k, v in json.loads((run / schema.MANIFEST).read_text(encoding="utf-8")).items()
                         if k not in DELTA_COMMIT_KEYS}
             run_id = manifest.get("run_id", run.name)
             if run_id in have:
@@ -89,18 +89,18 @@ def migrate(out: str, lease_s: float = 60.0, break_lock: bool = False) -> list[s
             config = run / "_config.yaml"
             if config.is_file():
                 manifest["config"] = config.read_text(encoding="utf-8")
-            manifest.update(run_id=run_id, migrated_from=f"{results.RUNS_DIR}/{run.name}")
+            manifest.update(run_id=run_id, migrated_from=f"{schema.RUNS_DIR}/{run.name}")
             with RunWriter(loc, run_id) as writer:
                 for part in sorted(run.glob("*.parquet")):
                     for batch in pq.ParquetFile(part).iter_batches(batch_size=RunWriter.ROW_GROUP):
-                        writer.write(results.to_table({n: batch.column(n) for n in batch.schema.names}))
+                        writer.write(schema.to_table({n: batch.column(n) for n in batch.schema.names}))
             lease.check(out)
             writer.commit(table, manifest)
             table = open_table(loc)
             done.append(run_id)
             log.info("migrated run %s: %d rows", run_id, writer.rows)
         # The old layout stays on disk, out of readers' way, until its owner has checked the table.
-        shutil.move(str(runs_dir), str(Path(loc.root) / MIGRATED_DIR / results.RUNS_DIR))
+        shutil.move(str(runs_dir), str(Path(loc.root) / MIGRATED_DIR / schema.RUNS_DIR))
         shutil.rmtree(Path(loc.root) / OLD_STAGING, ignore_errors=True)
         (Path(loc.root) / OLD_LOCK).unlink(missing_ok=True)
     return done

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dogbreed import detect
 from dogbreed.config import FaceConfig, ScanConfig, settings_id
-from dogbreed.images import decode
-from dogbreed.models import Preprocessing
+from dogbreed.vision import decision, faces
+from dogbreed.vision.decode import decode
+from dogbreed.vision.models import Preprocessing
 
 SAMPLES = Path(__file__).resolve().parents[1] / "dogbreed" / "samples"
 HAVE_YUFACE = importlib.util.find_spec("yuface") is not None
@@ -22,26 +22,26 @@ HAVE_YUFACE = importlib.util.find_spec("yuface") is not None
     ("dog", 0.9, 0), ("dog_and_human", 0.5, 2), ("human", 0.49, 1), ("neither", 0.1, 0),
 ])
 def test_decide(status, score, faces):
-    assert detect.decide(score, faces, 0.5) == status
+    assert decision.decide(score, faces, 0.5) == status
 
 
 def test_a_dog_top1_class_counts_even_below_the_mass_threshold():
     p = np.zeros((1, 1000), dtype=np.float32)
     p[0, 273], p[0, 274], p[0, 272] = 0.35, 0.33, 0.32  # dingo first, mass spread over wild canids
-    assert detect.top1_is_dog(p, [273]).tolist() == [True]
-    assert detect.decide(0.35, 0, 0.5, top1_is_dog=True) == "dog"
+    assert decision.top1_is_dog(p, [273]).tolist() == [True]
+    assert decision.decide(0.35, 0, 0.5, top1_is_dog=True) == "dog"
 
 
 def test_dog_score_is_mass_on_dog_classes():
     p = np.zeros((2, 1000), dtype=np.float32)
     p[0, 151], p[0, 207], p[0, 0] = 0.3, 0.3, 0.4
     p[1, 270] = 1.0  # a wolf is not a dog
-    assert detect.dog_scores(p, list(range(151, 269))).tolist() == pytest.approx([0.6, 0.0])
+    assert decision.dog_scores(p, list(range(151, 269))).tolist() == pytest.approx([0.6, 0.0])
 
 
 def test_top_k_order_and_names():
     probs = np.array([[0.1, 0.7, 0.2]])
-    assert detect.top_k(probs, ["a", "b", "c"], 2) == [[("b", pytest.approx(0.7)), ("c", pytest.approx(0.2))]]
+    assert decision.top_k(probs, ["a", "b", "c"], 2) == [[("b", pytest.approx(0.7)), ("c", pytest.approx(0.2))]]
 
 
 def _jpeg(img: Image.Image, **kw) -> bytes:
@@ -52,7 +52,7 @@ def _jpeg(img: Image.Image, **kw) -> bytes:
 
 def _faces(data: bytes, cfg: FaceConfig):
     d = decode(data, Preprocessing(), face_max_side=cfg.max_side)
-    return d, detect.detect_faces(d.small, d.small_to_full, cfg)
+    return d, faces.detect_faces(d.small, d.small_to_full, cfg)
 
 
 DETECTORS = [pytest.param("haar", id="haar"),
@@ -115,18 +115,18 @@ def test_no_face_on_a_cup(detector):
 
 def test_without_yuface_yunet_falls_back_to_haar_and_settings_say_so(monkeypatch):
     monkeypatch.setitem(sys.modules, "yuface", None)  # what `import yuface` meets where it is not installed
-    for cached in (detect._yuface, detect._warn_fallback):
+    for cached in (faces._yuface, faces._warn_fallback):
         cached.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="needs the yuface package"):
-            assert detect.active_detector(FaceConfig()) == "haar"
-        _, faces = _faces((SAMPLES / "grace_hopper.jpg").read_bytes(), FaceConfig())
-        assert len(faces) == 1 and faces[0][4] is None  # Haar's box: no score
+            assert faces.active_detector(FaceConfig()) == "haar"
+        _, boxes = _faces((SAMPLES / "grace_hopper.jpg").read_bytes(), FaceConfig())
+        assert len(boxes) == 1 and boxes[0][4] is None  # Haar's box: no score
         assert settings_id(ScanConfig()) == settings_id(ScanConfig(face={"detector": "haar"}))
     finally:
         monkeypatch.undo()  # yuface importable again (where installed), then forget the cached absence
-        detect._yuface.cache_clear()
-        detect._warn_fallback.cache_clear()
+        faces._yuface.cache_clear()
+        faces._warn_fallback.cache_clear()
     if HAVE_YUFACE:
-        assert detect.active_detector(FaceConfig()) == "yunet"
+        assert faces.active_detector(FaceConfig()) == "yunet"
         assert settings_id(ScanConfig()) != settings_id(ScanConfig(face={"detector": "haar"}))

@@ -94,7 +94,7 @@ class Sandbox:
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "dogbreed.sandbox"], stdin=subprocess.PIPE,
+            proc = subprocess.Popen([sys.executable, "-m", "dogbreed.vision.sandbox"], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, env=env, close_fds=True)
         except OSError as e:
             raise SandboxError(f"the decoder process could not be started: {e.strerror or e}") from None

@@ -123,7 +123,7 @@ class GCSObjects:
         try:
             from google.cloud import storage
         except ImportError:
-            from dogbreed.store import StoreError
+            from dogbreed.table.store import StoreError
 
             raise StoreError("gs:// output needs the google-cloud-storage package (pip install 'dogbreed[gcs]')") from None
         bucket, self.prefix = _key_prefix(root, folder)

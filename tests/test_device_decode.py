@@ -13,10 +13,11 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from dogbreed import accel, results
 from dogbreed.config import DecodeConfig, FaceConfig
-from dogbreed.images import Preprocessing, jpeg_header, model_crop, small_copy
-from dogbreed.predictors import BreedPredictor, Decoder
+from dogbreed.table import readers
+from dogbreed.vision import device_decode
+from dogbreed.vision.decode import Preprocessing, jpeg_header, model_crop, small_copy
+from dogbreed.vision.predictors import BreedPredictor, Decoder
 
 SAMPLES = Path(__file__).resolve().parents[1] / "dogbreed" / "samples"
 PREP = Preprocessing()
@@ -73,9 +74,9 @@ def rows_both_ways(paths, predictor, device="cpu", decode_cfg=None):
     """(CPU-path rows, device-path rows, the DeviceDecoder) for the same files."""
     batch = _batch(paths)
     cpu = predictor(Decoder(PREP, FaceConfig(), decode_cfg)(batch))
-    dd = accel.DeviceDecoder(PREP, FaceConfig(), decode_cfg, device=device, face_threads=2)
+    dd = device_decode.DeviceDecoder(PREP, FaceConfig(), decode_cfg, device=device, face_threads=2)
     try:
-        dev = predictor(dd(accel.JpegShipper(PREP, FaceConfig(), decode_cfg)(batch)))
+        dev = predictor(dd(device_decode.JpegShipper(PREP, FaceConfig(), decode_cfg)(batch)))
     finally:
         dd.close()
     return cpu, dev, dd
@@ -121,35 +122,35 @@ def test_orient_turns_a_tensor_as_pil_turns_the_photo(tmp_path, orientation):
     stored.save(tmp_path / "o.png", exif=exif)
     upright = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "o.png")))
     tensor = torch.from_numpy(np.asarray(stored)).permute(2, 0, 1)
-    assert np.array_equal(accel.orient(tensor, orientation).permute(1, 2, 0).numpy(), upright)
+    assert np.array_equal(device_decode.orient(tensor, orientation).permute(1, 2, 0).numpy(), upright)
 
 
 def test_crop_and_face_copy_on_the_device_match_pil():
     rgb = Image.open(SAMPLES / "Brittany_02625.jpg").convert("RGB")  # 450 x 664: upscaled to the 256 short side
     tensor = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
-    crop = accel.model_crop(tensor, PREP).numpy().astype(int)
+    crop = device_decode.model_crop(tensor, PREP).numpy().astype(int)
     diff = np.abs(crop - model_crop(rgb, PREP).astype(int))
     assert crop.shape == (224, 224, 3) and diff.mean() < 0.5 and diff.max() <= 8
-    small, scale = accel.small_copy(tensor, 1000)  # not reduced: the photo itself
+    small, scale = device_decode.small_copy(tensor, 1000)  # not reduced: the photo itself
     assert np.array_equal(small.permute(1, 2, 0).numpy(), small_copy(rgb, 1000)) and scale == 1.0
     for side in (640, 320, 200):  # box-reduced 1.04x, 2.1x, 3.3x: PIL's BOX filter, bit for bit
-        small, scale = accel.small_copy(tensor, side)
+        small, scale = device_decode.small_copy(tensor, side)
         pil = small_copy(rgb, side)
         assert np.array_equal(small.permute(1, 2, 0).numpy(), pil) and scale == rgb.width / pil.shape[1], side
 
 
 def test_wants_accelerator_and_resizes_torch_has():
-    assert not accel.wants_accelerator("cpu", 1.0) and accel.wants_accelerator("accelerator", 0.0)
-    assert accel.wants_accelerator("auto", 1.0) and not accel.wants_accelerator("auto", 0.0)
-    assert accel.device_supports(PREP) and not accel.device_supports(Preprocessing(interpolation="lanczos"))
+    assert not device_decode.wants_accelerator("cpu", 1.0) and device_decode.wants_accelerator("accelerator", 0.0)
+    assert device_decode.wants_accelerator("auto", 1.0) and not device_decode.wants_accelerator("auto", 0.0)
+    assert device_decode.device_supports(PREP) and not device_decode.device_supports(Preprocessing(interpolation="lanczos"))
 
 
 def test_shipper_sends_jpegs_compressed_and_cpu_crops_for_the_rest():
     paths = [SAMPLES / "grace_hopper.jpg", SAMPLES / "coffee.png"]
-    out = accel.JpegShipper(PREP)(_batch(paths))
-    assert list(out[accel.KIND]) == [accel.JPEG, accel.CROP] and "image" not in out
-    assert out[accel.PAYLOAD][0] == paths[0].read_bytes()  # the file's own bytes, not pixels
-    assert len(out[accel.PAYLOAD][1]) == 224 * 224 * 3 and out["ok"].all()
+    out = device_decode.JpegShipper(PREP)(_batch(paths))
+    assert list(out[device_decode.KIND]) == [device_decode.JPEG, device_decode.CROP] and "image" not in out
+    assert out[device_decode.PAYLOAD][0] == paths[0].read_bytes()  # the file's own bytes, not pixels
+    assert len(out[device_decode.PAYLOAD][1]) == 224 * 224 * 3 and out["ok"].all()
     assert (out["width"][0], out["height"][0]) == (512, 600)
 
 
@@ -196,15 +197,15 @@ def test_decode_calls_are_chunked_by_declared_pixels(monkeypatch):
         return real(tensors, **kwargs)
 
     monkeypatch.setattr(torchvision.io, "decode_jpeg", spy)
-    monkeypatch.setattr(accel, "CHUNK_PIXELS", 700_000)  # room for two of these ~0.3-Mpixel photos per call
-    dd = accel.DeviceDecoder(PREP, device="cpu")
-    out = dd(accel.JpegShipper(PREP)(_batch(paths)))
+    monkeypatch.setattr(device_decode, "CHUNK_PIXELS", 700_000)  # room for two of these ~0.3-Mpixel photos per call
+    dd = device_decode.DeviceDecoder(PREP, device="cpu")
+    out = dd(device_decode.JpegShipper(PREP)(_batch(paths)))
     assert calls == [2, 1] and out["ok"].all() and dd.fallbacks == 0
-    assert np.array_equal(out["image"][2].numpy(), dd(accel.JpegShipper(PREP)(_batch(paths[2:])))["image"][0].numpy())
+    assert np.array_equal(out["image"][2].numpy(), dd(device_decode.JpegShipper(PREP)(_batch(paths[2:])))["image"][0].numpy())
 
 
 def test_scan_decodes_on_the_device_only_when_asked_and_able(shrunk_config, caplog):
-    from dogbreed.scan import _on_device
+    from dogbreed.scan.job import _on_device
 
     def cfg(where):
         return shrunk_config("scan", **{"decode.device": where})
@@ -231,7 +232,7 @@ def test_device_path_gives_the_cpu_rows_on_real_photos(shared_data, predictor):
 
 @pytest.mark.slow  # two scans through a local Ray
 def test_scan_with_decode_on_the_device_writes_the_rows_of_a_cpu_scan(tmp_path, ray_local, scan_config):
-    from dogbreed.scan import run_scan
+    from dogbreed.scan.job import run_scan
 
     root = tmp_path / "photos"
     shutil.copytree(SAMPLES, root)
@@ -241,7 +242,7 @@ def test_scan_with_decode_on_the_device_writes_the_rows_of_a_cpu_scan(tmp_path, 
     for where in ("cpu", "accelerator"):
         summary = run_scan(scan_config([root], tmp_path / where, **{"decode.device": where}))
         assert summary.listed == len(list(root.iterdir()))
-        tables[where] = results.latest_table(tmp_path / where).sort_by("path")
+        tables[where] = readers.latest_table(tmp_path / where).sort_by("path")
     a, b = tables["cpu"], tables["accelerator"]
     for col in ("path", "status", "breed", "width", "height", "face_count", "error", "error_kind", "fingerprint"):
         assert a.column(col).to_pylist() == b.column(col).to_pylist(), col
@@ -258,8 +259,8 @@ def test_cuda_batched_decode_gives_the_cpu_rows(tmp_path, predictor):
     cuda_predictor = BreedPredictor(top_k=3, device="cuda")
     batch = _batch(paths)
     cpu = predictor(Decoder(PREP, FaceConfig())(batch))
-    dd = accel.DeviceDecoder(PREP, FaceConfig(), device="cuda", face_threads=2)
-    decoded = dd(accel.JpegShipper(PREP)(batch))
+    dd = device_decode.DeviceDecoder(PREP, FaceConfig(), device="cuda", face_threads=2)
+    decoded = dd(device_decode.JpegShipper(PREP)(batch))
     assert decoded["image"].device.type == "cuda"
     dev = cuda_predictor(decoded)
     assert_same_rows(paths, cpu, dev)  # breeds, statuses, errors; bf16 scores within SCORE_TOLERANCE
@@ -271,9 +272,9 @@ def test_cuda_batched_decode_gives_the_cpu_rows(tmp_path, predictor):
 @cuda_only
 def test_cuda_decode_of_a_batch_with_a_bad_jpeg_keeps_the_good_ones_on_the_device(tmp_path):
     paths = [p for p in make_variants(tmp_path, big=(1600, 1200)) if p.name in ("big.jpg", "no_tables.jpg", "rotated.jpg")]
-    shipped = accel.JpegShipper(PREP)(_batch(paths))
-    assert list(shipped[accel.KIND]) == [accel.JPEG] * 3
-    dd = accel.DeviceDecoder(PREP, FaceConfig(), DecodeConfig(), device="cuda")
+    shipped = device_decode.JpegShipper(PREP)(_batch(paths))
+    assert list(shipped[device_decode.KIND]) == [device_decode.JPEG] * 3
+    dd = device_decode.DeviceDecoder(PREP, FaceConfig(), DecodeConfig(), device="cuda")
     out = dd(shipped)
     assert dd.fallbacks == 1 and list(out["ok"]) == [True, False, True]
     cpu = Decoder(PREP)(_batch(paths))

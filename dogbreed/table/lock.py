@@ -18,8 +18,8 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from dogbreed.objects import objects
-from dogbreed.store import Location, ScanLocked, StoreError, utcnow
+from dogbreed.table.objects import objects
+from dogbreed.table.store import Location, ScanLocked, StoreError, utcnow
 
 LOCK_DIR = "lock"  # OUT/_dogbreed/lock/<generation>.json
 RENEWALS_PER_LEASE = 4  # renew this often per lease, so a few slow or failed requests do not lose it
@@ -108,10 +108,10 @@ def _alive(record: dict | None, now: float) -> bool:
 @contextmanager
 def hold(loc: Location, lease_s: float, what: str = "scan", break_lock: bool = False,
          old_layout_ok: bool = False) -> Iterator[Lease]:
-    """Claim the output (see :mod:`dogbreed.ownership`) and hold its lock for the duration; a second holder is
+    """Claim the output (see :mod:`dogbreed.table.ownership`) and hold its lock for the duration; a second holder is
     refused at once with ScanLocked. `break_lock` takes the lock whatever its record says (a run that held it
     then fails to commit: it sees the newer generation)."""
-    from dogbreed.ownership import claim
+    from dogbreed.table.ownership import claim
 
     claim(loc, allow_old_layout=old_layout_ok)
     try:

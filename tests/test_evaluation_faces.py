@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from dogbreed.cli import app
 from dogbreed.config import ConfigError, ScanConfig
-from dogbreed.evaluate_faces import compare_detectors, detector_table
+from dogbreed.evaluation.faces import compare_detectors, detector_table
 
 SAMPLES = Path(__file__).resolve().parents[1] / "dogbreed" / "samples"
 needs_yuface = pytest.mark.skipif(importlib.util.find_spec("yuface") is None, reason="no yuface here")

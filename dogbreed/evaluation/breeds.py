@@ -14,16 +14,16 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from dogbreed import results
+from dogbreed.breeds.folders import class_index, evaluation_photos
 from dogbreed.config import ConfigError, ScanConfig, settings_id
-from dogbreed.labelled import class_index, evaluation_photos
-from dogbreed.listing import is_utf8, text_path
-from dogbreed.predictors import BreedPredictor, Decoder
-from dogbreed.store import utcnow
+from dogbreed.scan.listing import is_utf8, text_path
+from dogbreed.table import schema
+from dogbreed.table.store import utcnow
+from dogbreed.vision.predictors import BreedPredictor, Decoder
 
 
 def analyze(paths: Iterable[str], cfg: ScanConfig, predictor: BreedPredictor | None = None) -> pd.DataFrame:
-    """One result row (results.SCHEMA) per path, computed in this process (photos decoded in a sandboxed child)."""
+    """One result row (schema.SCHEMA) per path, computed in this process (photos decoded in a sandboxed child)."""
     batch_size = cfg.inference.batch_size
     predictor = predictor or BreedPredictor.for_scan(cfg)
     decoder = Decoder(predictor.spec.preprocessing, cfg.face, cfg.decode)
@@ -41,7 +41,7 @@ def analyze(paths: Iterable[str], cfg: ScanConfig, predictor: BreedPredictor | N
                 "mtime_ns": np.array([s.st_mtime_ns if s else 0 for s in stats], dtype=np.int64),
                 "ctime_ns": np.array([s.st_ctime_ns if s else 0 for s in stats], dtype=np.int64),
             }
-            frames.append(results.rows_to_table(predictor(decoder(batch)), "predict", settings, utcnow()).to_pandas())
+            frames.append(schema.rows_to_table(predictor(decoder(batch)), "predict", settings, utcnow()).to_pandas())
     finally:
         decoder.close()
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

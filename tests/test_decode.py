@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dogbreed.images import ImageError, decode, model_crop, small_copy
-from dogbreed.models import Preprocessing
+from dogbreed.vision.decode import ImageError, decode, model_crop, small_copy
+from dogbreed.vision.models import Preprocessing
 
 PREP = Preprocessing()
 
@@ -136,7 +136,7 @@ def test_a_large_16_bit_photo_decodes_in_a_few_bytes_per_pixel(tmp_path):
     # Imports and first-call allocations happen on a small photo first; the peak then grows by the big one alone.
     # VmHWM, not ru_maxrss: the latter keeps the forking parent's peak across exec.
     code = ("import sys\n"
-            "from dogbreed.images import Preprocessing, decode\n"
+            "from dogbreed.vision.decode import Preprocessing, decode\n"
             "def hwm():\n"
             "    return int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])\n"
             "decode(open(sys.argv[2], 'rb').read(), Preprocessing())\n"

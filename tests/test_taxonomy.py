@@ -2,7 +2,7 @@
 
 import pytest
 
-from dogbreed import labels
+from dogbreed.breeds import taxonomy
 
 
 @pytest.mark.parametrize("folder, name", [
@@ -12,14 +12,14 @@ from dogbreed import labels
     ("Shih-Tzu", "Shih-Tzu"),
 ])
 def test_breed_from_folder(folder, name):
-    assert labels.breed_from_folder(folder) == name
+    assert taxonomy.breed_from_folder(folder) == name
 
 
 def test_dog_classes_are_imagenet_dogs_plus_dingo():
-    names = labels.imagenet_names()
-    idx = labels.dog_class_indices()
+    names = taxonomy.imagenet_names()
+    idx = taxonomy.dog_class_indices()
     assert len(idx) == 119 and names[idx[0]] == "Chihuahua" and names[idx[-2]] == "Mexican hairless"
-    assert names[273] == "dingo" and 273 in idx and 273 not in labels.dog_class_indices(count_dingo=False)
+    assert names[273] == "dingo" and 273 in idx and 273 not in taxonomy.dog_class_indices(count_dingo=False)
     assert "timber wolf" not in {names[i] for i in idx}
 
 
@@ -28,4 +28,4 @@ def test_dog_classes_are_imagenet_dogs_plus_dingo():
     ("003.Airedale_terrier", 191), ("Labradoodle", None),
 ])
 def test_folder_to_imagenet_class(folder, index):
-    assert labels.imagenet_index_for(folder) == index
+    assert taxonomy.imagenet_index_for(folder) == index

@@ -15,11 +15,11 @@ from typing import Callable
 from PIL import Image, ImageOps
 from pydantic import ValidationError
 
-from dogbreed import detect
+from dogbreed.breeds.folders import LabelledPhotos, evaluation_photos
 from dogbreed.config import ConfigError, DecodeConfig, FaceConfig, ScanConfig
-from dogbreed.images import ImageError, Preprocessing, decode, read_bytes
-from dogbreed.labelled import LabelledPhotos, evaluation_photos
-from dogbreed.sandbox import Sandbox
+from dogbreed.vision import faces
+from dogbreed.vision.decode import ImageError, Preprocessing, decode, read_bytes
+from dogbreed.vision.sandbox import Sandbox
 
 CATEGORIES = ("human", "dog", "other")
 
@@ -63,7 +63,7 @@ def faces_worker(face: dict, decode_cfg: dict) -> Callable[[str, float], "tuple[
     import cv2
 
     face_, cfg = FaceConfig(**face), DecodeConfig(**decode_cfg)
-    detect.load_face_detector(face_)
+    faces.load_face_detector(face_)
     cv2.setNumThreads(1)
     prep = Preprocessing()  # the model crop is not used here; the face copy does not depend on it
 
@@ -74,7 +74,7 @@ def faces_worker(face: dict, decode_cfg: dict) -> Callable[[str, float], "tuple[
         except (ImageError, OSError):
             return None  # an unreadable photo counts for no detector
         t0 = time.perf_counter()
-        found = detect.detect_faces(d.small, d.small_to_full, face_)
+        found = faces.detect_faces(d.small, d.small_to_full, face_)
         return len(found), time.perf_counter() - t0
 
     return one
@@ -87,7 +87,7 @@ def _figures(name: str, face_cfg: FaceConfig, photos: LabelledPhotos, cfg: ScanC
     counts = {a: dict.fromkeys(CATEGORIES, 0) for a in angles}
     hits = {a: dict.fromkeys(CATEGORIES, 0) for a in angles}
     seconds = 0.0
-    sandbox = Sandbox("dogbreed.evaluate_faces:faces_worker",
+    sandbox = Sandbox("dogbreed.evaluation.faces:faces_worker",
                       {"face": face_cfg.model_dump(), "decode_cfg": cfg.decode.model_dump()},
                       timeout_s=cfg.decode.timeout_s, memory_mb=cfg.decode.max_memory_mb)
     try:
@@ -103,7 +103,7 @@ def _figures(name: str, face_cfg: FaceConfig, photos: LabelledPhotos, cfg: ScanC
         sandbox.close()
     shares = {a: {c: hits[a][c] / counts[a][c] for c in CATEGORIES if counts[a][c]} for a in angles}
     upright = {c: n for c, n in counts[0.0].items() if n}
-    return DetectorFigures(name, detect.active_detector(face_cfg), upright, shares[0.0],
+    return DetectorFigures(name, faces.active_detector(face_cfg), upright, shares[0.0],
                            shares[rotate_degrees] if rotate_degrees else {},
                            sum(upright.values()) / seconds if seconds > 0 else 0.0)
 

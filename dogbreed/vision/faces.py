@@ -1,14 +1,9 @@
-"""The detectors and the per-photo decision: faces (YuNet CNN or Haar), the ImageNet dog score, dog/human/neither.
+"""Face detectors: the YuNet CNN (default) or OpenCV's Haar cascade, on the small upright copy of each photo.
 
-Faces are found on the small upright copy of each photo and reported as (x, y, w, h, score) in full-size,
-EXIF-upright pixels. YuNet (the ``yuface`` package, libfacedetection's CNN compiled in) re-checks weaker
-candidates turned by +-rotate_deg, which finds tilted heads without admitting more false faces on fur;
-Haar, the classic dog-app detector, finds upright frontal faces and has no confidence (score None).
-
-The dog score is the softmax probability mass on ImageNet's dog classes (151-268, plus 273 dingo by
-default), not the argmax rule of the original dog-app: a photo whose mass is spread over several
-similar breeds is still clearly a dog. Breed probabilities are conditional on "dog" (renormalised over
-the breed classes), so a human's "looks like" breed is meaningful too.
+Faces are reported as (x, y, w, h, score) in full-size, EXIF-upright pixels. YuNet (the ``yuface`` package,
+libfacedetection's CNN compiled in) re-checks weaker candidates turned by +-rotate_deg, which finds tilted heads
+without admitting more false faces on fur; Haar, the classic dog-app detector, finds upright frontal faces and has
+no confidence (score None).
 """
 
 from __future__ import annotations
@@ -56,7 +51,7 @@ def _one_openmp_thread(module: Any) -> None:
 
     A decode task works on one photo on one core; OpenMP threads spinning beside it on a busy node made
     YuNet 17 times slower (1.3 instead of 22 photos/s measured on 2 loaded cores). Decoder children also get
-    OMP_NUM_THREADS=1 (dogbreed.sandbox). In a process that loaded torch first, yuface's OpenMP calls reach
+    OMP_NUM_THREADS=1 (dogbreed.vision.sandbox). In a process that loaded torch first, yuface's OpenMP calls reach
     torch's runtime instead, which this cannot limit: measure YuNet in a child (see evaluate_faces).
     """
     import ctypes
@@ -173,34 +168,3 @@ def _turned(bgr: np.ndarray, cx: float, cy: float, side: float, cfg: FaceConfig)
         back = cv2.invertAffineTransform(m) @ np.array([wx, wy, 1.0])
         best = (float(back[0]), float(back[1]), float(top[3]) / zoom, float(top[4]) / zoom, conf)
     return best
-
-
-def dog_scores(imagenet_probs: np.ndarray, dog_indices: list[int]) -> np.ndarray:
-    """Probability mass on the dog classes, per row."""
-    return imagenet_probs[:, dog_indices].sum(axis=1)
-
-
-def top1_is_dog(imagenet_probs: np.ndarray, dog_indices: list[int]) -> np.ndarray:
-    """Whether each row's most likely ImageNet class is a dog class."""
-    return np.isin(imagenet_probs.argmax(axis=1), dog_indices)
-
-
-def decide(dog_score: float, face_count: int, dog_threshold: float, top1_is_dog: bool = False) -> str:
-    """dog / human / dog_and_human / neither for one decoded photo.
-
-    A dog is seen when the dog mass reaches the threshold, or when the single most likely ImageNet class
-    is a dog (the classic dog-app rule), which catches dogs whose remaining mass spreads over wild canids.
-    """
-    is_dog = dog_score >= dog_threshold or top1_is_dog
-    if is_dog and face_count:
-        return "dog_and_human"
-    if is_dog:
-        return "dog"
-    return "human" if face_count else "neither"
-
-
-def top_k(probs: np.ndarray, names: list[str], k: int) -> list[list[tuple[str, float]]]:
-    """Per row, the k most probable (name, prob) pairs, best first."""
-    k = min(k, probs.shape[1])
-    idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return [[(names[j], float(p[j])) for j in row] for p, row in zip(probs, idx)]

@@ -4,7 +4,7 @@ A run's rows are written by the driver as Parquet files under ``OUT/data/<run_id
 one Delta commit (a put-if-absent of the next log entry) whose commit metadata is the run's manifest. A run
 killed at any moment leaves the table exactly as it was; the next run deletes the files it left behind. The
 commit is made against the table version the run planned from, without retries, so of two runs that planned
-from the same version at most one commits (the lock in :mod:`dogbreed.lock` keeps a second one from starting).
+from the same version at most one commits (the lock in :mod:`dogbreed.table.lock` keeps a second one from starting).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dogbreed import results
-from dogbreed.objects import objects
+from dogbreed.table import schema
+from dogbreed.table.objects import objects
 
 DATA_DIR = "data"  # OUT/data/<run_id>/part-*.parquet: a run's files, under a prefix of its own
 RUNS_DIR = "runs"  # OUT/_dogbreed/runs/<run_id>.json: the files a run in progress has created
@@ -175,7 +175,7 @@ def open_table(loc: Location, version: int | None = None):
 
 
 class RunWriter:
-    """Rows of one run into Parquet files of exactly results.SCHEMA under OUT/data/<run_id>/, written as rows arrive.
+    """Rows of one run into Parquet files of exactly schema.SCHEMA under OUT/data/<run_id>/, written as rows arrive.
 
     Rows are buffered into row groups of ROW_GROUP rows; a new file starts every FILE_ROWS rows, so a run of any
     size is a few large files and the driver holds one row group at most. `adds` are the Delta add actions of
@@ -220,7 +220,7 @@ class RunWriter:
     def write(self, table: pa.Table) -> None:
         if not table.num_rows:
             return
-        table = table.select(results.SCHEMA.names).cast(results.SCHEMA)
+        table = table.select(schema.SCHEMA.names).cast(schema.SCHEMA)
         for value, count in zip(*pc.value_counts(table.column("status")).flatten()):
             self.counts[value.as_py()] = self.counts.get(value.as_py(), 0) + count.as_py()
         self.rows += table.num_rows
@@ -246,7 +246,7 @@ class RunWriter:
                 self._stream = self.loc.fs.open_output_stream(self.loc.path(name))
                 self._name, self._file_rows = name, 0
                 # zstd keeps a row near 60 bytes on disk.
-                self._writer = pq.ParquetWriter(self._stream, results.SCHEMA, compression="zstd")
+                self._writer = pq.ParquetWriter(self._stream, schema.SCHEMA, compression="zstd")
             self._writer.write_table(table, row_group_size=self.ROW_GROUP)
         except (OSError, pa.ArrowException) as e:
             raise StoreError(f"cannot write the run's rows to {self.loc.out}: {first_line(e)}") from None
@@ -319,7 +319,7 @@ def delete_run_files(loc: Location, run_id: str, files: list[str]) -> bool:
 def delta_schema():
     from deltalake import Schema
 
-    return Schema.from_arrow(results.SCHEMA.remove_metadata())
+    return Schema.from_arrow(schema.SCHEMA.remove_metadata())
 
 
 def commit(loc: Location, table, adds: list[Any], manifest: dict[str, Any]) -> int:
@@ -409,7 +409,7 @@ def clear_orphans(loc: Location, table) -> list[str]:
             if f"{run_id}.json" != name:
                 raise ValueError("run id and record name differ")
         except (ValueError, KeyError, TypeError) as e:
-            logging.getLogger("dogbreed.store").warning("run record %s in %s is unreadable (%s): left alone",
+            logging.getLogger("dogbreed.table.store").warning("run record %s in %s is unreadable (%s): left alone",
                                                         name, loc.out, e)
             continue
         if run_id in live:

@@ -1,13 +1,6 @@
-"""The output schema (one constant) and what analysts call to read a scan's output.
+"""The output's row schema (one constant) and the functions that build tables of exactly that schema.
 
-An output (a local folder or an s3:// / gs:// URI) is a Delta Lake table of result rows::
-
-    OUT/_delta_log/                    the table's log: one commit per run, its manifest as commit metadata
-    OUT/data/<run_id>/part-*.parquet   rows written by that run (readers see them once its commit exists)
-    OUT/_dogbreed/lock/                the lock of the running scan
-
-The table's current version holds every committed row (the history); :func:`latest` gives the current
-answer per photo. Read it through these functions or `deltalake`, never as a plain Parquet folder.
+One row per file found, documented column by column in README.md ("Reading the results").
 """
 
 from __future__ import annotations
@@ -19,7 +12,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 BREED = pa.struct([("breed", pa.string()), ("prob", pa.float32())])
 # score: the detector's confidence 0..1 (face.detector yunet); null for haar, which has none, and in older runs.
@@ -124,99 +116,5 @@ def rows_to_table(rows: dict[str, Any], run_id: str, settings_id: str | None, pr
     return to_table(cols)
 
 
-def manifests(out: Any, table: Any = None) -> list[dict[str, Any]]:
-    """Manifest of every committed run still in the table's log, oldest first (run_id, model_id, counts, ...)."""
-    from dogbreed.store import committed_runs, locate, open_table
-
-    return committed_runs(table if table is not None else open_table(locate(out)))
-
-
 # Columns with few distinct values: read as dictionaries, a million rows of them cost a few MiB, not tens.
 REPEATED = ("status", "error", "error_kind", "model_id", "settings_id", "run_id")
-
-
-def _dataset(out: Any, dictionaries: tuple[str, ...] = (), table: Any = None) -> pads.Dataset | None:
-    """The current version's files as one pyarrow dataset of exactly SCHEMA (None before the first commit)."""
-    from dogbreed.store import locate, open_table
-
-    loc = locate(out)
-    table = table if table is not None else open_table(loc)
-    if table is None:
-        return None
-    files = [loc.path(p) for p in table.get_add_actions(flatten=True).column("path").to_pylist()]
-    if not files:
-        return None
-    schema, fmt = SCHEMA, pads.ParquetFileFormat()
-    if dictionaries:
-        for name in dictionaries:
-            i = schema.get_field_index(name)
-            schema = schema.set(i, schema.field(i).with_type(pa.dictionary(pa.int32(), pa.string())))
-        fmt = pads.ParquetFileFormat(read_options={"dictionary_columns": list(dictionaries)})
-    return pads.dataset(sorted(files), schema=schema, format=fmt, filesystem=loc.fs)
-
-
-def rows_of(out: Any, paths: pa.ChunkedArray, run_ids: pa.ChunkedArray, table: Any = None) -> pa.Table:
-    """The committed rows written for (path, run_id) pairs, in the pairs' order (one per pair that exists)."""
-    ds = _dataset(out, table=table)
-    if ds is None:
-        return empty_table()
-    found = ds.to_table(filter=pc.field("path").isin(pc.unique(paths)))
-    # Acero joins carry no list or struct columns: join the keys with row numbers, then take.
-    mine = pa.table({"path": found.column("path"), "run_id": found.column("run_id"),
-                     "_j": pa.array(np.arange(found.num_rows, dtype=np.int64))})
-    wanted = pa.table({"path": paths, "run_id": run_ids, "_o": pa.array(np.arange(len(paths), dtype=np.int64))})
-    pairs = wanted.join(mine, keys=["path", "run_id"], join_type="inner").sort_by("_o")
-    order = pairs.column("_j").to_numpy()
-    if len(order) > 1:  # a pair written twice in one run (never, but never two rows for one pair either)
-        keep = np.ones(len(order), dtype=bool)
-        o = pairs.column("_o").to_numpy()
-        keep[1:] = o[1:] != o[:-1]
-        order = order[keep]
-    return found.take(pa.array(order, pa.int64()))
-
-
-def read_all(out: Any, columns: list[str] | None = None) -> pd.DataFrame:
-    """Every row of every committed run (history), as pandas (nullable Int32/Int64 integers in every run)."""
-    ds = _dataset(out)
-    table = ds.to_table(columns=columns) if ds is not None else empty_table().select(columns or SCHEMA.names)
-    return table.to_pandas()
-
-
-def latest_table(out: Any, columns: list[str] | None = None, model_id: str | None = None,
-                 compact: bool = False, table: Any = None) -> pa.Table:
-    """Latest row per path (optionally only rows of one model), deleted files included; arrow for speed.
-
-    With `compact`, the repeated string columns come back dictionary-encoded (the planner's way of reading
-    years of history in little memory).
-    """
-    ds = _dataset(out, REPEATED if compact else (), table=table)
-    cols = list(dict.fromkeys(["path", "processed_at", "run_id"] + (columns or SCHEMA.names)))
-    if ds is None:
-        return empty_table().select(cols)
-    filt = pc.field("model_id") == model_id if model_id else None
-    if model_id:  # a deletion is recorded without a model: keep it so vanished files drop out
-        filt = filt | (pc.field("status") == "deleted")
-    table = ds.to_table(columns=cols, filter=filt)
-    if table.num_rows < 2:
-        return table
-    # A path's latest row is the one of its newest run (run ids sort by start time, runs never overlap, and a
-    # run writes a path once). Compaction reorders rows across files, so the run id decides, not the position:
-    # two hash passes, without sorting or copying the whole history.
-    paths = pc.dictionary_encode(table.column("path")).combine_chunks()
-    runs = table.column("run_id")
-    runs = (runs if pa.types.is_dictionary(runs.type) else pc.dictionary_encode(runs)).combine_chunks()
-    order = pc.rank(runs.dictionary.cast(pa.string()), sort_keys="ascending", tiebreaker="dense").to_numpy()
-    rank = order[runs.indices.to_numpy(zero_copy_only=False)]
-    codes = paths.indices.to_numpy(zero_copy_only=False)
-    best = np.zeros(len(paths.dictionary), dtype=order.dtype)
-    np.maximum.at(best, codes, rank)
-    return table.filter(pa.array(rank == best[codes]))
-
-
-def latest(out: Any, model_id: str | None = None) -> pd.DataFrame:
-    """The current answer per existing photo: its latest row (for `model_id` if given), deleted files left out."""
-    table = latest_table(out, model_id=model_id)
-    if table.num_rows:
-        table = table.take(pc.sort_indices(table.column("path")))
-    mask = pc.not_equal(table.column("status"), "deleted")
-    return table.filter(mask).select(SCHEMA.names).to_pandas().reset_index(drop=True)

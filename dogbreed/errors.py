@@ -1,0 +1,54 @@
+"""The project's error types and the one table of exit codes that commands (and cron, and `dogbreed submit`) use.
+
+Every error a user can cause is a :class:`DogbreedError`; its class says how it is reported: the label printed
+before the sentence and the exit code. The CLI catches these types and nothing else, so a real bug keeps its
+traceback. A photo that cannot be read is never an exception here: it is an error row.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class Exit(IntEnum):
+    """What every dogbreed command exits with (README, "Exit codes")."""
+
+    OK = 0
+    FAILED = 1  # the run failed; nothing was committed
+    USAGE = 2  # a bad argument, config, model, output or labelled folder; nothing ran (submit: not submitted)
+    BAD_PHOTOS = 3  # committed, and some photos were unreadable (error rows)
+    REFUSED = 4  # the archive looks unavailable (missing root, emptied, mass deletion); nothing changed
+    LOCKED = 5  # another run holds the output's lock
+    STOPPED = 6  # submit: the job was stopped on the cluster
+    INTERRUPTED = 130  # submit: Ctrl-C while following; the job keeps running
+
+
+class DogbreedError(Exception):
+    """Base of the errors a user can cause: one sentence (str(e)), a label and an exit code."""
+
+    exit_code: Exit = Exit.FAILED
+    label = "failed"
+
+
+class UsageError(DogbreedError, ValueError):
+    """Something given cannot be used (config, model, output, labelled folder, photo file); nothing ran."""
+
+    exit_code, label = Exit.USAGE, "error"
+
+
+class Refused(DogbreedError, RuntimeError):
+    """The archive looks unavailable or the run would do something drastic; nothing was changed."""
+
+    exit_code, label = Exit.REFUSED, "refused"
+
+
+class Locked(DogbreedError, RuntimeError):
+    """Another run holds the output's lock (or took it over while this one ran); nothing was committed."""
+
+    exit_code, label = Exit.LOCKED, "refused"
+
+
+class Failed(DogbreedError, RuntimeError):
+    """The run started and could not finish (store unwritable, every photo lost); nothing was committed."""
+
+    exit_code, label = Exit.FAILED, "failed"

@@ -1,0 +1,42 @@
+"""The per-photo answer from the network's outputs: the dog score, the top-k breeds, and dog / human / neither.
+
+The dog score is the softmax probability mass on ImageNet's dog classes (151-268, plus 273 dingo by default). A
+photo shows a dog when that mass reaches the threshold, or when its single most likely ImageNet class is a dog
+(the classic dog-app rule, which catches dogs whose remaining mass spreads over wild canids). Breed probabilities
+are conditional on "dog" (renormalised over the breed classes), so a human's "looks like" breed is meaningful too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def dog_scores(imagenet_probs: np.ndarray, dog_indices: list[int]) -> np.ndarray:
+    """Probability mass on the dog classes, per row."""
+    return imagenet_probs[:, dog_indices].sum(axis=1)
+
+
+def top1_is_dog(imagenet_probs: np.ndarray, dog_indices: list[int]) -> np.ndarray:
+    """Whether each row's most likely ImageNet class is a dog class."""
+    return np.isin(imagenet_probs.argmax(axis=1), dog_indices)
+
+
+def decide(dog_score: float, face_count: int, dog_threshold: float, top1_is_dog: bool = False) -> str:
+    """dog / human / dog_and_human / neither for one decoded photo.
+
+    A dog is seen when the dog mass reaches the threshold, or when the single most likely ImageNet class
+    is a dog (the classic dog-app rule), which catches dogs whose remaining mass spreads over wild canids.
+    """
+    is_dog = dog_score >= dog_threshold or top1_is_dog
+    if is_dog and face_count:
+        return "dog_and_human"
+    if is_dog:
+        return "dog"
+    return "human" if face_count else "neither"
+
+
+def top_k(probs: np.ndarray, names: list[str], k: int) -> list[list[tuple[str, float]]]:
+    """Per row, the k most probable (name, prob) pairs, best first."""
+    k = min(k, probs.shape[1])
+    idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [[(names[j], float(p[j])) for j in row] for p, row in zip(probs, idx)]
