@@ -12,17 +12,8 @@ from typing import Annotated, Iterator, Optional
 import typer
 
 from dogbreed.config import ConfigError, ScanConfig, load_config
-from dogbreed.console import (
-    EXIT_FAILED,
-    EXIT_LOCKED,
-    EXIT_OK,
-    EXIT_REFUSED,
-    EXIT_USAGE,
-    Terminated,
-    native_stderr_quiet,
-    setup_logging,
-    stop_on_sigterm,
-)
+from dogbreed.console import Terminated, native_stderr_quiet, setup_logging, stop_on_sigterm
+from dogbreed.errors import DogbreedError, Exit
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find dogs and people in photo archives and name each dog's breed.")
@@ -34,8 +25,14 @@ ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="'default', a model artifact folder, or timm:NAME[=FILE.safetensors] (zero-shot ImageNet model).")]
 
 
+def _one_line(text: str) -> str:
+    """A message as one line: a newline or control character in a name (a path, a root) is shown escaped."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
 def _fail(code: int, label: str, message: str) -> typer.Exit:
     """One sentence on stderr, and the same line with its exit code in the log file (cron reads that)."""
+    message = _one_line(message)
     typer.echo(f"{label}: {message}", err=True)
     logging.getLogger("dogbreed").info("%s (exit %d): %s", label, code, message)  # INFO: the file, not the console
     return typer.Exit(code)
@@ -43,32 +40,22 @@ def _fail(code: int, label: str, message: str) -> typer.Exit:
 
 @contextmanager
 def _user_errors() -> Iterator[None]:
-    """Errors a user can cause become one sentence and a documented exit code, not a traceback.
+    """Errors a user can cause become one sentence and their exit code (dogbreed.errors), not a traceback.
 
     Only the project's own error types are caught here: a real bug still shows its traceback (and its
     one-line summary goes to the log file, with exit code 1).
     """
-    from dogbreed.scan.listing import RootError
-    from dogbreed.scan.plan import ScanRefused
-    from dogbreed.table.store import ScanLocked
-
     try:
         yield
     except typer.Exit:
         raise
-    except ScanLocked as e:
-        raise _fail(EXIT_LOCKED, "refused", str(e)) from None
-    except (ScanRefused, RootError) as e:
-        raise _fail(EXIT_REFUSED, "refused", str(e)) from None
+    except DogbreedError as e:
+        raise _fail(e.exit_code, e.label, str(e)) from None
     except Terminated as e:
-        raise _fail(EXIT_FAILED, "failed", f"{e}; nothing was committed") from None
+        raise _fail(Exit.FAILED, "failed", f"{e}; nothing was committed") from None
     except Exception as e:
-        if type(e).__module__.startswith("dogbreed."):  # the project's own error types: one sentence each
-            if isinstance(e, ValueError):  # ConfigError, ModelError, OutputError, DataError, ReportError
-                raise _fail(EXIT_USAGE, "error", str(e)) from None
-            raise _fail(EXIT_FAILED, "failed", str(e)) from None  # ScanFailed and the like
-        logging.getLogger("dogbreed").info("failed (exit %d): %s: %s", EXIT_FAILED, type(e).__name__,
-                                           str(e).splitlines()[0] if str(e) else "")
+        logging.getLogger("dogbreed").info("failed (exit %d): %s: %s", Exit.FAILED, type(e).__name__,
+                                           _one_line(str(e).splitlines()[0]) if str(e) else "")
         raise  # a real bug: its traceback
 
 
@@ -116,7 +103,7 @@ def scan(
                 for path in paths:
                     typer.echo(f"  {path!r}" if not path.isprintable() else f"  {path}")
         typer.echo(summary.line())
-        raise typer.Exit(EXIT_OK)
+        raise typer.Exit(Exit.OK)
     typer.echo(summary.line())
     raise typer.Exit(summary.exit_code)
 
@@ -313,18 +300,6 @@ def bench(
 AddressOpt = Annotated[Optional[str], typer.Option("--address", help="Ray dashboard URL, e.g. http://HEAD:8265; default: RAY_ADDRESS.")]
 
 
-@contextmanager
-def _submit_errors() -> Iterator[None]:
-    """SubmitError (no address, unreachable, token, GPUs, bad config) -> one sentence and exit 2: nothing ran."""
-    from dogbreed.cluster.submit import EXIT_NOT_SUBMITTED, SubmitError
-
-    try:
-        yield
-    except SubmitError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(EXIT_NOT_SUBMITTED) from None
-
-
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def submit(
     ctx: typer.Context,
@@ -337,7 +312,7 @@ def submit(
     """Run a job on a Ray cluster through its Jobs API; paths in the arguments must exist on the cluster's nodes."""
     from dogbreed.cluster.submit import submit as run_submit
 
-    with _submit_errors():
+    with _user_errors():
         result = run_submit(job, list(ctx.args), address=address, config=config, follow=follow, timeout_s=timeout)
     if follow:
         typer.echo(f"{result.job_id}: {result.status} {result.message}".rstrip(), err=True)
@@ -349,7 +324,7 @@ def jobs(address: AddressOpt = None) -> None:
     """List the cluster's jobs, newest first."""
     from dogbreed.cluster.submit import list_jobs
 
-    with _submit_errors():
+    with _user_errors():
         rows = list_jobs(address)
     for r in rows:
         typer.echo(f"{r['job_id']:<44} {r['status']:<10} {r['started']:<20} {r['entrypoint']}")
@@ -360,7 +335,7 @@ def logs(job_id: Annotated[str, typer.Argument(help="Job id from `dogbreed jobs`
     """Print a job's logs so far."""
     from dogbreed.cluster.submit import job_logs
 
-    with _submit_errors():
+    with _user_errors():
         typer.echo(job_logs(job_id, address), nl=False)
 
 
@@ -369,7 +344,7 @@ def stop(job_id: Annotated[str, typer.Argument(help="Job id from `dogbreed jobs`
     """Stop a running job (its scan run is discarded; the output keeps its last committed run)."""
     from dogbreed.cluster.submit import stop_job
 
-    with _submit_errors():
+    with _user_errors():
         stopped = stop_job(job_id, address)
     typer.echo(f"{job_id}: {'stop requested' if stopped else 'already ended'}")
 

@@ -11,11 +11,13 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dogbreed.errors import UsageError
+
 # What counts as a photo, for the scan and for labelled folders alike.
 PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".heic", ".heif")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A configuration file or override that cannot be used; the message names the key."""
 
 

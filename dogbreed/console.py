@@ -14,8 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-# The scan's documented exit codes (README, "Exit codes"): cron and schedulers branch on them.
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BAD_PHOTOS, EXIT_REFUSED, EXIT_LOCKED = 0, 1, 2, 3, 4, 5
 
 def setup_logging(log_file: str | None, verbose: bool = False) -> None:
     """INFO and up go to the log file; the terminal (or cron's mail) gets warnings and errors only."""

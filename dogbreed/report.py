@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from dogbreed.config import DecodeConfig
+from dogbreed.errors import UsageError
 from dogbreed.table import readers, schema
 from dogbreed.vision.decode import ImageError, open_photo
 
@@ -40,7 +41,7 @@ IMAGE_STATUSES = schema.OK_STATUSES  # rows whose photo was decoded, so there is
 PROBLEM_STATUSES = ("error", "skipped")
 
 
-class ReportError(ValueError):
+class ReportError(UsageError):
     """An output folder a report cannot be built from; the message names the folder."""
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dogbreed.scan.job import EXIT_BAD_PHOTOS, EXIT_OK, run_scan
+from dogbreed.errors import Exit
+from dogbreed.scan.job import run_scan
 from dogbreed.table import readers, schema
 
 POISON_PLUGIN = str(Path(__file__).with_name("poison_plugin.py"))
@@ -43,7 +44,7 @@ def test_native_crash_and_hang_in_a_decode_worker_are_one_error_row_each_and_not
     cfg = scan_config([root], out, **{"decode.plugins": [POISON_PLUGIN], "decode.timeout_s": 3,
                                       "decode.batch_size": 4})
     first = run_scan(cfg)
-    assert first.exit_code == EXIT_BAD_PHOTOS and first.counts.get("error") == 3
+    assert first.exit_code == Exit.BAD_PHOTOS and first.counts.get("error") == 3
     cur = _current(out)
     assert sorted(cur.index) == sorted(str(p) for p in [*good, segv, hang, abort])
     assert cur.loc[str(segv), "error"] == "decoder crashed (SIGSEGV)"
@@ -52,7 +53,7 @@ def test_native_crash_and_hang_in_a_decode_worker_are_one_error_row_each_and_not
     assert set(cur.loc[[str(p) for p in good], "status"]) <= set(schema.OK_STATUSES)  # their batch-mates survived
 
     second = run_scan(cfg)  # the next night: an unchanged poison file is not tried again
-    assert (second.processed, second.unchanged, second.exit_code) == (0, 9, EXIT_OK)
+    assert (second.processed, second.unchanged, second.exit_code) == (0, 9, Exit.OK)
     assert len(readers.read_all(out)) == 9
 
     forced = run_scan(cfg.model_copy(update={"retry_errors": True}))
@@ -68,7 +69,7 @@ def test_a_name_that_is_not_utf8_gets_its_row_and_keeps_its_bytes(ray_local, tmp
     with open(raw, "wb") as f:
         f.write((root / "plain.jpg").read_bytes())
     summary = run_scan(scan_config([root], out))
-    assert summary.exit_code == EXIT_OK and summary.processed == 2
+    assert summary.exit_code == Exit.OK and summary.processed == 2
     cur = _current(out)
     text = str(root) + "/caf\\xe9.jpg"
     assert cur.loc[text, "status"] in schema.OK_STATUSES
@@ -115,7 +116,7 @@ def test_a_mass_deletion_is_refused_until_the_override_flag(tmp_path, make_photo
     assert proc.returncode == 4 and "pass --allow-deletions" in proc.stderr
     assert "refused (exit 4): root" in log.read_text()  # cron's log says it too, with the exit code
     proc = cli("scan", str(root), "--out", str(out), "--allow-deletions", "--dry-run")
-    assert proc.returncode == EXIT_OK and "record 9 as deleted" in proc.stdout
+    assert proc.returncode == Exit.OK and "record 9 as deleted" in proc.stdout
 
 
 # ---------------------------------------------------------------- 5 + 6. symlinks and roots
@@ -218,7 +219,7 @@ def test_under_cron_a_scan_prints_only_its_final_line(tmp_path, make_photos):
     make_photos(root, 3)
     proc = subprocess.run([str(DOGBREED), "scan", str(root), "--out", str(out), "--log-file", str(log)],
                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-    assert proc.returncode == EXIT_OK, proc.stderr
+    assert proc.returncode == Exit.OK, proc.stderr
     assert proc.stderr == ""
     assert len(proc.stdout.splitlines()) == 1 and proc.stdout.startswith("run ")
     assert proc.stdout.strip() in log.read_text()

@@ -75,3 +75,24 @@ def test_latest_of_a_folder_without_a_scan_is_one_sentence(tmp_path):
     r = runner.invoke(app, ["latest", str(tmp_path / "nothing")])
     assert r.exit_code == 2
     assert "holds no committed scan run" in r.output and "Traceback" not in r.output
+
+
+def test_every_error_type_has_one_exit_code_from_the_one_table():
+    """Errors are classified by type (dogbreed.errors), never by the module they come from."""
+    from dogbreed.breeds.folders import DataError
+    from dogbreed.cluster.submit import SubmitError
+    from dogbreed.config import ConfigError
+    from dogbreed.errors import DogbreedError, Exit
+    from dogbreed.report import ReportError
+    from dogbreed.scan.job import ScanFailed
+    from dogbreed.scan.listing import RootError
+    from dogbreed.scan.plan import ScanRefused
+    from dogbreed.table.store import OutputError, ScanLocked, StoreError
+    from dogbreed.vision.models import ModelError
+
+    expected = {ConfigError: Exit.USAGE, ModelError: Exit.USAGE, OutputError: Exit.USAGE, DataError: Exit.USAGE,
+                ReportError: Exit.USAGE, SubmitError: Exit.USAGE, RootError: Exit.REFUSED, ScanRefused: Exit.REFUSED,
+                ScanLocked: Exit.LOCKED, ScanFailed: Exit.FAILED, StoreError: Exit.FAILED}
+    for cls, code in expected.items():
+        assert issubclass(cls, DogbreedError) and cls("x").exit_code == code, cls
+    assert {int(e) for e in Exit} == {0, 1, 2, 3, 4, 5, 6, 130}

@@ -25,6 +25,7 @@ import yaml
 
 from dogbreed.cluster import submit
 from dogbreed.config import ScanConfig, load_config
+from dogbreed.errors import Exit
 from dogbreed.scan.job import run_scan
 from dogbreed.table import readers
 
@@ -268,7 +269,7 @@ def test_a_failing_job_exits_with_the_jobs_own_exit_code(ray_head, tmp_path):
     result = submit.submit("scan", [str(tmp_path / "no-such-folder"), "--out", str(tmp_path / "out")],
                            address=url, token=token, out=logs)
     assert result.status == "FAILED"
-    assert result.exit_code == 4, logs.getvalue()[-2000:]  # EXIT_REFUSED, as a local `dogbreed scan` exits
+    assert result.exit_code == Exit.REFUSED, logs.getvalue()[-2000:]  # as a local `dogbreed scan` exits
     assert "refused:" in logs.getvalue()
 
 
@@ -284,7 +285,7 @@ def test_stopped_job_exits_non_zero(ray_head, tmp_path):
         assert time.monotonic() < deadline, "the stopped job did not end within 60 s"
         time.sleep(1)
     final = submit.outcome(client, result.job_id)
-    assert (final.status, final.exit_code) == ("STOPPED", submit.EXIT_STOPPED)
+    assert (final.status, final.exit_code) == ("STOPPED", Exit.STOPPED)
     assert readers.manifests(tmp_path / "out") == []  # no run was committed
 
 

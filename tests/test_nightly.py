@@ -23,7 +23,8 @@ from deltalake import DeltaTable
 from PIL import Image
 
 from dogbreed.config import dump_config
-from dogbreed.scan.job import EXIT_BAD_PHOTOS, EXIT_LOCKED, EXIT_OK, EXIT_REFUSED, run_scan
+from dogbreed.errors import Exit
+from dogbreed.scan.job import run_scan
 from dogbreed.table import readers, schema
 from dogbreed.table.lock import holder
 from dogbreed.table.store import LOG_DIR, locate, open_table, run_prefixes
@@ -189,7 +190,7 @@ def test_dry_run_prints_counts_and_the_first_paths(tmp_path, make_photos):
     root, out = tmp_path / "photos", tmp_path / "out"
     photos = make_photos(root, 12)
     proc = cli("scan", str(root), "--out", str(out), "--dry-run")
-    assert proc.returncode == EXIT_OK, proc.stderr
+    assert proc.returncode == Exit.OK, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "would process (12, first 10):"
     assert lines[1:11] == [f"  {p}" for p in photos[:10]]
@@ -289,7 +290,7 @@ def _wait_for(probe, proc: subprocess.Popen, what: str, log: Path, timeout: floa
 @pytest.mark.slow  # a SIGKILL scenario
 def test_second_concurrent_scan_exits_at_once_with_code_5(killed_run):
     second = killed_run["second"]
-    assert second.returncode == EXIT_LOCKED, second.stderr
+    assert second.returncode == Exit.LOCKED, second.stderr
     assert "refused: another scan is already running on" in second.stderr
     assert killed_run["victim_alive_after_second"]  # it did not wait for the lock to be released
 
@@ -307,7 +308,7 @@ def test_rerun_after_sigkill_takes_over_the_lock_and_does_exactly_the_missing_wo
     rerun, out = killed_run["rerun"], killed_run["out"]
     lock = killed_run["lock_holder"]
     assert lock["pid"] != os.getpid() and lock["holder"].startswith("scan pid ")
-    assert rerun.returncode == EXIT_OK, rerun.stderr[-3000:]  # the dead holder's lease did not have to run out
+    assert rerun.returncode == Exit.OK, rerun.stderr[-3000:]  # the dead holder's lease did not have to run out
     assert "40 files, 30 processed, 10 unchanged" in rerun.stdout
     runs = [m["run_id"] for m in readers.manifests(out)]
     assert runs[0] == killed_run["committed_run"] and len(runs) == 2
@@ -376,7 +377,7 @@ def test_slow_photo_in_a_real_scan_becomes_an_error_row_and_its_batch_survives(r
     assert rows.loc[str(big), "status"] == "error"
     assert rows.loc[str(big), "error"] == "decoder hung for over 1.5 s"
     assert set(rows.drop(str(big))["status"]) <= set(schema.OK_STATUSES)
-    assert summary.exit_code == EXIT_BAD_PHOTOS
+    assert summary.exit_code == Exit.BAD_PHOTOS
 
 
 # ---------------------------------------------------------------- 5. archive guard
@@ -386,7 +387,7 @@ def test_missing_root_is_refused_with_code_4_and_nothing_changes(tmp_path, make_
     commit_rows(out, make_photos(tmp_path / "photos", 3), model_id=DEFAULT_MODEL_ID)
     before = snapshot(out)
     proc = cli("scan", str(tmp_path / "unmounted"), "--out", str(out), timeout=120)
-    assert proc.returncode == EXIT_REFUSED, proc.stderr
+    assert proc.returncode == Exit.REFUSED, proc.stderr
     assert "does not exist (is the archive mounted?)" in proc.stderr
     assert snapshot(out) == before
 
@@ -400,12 +401,12 @@ def test_emptied_root_is_refused_unless_allowed(tmp_path, make_photos, commit_ro
         p.unlink()
     before = snapshot(out)
     proc = cli("scan", str(root), "--out", str(out), timeout=120)
-    assert proc.returncode == EXIT_REFUSED, proc.stderr
+    assert proc.returncode == Exit.REFUSED, proc.stderr
     assert "is empty but earlier runs saw 3 files" in proc.stderr and "--allow-empty-roots" in proc.stderr
     assert snapshot(out) == before
 
     proc = cli("scan", str(root), "--out", str(out), "--allow-empty-roots", timeout=120)
-    assert proc.returncode == EXIT_OK, proc.stderr
+    assert proc.returncode == Exit.OK, proc.stderr
     assert "deleted 3" in proc.stdout and readers.latest(out).empty
 
 

@@ -18,6 +18,7 @@ import pyarrow.fs as pafs
 import pytest
 from deltalake import DeltaTable, write_deltalake
 
+from dogbreed.errors import Exit
 from dogbreed.table import readers, schema
 from dogbreed.table.lock import hold
 from dogbreed.table.objects import META_DIR
@@ -25,7 +26,6 @@ from dogbreed.table.ownership import MARKER
 from dogbreed.table.store import RunWriter, StoreError, clear_orphans, locate, new_run_id, open_table, utcnow
 
 DOGBREED = Path(sys.executable).with_name("dogbreed")  # the installed console script, as cron runs it
-EXIT_USAGE, EXIT_LOCKED = 2, 5
 
 
 def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -94,10 +94,10 @@ def test_a_scan_whose_out_is_the_photo_root_is_refused_and_deletes_no_photo(base
     arch.write("2024/beach.jpg", _jpeg(3))
     before = arch.files()
     proc = cli("scan", arch.base, "--out", arch.base)
-    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert proc.returncode == Exit.USAGE, proc.stderr
     assert one_sentence(proc) == f"error: --out {arch.base} is the photo root {arch.base}; give an output folder outside the photos"
     proc = cli("scan", arch.base, "--out", f"{arch.base}/2024")  # inside a root
-    assert proc.returncode == EXIT_USAGE and "lies inside the photo root" in one_sentence(proc)
+    assert proc.returncode == Exit.USAGE and "lies inside the photo root" in one_sentence(proc)
     assert arch.files() == before  # not one byte changed, nothing added
 
 
@@ -109,12 +109,12 @@ def test_an_out_holding_other_files_is_refused_before_anything_is_written(base):
     out.write("notes.txt", b"keep me")
     before = out.files()
     proc = cli("scan", photos.base, "--out", out.base)
-    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert proc.returncode == Exit.USAGE, proc.stderr
     assert one_sentence(proc).startswith(f"error: --out {out.base} already holds 'data' and more, which dogbreed did "
                                          "not write")
     assert out.files() == before  # no marker, no lock, no run folder
     proc = cli("compact", out.base)
-    assert proc.returncode == EXIT_USAGE and "which dogbreed did not write" in one_sentence(proc)
+    assert proc.returncode == Exit.USAGE and "which dogbreed did not write" in one_sentence(proc)
     assert out.files() == before
 
 
@@ -128,12 +128,12 @@ def test_another_tools_delta_table_is_refused_and_left_unchanged(base, rows):
                     storage_options=loc.storage_options())
     before = Tree(out).files()
     proc = cli("scan", photos.base, "--out", out)
-    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert proc.returncode == Exit.USAGE, proc.stderr
     assert one_sentence(proc) == (f"error: --out {out} is a Delta table of another tool (named 'sales'); dogbreed writes "
                                   "only to its own tables: give a new folder")
     for args in (["compact", out], ["latest", out]):
         proc = cli(*args)
-        assert proc.returncode == EXIT_USAGE and "Delta table of another tool" in one_sentence(proc), args
+        assert proc.returncode == Exit.USAGE and "Delta table of another tool" in one_sentence(proc), args
     assert Tree(out).files() == before
     assert DeltaTable(loc.uri, storage_options=loc.storage_options()).to_pyarrow_table().num_rows == rows
 
@@ -204,7 +204,7 @@ def test_out_names_delta_lake_cannot_hold_are_refused_up_front(tmp_path, name):
     photos.write("dog.jpg", _jpeg(1))
     out = tmp_path / "outs" / name
     proc = cli("scan", photos.base, "--out", str(out))
-    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert proc.returncode == Exit.USAGE, proc.stderr
     assert "which Delta Lake cannot store in a table path; give another folder name" in one_sentence(proc)
     assert not (tmp_path / "outs").exists()  # nothing created
 
@@ -227,7 +227,7 @@ def test_s3_out_names_outside_the_safe_characters_are_refused_up_front(s3_out, c
     assert list(readers.latest(f"{base}/night-2024_v1.0")["path"]) == ["/p/a.jpg"]
     for name in ("sp ace", "ünï→cøde", "q?mark", "ha#sh", "a%2Fb"):
         proc = cli("latest", f"{base}/{name}")
-        assert proc.returncode == EXIT_USAGE and "cannot store in a table path" in one_sentence(proc), name
+        assert proc.returncode == Exit.USAGE and "cannot store in a table path" in one_sentence(proc), name
 
 
 # --------------------------------------------------------------------------- locks that would block forever
@@ -251,7 +251,7 @@ def test_a_malformed_or_future_lock_record_is_one_sentence_and_breakable(tmp_pat
     commit_rows(out, ["/p/a.jpg"])
     _lock_record(out, body)
     proc = cli("compact", str(out))
-    assert proc.returncode == EXIT_LOCKED, proc.stderr
+    assert proc.returncode == Exit.LOCKED, proc.stderr
     text = one_sentence(proc)
     assert says in text and text.endswith("if no dogbreed run is using it, run again with --break-lock"), text
     proc = cli("compact", str(out), "--break-lock")

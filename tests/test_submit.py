@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from dogbreed.cli import app
 from dogbreed.cluster import submit
+from dogbreed.errors import Exit
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRETS = [".env", ".aws/credentials", "id_rsa", ".ssh/id_ed25519", "token", "ray_token.txt", "dogbreed/.env",
@@ -103,7 +104,7 @@ def test_submit_to_a_silent_head_exits_2_at_once(silent_head, tmp_path):
     t0 = time.monotonic()
     r = CliRunner().invoke(app, ["submit", "scan", str(tmp_path), "--out", "s3://bucket/out", "--address", silent_head,
                                  "--timeout", "1", "--no-follow"])
-    assert r.exit_code == submit.EXIT_NOT_SUBMITTED, r.output
+    assert r.exit_code == Exit.USAGE, r.output
     assert "did not answer within 1 s" in r.output and "Traceback" not in r.output
     assert time.monotonic() - t0 < 20
 

@@ -15,13 +15,14 @@ import pyarrow.compute as pc
 
 from dogbreed.breeds import taxonomy
 from dogbreed.config import PHOTO_EXTENSIONS
+from dogbreed.errors import UsageError
 from dogbreed.scan.listing import list_roots, normalise_roots
 
 HUMANS, OTHER = "humans", "other"
 SPLIT_NAMES = {"train": ("train",), "val": ("valid", "val", "validation"), "test": ("test",)}
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """A labelled folder that cannot be used; one readable sentence naming it."""
 
 

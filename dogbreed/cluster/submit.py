@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from dogbreed.config import ConfigError, ScanConfig, load_config
+from dogbreed.errors import Exit, UsageError
 
 JOBS = {"scan": ("jobs/scan.py", "configs/scan.yaml"), "train": ("jobs/train.py", "configs/train.yaml")}
 
@@ -37,14 +38,13 @@ SHIPPED_SUFFIXES = (".py", ".yaml", ".yml", ".j2", ".md", ".jpg", ".png")
 REQUEST_TIMEOUT_S = 30.0  # every request to the cluster: connecting, and waiting for each answer
 HEARTBEAT_S = 30.0  # following logs: a head that stops answering pings is given up after about this long
 
-# What `dogbreed submit` exits with when the job never gave an exit code of its own.
-EXIT_OK, EXIT_FAILED, EXIT_NOT_SUBMITTED, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 6, 130
 
 _ADDRESS_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # Ray's own, in Ray's order of precedence
 
 
-class SubmitError(RuntimeError):
-    """The job could not be submitted or looked up (no address, cluster unreachable, bad config, too few GPUs)."""
+class SubmitError(UsageError):
+    """The job could not be submitted or looked up (no address, cluster unreachable, bad config, too few GPUs): exit 2,
+    nothing ran."""
 
 
 @dataclass
@@ -264,7 +264,7 @@ def submit(kind: str, args: list[str], address: str | None = None, config: str |
     out = out or sys.stdout
     print(f"submitted {job_id}: {command}", file=out, flush=True)
     if not follow:
-        return JobOutcome(job_id, "PENDING", EXIT_OK, "not followed")
+        return JobOutcome(job_id, "PENDING", Exit.OK, "not followed")
     return follow_job(client, job_id, out)
 
 
@@ -279,7 +279,7 @@ def follow_job(client, job_id: str, out: TextIO) -> JobOutcome:
         asyncio.run(tail())
     except KeyboardInterrupt:
         print(f"\nstopped following; {job_id} keeps running (dogbreed stop {job_id} stops it)", file=out)
-        return JobOutcome(job_id, "RUNNING", EXIT_INTERRUPTED, "interrupted")
+        return JobOutcome(job_id, "RUNNING", Exit.INTERRUPTED, "interrupted")
     except (OSError, asyncio.TimeoutError) as e:  # aiohttp's errors are OSErrors; the head went away
         print(f"\nlost the log stream of {job_id} ({e or type(e).__name__}); it may still be running "
               f"(dogbreed logs {job_id})", file=out)
@@ -292,13 +292,13 @@ def outcome(client, job_id: str) -> JobOutcome:
     status = _status(info.status)
     code = getattr(info, "driver_exit_code", None)
     if status == "SUCCEEDED":
-        exit_code = code or EXIT_OK
+        exit_code = code or Exit.OK
     elif status == "FAILED":
-        exit_code = code if code else EXIT_FAILED
+        exit_code = code if code else Exit.FAILED
     elif status == "STOPPED":
-        exit_code = EXIT_STOPPED
+        exit_code = Exit.STOPPED
     else:
-        exit_code = EXIT_FAILED
+        exit_code = Exit.FAILED
     return JobOutcome(job_id, status, exit_code, info.message or "")
 
 

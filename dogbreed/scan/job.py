@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from dogbreed.cluster.session import start_ray
 from dogbreed.config import ScanConfig, dump_config, settings_id
-from dogbreed.console import EXIT_BAD_PHOTOS, EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_REFUSED, EXIT_USAGE
+from dogbreed.errors import Exit, Failed
 from dogbreed.scan.listing import RootError, list_roots, normalise_roots
 from dogbreed.scan.plan import KNOWN_COLUMNS, Plan, ScanRefused, make_plan
 from dogbreed.table import readers, schema
@@ -40,11 +40,8 @@ DECODE_CALLS_PER_WORKER = 50  # a decode worker process exits after this many bl
 OUTPUT_BLOCK_PHOTOS = 32  # decoded crops per block sent on to the actors
 BLOCKS_PER_DECODER = 16  # a run is cut into at least this many blocks per decode task: a short tail
 
-__all__ = ["EXIT_BAD_PHOTOS", "EXIT_FAILED", "EXIT_LOCKED", "EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "ScanRefused",
-           "ScanSummary", "run_scan"]
 
-
-class ScanFailed(RuntimeError):
+class ScanFailed(Failed):
     """The run could not produce its rows (e.g. every photo was lost to worker failures); nothing was committed."""
 
 
@@ -68,7 +65,7 @@ class ScanSummary:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_BAD_PHOTOS if self.counts.get("error", 0) else EXIT_OK
+        return Exit.BAD_PHOTOS if self.counts.get("error", 0) else Exit.OK
 
     def line(self) -> str:
         c = self.counts

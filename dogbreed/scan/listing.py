@@ -15,6 +15,8 @@ from typing import Iterator, Literal
 
 import pyarrow as pa
 
+from dogbreed.errors import Refused
+
 CHUNK_ROWS = 65_536  # files per Arrow chunk while walking: bounds the Python lists alive at once
 
 LISTING_SCHEMA = pa.schema([
@@ -32,7 +34,7 @@ LISTING_SCHEMA = pa.schema([
 FollowSymlinks = Literal["inside", "all", "none"]
 
 
-class RootError(Exception):
+class RootError(Refused):
     """A root that cannot be scanned (missing, not a folder, unreadable)."""
 
 

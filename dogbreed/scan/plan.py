@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dogbreed.config import ScanConfig
+from dogbreed.errors import Refused
 from dogbreed.table import schema
 from dogbreed.vision.decode import fingerprint_file
 
@@ -29,7 +30,7 @@ FINGERPRINT_THREADS = 8  # reads of two 64-KiB ends are I/O bound: a few threads
 IDENTITY = ["path", "raw", "size_bytes", "mtime_ns", "ctime_ns"]  # what a planned row carries about its file
 
 
-class ScanRefused(RuntimeError):
+class ScanRefused(Refused):
     """The archive looks unavailable (missing, unreadable, suddenly empty, mass-deleted); nothing was changed."""
 
 

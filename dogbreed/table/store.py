@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from dogbreed.errors import Failed, Locked, UsageError
 from dogbreed.table import schema
 from dogbreed.table.objects import objects
 
@@ -35,15 +36,15 @@ SCHEMES = ("s3", "gs")
 TABLE_NAME = "dogbreed scan results"
 
 
-class ScanLocked(RuntimeError):
+class ScanLocked(Locked):
     """Another scan holds the output's lock (or committed while this run held a lost lease)."""
 
 
-class OutputError(ValueError):
+class OutputError(UsageError):
     """An --out that cannot be used (an unsupported URI, a file, no bucket, no credentials); nothing was created."""
 
 
-class StoreError(RuntimeError):
+class StoreError(Failed):
     """The output could not be written or read while a run was in progress; nothing was committed."""
 
 

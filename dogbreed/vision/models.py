@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from dogbreed.breeds import taxonomy
+from dogbreed.errors import UsageError
 from dogbreed.vision.decode import Preprocessing  # preprocessing travels with the weights
 
 DEFAULT_MODEL = "default"
@@ -30,7 +31,7 @@ WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
 
 
-class ModelError(ValueError):
+class ModelError(UsageError):
     """A model reference that cannot be used (missing, tampered, mismatched); one readable sentence."""
 
 
