@@ -174,10 +174,10 @@ def latest(
 ) -> None:
     """The current answer per existing photo (latest successful-or-error row), as a table or file."""
     from dogbreed.table import readers, schema
-    from dogbreed.table.ownership import require_table
+    from dogbreed.table.output import Output
 
     with _user_errors():
-        require_table(out_dir)
+        Output(out_dir).require()
         df = readers.latest(out_dir, model_id=model_id)
     if csv:
         df.to_csv(csv, index=False)

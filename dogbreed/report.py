@@ -251,10 +251,11 @@ def build_report(out_dir: str | Path, html_path: str | Path, max_gallery: int = 
     Counts and plots describe the current answer per photo (`readers.latest`); the run block comes from
     the newest manifest. Returns the path written.
     """
-    from dogbreed.table.ownership import require_table
+    from dogbreed.table.output import Output
 
     html_path = Path(html_path)
-    runs = readers.manifests(out_dir, require_table(out_dir))
+    output = Output(out_dir)
+    runs = output.runs(output.require())
     if not runs:
         raise ReportError(f"{out_dir} has no committed scan run (expected a Delta table with {out_dir}/_delta_log).")
     rows = readers.latest(out_dir)

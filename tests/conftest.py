@@ -185,8 +185,8 @@ def _commit_rows(out: str | Path, paths: list[Path | str], status: str = "neithe
     import pyarrow as pa
 
     from dogbreed.table import schema
-    from dogbreed.table.lock import hold
-    from dogbreed.table.store import RunWriter, locate, new_run_id, open_table, utcnow
+    from dogbreed.table.output import Output
+    from dogbreed.table.store import new_run_id, utcnow
 
     n, run_id = len(paths), new_run_id()
     stats = [Path(p).stat() if status != "deleted" and Path(p).exists() else None for p in paths]
@@ -196,14 +196,11 @@ def _commit_rows(out: str | Path, paths: list[Path | str], status: str = "neithe
         "mtime": pa.array([s.st_mtime_ns // 1000 if s else None for s in stats], pa.int64()).cast(schema.UTC_US),
         "processed_at": pa.array([utcnow()] * n, schema.UTC_US),
     })
-    loc = locate(out)
-    with hold(loc, lease_s) as lease:
-        snapshot = open_table(loc)
-        with RunWriter(loc, run_id) as writer:
+    with Output(out, write=True).writing(lease_s) as session:
+        with session.writer(run_id) as writer:
             writer.write(table)
-        lease.check(str(out))
-        writer.commit(snapshot, {"run_id": run_id, "model_id": model_id, "status": "committed",
-                                             "counts": dict(writer.counts)})
+        session.commit(writer, {"run_id": run_id, "model_id": model_id, "status": "committed",
+                                "counts": dict(writer.counts)})
     return run_id
 
 

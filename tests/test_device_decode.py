@@ -205,7 +205,7 @@ def test_decode_calls_are_chunked_by_declared_pixels(monkeypatch):
 
 
 def test_scan_decodes_on_the_device_only_when_asked_and_able(shrunk_config, caplog):
-    from dogbreed.scan.job import _on_device
+    from dogbreed.scan.pipeline import _on_device
 
     def cfg(where):
         return shrunk_config("scan", **{"decode.device": where})

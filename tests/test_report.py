@@ -15,8 +15,7 @@ from PIL import Image, ImageDraw
 
 from dogbreed import report
 from dogbreed.table import readers, schema
-from dogbreed.table.lock import hold
-from dogbreed.table.store import RunWriter, locate, open_table
+from dogbreed.table.output import Output
 
 NASTY_NAME = 'photo <script>alert("x") & ünï 🐶\nline.jpg'  # a file name cannot hold "/"
 NASTY_REASON = 'cannot identify image <script>alert("boom")</script> & "quotes"\nsecond line'
@@ -52,12 +51,10 @@ def _write_run(out: Path, run_id: str, rows: list[dict]) -> None:
     columns = {k: [r.get(k) for r in rows] for k in schema.SCHEMA.names}
     columns["run_id"] = [run_id] * len(rows)
     counts = {"files": len(rows)} | {s: sum(r["status"] == s for r in rows) for s in schema.STATUSES}
-    loc = locate(out)
-    with hold(loc, 30):
-        table = open_table(loc)
-        with RunWriter(loc, run_id) as writer:
+    with Output(out, write=True).writing(30) as session:
+        with session.writer(run_id) as writer:
             writer.write(schema.to_table(columns))
-        writer.commit(table, {
+        session.commit(writer, {
             "run_id": run_id, "model_id": "model-abc", "roots": [str(out.parent / "photos")],
             "started_at": "2025-01-01T00:00:00Z", "finished_at": "2025-01-01T00:01:00Z", "status": "committed",
             "counts": counts, "images_per_s": 12.345,

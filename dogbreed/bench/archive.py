@@ -146,17 +146,16 @@ def _commit_done(root: Path, out: Path, config: Path | None) -> int:
     from dogbreed.config import ScanConfig, load_config, settings_id
     from dogbreed.scan.listing import list_roots, normalise_roots
     from dogbreed.table import schema
-    from dogbreed.table.lock import hold
-    from dogbreed.table.store import RunWriter, locate, new_run_id, open_table, utcnow
+    from dogbreed.table.output import Output
+    from dogbreed.table.store import RunWriter, utcnow
     from dogbreed.vision.models import describe_model
 
     cfg = load_config(ScanConfig, config, {"roots": [str(root)], "out": str(out)})
     roots = normalise_roots(cfg.roots).roots
     listing = list_roots(roots)
-    n, run_id = listing.num_rows, new_run_id()
-    loc = locate(out)
-    with hold(loc, cfg.lock_lease_s):
-        with RunWriter(loc, run_id) as writer:
+    n = listing.num_rows
+    with Output(out, write=True).writing(cfg.lock_lease_s) as session:
+        with session.writer() as writer:
             for start in range(0, n, RunWriter.ROW_GROUP):
                 part = listing.slice(start, RunWriter.ROW_GROUP)
                 k = part.num_rows
@@ -164,9 +163,9 @@ def _commit_done(root: Path, out: Path, config: Path | None) -> int:
                     "path": part.column("path"), "size_bytes": part.column("size"),
                     "mtime": _us(part.column("mtime_ns")), "ctime": _us(part.column("ctime_ns")),
                     "status": ["neither"] * k, "model_id": [describe_model(cfg.model)[1]] * k,
-                    "settings_id": [settings_id(cfg)] * k, "run_id": [run_id] * k,
+                    "settings_id": [settings_id(cfg)] * k, "run_id": [writer.run_id] * k,
                     "processed_at": pa.array([utcnow()] * k, schema.UTC_US)}))
-        writer.commit(open_table(loc), {"run_id": run_id, "status": "committed", "synthetic": True})
+        session.commit(writer, {"run_id": writer.run_id, "status": "committed", "synthetic": True})
     return n
 
 

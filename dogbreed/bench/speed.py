@@ -190,7 +190,7 @@ class _StatsLog:
     def __enter__(self) -> "_StatsLog":
         import logging
 
-        self.text, self._log = "", logging.getLogger("dogbreed.scan.job")
+        self.text, self._log = "", logging.getLogger("dogbreed.scan.pipeline")
         outer = self
 
         class _Catch(logging.Handler):

@@ -22,7 +22,7 @@ from dogbreed.errors import Refused
 from dogbreed.table import schema
 from dogbreed.vision.decode import fingerprint_file
 
-log = logging.getLogger("dogbreed.scan.job")
+log = logging.getLogger("dogbreed.scan.plan")
 
 KNOWN_COLUMNS = ["status", "error", "error_kind", "model_id", "settings_id", "size_bytes", "mtime", "ctime",
                  "fingerprint"]

@@ -1,6 +1,6 @@
 """Keeping an output table small over years (compact) and converting the old runs/ layout into it (migrate).
 
-Both hold the output's lock, like a scan, so they never run beside one.
+Both hold the output's lock (through the output object), like a scan, so they never run beside one.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from dogbreed.table import readers, schema
-from dogbreed.table.lock import hold
-from dogbreed.table.store import DELTA_COMMIT_KEYS, OutputError, RunWriter, StoreError, check_out, clear_orphans, open_table
+from dogbreed.table import schema
+from dogbreed.table.output import Output
+from dogbreed.table.store import DELTA_COMMIT_KEYS, OutputError, RunWriter, StoreError
 
 log = logging.getLogger("dogbreed.table.maintain")
 MIGRATED_DIR = "_runs_before_delta"  # where migrate moves the old runs/ (hidden from Delta and Parquet readers)
@@ -41,26 +41,23 @@ def compact(out: str, retention_hours: int, lease_s: float = 60.0, break_lock: b
     Only files dogbreed recorded are deleted: those the log added and later removed, and those a killed run named
     in its record. Anything else in the output (a user's files, whatever their age) is never touched.
     """
-    loc = check_out(out)
-    with hold(loc, lease_s, what="compact", break_lock=break_lock) as lease:
-        table = open_table(loc)
-        if table is None:
-            raise OutputError(f"{out} holds no scan table yet (nothing to compact)")
+    output = Output(out, write=True)
+    output.require()  # a committed dogbreed table, before anything (a marker, a lock) is written
+    with output.writing(lease_s, what="compact", break_lock=break_lock) as session:
+        table = session.table
         before = len(table.get_add_actions(flatten=True))
-        orphans = clear_orphans(loc, table)
         try:
             table.optimize.compact()
             table.create_checkpoint()
-            lease.check(out)
+            session.lease.check(out)
             # Not full: only tombstones (files the log removed), never "whatever the log does not name".
             removed = table.vacuum(retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False,
                                    full=False)
             table.cleanup_metadata()  # log entries past the table's log retention (30 days by default)
         except OSError as e:
             raise StoreError(f"cannot compact {out}: {str(e).splitlines()[0]}") from None
-        table = open_table(loc)
-        return CompactSummary(table.version(), before, len(table.get_add_actions(flatten=True)),
-                              len(removed) + len(orphans))
+        table = output.snapshot()
+        return CompactSummary(table.version(), before, len(table.get_add_actions(flatten=True)), len(removed))
 
 
 def migrate(out: str, lease_s: float = 60.0, break_lock: bool = False) -> list[str]:
@@ -69,7 +66,8 @@ def migrate(out: str, lease_s: float = 60.0, break_lock: bool = False) -> list[s
 
     Killed half-way, it is simply run again: runs already in the table are skipped.
     """
-    loc = check_out(out)
+    output = Output(out, write=True)
+    loc = output.loc
     if loc.remote:
         raise OutputError(f"--out {out}: the runs/ layout only ever existed in local folders")
     runs_dir = Path(loc.root) / schema.RUNS_DIR
@@ -77,9 +75,8 @@ def migrate(out: str, lease_s: float = 60.0, break_lock: bool = False) -> list[s
     if not old:
         raise OutputError(f"{out} has no runs/<run_id>/{schema.MANIFEST} to migrate")
     done = []
-    with hold(loc, lease_s, what="migrate", break_lock=break_lock, old_layout_ok=True) as lease:
-        table = open_table(loc)
-        have = {m["run_id"] for m in readers.manifests(out, table)}
+    with output.writing(lease_s, what="migrate", break_lock=break_lock, old_layout_ok=True) as session:
+        have = {m["run_id"] for m in output.runs(session.table)}
         for run in old:
             manifest = {k: v for k, v in json.loads((run / schema.MANIFEST).read_text(encoding="utf-8")).items()
                         if k not in DELTA_COMMIT_KEYS}
@@ -90,13 +87,11 @@ def migrate(out: str, lease_s: float = 60.0, break_lock: bool = False) -> list[s
             if config.is_file():
                 manifest["config"] = config.read_text(encoding="utf-8")
             manifest.update(run_id=run_id, migrated_from=f"{schema.RUNS_DIR}/{run.name}")
-            with RunWriter(loc, run_id) as writer:
+            with session.writer(run_id) as writer:
                 for part in sorted(run.glob("*.parquet")):
                     for batch in pq.ParquetFile(part).iter_batches(batch_size=RunWriter.ROW_GROUP):
                         writer.write(schema.to_table({n: batch.column(n) for n in batch.schema.names}))
-            lease.check(out)
-            writer.commit(table, manifest)
-            table = open_table(loc)
+            session.commit(writer, manifest)
             done.append(run_id)
             log.info("migrated run %s: %d rows", run_id, writer.rows)
         # The old layout stays on disk, out of readers' way, until its owner has checked the table.

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from dogbreed.table.objects import META_DIR, objects
-from dogbreed.table.store import LOG_DIR, TABLE_NAME, Location, OutputError, StoreError, check_out, first_line, open_table, utcnow
+from dogbreed.table.store import LOG_DIR, TABLE_NAME, Location, OutputError, StoreError, first_line, utcnow
 
 MARKER = "table.json"
 MARKER_FORMAT = "dogbreed-table"
@@ -95,12 +95,18 @@ def _entries_of(loc: Location, sub: str) -> list[str]:
     return _entries(inner) or []
 
 
-def claim(loc: Location, allow_old_layout: bool = False) -> None:
-    """Before the first write: refuse an output that holds anything but a dogbreed table; mark a new one."""
+def claimable(loc: Location, allow_old_layout: bool = False) -> str:
+    """What :func:`inspect` says, refusing what a scan may not write to; writes nothing (a dry run's check)."""
     kind = inspect(loc)
     if kind == "old-layout" and not allow_old_layout:
         raise OutputError(f"--out {loc.out} holds results in the old runs/ layout: convert it first with "
                           f"`dogbreed migrate {loc.out}`")
+    return kind
+
+
+def claim(loc: Location, allow_old_layout: bool = False) -> None:
+    """Before the first write: refuse an output that holds anything but a dogbreed table; mark a new one."""
+    kind = claimable(loc, allow_old_layout)
     if kind == "ours" and _marker_quiet(loc) is not None:
         return
     doc = {"format": MARKER_FORMAT, "format_version": 1, "created_at": utcnow().isoformat(),
@@ -141,11 +147,3 @@ def check_roots(loc: Location, roots: list[str]) -> None:
         if _inside(r, out):
             raise OutputError(f"--out {loc.out} holds the photo root {root}; give an output folder outside the photos")
 
-
-def require_table(out: str | Path):
-    """The committed dogbreed table at `out` for a reader (no write access needed); one sentence where `out` holds
-    no committed scan run, or something that is not a dogbreed table."""
-    loc = check_out(out, write=False)
-    if inspect(loc) != "ours" or (table := open_table(loc)) is None:
-        raise OutputError(f"{out} holds no committed scan run (no dogbreed table there)")
-    return table
