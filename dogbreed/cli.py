@@ -128,7 +128,7 @@ def predict(
             typer.echo(json.dumps({k: row[k] for k in schema.PREDICT_COLUMNS}, default=str) if as_json
                        else f"{row['path']}: {describe(row)}")
         if annotate:
-            write_annotated(df, annotate, cfg.decode)
+            write_annotated(df, annotate, cfg.photos)
 
 
 @app.command("evaluate")

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dogbreed.errors import UsageError
+from dogbreed.vision.geometry import FACE_SIDE
 
 # What counts as a photo, for the scan and for labelled folders alike.
 PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".heic", ".heif")
@@ -33,7 +34,6 @@ class FaceConfig(_Strict):
     # haar on 98.3%, 6.7% rotated, and 2% of dog photos (see the README's detector table). Without the yuface package
     # (wheels for CPython 3.10 and 3.11 only) yunet falls back to haar, with a warning, and settings_id says haar.
     detector: Literal["yunet", "haar"] = Field("yunet", description="yunet (CNN, needs the yuface package) or haar")
-    max_side: int = Field(640, ge=64, description="longest side of the copy the detector sees")
     min_score: float = Field(0.9, gt=0.0, le=1.0, description="yunet: confidence a face needs, upright or turned")
     verify_score: float = Field(0.5, gt=0.0, le=1.0, description="yunet: weaker candidates down to this are looked "
                                 "at again turned by +-rotate_deg, which finds tilted heads")
@@ -47,8 +47,8 @@ class FaceConfig(_Strict):
     min_size: int = Field(24, ge=8, description="haar: smallest face, in pixels of the downscaled copy")
 
 
-class DecodeConfig(_Strict):
-    """CPU decode tasks: read, orient, reduce, and detect faces, each photo inside a sandboxed child process."""
+class PhotoConfig(_Strict):
+    """How photo files are opened, by the scan and by training alike: the guards, and the size they are decoded to."""
 
     max_pixels: int = Field(180_000_000, ge=1, description="decompression-bomb guard on declared width*height")
     max_bytes: int = Field(200_000_000, ge=1, description="files larger than this are refused unread")
@@ -57,7 +57,15 @@ class DecodeConfig(_Strict):
     max_memory_mb: int | None = Field(4096, ge=256, description="memory cap of a decoder process (RLIMIT_DATA); a photo "
                                       "needing more becomes an error row instead of waking the OOM killer; null = none")
     plugins: list[str] = Field(default_factory=list, description="Pillow plugins imported in each decoder process: "
-                               "module names or .py files (e.g. pillow_avif)")
+                               "module names or .py files")
+    face_side: int = Field(FACE_SIDE, ge=64, description="longest side of the small copy the face detector sees; a "
+                           "photo is decoded at the smallest scale that serves it and the model crop, so training "
+                           "must use the scan's value to make the scan's crops")
+
+
+class DecodeConfig(_Strict):
+    """The scan's decode tasks: each reads, decodes and searches photos for faces in a sandboxed child process."""
+
     batch_size: int = Field(8, ge=1, description="photos per decode call; results stream on in blocks of about this many")
     block_rows: int = Field(2048, ge=1, description="most paths per input block; a small run is cut finer so that every "
                             "decode task has work")
@@ -121,6 +129,7 @@ class ScanConfig(_Strict):
                                 "per lease, a killed one's lock is free again after this long")
     vacuum_retention_hours: int = Field(168, ge=1, description="dogbreed compact keeps files older versions need for "
                                         "this long (time travel), then deletes them")
+    photos: PhotoConfig = Field(default_factory=PhotoConfig)
     face: FaceConfig = Field(default_factory=FaceConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
@@ -139,10 +148,17 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+# Keys that moved (so a config written for an older dogbreed gets a sentence saying where, not "unknown key").
+MOVED = {f"decode.{k}": f"photos.{k}" for k in ("max_pixels", "max_bytes", "timeout_s", "max_memory_mb", "plugins")}
+MOVED["face.max_side"] = "photos.face_side"
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":
+        if key in MOVED:
+            return f"{source}: key '{key}' is now '{MOVED[key]}'"
         return f"{source}: unknown key '{key}'"
     return f"{source}: key '{key}': {first['msg']} (got {first.get('input')!r})"
 
@@ -158,6 +174,8 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[st
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
         if loaded is None:
@@ -181,11 +199,13 @@ def dump_config(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def _effective_face(face: FaceConfig) -> dict[str, Any]:
-    """The face settings as they will run: a yunet that falls back to haar (no yuface here) hashes as haar."""
-    from dogbreed.vision.faces import active_detector  # detect imports this module
+def _effective_face(cfg: ScanConfig) -> dict[str, Any]:
+    """The face settings as they will run: a yunet that falls back to haar (no yuface here) hashes as haar. The copy's
+    size (photos.face_side) is hashed as the face setting `max_side` it once was, so rows keep their settings_id."""
+    from dogbreed.vision.faces import active_detector  # faces imports this module
 
-    return face.model_copy(update={"detector": active_detector(face)}).model_dump(mode="json")
+    face = cfg.face.model_copy(update={"detector": active_detector(cfg.face)}).model_dump(mode="json")
+    return {**face, "max_side": cfg.photos.face_side}
 
 
 def settings_id(cfg: ScanConfig) -> str:
@@ -197,7 +217,7 @@ def settings_id(cfg: ScanConfig) -> str:
     import json
 
     relevant = {"top_k": cfg.top_k, "dog_threshold": cfg.dog_threshold, "count_dingo_as_dog": cfg.count_dingo_as_dog,
-                "face": _effective_face(cfg.face)}
+                "face": _effective_face(cfg)}
     if cfg.breed_flip:  # added only when on, so rows written before the setting existed stay current
         relevant["breed_flip"] = True
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import os
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,10 +20,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from dogbreed.config import DecodeConfig
+from dogbreed.config import PhotoConfig
 from dogbreed.errors import UsageError
 from dogbreed.table import readers, schema
-from dogbreed.vision.decode import ImageError, open_photo
+from dogbreed.vision.decode import ImageError
+from dogbreed.vision.geometry import Geometry
+from dogbreed.vision.worker import PhotoReader, PhotoTask
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -127,30 +130,36 @@ def annotate(image: Image.Image, row: Mapping[str, Any], full_size: tuple[int, i
     return img
 
 
-def thumbnail(path: str | bytes, row: Mapping[str, Any], size: int,
-              guards: DecodeConfig | None = None) -> Image.Image:
-    """The annotated thumbnail (longest side `size`) of a photo; raises ImageError if it cannot be read.
-
-    `path` may be the raw bytes of a name that is not UTF-8 (a row's `path_bytes`)."""
-    guards = guards or DecodeConfig()
-    img, full = open_photo(path, guards.max_bytes, guards.max_pixels, long_side=size)
-    img.thumbnail((size, size))
-    return annotate(img, row, full_size=full)
+def photo_reader(size: int | None, photos: PhotoConfig | None = None) -> PhotoReader:
+    """The scan's sandboxed photo worker, making only the upright copy with longest side `size` (None: full size)."""
+    return PhotoReader(PhotoTask(Geometry.copy(size), photos or PhotoConfig(), keep_small=True))
 
 
-def write_annotated(rows: pd.DataFrame, folder: str | Path, guards: DecodeConfig | None = None) -> list[Path]:
+def thumbnail(reader: PhotoReader, path: str | bytes, row: Mapping[str, Any]) -> Image.Image:
+    """The annotated copy of a photo that `reader` (see :func:`photo_reader`) makes; raises ImageError with the reason
+    if it cannot be read. `path` may be the raw bytes of a name that is not UTF-8 (a row's `path_bytes`)."""
+    result = reader(path if isinstance(path, bytes) else os.fsencode(path))
+    if not result.ok:
+        raise ImageError(result.error)
+    return annotate(Image.fromarray(result.small, "RGB"), row, full_size=(result.width, result.height))
+
+
+def write_annotated(rows: pd.DataFrame, folder: str | Path, photos: PhotoConfig | None = None) -> list[Path]:
     """`predict --annotate`: a copy of each decoded photo with its answer drawn on it, as <stem>.annotated.jpg."""
-    guards = guards or DecodeConfig()
     folder = Path(folder)
     written = []
-    for row in rows.to_dict("records"):
-        if row["status"] not in IMAGE_STATUSES:
-            continue
-        folder.mkdir(parents=True, exist_ok=True)
-        img, _ = open_photo(row.get("path_bytes") or row["path"], guards.max_bytes, guards.max_pixels)
-        target = folder / (Path(row["path"]).stem + ".annotated.jpg")
-        annotate(img, row).save(target, quality=90)
-        written.append(target)
+    reader = photo_reader(None, photos)
+    try:
+        for row in rows.to_dict("records"):
+            if row["status"] not in IMAGE_STATUSES:
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
+            img = thumbnail(reader, row.get("path_bytes") or row["path"], row)
+            target = folder / (Path(row["path"]).stem + ".annotated.jpg")
+            img.save(target, quality=90)
+            written.append(target)
+    finally:
+        reader.close()
     return written
 
 
@@ -225,9 +234,10 @@ def _pick_gallery(rows: pd.DataFrame, limit: int) -> pd.DataFrame:
 
 def _gallery_items(rows: pd.DataFrame, thumb_size: int) -> list[dict[str, Any]]:
     items = []
+    reader = photo_reader(thumb_size)
     for row in rows.to_dict("records"):
         try:
-            src, problem = _jpeg_uri(thumbnail(_get(row, "path_bytes") or row["path"], row, thumb_size)), None
+            src, problem = _jpeg_uri(thumbnail(reader, _get(row, "path_bytes") or row["path"], row)), None
         except ImageError as exc:  # a photo moved or broken since the scan must not stop the report
             src, problem = None, f"cannot show the photo now: {_one_line(exc)}"
         items.append({
@@ -235,6 +245,7 @@ def _gallery_items(rows: pd.DataFrame, thumb_size: int) -> list[dict[str, Any]]:
             "breed": _get(row, "breed") or "", "label": describe(row), "faces": int(_get(row, "face_count") or 0),
             "src": src, "problem": problem,
         })
+    reader.close()
     return items
 
 

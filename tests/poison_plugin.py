@@ -8,7 +8,7 @@ A file starting with ``POISON:<ACTION>`` is claimed by this plugin when the deco
 - MEMORY: allocates 64 GiB, more than any decoder may have
 - SLEEP: sleeps in Python for a minute (a slow decoder)
 
-Loaded into the decoder's process with ``decode.plugins: [<this file>]``; never imported by the package.
+Loaded into the decoder's process with ``photos.plugins: [<this file>]``; never imported by the package.
 """
 
 import ctypes

@@ -41,7 +41,7 @@ def test_native_crash_and_hang_in_a_decode_worker_are_one_error_row_each_and_not
     good = make_photos(root, 6)
     segv, hang, abort = _poison(root / "p001x.jpg", "SEGV"), _poison(root / "p003x.jpg", "HANG"), \
         _poison(root / "p004x.jpg", "ABORT")
-    cfg = scan_config([root], out, **{"decode.plugins": [POISON_PLUGIN], "decode.timeout_s": 3,
+    cfg = scan_config([root], out, **{"photos.plugins": [POISON_PLUGIN], "photos.timeout_s": 3,
                                       "decode.batch_size": 4})
     first = run_scan(cfg)
     assert first.exit_code == Exit.BAD_PHOTOS and first.counts.get("error") == 3

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dogbreed.config import ConfigError, ScanConfig, dump_config, load_config
 from dogbreed.train.config import TrainConfig
@@ -11,12 +12,32 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name, cls", [("scan", ScanConfig), ("train", TrainConfig)])
-def test_shipped_yaml_matches_the_typed_defaults(name, cls):
-    # configs/<job>.yaml documents every knob; its values are the code's defaults, so the two cannot drift.
-    text = (ROOT / "configs" / f"{name}.yaml").read_text(encoding="utf-8")
+def test_shipped_yaml_writes_out_every_key_at_every_depth_with_the_typed_default(name, cls):
+    # The typed defaults are the one source; configs/<job>.yaml documents every knob with exactly that value.
+    written = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text(encoding="utf-8"))
+    assert written == cls().model_dump(mode="json")
     assert load_config(cls, ROOT / "configs" / f"{name}.yaml") == cls()
-    documented = {line.split(":")[0].strip() for line in text.splitlines() if line[:1].isalpha()}
-    assert documented == set(cls.model_fields), "every top-level key is written out in the YAML"
+
+
+def test_training_opens_photos_as_the_scan_does_and_has_only_keys_it_uses():
+    assert TrainConfig().photos == ScanConfig().photos
+    assert set(TrainConfig.model_fields["decode"].annotation.model_fields) == {"batch_size", "num_cpus", "max_retries"}
+
+
+@pytest.mark.parametrize("old, new", [("decode:\n  max_pixels: 5\n", "photos.max_pixels"),
+                                      ("face:\n  max_side: 320\n", "photos.face_side")])
+def test_a_key_that_moved_says_where_it_went(tmp_path, old, new):
+    f = tmp_path / "old.yaml"
+    f.write_text(old)
+    with pytest.raises(ConfigError, match=f"is now '{new}'"):
+        load_config(ScanConfig, f)
+
+
+def test_a_config_that_is_not_utf8_is_one_sentence(tmp_path):
+    f = tmp_path / "latin1.yaml"
+    f.write_bytes("top_k: 3  # café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml is not UTF-8 text"):
+        load_config(ScanConfig, f)
 
 
 def test_overrides_win_and_none_means_not_given():

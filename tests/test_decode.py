@@ -8,9 +8,10 @@ import pytest
 from PIL import Image
 
 from dogbreed.vision.decode import ImageError, decode, model_crop, small_copy
-from dogbreed.vision.models import Preprocessing
+from dogbreed.vision.preprocessing import Preprocessing
 
 PREP = Preprocessing()
+GEOM = PREP.geometry()
 
 
 def _jpeg(img: Image.Image, **kw) -> bytes:
@@ -38,20 +39,20 @@ def test_large_jpeg_uses_dct_scaling_but_reports_full_size(monkeypatch):
         return r
 
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
-    d = decode(_jpeg(_gradient(4000, 3000)), PREP, face_max_side=640)
+    d = decode(_jpeg(_gradient(4000, 3000)), GEOM)
     assert (d.width, d.height) == (4000, 3000)
     assert drafts and drafts[0][1][0] <= 1000  # decoded at 1/4 scale or smaller, not 4000 px wide
     assert d.model_input.shape == (224, 224, 3) and d.model_input.dtype == np.uint8
-    assert max(d.gray.shape) <= 640 and d.small_to_full == pytest.approx(4000 / d.gray.shape[1])
+    assert max(d.small.shape) <= 640 and d.small_to_full == pytest.approx(4000 / d.small.shape[1])
 
 
 def test_exif_rotation_swaps_the_frame():
     img = _gradient(600, 400)
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise for display
-    d = decode(_jpeg(img, exif=exif.tobytes()), PREP)
+    d = decode(_jpeg(img, exif=exif.tobytes()), GEOM)
     assert (d.width, d.height) == (400, 600)
-    assert d.gray.shape[0] > d.gray.shape[1]  # portrait after orientation
+    assert d.small.shape[0] > d.small.shape[1]  # portrait after orientation
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "I;16", "1"])
@@ -64,7 +65,7 @@ def test_any_mode_becomes_rgb(mode):
         img = img.convert(mode)
     buf = io.BytesIO()
     img.save(buf, "TIFF" if mode in ("CMYK",) else "PNG")
-    d = decode(buf.getvalue(), PREP)
+    d = decode(buf.getvalue(), GEOM)
     assert d.model_input.shape == (224, 224, 3)
     if mode == "I;16":  # 16-bit is rescaled, not clipped to white
         assert 60 < d.model_input.mean() < 200
@@ -74,23 +75,31 @@ def test_transparent_pixels_composite_on_white():
     img = Image.new("RGBA", (300, 300), (0, 0, 0, 0))
     buf = io.BytesIO()
     img.save(buf, "PNG")
-    assert decode(buf.getvalue(), PREP).model_input.min() == 255
+    assert decode(buf.getvalue(), GEOM).model_input.min() == 255
 
 
-def test_model_crop_matches_timm_eval_transform():
+@pytest.mark.parametrize("crop_mode, crop_pct", [("center", 0.875), ("center", 0.95), ("squash", 0.9), ("border", 0.875)])
+@pytest.mark.parametrize("size", [(500, 320), (320, 500), (331, 317), (640, 427), (150, 90)])
+def test_model_crop_is_timms_eval_transform_exactly(crop_mode, crop_pct, size):
     import timm.data
-    import torch
 
-    img = _gradient(500, 320)
-    t = timm.data.create_transform(input_size=(3, 224, 224), crop_pct=0.875, interpolation="bicubic",
-                                   mean=(0, 0, 0), std=(1 / 255, 1 / 255, 1 / 255))
-    ref = t(img).permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
-    ours = model_crop(img, PREP)
-    assert np.abs(ref.astype(int) - ours.astype(int)).mean() < 1.5
+    img = _gradient(*size)
+    prep = Preprocessing(crop_pct=crop_pct, crop_mode=crop_mode)
+    t = timm.data.create_transform(input_size=(3, 224, 224), crop_pct=crop_pct, crop_mode=crop_mode,
+                                   interpolation="bicubic", mean=(0, 0, 0), std=(1 / 255, 1 / 255, 1 / 255))
+    t.transforms = [x for x in t.transforms if type(x).__name__ not in ("ToTensor", "MaybeToTensor", "Normalize")]
+    ref = np.asarray(t(img), dtype=np.uint8)
+    ours = model_crop(img, prep.geometry())
+    if crop_mode == "border":  # timm pads with the mean colour: ours is (0.5, 0.5, 0.5) -> 128
+        assert ours.shape == ref.shape
+        inside = ~(ours == 128).all(axis=2)
+        assert np.array_equal(ours[inside], ref[inside])
+    else:
+        assert np.array_equal(ours, ref)
 
 
 def test_small_copy_size():
-    small = small_copy(_gradient(1280, 960), 640)
+    small = small_copy(Image.fromarray(np.zeros((960, 1280, 3), np.uint8)), GEOM.small((1280, 960)))
     assert small.shape == (480, 640, 3) and small.dtype == np.uint8
 
 
@@ -101,14 +110,14 @@ def test_small_copy_size():
 ])
 def test_bad_bytes_give_one_line_reasons(data, reason):
     with pytest.raises(ImageError, match=reason) as e:
-        decode(data, PREP)
+        decode(data, GEOM)
     assert "\n" not in str(e.value)
 
 
 def test_truncated_jpeg_is_an_error():
     data = _jpeg(_gradient(800, 600))
     with pytest.raises(ImageError, match="corrupt or truncated"):
-        decode(data[: len(data) // 2], PREP)
+        decode(data[: len(data) // 2], GEOM)
 
 
 def test_decompression_bomb_refused_before_decoding():
@@ -118,7 +127,7 @@ def test_decompression_bomb_refused_before_decoding():
     data[16:24] = (100_000).to_bytes(4, "big") + (100_000).to_bytes(4, "big")  # IHDR width, height
     data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # a valid header, just huge
     with pytest.raises(ImageError, match="decompression"):
-        decode(bytes(data), PREP)
+        decode(bytes(data), GEOM)
 
 
 def test_a_large_16_bit_photo_decodes_in_a_few_bytes_per_pixel(tmp_path):
@@ -136,13 +145,14 @@ def test_a_large_16_bit_photo_decodes_in_a_few_bytes_per_pixel(tmp_path):
     # Imports and first-call allocations happen on a small photo first; the peak then grows by the big one alone.
     # VmHWM, not ru_maxrss: the latter keeps the forking parent's peak across exec.
     code = ("import sys\n"
-            "from dogbreed.vision.decode import Preprocessing, decode\n"
+            "from dogbreed.vision.decode import decode\n"
+            "from dogbreed.vision.geometry import Geometry\n"
             "def hwm():\n"
             "    return int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])\n"
-            "decode(open(sys.argv[2], 'rb').read(), Preprocessing())\n"
+            "decode(open(sys.argv[2], 'rb').read(), Geometry())\n"
             "data = open(sys.argv[1], 'rb').read()\n"
             "before = hwm()\n"
-            "d = decode(data, Preprocessing())\n"
+            "d = decode(data, Geometry())\n"
             "print(hwm() - before, d.width, d.height)\n")
     small = tmp_path / "small.png"
     Image.fromarray(ramp[:64, :64]).save(small)

@@ -13,14 +13,17 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from dogbreed.config import DecodeConfig, FaceConfig
+from dogbreed.config import FaceConfig, PhotoConfig
 from dogbreed.table import readers
 from dogbreed.vision import device_decode
-from dogbreed.vision.decode import Preprocessing, jpeg_header, model_crop, small_copy
+from dogbreed.vision.decode import decode, jpeg_header, model_crop, small_copy
+from dogbreed.vision.geometry import Geometry
 from dogbreed.vision.predictors import BreedPredictor, Decoder
+from dogbreed.vision.preprocessing import Preprocessing
 
 SAMPLES = Path(__file__).resolve().parents[1] / "dogbreed" / "samples"
 PREP = Preprocessing()
+GEOM = PREP.geometry()
 ROW_KEYS = ("status", "error", "error_kind", "fingerprint", "width", "height", "face_count", "breed")
 BOX_TOLERANCE = 3  # face boxes agree within this many pixels of the face copy the detector sees
 SCORE_TOLERANCE = 0.02
@@ -70,13 +73,13 @@ def predictor():
     return BreedPredictor(top_k=3)
 
 
-def rows_both_ways(paths, predictor, device="cpu", decode_cfg=None):
+def rows_both_ways(paths, predictor, device="cpu", photos=None):
     """(CPU-path rows, device-path rows, the DeviceDecoder) for the same files."""
     batch = _batch(paths)
-    cpu = predictor(Decoder(PREP, FaceConfig(), decode_cfg)(batch))
-    dd = device_decode.DeviceDecoder(PREP, FaceConfig(), decode_cfg, device=device, face_threads=2)
+    cpu = predictor(Decoder(PREP, FaceConfig(), photos)(batch))
+    dd = device_decode.DeviceDecoder(PREP, FaceConfig(), photos, device=device, face_threads=2)
     try:
-        dev = predictor(dd(device_decode.JpegShipper(PREP, FaceConfig(), decode_cfg)(batch)))
+        dev = predictor(dd(device_decode.JpegShipper(PREP, FaceConfig(), photos)(batch)))
     finally:
         dd.close()
     return cpu, dev, dd
@@ -96,7 +99,7 @@ def assert_same_rows(paths, cpu, dev):
             assert a == b or (a is None and b is None), (p.name, key, a, b)
         if cpu["status"][i] != "error":
             assert abs(cpu["dog_score"][i] - dev["dog_score"][i]) <= SCORE_TOLERANCE, p.name
-            scale = max(1.0, max(cpu["width"][i], cpu["height"][i]) / FaceConfig().max_side)
+            scale = max(1.0, max(cpu["width"][i], cpu["height"][i]) / PhotoConfig().face_side)
             for box_a, box_b in zip(json.loads(cpu["faces"][i]), json.loads(dev["faces"][i])):
                 assert np.abs(np.subtract(box_a, box_b)).max() <= BOX_TOLERANCE * scale, (p.name, box_a, box_b)
 
@@ -128,15 +131,44 @@ def test_orient_turns_a_tensor_as_pil_turns_the_photo(tmp_path, orientation):
 def test_crop_and_face_copy_on_the_device_match_pil():
     rgb = Image.open(SAMPLES / "Brittany_02625.jpg").convert("RGB")  # 450 x 664: upscaled to the 256 short side
     tensor = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
-    crop = device_decode.model_crop(tensor, PREP).numpy().astype(int)
-    diff = np.abs(crop - model_crop(rgb, PREP).astype(int))
+    crop = device_decode.model_crop(tensor, GEOM).numpy().astype(int)
+    diff = np.abs(crop - model_crop(rgb, GEOM).astype(int))
     assert crop.shape == (224, 224, 3) and diff.mean() < 0.5 and diff.max() <= 8
-    small, scale = device_decode.small_copy(tensor, 1000)  # not reduced: the photo itself
-    assert np.array_equal(small.permute(1, 2, 0).numpy(), small_copy(rgb, 1000)) and scale == 1.0
-    for side in (640, 320, 200):  # box-reduced 1.04x, 2.1x, 3.3x: PIL's BOX filter, bit for bit
-        small, scale = device_decode.small_copy(tensor, side)
-        pil = small_copy(rgb, side)
+    for side in (1000, 640, 320, 200):  # not reduced, then box-reduced 1.04x, 2.1x, 3.3x: PIL's BOX, bit for bit
+        geometry = Geometry(face_side=side)
+        small, scale = device_decode.small_copy(tensor, geometry)
+        pil = small_copy(rgb, geometry.small(rgb.size))
         assert np.array_equal(small.permute(1, 2, 0).numpy(), pil) and scale == rgb.width / pil.shape[1], side
+    for mode in ("squash", "border"):  # the other crop modes, from the same plan
+        geometry = Preprocessing(crop_mode=mode).geometry()
+        diff = np.abs(device_decode.model_crop(tensor, geometry).numpy().astype(int) - model_crop(rgb, geometry))
+        assert diff.mean() < 0.5, mode
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("size", [(1283, 961), (2001, 777), (97, 301)])
+def test_device_and_cpu_paths_share_one_geometry_on_odd_sizes_in_all_eight_orientations(tmp_path, orientation, size):
+    """The device path takes its sizes and reductions from the same geometry as Pillow's: same frame, same face
+    copy size, and a crop within rounding of the CPU path's, whatever the size and EXIF orientation."""
+    rng = np.random.default_rng(orientation)
+    smooth = Image.fromarray(rng.integers(0, 255, (9, 13, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"o{orientation}.jpg"
+    smooth.save(path, quality=95, exif=exif)
+    cpu = decode(path.read_bytes(), GEOM)
+    head = jpeg_header(path.read_bytes(), 180_000_000)
+    assert head == (cpu.width, cpu.height, orientation)
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    img = device_decode.orient(decode_jpeg(torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8),
+                                           mode=ImageReadMode.RGB), orientation)
+    for factor in device_decode.reductions(cpu.width, cpu.height, GEOM):
+        img = torch.nn.functional.avg_pool2d(img[None].float(), factor, ceil_mode=True)[0].round_().to(torch.uint8)
+    small, _ = device_decode.small_copy(img, GEOM)
+    assert tuple(small.shape[1:]) == cpu.small.shape[:2]  # the same face copy size
+    crop = device_decode.model_crop(img, GEOM).numpy().astype(int)
+    assert crop.shape == cpu.model_input.shape and np.abs(crop - cpu.model_input).mean() < 2.0
 
 
 def test_wants_accelerator_and_resizes_torch_has():
@@ -274,7 +306,7 @@ def test_cuda_decode_of_a_batch_with_a_bad_jpeg_keeps_the_good_ones_on_the_devic
     paths = [p for p in make_variants(tmp_path, big=(1600, 1200)) if p.name in ("big.jpg", "no_tables.jpg", "rotated.jpg")]
     shipped = device_decode.JpegShipper(PREP)(_batch(paths))
     assert list(shipped[device_decode.KIND]) == [device_decode.JPEG] * 3
-    dd = device_decode.DeviceDecoder(PREP, FaceConfig(), DecodeConfig(), device="cuda")
+    dd = device_decode.DeviceDecoder(PREP, FaceConfig(), PhotoConfig(), device="cuda")
     out = dd(shipped)
     assert dd.fallbacks == 1 and list(out["ok"]) == [True, False, True]
     cpu = Decoder(PREP)(_batch(paths))

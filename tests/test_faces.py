@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dogbreed.config import FaceConfig, ScanConfig, settings_id
+from dogbreed.config import ConfigError, FaceConfig, ScanConfig, settings_id
 from dogbreed.vision import decision, faces
 from dogbreed.vision.decode import decode
-from dogbreed.vision.models import Preprocessing
+from dogbreed.vision.preprocessing import Preprocessing
 
 SAMPLES = Path(__file__).resolve().parents[1] / "dogbreed" / "samples"
 HAVE_YUFACE = importlib.util.find_spec("yuface") is not None
@@ -50,8 +50,8 @@ def _jpeg(img: Image.Image, **kw) -> bytes:
     return buf.getvalue()
 
 
-def _faces(data: bytes, cfg: FaceConfig):
-    d = decode(data, Preprocessing(), face_max_side=cfg.max_side)
+def _faces(data: bytes, cfg: FaceConfig, face_side: int = 640):
+    d = decode(data, Preprocessing().geometry(face_side))
     return d, faces.detect_faces(d.small, d.small_to_full, cfg)
 
 
@@ -64,11 +64,11 @@ DETECTORS = [pytest.param("haar", id="haar"),
 def test_each_detector_finds_the_face_in_full_size_coordinates(detector, sample):
     w, h = Image.open(SAMPLES / sample).size
     # A small face copy (200 px) forces a real rescale back to full-size pixels.
-    cfg = FaceConfig(detector=detector, max_side=200, min_size=20, min_neighbors=3)
-    d, faces = _faces((SAMPLES / sample).read_bytes(), cfg)
+    cfg = FaceConfig(detector=detector, min_size=20, min_neighbors=3)
+    d, boxes = _faces((SAMPLES / sample).read_bytes(), cfg, face_side=200)
     assert d.small_to_full > 2
-    assert len(faces) == 1
-    x, y, fw, fh, score = faces[0]
+    assert len(boxes) == 1
+    x, y, fw, fh, score = boxes[0]
     assert 0 <= x and x + fw <= w and 0 <= y and y + fh <= h
     assert fw > 80  # a face of ~100-220 px in the original, not the ~40-75 px it has in the copy
     if detector == "yunet":
@@ -83,10 +83,10 @@ def test_yunet_finds_a_face_rotated_by_30_degrees_and_haar_does_not():
     data = _jpeg(img)
     _, haar = _faces(data, FaceConfig(detector="haar"))
     _, upright_only = _faces(data, FaceConfig(rotate_deg=0))
-    d, faces = _faces(data, FaceConfig())
+    d, boxes = _faces(data, FaceConfig())
     assert haar == [] and upright_only == []  # too tilted for Haar, and for one upright YuNet pass
-    assert len(faces) == 1
-    x, y, fw, fh, score = faces[0]
+    assert len(boxes) == 1
+    x, y, fw, fh, score = boxes[0]
     assert score >= 0.9
     # The face's centre in the rotated photo: the original centre (~267, ~227) turned 30 degrees about the middle.
     c, s = np.cos(np.radians(30)), np.sin(np.radians(30))
@@ -113,16 +113,19 @@ def test_no_face_on_a_cup(detector):
     assert _faces((SAMPLES / "coffee.png").read_bytes(), FaceConfig(detector=detector))[1] == []
 
 
-def test_without_yuface_yunet_falls_back_to_haar_and_settings_say_so(monkeypatch):
+def test_without_yuface_yunet_falls_back_to_haar_once_where_settings_are_made_and_workers_never_guess(monkeypatch):
     monkeypatch.setitem(sys.modules, "yuface", None)  # what `import yuface` meets where it is not installed
     for cached in (faces._yuface, faces._warn_fallback):
         cached.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="needs the yuface package"):
-            assert faces.active_detector(FaceConfig()) == "haar"
-        _, boxes = _faces((SAMPLES / "grace_hopper.jpg").read_bytes(), FaceConfig())
+            assert faces.resolved(FaceConfig()).detector == "haar"
+        _, boxes = _faces((SAMPLES / "grace_hopper.jpg").read_bytes(), faces.resolved(FaceConfig()))
         assert len(boxes) == 1 and boxes[0][4] is None  # Haar's box: no score
         assert settings_id(ScanConfig()) == settings_id(ScanConfig(face={"detector": "haar"}))
+        # A worker handed yunet where yuface is missing fails at start-up: it never writes rows claiming yunet.
+        with pytest.raises(ConfigError, match="yuface package is not installed on this node"):
+            faces.load_face_detector(FaceConfig(detector="yunet"))
     finally:
         monkeypatch.undo()  # yuface importable again (where installed), then forget the cached absence
         faces._yuface.cache_clear()

@@ -20,11 +20,11 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageOps
 
-from dogbreed.config import DecodeConfig
+from dogbreed.config import PhotoConfig
 from dogbreed.scan.job import run_scan
 from dogbreed.table import readers, schema
-from dogbreed.vision.models import Preprocessing
 from dogbreed.vision.predictors import Decoder
+from dogbreed.vision.preprocessing import Preprocessing
 
 REPO = Path(__file__).resolve().parents[1]
 GRACE = REPO / "dogbreed" / "samples" / "grace_hopper.jpg"  # 512x600, one frontal face
@@ -151,8 +151,8 @@ def test_scan_reports_oriented_size_and_face_boxes_inside_it(corpus, scanned):
         assert 0 <= box["x"] and box["x"] + box["w"] <= row["width"] and 0 <= box["y"] and box["y"] + box["h"] <= row["height"]
 
 
-def _decode(paths: list[Path], **decode_cfg) -> dict[str, np.ndarray]:
-    decoder = Decoder(Preprocessing(), decode_cfg=DecodeConfig(**decode_cfg))
+def _decode(paths: list[Path], **photos) -> dict[str, np.ndarray]:
+    decoder = Decoder(Preprocessing(), photos=PhotoConfig(**photos))
     try:
         return decoder({"path": np.array([str(p) for p in paths], dtype=object)})
     finally:
@@ -209,7 +209,7 @@ POISON_PLUGIN = str(Path(__file__).with_name("poison_plugin.py"))
     ("KILL", "decoder was killed (SIGKILL; out of memory?)"),
     ("HANG", "decoder hung for over 2 s"),
     ("SLEEP", "decoder hung for over 2 s"),
-    ("MEMORY", "out of memory while decoding (decode.max_memory_mb)"),
+    ("MEMORY", "out of memory while decoding (photos.max_memory_mb)"),
 ])
 def test_a_photo_that_crashes_or_hangs_native_code_is_one_error_row_and_its_batch_survives(action, reason, tmp_path,
                                                                                            write_photo):
@@ -237,20 +237,21 @@ def test_unreadable_file_is_an_error_row_for_an_unprivileged_reader(tmp_path_fac
         (folder / "secret.jpg").chmod(0)
         # Import and warm up first: the interpreter's own files may not be readable by nobody.
         # The function the decoder's sandboxed child runs, set up as root, then called as nobody.
-        code = ("import os, sys, dataclasses\n"
-                "from dogbreed.vision.predictors import photo_worker; from dogbreed.vision.decode import Preprocessing\n"
-                "from dogbreed.config import DecodeConfig, FaceConfig\n"
-                "one = photo_worker(dataclasses.asdict(Preprocessing()), FaceConfig().model_dump(), DecodeConfig().model_dump())\n"
+        code = ("import os, sys\n"
+                "from dogbreed.vision.worker import PhotoTask, photo_worker\n"
+                "from dogbreed.vision.geometry import Geometry\n"
+                "from dogbreed.config import FaceConfig\n"
+                "one = photo_worker(PhotoTask(Geometry(), face=FaceConfig()))\n"
                 "one(os.fsencode(sys.argv[2]))\n"
                 "os.setgid(65534); os.setuid(65534)\n"
                 "out = one(os.fsencode(sys.argv[1]))\n"
-                "print(out['status'], '|', out['error'], '|', out['error_kind'])\n")
+                "print(out.ok, '|', out.error, '|', out.error_kind)\n")
         proc = subprocess.run([sys.executable, "-c", code, str(folder / "secret.jpg"), str(folder / "warmup.jpg")],
                               capture_output=True, text=True, timeout=120, cwd="/")
     finally:
         shutil.rmtree(folder)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "error | permission denied | transient"  # retried on the next run
+    assert proc.stdout.strip() == "False | permission denied | transient"  # retried on the next run
 
 
 @pytest.mark.slow  # a SIGKILL scenario
@@ -262,14 +263,14 @@ def test_a_decoder_child_hung_in_native_code_dies_with_its_decode_worker(tmp_pat
     poison.write_bytes(b"POISON:HANG\n" + bytes(64))
     code = ("import os, sys, threading, time, numpy as np\n"
             "from dogbreed.vision.predictors import Decoder\n"
-            "from dogbreed.vision.decode import Preprocessing\n"
-            "from dogbreed.config import DecodeConfig\n"
-            "d = Decoder(Preprocessing(), decode_cfg=DecodeConfig(plugins=[sys.argv[2]], timeout_s=600))\n"
+            "from dogbreed.vision.preprocessing import Preprocessing\n"
+            "from dogbreed.config import PhotoConfig\n"
+            "d = Decoder(Preprocessing(), photos=PhotoConfig(plugins=[sys.argv[2]], timeout_s=600))\n"
             "threading.Thread(target=d, args=({'path': np.array([sys.argv[1]], dtype=object)},), daemon=True).start()\n"
-            "while d.sandbox.proc is None:\n"
+            "while d.reader.sandbox.proc is None:\n"
             "    time.sleep(0.05)\n"
             "time.sleep(2)\n"  # the child is now stuck on the mutex
-            "print(d.sandbox.proc.pid, flush=True)\n"
+            "print(d.reader.sandbox.proc.pid, flush=True)\n"
             "os._exit(0)\n")  # the worker dies without any clean-up, as under SIGKILL
     proc = subprocess.run([sys.executable, "-c", code, str(poison), POISON_PLUGIN], capture_output=True, text=True,
                           timeout=120)

@@ -17,7 +17,8 @@ def default():
 
 def test_default_model_is_offline_lite0_with_its_preprocessing(default):
     assert default.spec.backbone == "tf_efficientnet_lite0"
-    assert default.spec.preprocessing == Preprocessing.from_timm(default.net.backbone)
+    assert default.spec.preprocessing == Preprocessing.for_backbone("tf_efficientnet_lite0")
+    assert default.spec.preprocessing.crop_mode == "center"  # timm's whole data config is kept
     assert len(default.spec.class_names) == 119 and default.spec.class_names[0] == "Chihuahua"
     assert default.model_id.startswith("tf_efficientnet_lite0@") and default.model_id == models.describe_model()[1]
 

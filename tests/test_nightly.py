@@ -371,8 +371,8 @@ def test_slow_photo_in_a_real_scan_becomes_an_error_row_and_its_batch_survives(r
     big = root / "s2_slow.jpg"  # its decoder takes a minute (the poison plugin's SLEEP)
     big.write_bytes(b"POISON:SLEEP\n" + bytes(64))
     plugin = str(Path(__file__).with_name("poison_plugin.py"))
-    summary = run_scan(scan_config([root], out, **{"decode.timeout_s": 1.5, "decode.batch_size": 5,
-                                                   "decode.plugins": [plugin]}))
+    summary = run_scan(scan_config([root], out, **{"photos.timeout_s": 1.5, "decode.batch_size": 5,
+                                                   "photos.plugins": [plugin]}))
     rows = assert_one_current_row_per_file(out, [*small, big]).set_index("path")
     assert rows.loc[str(big), "status"] == "error"
     assert rows.loc[str(big), "error"] == "decoder hung for over 1.5 s"

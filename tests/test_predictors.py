@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from dogbreed.config import FaceConfig
-from dogbreed.vision.models import Preprocessing
 from dogbreed.vision.predictors import BreedPredictor, Decoder
+from dogbreed.vision.preprocessing import Preprocessing
 
 SAMPLES = Path(__file__).resolve().parents[1] / "dogbreed" / "samples"
 EXPECTED = {  # what the sample photos show (see dogbreed/SAMPLES_NOTICE.md)

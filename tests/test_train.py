@@ -21,11 +21,12 @@ from torch import nn
 from typer.testing import CliRunner
 
 from dogbreed.cli import app
-from dogbreed.config import ConfigError, DecodeConfig
+from dogbreed.config import ConfigError, PhotoConfig
 from dogbreed.train import data as train_data
 from dogbreed.train import driver, loop, worker
-from dogbreed.train.config import load_train_config
-from dogbreed.vision.models import BreedNet, ModelError, Preprocessing, create_backbone, load_artifact, save_artifact
+from dogbreed.train.config import TrainConfig, load_train_config
+from dogbreed.vision.models import BreedNet, ModelError, create_backbone, load_artifact, save_artifact
+from dogbreed.vision.preprocessing import Preprocessing
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "train.yaml"
@@ -197,7 +198,7 @@ def test_decode_batch_is_the_scans_crop_augments_and_leaves_out_bad_photos_with_
     bad.write_bytes(b"not a jpeg")
     good = shapes / CLASSES[0] / "000.jpg"
     paths = np.array([str(good), str(bad), str(shapes / CLASSES[1] / "000.jpg")])
-    prep, guards = Preprocessing(input_size=48), DecodeConfig()
+    prep, guards = Preprocessing(input_size=48), PhotoConfig()
     warned = []  # recorded directly: Ray may have reconfigured logging earlier in the session
     monkeypatch.setattr(train_data.log, "warning", lambda msg, *args: warned.append(msg % args))
     out = train_data.decode_batch({"path": paths, "label": np.array([0, 0, 1])}, prep, False, guards)
@@ -205,18 +206,43 @@ def test_decode_batch_is_the_scans_crop_augments_and_leaves_out_bad_photos_with_
     assert out["label"].tolist() == [0, 1]
     assert warned == [f"training photo {bad} left out: not a recognised image format"]
     # The evaluation crop is exactly the crop the scan feeds the network.
-    assert np.array_equal(out["x"][0], decode(good.read_bytes(), prep).model_input)
+    assert np.array_equal(out["x"][0], decode(good.read_bytes(), prep.geometry()).model_input)
     one = {"path": paths[:1], "label": np.array([0])}
     aug = [train_data.decode_batch(one, prep, True, guards)["x"] for _ in range(3)]
     assert aug[0].shape == (1, 48, 48, 3)
     assert not all(np.array_equal(aug[0], a) for a in aug[1:])  # training photos are augmented
 
 
+def test_on_a_12_mp_jpeg_trainings_validation_crop_is_the_scans_crop_byte_for_byte(tmp_path):
+    """Both decode through the one photo worker with the scan's geometry: the same DCT scale, the same crop.
+
+    (Training once decoded with the model's short side only: from a 4000x3000 JPEG that is a 1/8 draft where the scan
+    decodes at 1/4, and 90% of the crop's values differed.)"""
+    from dogbreed.config import ScanConfig
+    from dogbreed.vision.predictors import Decoder
+
+    big = tmp_path / "Labrador" / "12mp.jpg"
+    big.parent.mkdir()
+    Image.open(REPO / "dogbreed" / "samples" / "Labrador_retriever_06449.jpg").convert("RGB").resize(
+        (4000, 3000), Image.Resampling.BICUBIC).save(big, quality=92)
+    prep = Preprocessing.for_backbone("tf_efficientnet_lite0")
+    val = train_data.decode_batch({"path": np.array([str(big)]), "label": np.array([0])}, prep, False,
+                                  TrainConfig().photos)["x"][0]
+    scan = ScanConfig()
+    decoder = Decoder(prep, scan.face, scan.photos)
+    try:
+        crop = decoder({"path": np.array([str(big)], dtype=object)})["image"][0]
+    finally:
+        decoder.close()
+    assert val.shape == crop.shape == (224, 224, 3)
+    assert val.tobytes() == crop.tobytes()
+
+
 def test_transparency_is_white_in_training_as_in_the_scan(tmp_path):
     path = tmp_path / "clear.png"
     Image.new("RGBA", (64, 64), (0, 0, 0, 0)).save(path)
     out = train_data.decode_batch({"path": np.array([str(path)]), "label": np.array([0])},
-                                  Preprocessing(input_size=32), False, DecodeConfig())
+                                  Preprocessing(input_size=32), False, PhotoConfig())
     assert out["x"].min() == 255
 
 

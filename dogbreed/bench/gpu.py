@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -104,10 +104,10 @@ class Sampler(Sampling):
 # ------------------------------------------------------------------------------------ measurements
 def _cpu_decode(args: tuple) -> int:
     """One photo through the CPU path's decode (read, reduced decode, model crop, face copy), in a pool process."""
-    from dogbreed.vision.decode import Preprocessing, decode, read_bytes
+    from dogbreed.vision.decode import decode, read_bytes
 
-    path, prep, max_side, max_bytes, max_pixels = args
-    decode(read_bytes(path, max_bytes), Preprocessing(**prep), max_side, max_pixels)
+    path, geometry, max_bytes, max_pixels = args
+    decode(read_bytes(path, max_bytes), geometry, max_pixels)
     return 1
 
 
@@ -137,11 +137,11 @@ def device_decode(paths: list[Path], cfg: ScanConfig, prep, device: str) -> tupl
     from dogbreed.vision.device_decode import DeviceDecoder, JpegShipper
 
     b = cfg.inference.batch_size
-    shipper = JpegShipper(prep, cfg.face, cfg.decode)
+    shipper = JpegShipper(prep, cfg.face, cfg.photos)
     listed = lambda ps: {"path": np.array([str(p) for p in ps], dtype=object)}  # noqa: E731
     batches = [shipper(listed(paths[i:i + b])) for i in range(0, len(paths), b)]
     shipper.close()
-    dd = DeviceDecoder(prep, cfg.face, cfg.decode, device=device, face_threads=max(1, int(cfg.inference.num_cpus)))
+    dd = DeviceDecoder(prep, cfg.face, cfg.photos, device=device, face_threads=max(1, int(cfg.inference.num_cpus)))
     dd(batches[0])  # warm-up: CUDA context, nvJPEG handles, cuDNN
     dd.seconds.clear()
     for batch in batches:
@@ -185,8 +185,8 @@ def agreement(paths: list[Path], cfg: ScanConfig, prep, predictor, device: str) 
     from dogbreed.vision.device_decode import DeviceDecoder, JpegShipper
     from dogbreed.vision.predictors import Decoder
 
-    cpu_dec, ship = Decoder(prep, cfg.face, cfg.decode), JpegShipper(prep, cfg.face, cfg.decode)
-    dd = DeviceDecoder(prep, cfg.face, cfg.decode, device=device)
+    cpu_dec, ship = Decoder(prep, cfg.face, cfg.photos), JpegShipper(prep, cfg.face, cfg.photos)
+    dd = DeviceDecoder(prep, cfg.face, cfg.photos, device=device)
     same = {"status": 0, "breed": 0, "size": 0, "faces": 0, "error": 0}
     score, box, crop = [0.0], [0.0], []
     for i in range(0, len(paths), cfg.inference.batch_size):
@@ -202,7 +202,7 @@ def agreement(paths: list[Path], cfg: ScanConfig, prep, predictor, device: str) 
             if a["status"][j] != "error":
                 score.append(abs(float(a["dog_score"][j]) - float(b["dog_score"][j])))
                 crop.append(float(np.abs(c["image"][j].astype(int) - d["image"][j].cpu().numpy().astype(int)).mean()))
-                per_px = max(1.0, max(int(a["width"][j]), int(a["height"][j])) / cfg.face.max_side)
+                per_px = max(1.0, max(int(a["width"][j]), int(a["height"][j])) / cfg.photos.face_side)
                 box += [float(np.abs(np.subtract(x, y)).max()) / per_px
                         for x, y in zip(json.loads(a["faces"][j]), json.loads(b["faces"][j]))]
     for closing in (cpu_dec, ship, dd):
@@ -307,13 +307,13 @@ def run_gpu_benchmark(workdir: Path, cfg: ScanConfig, n: int = 200, size: tuple[
         paths = [str(p) for p in folders[label]]
         log(f"bounds: {label}")
         timed(label, "decode_cpu", all_cores, "CPU decode", _cpu_decode, [
-            (p, asdict(prep), cfg.face.max_side, cfg.decode.max_bytes, cfg.decode.max_pixels) for p in paths], cores)
+            (p, prep.geometry(cfg.photos.face_side), cfg.photos.max_bytes, cfg.photos.max_pixels) for p in paths], cores)
         timed(label, "ship_cpu", all_cores, "read + JPEG header", _ship, [
-            (p, cfg.decode.max_bytes, cfg.decode.max_pixels) for p in paths], cores)
+            (p, cfg.photos.max_bytes, cfg.photos.max_pixels) for p in paths], cores)
         if cuda:
             timed(label, "decode_gpu", lambda ps: device_decode(ps, cfg, prep, "cuda")[0], folders[label])
-        decoded = [decode(read_bytes(p, cfg.decode.max_bytes), prep, cfg.face.max_side, cfg.decode.max_pixels)
-                   for p in paths]
+        geometry = prep.geometry(cfg.photos.face_side)
+        decoded = [decode(read_bytes(p, cfg.photos.max_bytes), geometry, cfg.photos.max_pixels) for p in paths]
         timed(label, "model", model_bound, decoded, cfg, predictor)
         results[label].agreement = agreement(folders[label][:64], cfg, prep, predictor, "cuda" if cuda else "cpu")
     return GpuReport(_device_name(), cuda, cores, [results[label] for label, _ in kinds])

@@ -11,8 +11,9 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from dogbreed.config import DecodeConfig
-from dogbreed.vision.decode import open_photo
+from dogbreed.config import PhotoConfig
+from dogbreed.vision.decode import decode, read_bytes
+from dogbreed.vision.geometry import Geometry
 
 SOURCE_FOLDERS = ("imagewoof/val-unseen", "humans", "other")  # dogs, faces and neither, taken in turn
 
@@ -41,7 +42,7 @@ def make_photos(sources: list[Path], folder: Path, n: int, size: tuple[int, int]
     Photos already there are kept, so a re-run does not regenerate them.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    guards = DecodeConfig()
+    guards = PhotoConfig()
     grain = None
     paths = []
     for i in range(start, start + n):
@@ -53,7 +54,7 @@ def make_photos(sources: list[Path], folder: Path, n: int, size: tuple[int, int]
         if size is None and src.suffix.lower() in (".jpg", ".jpeg"):
             shutil.copyfile(src, path)
             continue
-        im, _ = open_photo(str(src), guards.max_bytes, guards.max_pixels)
+        im = Image.fromarray(decode(read_bytes(str(src), guards.max_bytes), Geometry.copy(), guards.max_pixels).small)
         if size is not None:
             s = max(size[0] / im.width, size[1] / im.height)
             im = im.resize((round(im.width * s), round(im.height * s)), Image.Resampling.BICUBIC)

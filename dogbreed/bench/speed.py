@@ -19,8 +19,9 @@ import numpy as np
 from dogbreed.bench.memory import PeakMemory
 from dogbreed.bench.photos import find_sources, make_photos
 from dogbreed.cluster.session import start_ray
-from dogbreed.config import DecodeConfig, ScanConfig
-from dogbreed.vision.decode import open_photo
+from dogbreed.config import PhotoConfig, ScanConfig
+from dogbreed.vision.decode import decode, read_bytes
+from dogbreed.vision.geometry import Geometry
 
 CLASSIC_CASCADE = "haarcascade_frontalface_default.xml"  # what the dog-app used
 TARGET_VS_CLASSIC = 10.0  # issue 6: the scan end to end, 12-MP photos, on a 2-core CPU
@@ -48,6 +49,7 @@ def classic_loop(paths: list[Path], model: str = "default") -> Measure:
     forward passes, one for the dog detector and another for the breed (each with its own preprocessing)."""
     import cv2
     import torch
+    from PIL import Image
     from torchvision import transforms as T
 
     from dogbreed.breeds import taxonomy
@@ -55,9 +57,9 @@ def classic_loop(paths: list[Path], model: str = "default") -> Measure:
 
     loaded = load_model(model)
     net, prep = loaded.net.eval(), loaded.spec.preprocessing
-    guards = DecodeConfig()
+    guards = PhotoConfig()
     cascade = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, CLASSIC_CASCADE))
-    to_tensor = T.Compose([T.Resize(prep.resize_to), T.CenterCrop(prep.input_size), T.ToTensor(),
+    to_tensor = T.Compose([T.Resize(prep.geometry().scale_size), T.CenterCrop(prep.input_size), T.ToTensor(),
                            T.Normalize(prep.mean, prep.std)])
     dogs = taxonomy.dog_class_indices(False)
     stages = {"decode": 0.0, "faces": 0.0, "model": 0.0}
@@ -65,7 +67,8 @@ def classic_loop(paths: list[Path], model: str = "default") -> Measure:
     t_all = time.perf_counter()
     for path in paths:
         t0 = time.perf_counter()
-        rgb, _ = open_photo(str(path), guards.max_bytes, guards.max_pixels)  # full size, as the app decoded
+        # full size, as the app decoded it
+        rgb = Image.fromarray(decode(read_bytes(str(path), guards.max_bytes), Geometry.copy(), guards.max_pixels).small)
         t1 = time.perf_counter()
         cascade.detectMultiScale(cv2.cvtColor(np.asarray(rgb), cv2.COLOR_RGB2GRAY))
         t2 = time.perf_counter()
@@ -104,14 +107,13 @@ class _Threads:
 
 def decode_only(paths: list[Path], cfg: ScanConfig) -> tuple[Measure, list]:
     """Read + reduced decode + model crop + face copy, one photo at a time on one core; also returns the decoded photos."""
-    from dogbreed.vision.decode import decode, read_bytes
     from dogbreed.vision.models import describe_model
 
     prep = describe_model(cfg.model)[0].preprocessing
     with _Threads(1):
         t = time.perf_counter()
-        decoded = [decode(read_bytes(str(p), cfg.decode.max_bytes), prep, cfg.face.max_side, cfg.decode.max_pixels)
-                   for p in paths]
+        geometry = prep.geometry(cfg.photos.face_side)
+        decoded = [decode(read_bytes(str(p), cfg.photos.max_bytes), geometry, cfg.photos.max_pixels) for p in paths]
         seconds = time.perf_counter() - t
     return Measure("decode only (1 core)", len(paths), seconds, {"decode": seconds}), decoded
 
@@ -149,7 +151,7 @@ def in_process(paths: list[Path], cfg: ScanConfig, predictor) -> Measure:
     decode, Haar on the small copy, one batched pass per inference batch), libraries at their default threads."""
     from dogbreed.vision.predictors import Decoder
 
-    decoder = Decoder(predictor.spec.preprocessing, cfg.face, cfg.decode)
+    decoder = Decoder(predictor.spec.preprocessing, cfg.face, cfg.photos)
     b = cfg.inference.batch_size
     stages = {"decode+faces": 0.0, "model": 0.0}
     t_all = time.perf_counter()

@@ -19,39 +19,42 @@ from dogbreed.config import ConfigError, ScanConfig, settings_id
 from dogbreed.scan.listing import is_utf8, text_path
 from dogbreed.table import schema
 from dogbreed.table.store import utcnow
+from dogbreed.vision.batch import Batch, column
+from dogbreed.vision.faces import resolved
 from dogbreed.vision.predictors import BreedPredictor, Decoder
 
 
 def analyze(paths: Iterable[str], cfg: ScanConfig, predictor: BreedPredictor | None = None) -> pd.DataFrame:
     """One result row (schema.SCHEMA) per path, computed in this process (photos decoded in a sandboxed child)."""
     batch_size = cfg.inference.batch_size
+    cfg = cfg.model_copy(update={"face": resolved(cfg.face)})  # decided once, as the scan decides it
     predictor = predictor or BreedPredictor.for_scan(cfg)
-    decoder = Decoder(predictor.spec.preprocessing, cfg.face, cfg.decode)
+    decoder = Decoder(predictor.spec.preprocessing, cfg.face, cfg.photos)
     settings = settings_id(cfg)
     paths = [os.path.abspath(p) for p in paths]
     frames = []
     try:
         for i in range(0, len(paths), batch_size):
-            chunk = paths[i:i + batch_size]
-            stats = [_stat(p) for p in chunk]
-            batch = {
-                "path": np.array([text_path(os.fsencode(p)) for p in chunk], dtype=object),
-                "raw": np.array([None if is_utf8(os.fsencode(p)) else os.fsencode(p) for p in chunk], dtype=object),
-                "size_bytes": np.array([s.st_size if s else 0 for s in stats], dtype=np.int64),
-                "mtime_ns": np.array([s.st_mtime_ns if s else 0 for s in stats], dtype=np.int64),
-                "ctime_ns": np.array([s.st_ctime_ns if s else 0 for s in stats], dtype=np.int64),
-            }
-            frames.append(schema.rows_to_table(predictor(decoder(batch)), "predict", settings, utcnow()).to_pandas())
+            rows = predictor(decoder(listed(paths[i:i + batch_size])))
+            frames.append(schema.rows_to_table(rows, "predict", settings, utcnow()).to_pandas())
     finally:
         decoder.close()
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def _stat(path: str) -> os.stat_result | None:
-    try:
-        return os.stat(path)
-    except OSError:
-        return None
+def listed(paths: list[str]) -> Batch:
+    """A LISTED batch (dogbreed.vision.batch) for local files given by path, as the scan's plan would list them."""
+    stats = []
+    for p in paths:
+        try:
+            stats.append(os.stat(p))
+        except OSError:
+            stats.append(None)
+    raw = [os.fsencode(p) for p in paths]
+    return {"path": column([text_path(r) for r in raw], "O"), "raw": column([None if is_utf8(r) else r for r in raw], "O"),
+            "size_bytes": column([s.st_size if s else 0 for s in stats], "i8"),
+            "mtime_ns": column([s.st_mtime_ns if s else 0 for s in stats], "i8"),
+            "ctime_ns": column([s.st_ctime_ns if s else 0 for s in stats], "i8")}
 
 
 def ranked_classes(df: pd.DataFrame, class_names: list[str], k: int = 5) -> np.ndarray:

@@ -1,25 +1,22 @@
 """Face detectors side by side on labelled folders: faces found on humans, false faces on dogs and on other
 photos, the same on copies rotated by some angle, and each detector's speed on one core.
 
-Photos go through the decode and detect_faces functions the scan's decoder child runs, in a sandboxed child of
-the same kind, which also times the detector alone; rotated copies are made at full size, then decoded the same way.
+Photos go through the scan's own sandboxed photo worker (dogbreed.vision.worker), which also times the detector
+alone; rotated copies are the decoded photo turned on a canvas that holds it all, before the face copy is made.
 """
 
 from __future__ import annotations
 
-import io
-import time
+import os
 from dataclasses import dataclass, field
-from typing import Callable
 
-from PIL import Image, ImageOps
 from pydantic import ValidationError
 
 from dogbreed.breeds.folders import LabelledPhotos, evaluation_photos
-from dogbreed.config import ConfigError, DecodeConfig, FaceConfig, ScanConfig
-from dogbreed.vision import faces
-from dogbreed.vision.decode import ImageError, Preprocessing, decode, read_bytes
-from dogbreed.vision.sandbox import Sandbox
+from dogbreed.config import ConfigError, FaceConfig, ScanConfig
+from dogbreed.vision.faces import resolved
+from dogbreed.vision.geometry import Geometry
+from dogbreed.vision.worker import PhotoReader, PhotoTask
 
 CATEGORIES = ("human", "dog", "other")
 
@@ -44,42 +41,6 @@ class DetectorFigures:
         return out
 
 
-def rotated(data: bytes, degrees: float) -> bytes:
-    """The photo upright (EXIF applied), rotated counter-clockwise by `degrees` on a canvas that holds it all, as PNG."""
-    with Image.open(io.BytesIO(data)) as im:
-        rgb = ImageOps.exif_transpose(im).convert("RGB")
-    buf = io.BytesIO()
-    rgb.rotate(degrees, resample=Image.Resampling.BICUBIC, expand=True).save(buf, "PNG", compress_level=1)
-    return buf.getvalue()
-
-
-def faces_worker(face: dict, decode_cfg: dict) -> Callable[[str, float], "tuple[int, float] | None"]:
-    """Runs in a sandboxed child, as the scan's decoder does: per photo (rotated if asked), the number of faces
-    and the seconds detect_faces took; None for a photo that cannot be decoded.
-
-    A child of its own keeps the detector away from torch's OpenMP threads in the calling process (with them
-    beside it YuNet ran 40 times slower), and measures it the way a decode task runs it: one core.
-    """
-    import cv2
-
-    face_, cfg = FaceConfig(**face), DecodeConfig(**decode_cfg)
-    faces.load_face_detector(face_)
-    cv2.setNumThreads(1)
-    prep = Preprocessing()  # the model crop is not used here; the face copy does not depend on it
-
-    def one(path: str, degrees: float) -> tuple[int, float] | None:
-        try:
-            data = read_bytes(path, cfg.max_bytes)
-            d = decode(rotated(data, degrees) if degrees else data, prep, face_.max_side, cfg.max_pixels)
-        except (ImageError, OSError):
-            return None  # an unreadable photo counts for no detector
-        t0 = time.perf_counter()
-        found = faces.detect_faces(d.small, d.small_to_full, face_)
-        return len(found), time.perf_counter() - t0
-
-    return one
-
-
 def _figures(name: str, face_cfg: FaceConfig, photos: LabelledPhotos, cfg: ScanConfig,
              rotate_degrees: float) -> DetectorFigures:
     """One detector over every photo, upright and (with rotate_degrees) rotated, in one sandboxed child."""
@@ -87,23 +48,24 @@ def _figures(name: str, face_cfg: FaceConfig, photos: LabelledPhotos, cfg: ScanC
     counts = {a: dict.fromkeys(CATEGORIES, 0) for a in angles}
     hits = {a: dict.fromkeys(CATEGORIES, 0) for a in angles}
     seconds = 0.0
-    sandbox = Sandbox("dogbreed.evaluation.faces:faces_worker",
-                      {"face": face_cfg.model_dump(), "decode_cfg": cfg.decode.model_dump()},
-                      timeout_s=cfg.decode.timeout_s, memory_mb=cfg.decode.max_memory_mb)
+    # The scan's own photo worker, in a child of its own, which also keeps the detector away from torch's OpenMP
+    # threads in this process (with them beside it YuNet ran 40 times slower) and measures it as a decode task
+    # runs it: one core. Only the face copy is made (no model crop).
+    reader = PhotoReader(PhotoTask(Geometry.copy(cfg.photos.face_side), cfg.photos, face_cfg))
     try:
         for angle in angles:
             for path, c in zip(photos.paths, photos.category):
-                result, failure = sandbox(path, angle)
-                if failure is not None or result is None:
+                result = reader(os.fsencode(path), angle)
+                if not result.ok:
                     continue  # a photo that cannot be decoded (or crashes the decoder) counts for no detector
                 counts[angle][c] += 1
-                hits[angle][c] += result[0] > 0
-                seconds += result[1] if angle == 0.0 else 0.0
+                hits[angle][c] += len(result.faces) > 0
+                seconds += result.face_seconds if angle == 0.0 else 0.0
     finally:
-        sandbox.close()
+        reader.close()
     shares = {a: {c: hits[a][c] / counts[a][c] for c in CATEGORIES if counts[a][c]} for a in angles}
     upright = {c: n for c, n in counts[0.0].items() if n}
-    return DetectorFigures(name, faces.active_detector(face_cfg), upright, shares[0.0],
+    return DetectorFigures(name, face_cfg.detector, upright, shares[0.0],
                            shares[rotate_degrees] if rotate_degrees else {},
                            sum(upright.values()) / seconds if seconds > 0 else 0.0)
 
@@ -121,7 +83,7 @@ def compare_detectors(folders: list[str], cfg: ScanConfig, detectors: list[str] 
     face_cfgs = []
     for name in names:  # validated like any config value: an unknown name is one sentence naming face.detector
         try:
-            face_cfgs.append(FaceConfig.model_validate({**cfg.face.model_dump(), "detector": name}))
+            face_cfgs.append(resolved(FaceConfig.model_validate({**cfg.face.model_dump(), "detector": name})))
         except ValidationError:
             raise ConfigError(f"face.detector: unknown detector {name!r} (use yunet or haar)") from None
     return [_figures(name, face_cfg, photos, cfg, rotate_degrees) for name, face_cfg in zip(names, face_cfgs)]

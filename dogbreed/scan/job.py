@@ -26,8 +26,9 @@ from dogbreed.scan.plan import KNOWN_COLUMNS, Plan, ScanRefused, make_plan
 from dogbreed.table import readers, schema
 from dogbreed.table.output import Output
 from dogbreed.table.store import RunWriter, utcnow
+from dogbreed.vision.faces import resolved
 from dogbreed.vision.models import describe_model
-from dogbreed.vision.predictors import TRANSIENT
+from dogbreed.vision.worker import TRANSIENT
 
 log = logging.getLogger("dogbreed.scan.job")
 
@@ -141,7 +142,8 @@ def run_scan(cfg: ScanConfig, dry_run: bool = False) -> ScanSummary:
     output.check_roots(roots.roots)
     for given, outer in roots.dropped:
         log.warning("root %s lies inside root %s: its files are scanned once, through %s", given, outer, outer)
-    cfg = cfg.model_copy(update={"roots": roots.roots})
+    # The detector is decided here, once: settings_id names it and the workers run exactly it.
+    cfg = cfg.model_copy(update={"roots": roots.roots, "face": resolved(cfg.face)})
     _, model_id = describe_model(cfg.model)
     settings = settings_id(cfg)
     if dry_run:

@@ -33,12 +33,12 @@ BLOCKS_PER_DECODER = 16  # a run is cut into at least this many blocks per decod
 class _InferStage:
     """Actor-pool stage: BreedPredictor then the fixed output schema (so the driver never infers types)."""
 
-    def __init__(self, run_id: str, settings: str, device_decode: dict[str, Any] | None = None, **predictor_kwargs: Any):
+    def __init__(self, run_id: str, settings: str, on_device: dict[str, Any] | None = None, **predictor_kwargs: Any):
         self.run_id, self.settings = run_id, settings
         self.predict = BreedPredictor(**predictor_kwargs)
         self.decode = None  # decode.device accelerator: JPEGs arrive compressed and are decoded on the actor's device
-        if device_decode is not None:
-            self.decode = device_decode.DeviceDecoder(self.predict.spec.preprocessing, device=self.predict.device, **device_decode)
+        if on_device is not None:
+            self.decode = device_decode.DeviceDecoder(self.predict.spec.preprocessing, device=self.predict.device, **on_device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         rows = self.predict(self.decode(batch) if self.decode else batch)
@@ -46,15 +46,9 @@ class _InferStage:
         return table.append_column("_idx", pa.array(np.asarray(rows["_idx"], dtype=np.int64)))
 
 
-_DECODERS: dict[str, Any] = {}  # one sandboxed decoder per decode worker process, kept across its tasks
-
-
 def _decode_stage(batch: dict[str, np.ndarray], ship_jpegs: bool = False, **decoder_kwargs: Any) -> dict[str, np.ndarray]:
-    key = repr((ship_jpegs, sorted(decoder_kwargs.items())))
-    if key not in _DECODERS:
-        _DECODERS.clear()
-        _DECODERS[key] = (device_decode.JpegShipper if ship_jpegs else Decoder)(**decoder_kwargs)
-    return _DECODERS[key](batch)
+    """Decode tasks: LISTED -> DECODED (or SHIPPED) batches; the sandboxed child is kept across a worker's tasks."""
+    return (device_decode.JpegShipper if ship_jpegs else Decoder)(shared=True, **decoder_kwargs)(batch)
 
 
 def _inference_resources(cfg: ScanConfig) -> tuple[float, int, int]:
@@ -144,7 +138,7 @@ def _stages(ds, cfg: ScanConfig, spec, run_id: str, num_gpus: float, actors: int
     ds = ds.map_batches(
         _decode_stage, batch_size=cfg.decode.batch_size, batch_format="numpy", num_cpus=cfg.decode.num_cpus,
         compute=ray.data.TaskPoolStrategy(size=decoders),
-        fn_kwargs=dict(prep=spec.preprocessing, face=cfg.face, decode_cfg=cfg.decode, ship_jpegs=on_device),
+        fn_kwargs=dict(prep=spec.preprocessing, face=cfg.face, photos=cfg.photos, ship_jpegs=on_device),
         # Ray Data would retry a task whose worker died without bound; a poison photo only kills its sandboxed
         # child, so a dead worker is a node or infrastructure fault and a few retries are plenty. max_calls also
         # keeps decoding from being fused into the inference actors.
@@ -158,8 +152,8 @@ def _stages(ds, cfg: ScanConfig, spec, run_id: str, num_gpus: float, actors: int
         fn_constructor_kwargs=dict(run_id=run_id, settings=settings_id(cfg), model=cfg.model, top_k=cfg.top_k,
                                    dog_threshold=cfg.dog_threshold, count_dingo=cfg.count_dingo_as_dog,
                                    breed_flip=cfg.breed_flip,
-                                   device_decode=dict(face=cfg.face, decode_cfg=cfg.decode,
-                                                      face_threads=max(1, int(cfg.inference.num_cpus)))
+                                   on_device=dict(face=cfg.face, photos=cfg.photos,
+                                                  face_threads=max(1, int(cfg.inference.num_cpus)))
                                    if on_device else None,
                                    num_threads=None if num_gpus else max(1, int(cfg.inference.num_cpus))),
     )

@@ -7,10 +7,18 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from dogbreed.config import PHOTO_EXTENSIONS, ConfigError, DecodeConfig, _Strict, load_config
+from dogbreed.config import PHOTO_EXTENSIONS, ConfigError, PhotoConfig, _Strict, load_config
 from dogbreed.vision.models import DEFAULT_BACKBONE
 
 __all__ = ["TrainConfig", "load_train_config", "ConfigError"]
+
+
+class TrainDecodeConfig(_Strict):
+    """The Ray Data tasks that decode (and augment) training photos."""
+
+    batch_size: int = Field(8, ge=1, description="photos per decode task call")
+    num_cpus: float = Field(0.75, gt=0, description="CPUs reserved per decode task")
+    max_retries: int = Field(2, ge=0, description="retries of a decode task whose worker died; never unbounded")
 
 
 class TrainConfig(_Strict):
@@ -47,7 +55,9 @@ class TrainConfig(_Strict):
     seed: int = Field(0, description="split, init and shuffle seed")
     extensions: list[str] = Field(default_factory=lambda: list(PHOTO_EXTENSIONS),
                                   description="files that count as photos in the labelled folders")
-    decode: DecodeConfig = Field(default_factory=DecodeConfig, description="photo guards and decode tasks, as in the scan")
+    photos: PhotoConfig = Field(default_factory=PhotoConfig, description="how photos are opened: the scan's guards "
+                                "and decode size (keep them equal to the scan's, so training's crops are its crops)")
+    decode: TrainDecodeConfig = Field(default_factory=TrainDecodeConfig, description="the Ray Data decode tasks")
     max_failures: int = Field(2, ge=-1, description="worker-failure restarts from the last checkpoint (-1 = unlimited)")
     progress: bool = Field(False, description="show Ray Data progress bars")
     address: str | None = Field(None, description="Ray address; null = RAY_ADDRESS or a local Ray started here")

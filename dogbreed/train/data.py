@@ -1,9 +1,8 @@
 """Training data: seeded splits of labelled folders, a data fingerprint, and the Ray Data pipelines.
 
-Photos are opened the scan's way (images.decode_rgb: every guard, EXIF, any mode to RGB on white, reduced
-decoding) inside the same kind of sandboxed child process, so a photo that crashes or hangs its decoder
-costs one logged photo, not the run. Evaluation crops are the scan's crops (images.model_crop); training
-augmentation is timm's train transform applied to the same decoded photo. Photos travel as uint8 and are
+Photos are opened by the scan's own sandboxed photo worker (dogbreed.vision.worker) with the scan's geometry, so a
+photo that crashes or hangs its decoder costs one logged photo, not the run, and validation crops are the scan's
+crops byte for byte; training augmentation is timm's train transform applied to the same reduced photo. Photos travel as uint8 and are
 normalised on the train worker's device.
 """
 
@@ -16,14 +15,16 @@ import random
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from dogbreed.breeds import taxonomy
 from dogbreed.breeds.folders import DataError, class_folders, labelled_items, photos_under, split_folders
-from dogbreed.config import DecodeConfig
-from dogbreed.vision.decode import ImageError, Preprocessing, decode_rgb, load_plugins, model_crop, read_bytes
+from dogbreed.config import PhotoConfig
+from dogbreed.train.config import TrainDecodeConfig
+from dogbreed.vision.preprocessing import Preprocessing
+from dogbreed.vision.worker import PhotoTask, shared_reader
 
 log = logging.getLogger(__name__)
 
@@ -97,40 +98,6 @@ def make_splits(data: str, val_data: str | None = None, test_data: str | None = 
 # ---- decoding, in a sandboxed child per Ray worker process ---------------------------------------------------
 
 
-def photo_reader(short_side: int, decode_cfg: dict) -> Callable[[bytes], Any]:
-    """Runs in the sandboxed child: one photo file -> upright uint8 RGB array (short side >= short_side) or a reason."""
-    cfg = DecodeConfig(**decode_cfg)
-    load_plugins(cfg.plugins)
-
-    def one(raw_path: bytes) -> np.ndarray | str:
-        try:
-            rgb, _ = decode_rgb(read_bytes(raw_path, cfg.max_bytes), cfg.max_pixels, short_side=short_side)
-            return np.asarray(rgb, dtype=np.uint8)
-        except ImageError as e:
-            return str(e)
-        except MemoryError:
-            return "out of memory while decoding (decode.max_memory_mb)"
-
-    return one
-
-
-_READERS: dict[str, Any] = {}  # one sandboxed reader per Ray worker process, kept across its tasks
-
-
-def _reader(short_side: int, decode_cfg: DecodeConfig):
-    from dogbreed.vision.sandbox import Sandbox
-
-    key = f"{short_side}:{decode_cfg.model_dump_json()}"
-    if key not in _READERS:
-        for old in _READERS.values():
-            old.close()
-        _READERS.clear()
-        _READERS[key] = Sandbox("dogbreed.train.data:photo_reader",
-                                {"short_side": short_side, "decode_cfg": decode_cfg.model_dump()},
-                                timeout_s=decode_cfg.timeout_s, memory_mb=decode_cfg.max_memory_mb)
-    return _READERS[key]
-
-
 @lru_cache(maxsize=8)
 def _augment(prep: Preprocessing):
     """timm's train transform up to (not including) ToTensor/Normalize: PIL in, augmented PIL out."""
@@ -142,27 +109,34 @@ def _augment(prep: Preprocessing):
     return lambda img: secondary(primary(img))
 
 
+def photo_task(prep: Preprocessing, photos: PhotoConfig, train: bool) -> PhotoTask:
+    """What training asks of the one photo worker: the scan's geometry (so validation crops are the scan's crops,
+    byte for byte), no faces, and for training photos the reduced photo itself, which timm's augmentation crops."""
+    return PhotoTask(prep.geometry(photos.face_side), photos, face=None, keep_rgb=train)
+
+
 def decode_batch(batch: dict[str, np.ndarray], prep: Preprocessing, train: bool,
-                 decode_cfg: DecodeConfig) -> dict[str, np.ndarray]:
+                 photos: PhotoConfig) -> dict[str, np.ndarray]:
     """Ray Data task: paths -> uint8 (N, S, S, 3) crops, augmented when train. A photo that cannot be used is
     logged with its reason and left out (one bad photo must not stop training)."""
     from PIL import Image
 
-    reader = _reader(prep.resize_to, decode_cfg)
+    reader = shared_reader(photo_task(prep, photos, train))
     xs, ys = [], []
     for path, label in zip(batch["path"], batch["label"]):
-        result, failure = reader(os.fsencode(str(path)))
-        if failure is not None or isinstance(result, str):
-            log.warning("training photo %s left out: %s", path, failure or result)
+        result = reader(os.fsencode(str(path)))
+        if not result.ok:
+            log.warning("training photo %s left out: %s", path, result.error)
             continue
-        rgb = Image.fromarray(result, "RGB")
-        xs.append(np.asarray(_augment(prep)(rgb), dtype=np.uint8) if train else model_crop(rgb, prep))
+        xs.append(np.asarray(_augment(prep)(Image.fromarray(result.rgb, "RGB")), dtype=np.uint8) if train
+                  else result.image)
         ys.append(int(label))
     shape = (0, prep.input_size, prep.input_size, 3)
     return {"x": np.stack(xs) if xs else np.zeros(shape, np.uint8), "label": np.asarray(ys, dtype=np.int64)}
 
 
-def image_dataset(items: list[Item], prep: Preprocessing, train: bool, batch_size: int, decode_cfg: DecodeConfig):
+def image_dataset(items: list[Item], prep: Preprocessing, train: bool, batch_size: int, photos: PhotoConfig,
+                  tasks: TrainDecodeConfig):
     """Lazy Ray Dataset of {"x", "label"}; re-executed (reshuffled, re-augmented) every epoch it is read."""
     import ray.data
 
@@ -170,21 +144,20 @@ def image_dataset(items: list[Item], prep: Preprocessing, train: bool, batch_siz
     ds = ray.data.from_items([{"path": p, "label": y} for p, y in items], override_num_blocks=blocks)
     if train:
         ds = ds.random_shuffle()
-    return ds.map_batches(decode_batch, fn_kwargs={"prep": prep, "train": train, "decode_cfg": decode_cfg},
-                          batch_size=decode_cfg.batch_size, num_cpus=decode_cfg.num_cpus,
-                          max_retries=decode_cfg.max_retries)
+    return ds.map_batches(decode_batch, fn_kwargs={"prep": prep, "train": train, "photos": photos},
+                          batch_size=tasks.batch_size, num_cpus=tasks.num_cpus, max_retries=tasks.max_retries)
 
 
 def feature_dataset(items: list[Item], prep: Preprocessing, model: dict[str, Any], actors: int, use_gpu: bool,
-                    batch_size: int, decode_cfg: DecodeConfig):
+                    batch_size: int, photos: PhotoConfig, tasks: TrainDecodeConfig):
     """Bottleneck features of every photo, computed once (un-augmented) and materialised in the object store."""
     import ray.data
 
     from dogbreed.vision.predictors import FeatureExtractor
 
-    ds = image_dataset(items, prep, train=False, batch_size=batch_size, decode_cfg=decode_cfg)
+    ds = image_dataset(items, prep, train=False, batch_size=batch_size, photos=photos, tasks=tasks)
     return ds.map_batches(FeatureExtractor, fn_constructor_kwargs=model | {"prep": asdict(prep),
                                                                            "device": "cuda" if use_gpu else "cpu"},
                           batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
-                          num_gpus=1 if use_gpu else 0, max_restarts=decode_cfg.max_retries,
-                          max_task_retries=decode_cfg.max_retries).materialize()
+                          num_gpus=1 if use_gpu else 0, max_restarts=tasks.max_retries,
+                          max_task_retries=tasks.max_retries).materialize()

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from dogbreed.cluster.session import start_ray
 from dogbreed.config import ConfigError, ScanConfig, dump_config
@@ -55,13 +54,13 @@ def _check_resume(cfg: TrainConfig, out: Path) -> None:
 
 
 def _datasets(cfg: TrainConfig, splits: Splits, prep: Preprocessing) -> dict[str, Any]:
-    ds = {"train": image_dataset(splits.train, prep, True, cfg.batch_size, cfg.decode),
-          "val": image_dataset(splits.val, prep, False, cfg.batch_size, cfg.decode)}
+    ds = {"train": image_dataset(splits.train, prep, True, cfg.batch_size, cfg.photos, cfg.decode),
+          "val": image_dataset(splits.val, prep, False, cfg.batch_size, cfg.photos, cfg.decode)}
     if any(s.from_features for s in stages(cfg)):
         model = {"backbone": cfg.backbone, "weights": cfg.weights, "pretrained": cfg.pretrained}
         for name, items in (("train", splits.train), ("val", splits.val)):
             ds[f"{name}_features"] = feature_dataset(items, prep, model, cfg.feature_actors, cfg.use_gpu,
-                                                     cfg.batch_size, cfg.decode)
+                                                     cfg.batch_size, cfg.photos, cfg.decode)
     return ds
 
 
@@ -89,11 +88,6 @@ def _run_trainer(cfg: TrainConfig, out: Path, splits: Splits, prep: Preprocessin
         return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def _preprocessing(backbone: nn.Module, input_size: int | None) -> Preprocessing:
-    prep = Preprocessing.from_timm(backbone)
-    return replace(prep, input_size=input_size) if input_size else prep
-
-
 def fit(cfg: TrainConfig) -> TrainResult:
     """Train per cfg with Ray Train, export the best epoch as a model artifact in cfg.out, test it, write results."""
     if cfg.data is None or cfg.out is None:
@@ -103,7 +97,7 @@ def fit(cfg: TrainConfig) -> TrainResult:
     _check_resume(cfg, out)
     splits = make_splits(cfg.data, cfg.val_data, cfg.test_data, cfg.seed, cfg.extensions)
     backbone = create_backbone(cfg.backbone, cfg.weights, cfg.pretrained)
-    prep = _preprocessing(backbone, cfg.input_size)
+    prep = Preprocessing.for_backbone(cfg.backbone, cfg.input_size)
     start_ray(cfg.address)
     _progress_bars(cfg.progress)
     saved = _run_trainer(cfg, out, splits, prep)
@@ -136,7 +130,7 @@ def test_artifact(model_dir: str | Path, items: list[Item], cfg: TrainConfig,
     """Top-1/top-5, per-breed accuracy and confusion of an artifact on labelled photos, as the scan would see them."""
     from dogbreed.evaluation.breeds import classify
 
-    scan_cfg = ScanConfig(model=str(model_dir), extensions=cfg.extensions, decode=cfg.decode)
+    scan_cfg = ScanConfig(model=str(model_dir), extensions=cfg.extensions, photos=cfg.photos)
     result = classify([p for p, _ in items], [y for _, y in items], scan_cfg)
     if out_dir is not None:
         spec, _ = read_artifact_spec(model_dir)

@@ -1,25 +1,26 @@
-"""Opening photo files and decoding them robustly into what the detectors and the network need.
+"""The one module that turns photo bytes into pixels: what the network, the face detector and people see.
 
-Decoding applies EXIF orientation, turns any mode into RGB, uses JPEG DCT scaling (Pillow ``draft``) or an
-integer box reduction when the photo is much larger than needed, and refuses decompression bombs before
-decoding a pixel. Memory per pixel stays small: 16-bit and float photos are rescaled to 8 bits in row strips,
-never as full-size float copies. Every failure is an :class:`ImageError` with a one-line reason.
+:func:`decode` serves every path (the scan, training, evaluation, the report, the benchmarks): it refuses
+decompression bombs before decoding a pixel, applies EXIF orientation, turns any mode into RGB, decodes large
+JPEGs reduced (DCT scaling, Pillow ``draft``) and reduces the rest by an integer box filter, as far as the
+geometry (:mod:`dogbreed.vision.geometry`) allows, then makes the model crop and the face copy. Memory per pixel
+stays small: 16-bit and float photos are rescaled to 8 bits in row strips. Every failure is an :class:`ImageError`
+with a one-line reason.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-# Never let Pillow stitch a truncated file together silently: a truncated JPEG is an error row.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
+from dogbreed.vision.geometry import Geometry
 
 try:  # optional HEIC/HEIF support (pip install dogbreed[heic])
     from pillow_heif import register_heif_opener
@@ -30,6 +31,7 @@ FINGERPRINT_CHUNK = 64 * 1024  # bytes hashed from each end of a file
 _STRIP_ROWS = 256  # rows rescaled at a time for 16-bit / float photos
 _REDUCIBLE = {"L", "RGB", "RGBA", "LA", "CMYK", "I", "F"}  # modes Image.reduce accepts
 _DEEP = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}  # more than 8 bits per sample: rescaled to 'L'
+_DRAFTABLE = ("JPEG", "MPO")  # formats libjpeg decodes with DCT scaling
 
 
 
@@ -45,68 +47,16 @@ class ImageError(Exception):
         self.permanent = permanent
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """How photos must be prepared for some weights (resize short side to size/crop_pct, centre crop)."""
-
-    input_size: int = 224
-    crop_pct: float = 0.875
-    interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-
-    def __post_init__(self) -> None:
-        if self.input_size < 1 or not 0 < self.crop_pct <= 1 or any(v <= 0 for v in self.std):
-            raise ValueError(f"preprocessing needs input_size >= 1, 0 < crop_pct <= 1 and std > 0 (got {self})")
-        if self.interpolation not in _RESAMPLE:
-            raise ValueError(f"preprocessing interpolation must be one of {', '.join(_RESAMPLE)}")
-
-    @classmethod
-    def from_timm(cls, model: Any) -> "Preprocessing":
-        """Derive preprocessing from the model's own pretrained config, as timm does."""
-        from timm.data import resolve_data_config
-
-        return cls._from_data_config(resolve_data_config(model=model))
-
-    @classmethod
-    def for_backbone(cls, name: str) -> "Preprocessing":
-        """timm's pretrained config of a backbone by name, without building the network."""
-        from timm.data import resolve_data_config
-        from timm.models import get_pretrained_cfg
-
-        pretrained = get_pretrained_cfg(name)
-        return cls._from_data_config(resolve_data_config(pretrained_cfg=pretrained.to_dict() if pretrained else {}))
-
-    @classmethod
-    def _from_data_config(cls, cfg: dict[str, Any]) -> "Preprocessing":
-        return cls(
-            input_size=int(cfg["input_size"][-1]),
-            crop_pct=float(cfg.get("crop_pct", 0.875)),
-            interpolation=str(cfg.get("interpolation", "bicubic")),
-            mean=tuple(float(v) for v in cfg["mean"]),
-            std=tuple(float(v) for v in cfg["std"]),
-        )
-
-    @property
-    def resize_to(self) -> int:
-        """Short side before the centre crop."""
-        return int(round(self.input_size / self.crop_pct))
-
-
 @dataclass
 class Decoded:
-    """A photo ready for the detectors: model crop, small copy for faces, and full-size geometry."""
+    """A photo ready for the detectors: the model crop, the small copy for faces, and the full-size frame."""
 
-    width: int  # full-size width after EXIF orientation
+    width: int  # full-size width after EXIF orientation (and the turn, if one was asked for)
     height: int
-    model_input: np.ndarray  # uint8 (S, S, 3), resized and centre-cropped per the model's preprocessing
-    small: np.ndarray  # uint8 RGB (h, w, 3), upright, longest side <= face max_side: what face detectors see
+    model_input: np.ndarray | None  # uint8 (S, S, 3) per the geometry's crop; None for a thumbnail geometry
+    small: np.ndarray  # uint8 RGB (h, w, 3), upright, longest side <= face_side: what face detectors see
     small_to_full: float  # full-size pixels per pixel of the small copy (multiply a small-copy box by it)
-
-    @property
-    def gray(self) -> np.ndarray:
-        """The small copy in grayscale (Haar's input), uint8 (h, w)."""
-        return np.asarray(Image.fromarray(self.small).convert("L"), dtype=np.uint8)
+    rgb: np.ndarray | None = None  # the reduced upright photo the two were made from (keep_rgb: training augments it)
 
 
 def load_plugins(names: list[str]) -> None:
@@ -248,36 +198,30 @@ def _orientation(im: Image.Image) -> int:
         return 1
 
 
-def decode_rgb(data: bytes, max_pixels: int, short_side: int | None = None,
-               long_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode bytes into an upright 8-bit RGB image and the full-size (width, height) after EXIF orientation.
-
-    The image is decoded reduced (JPEG DCT scaling, then an integer box reduction) as far as it still keeps
-    a short side of ``short_side`` and a long side of ``long_side`` pixels (whichever needs more); with
-    neither it is decoded at full size. Raises ImageError with a one-line reason.
-    """
+def _reduced(data: bytes, geometry: Geometry, max_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode bytes into an upright 8-bit RGB image, reduced as far as the geometry allows, and the full-size
+    (width, height) after EXIF orientation. Raises ImageError with a one-line reason."""
     im = _open(data, max_pixels)
     orientation = _orientation(im)
     w, h = im.size
     if orientation in (5, 6, 7, 8):  # rotated by 90 degrees: full-size frame swaps axes
         w, h = h, w
-    # Smallest scale that still serves every use of the decoded photo.
-    needs = [short_side / min(w, h)] if short_side else []
-    needs += [min(1.0, long_side / max(w, h))] if long_side else []
-    need = max(needs) if needs else 1.0
-    if need < 0.5 and im.format == "JPEG":
-        req = (max(1, int(im.size[0] * need)), max(1, int(im.size[1] * need)))
-        im.draft(None, req)  # DCT-domain downscale by 1/2, 1/4 or 1/8 while decoding
+    need = geometry.need((w, h))
+    if im.format in _DRAFTABLE:
+        draft = geometry.draft(im.size, need)
+        if draft > 1:
+            # DCT-domain downscale while decoding; Pillow picks exactly `draft` for this request.
+            im.draft(None, (im.size[0] // draft, im.size[1] // draft))
     try:
         im.seek(0)  # animated GIF / multi-page TIFF: first frame
         im.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ImageError(f"corrupt or truncated image data: {msg}") from None
     except Image.DecompressionBombError:
         raise ImageError("decompression bomb: declared size too large") from None
-    factor = int(max(im.size) / max(w, h) / need)  # how many times larger than needed it still is
-    if factor >= 2:  # still much larger than needed (a PNG, or a JPEG beyond 1/8): integer box reduction
+    factor = geometry.box_factor(im.size, (w, h), need)
+    if factor > 1:  # still much larger than needed (a PNG, or a JPEG beyond 1/8): integer box reduction
         if im.mode in _DEEP:
             im = _to_8bit(im)  # 1 byte per pixel before anything else is made at full size
         elif im.mode not in _REDUCIBLE:
@@ -291,11 +235,23 @@ def decode_rgb(data: bytes, max_pixels: int, short_side: int | None = None,
     return _to_rgb(im), (w, h)
 
 
-def decode(data: bytes, prep: Preprocessing, face_max_side: int = 640, max_pixels: int = 180_000_000) -> Decoded:
-    """Decode bytes into a model crop and a small RGB copy for the face detector; raises ImageError with a reason."""
-    rgb, (w, h) = decode_rgb(data, max_pixels, short_side=prep.resize_to, long_side=face_max_side)
-    small = small_copy(rgb, face_max_side)
-    return Decoded(width=w, height=h, model_input=model_crop(rgb, prep), small=small, small_to_full=w / small.shape[1])
+def decode(data: bytes, geometry: Geometry, max_pixels: int = 180_000_000, keep_rgb: bool = False,
+           rotate: float = 0.0) -> Decoded:
+    """Photo bytes -> the model crop, the face copy and the full-size frame, per `geometry`; the one decode path.
+
+    `rotate` turns the upright photo counter-clockwise by that many degrees on a canvas that holds it all
+    (face detectors measured on tilted heads); `keep_rgb` also returns the reduced photo itself. Raises
+    ImageError with a one-line reason.
+    """
+    rgb, (w, h) = _reduced(data, geometry, max_pixels)
+    if rotate:
+        rgb = rgb.rotate(rotate, resample=Image.Resampling.BICUBIC, expand=True)
+        t = math.radians(rotate)
+        w, h = (round(abs(w * math.cos(t)) + abs(h * math.sin(t))), round(abs(w * math.sin(t)) + abs(h * math.cos(t))))
+    small = small_copy(rgb, geometry.small(rgb.size))
+    crop = model_crop(rgb, geometry) if geometry.input_size is not None else None
+    return Decoded(width=w, height=h, model_input=crop, small=small, small_to_full=w / small.shape[1],
+                   rgb=np.asarray(rgb, dtype=np.uint8) if keep_rgb else None)
 
 
 # SOF markers an accelerator's JPEG decoder (nvJPEG, libjpeg-turbo through torchvision) takes whole: baseline,
@@ -350,39 +306,23 @@ def jpeg_header(data: bytes, max_pixels: int) -> tuple[int, int, int] | None:
     return (h, w, orientation) if orientation in (5, 6, 7, 8) else (w, h, orientation)
 
 
-def open_photo(path: str | bytes, max_bytes: int, max_pixels: int, short_side: int | None = None,
-               long_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
-    """Read and decode one photo file (local path, raw-bytes path or URI) with every guard the scan uses.
-
-    The one way the project opens a photo outside the scan's sandbox: training, evaluation, the report's
-    thumbnails, ``predict --annotate`` and the benchmark. Returns (upright RGB, full-size width x height).
-    """
-    return decode_rgb(read_bytes(path, max_bytes), max_pixels, short_side, long_side)
-
-
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
              "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
 
 
-def model_crop(rgb: Image.Image, prep: Preprocessing) -> np.ndarray:
-    """Resize the short side to prep.resize_to and centre-crop prep.input_size (timm's eval transform)."""
-    w, h = rgb.size
-    s = prep.resize_to / min(w, h)
-    nw, nh = max(prep.input_size, round(w * s)), max(prep.input_size, round(h * s))
-    resized = rgb.resize((nw, nh), _RESAMPLE.get(prep.interpolation, Image.Resampling.BICUBIC), reducing_gap=3.0)
-    left, top = (nw - prep.input_size) // 2, (nh - prep.input_size) // 2
-    crop = resized.crop((left, top, left + prep.input_size, top + prep.input_size))
-    return np.asarray(crop, dtype=np.uint8)
+def model_crop(rgb: Image.Image, geometry: Geometry) -> np.ndarray:
+    """The geometry's crop of an upright RGB image (timm's eval transform for the weights' crop mode)."""
+    plan = geometry.crop(rgb.size)
+    img = rgb.resize(plan.resize, _RESAMPLE[geometry.interpolation]) if plan.resize != rgb.size else rgb
+    if any(plan.pad):
+        canvas = Image.new("RGB", (img.size[0] + plan.pad[0] + plan.pad[2], img.size[1] + plan.pad[1] + plan.pad[3]),
+                           geometry.fill)
+        canvas.paste(img, (plan.pad[0], plan.pad[1]))
+        img = canvas
+    return np.asarray(img.crop(plan.box), dtype=np.uint8)
 
 
-def small_copy_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
-    w, h = size
-    s = min(1.0, max_side / max(w, h))
-    return max(1, round(w * s)), max(1, round(h * s))
-
-
-def small_copy(rgb: Image.Image, max_side: int) -> np.ndarray:
-    """RGB copy (h, w, 3) with the longest side <= max_side, box-filtered."""
-    size = small_copy_size(rgb.size, max_side)
+def small_copy(rgb: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """The RGB face copy (h, w, 3) at `size` (Geometry.small), box-filtered."""
     small = rgb.resize(size, Image.Resampling.BOX, reducing_gap=2.0) if size != rgb.size else rgb
     return np.asarray(small, dtype=np.uint8)

@@ -17,13 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from dogbreed.config import DecodeConfig, FaceConfig
+from dogbreed.config import FaceConfig, PhotoConfig
+from dogbreed.vision import batch as batches
 from dogbreed.vision import faces
-from dogbreed.vision.decode import ImageError, Preprocessing, fingerprint_of_bytes, jpeg_header, read_bytes, small_copy_size
-from dogbreed.vision.predictors import Batch, Decoder, _node_id
+from dogbreed.vision.batch import CROP, JPEG, KIND, ORIENTATION, PAYLOAD, Batch, column
+from dogbreed.vision.decode import ImageError, fingerprint_of_bytes, jpeg_header, read_bytes
+from dogbreed.vision.geometry import Geometry
+from dogbreed.vision.predictors import Decoder, _node_id
+from dogbreed.vision.preprocessing import Preprocessing
 
-PAYLOAD, KIND, ORIENTATION = "payload", "payload_kind", "orientation"  # columns between the two stages only
-JPEG, CROP = "jpeg", "crop"  # payload kinds: compressed bytes to decode on the device; a crop the CPU already made
 # Full-size pixels decoded per decode_jpeg call: bounds the device memory a batch of 12-MP photos takes
 # (3 bytes each, plus a float copy of one photo at a time while it is resized): about 1.2 GB here.
 CHUNK_PIXELS = 400_000_000
@@ -40,20 +42,6 @@ def device_supports(prep: Preprocessing) -> bool:
     return prep.interpolation in _TORCH_MODES
 
 
-def _raw(batch: Batch, i: int) -> bytes:
-    import os
-
-    raw = batch["raw"][i] if "raw" in batch else None
-    return bytes(raw) if isinstance(raw, (bytes, bytearray)) else os.fsencode(str(batch["path"][i]))
-
-
-def _objects(values: list) -> np.ndarray:
-    out = np.empty(len(values), dtype=object)  # element by element: equal-length bytes must not become a 2-D array
-    for i, v in enumerate(values):
-        out[i] = v
-    return out
-
-
 class JpegShipper:
     """CPU-task stage: read + fingerprint + JPEG header check; ship plain JPEGs compressed, decode the rest as today.
 
@@ -61,9 +49,10 @@ class JpegShipper:
     sandboxed Decoder made; empty for error rows), ``payload_kind`` and ``orientation``.
     """
 
-    def __init__(self, prep: Preprocessing, face: FaceConfig | None = None, decode_cfg: DecodeConfig | None = None):
-        self.cfg = decode_cfg or DecodeConfig()
-        self.decoder = Decoder(prep, face, self.cfg)  # its sandboxed child starts only if a file needs it
+    def __init__(self, prep: Preprocessing, face: FaceConfig | None = None, photos: PhotoConfig | None = None,
+                 shared: bool = False):
+        self.cfg = photos or PhotoConfig()
+        self.decoder = Decoder(prep, face, self.cfg, shared)  # its sandboxed child starts only if a file needs it
 
     def _probe(self, raw: bytes) -> dict[str, Any] | None:
         try:
@@ -77,8 +66,8 @@ class JpegShipper:
         return {PAYLOAD: data, "width": w, "height": h, ORIENTATION: orientation, "fingerprint": fingerprint_of_bytes(data)}
 
     def __call__(self, batch: Batch) -> Batch:
-        n = len(batch["path"])
-        probed = [self._probe(_raw(batch, i)) for i in range(n)]
+        batch = batches.clean(batch)
+        probed = [self._probe(raw) for raw in batches.raw_paths(batch)]
         rest = [i for i, p in enumerate(probed) if p is None]
         rows: list[dict[str, Any]] = [{"ok": True, "status": None, "error": None, "error_kind": None,
                                        "face_count": 0, "faces": "[]", KIND: JPEG, **p} if p else {} for p in probed]
@@ -90,22 +79,10 @@ class JpegShipper:
                                                       "height", "face_count", "faces")}
                 rows[i].update({PAYLOAD: decoded["image"][j].tobytes() if ok else b"", KIND: CROP if ok else None,
                                 ORIENTATION: 1})
+        rows = [{**r, "decode_node": _node_id()} for r in rows]
         out = dict(batch)
-        out.update({
-            "ok": np.array([r["ok"] for r in rows], dtype=bool),
-            "status": _objects([r["status"] for r in rows]),
-            "error": _objects([r["error"] for r in rows]),
-            "error_kind": _objects([r["error_kind"] for r in rows]),
-            "fingerprint": _objects([r["fingerprint"] for r in rows]),
-            "width": np.array([r["width"] for r in rows], dtype=np.int32),
-            "height": np.array([r["height"] for r in rows], dtype=np.int32),
-            "face_count": np.array([r["face_count"] for r in rows], dtype=np.int32),
-            "faces": _objects([r["faces"] for r in rows]),
-            PAYLOAD: _objects([r[PAYLOAD] for r in rows]),
-            KIND: _objects([r[KIND] for r in rows]),
-            ORIENTATION: np.array([r[ORIENTATION] for r in rows], dtype=np.int8),
-            "decode_node": np.array([_node_id()] * n, dtype=object),
-        })
+        out.update({name: column((r[name] for r in rows), dtype) for name, dtype in batches.SHIPPED.items()
+                    if name not in batches.LISTED})
         return out
 
     def close(self) -> None:
@@ -133,37 +110,37 @@ def orient(img, orientation: int):
     return img
 
 
-def model_crop(img, prep: Preprocessing):
-    """images.model_crop on a (3, H, W) uint8 tensor: short side to prep.resize_to (antialiased), centre crop; (S, S, 3)."""
+def model_crop(img, geometry: Geometry):
+    """decode.model_crop on a (3, H, W) uint8 tensor, per the same geometry: resize (antialiased, PIL's filters),
+    pad, crop; returns (S, S, 3)."""
+    import torch
     import torch.nn.functional as F
 
     _, h, w = img.shape
-    s = prep.resize_to / min(w, h)
-    nw, nh = max(prep.input_size, round(w * s)), max(prep.input_size, round(h * s))
-    mode = _TORCH_MODES[prep.interpolation]
+    plan = geometry.crop((w, h))
+    (nw, nh), (pl, pt, pr, pb), (left, top, right, bottom) = plan.resize, plan.pad, plan.box
+    mode = _TORCH_MODES[geometry.interpolation]
     x = img.unsqueeze(0).float()
     if (nh, nw) != (h, w):
         smooth = mode in ("bicubic", "bilinear")  # antialias=True is torch's PIL-like filter (PIL's a = -0.5 cubic)
         x = F.interpolate(x, size=(nh, nw), mode=mode, antialias=smooth, **({"align_corners": False} if smooth else {}))
-    left, top = (nw - prep.input_size) // 2, (nh - prep.input_size) // 2
-    x = x[0, :, top:top + prep.input_size, left:left + prep.input_size]
-    return x.round_().clamp_(0, 255).to(dtype=img.dtype).permute(1, 2, 0)
+    x = x[0].round_().clamp_(0, 255)
+    if pl or pt or pr or pb:
+        canvas = torch.tensor(geometry.fill, dtype=x.dtype, device=x.device).view(3, 1, 1).repeat(1, nh + pt + pb, nw + pl + pr)
+        canvas[:, pt:pt + nh, pl:pl + nw] = x
+        x = canvas
+    return x[:, top:bottom, left:right].to(dtype=img.dtype).permute(1, 2, 0)
 
 
-def reductions(w: int, h: int, prep: Preprocessing, max_side: int) -> list[int]:
-    """The integer reductions images.decode_rgb makes of a w x h JPEG before resizing: Pillow's draft (DCT scaling
-    by 1/2, 1/4 or 1/8), then a box reduction if it is still twice as large as needed. On the device both are box
-    reductions of the full-size decode, so the crop and the face copy see what the CPU path's decode sees."""
-    need = max(prep.resize_to / min(w, h), min(1.0, max_side / max(w, h)))
-    out, rw, rh = [], w, h
-    if need < 0.5:
-        scale = min(w // max(1, int(w * need)), h // max(1, int(h * need)))  # Pillow's JpegImageFile.draft
-        draft = next((s for s in (8, 4, 2) if scale >= s), 1)
-        if draft > 1:
-            out.append(draft)
-            rw, rh = -(-w // draft), -(-h // draft)
-    factor = int(max(rw, rh) / max(w, h) / need)  # decode_rgb's box reduction after the draft
-    return out + ([factor] if factor >= 2 else [])
+def reductions(w: int, h: int, geometry: Geometry) -> list[int]:
+    """The integer reductions decode makes of a w x h (upright) JPEG before resizing, as the geometry decides them:
+    the DCT scale Pillow's draft decodes at, then a box reduction if it is still twice as large as needed. On the
+    device both are box reductions of the full-size decode."""
+    need = geometry.need((w, h))
+    draft = geometry.draft((w, h), need)
+    decoded = geometry.drafted((w, h), draft)
+    box = geometry.box_factor(decoded, (w, h), need)
+    return [f for f in (draft, box) if f > 1]
 
 
 def _box_spans(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
@@ -191,15 +168,14 @@ def _box(x, n_out: int, dim: int):
     return torch.div(2 * total + count, 2 * count, rounding_mode="floor").to(torch.int32)
 
 
-def small_copy(img, max_side: int):
-    """images.small_copy on a (3, H, W) uint8 tensor: each channel box-reduced to max_side as PIL does it.
-
-    Returns the (3, h, w) uint8 copy the face detector sees, and full-size pixels per pixel of it.
+def small_copy(img, geometry: Geometry):
+    """decode.small_copy on a (3, H, W) uint8 tensor: each channel box-reduced to the geometry's face copy size as
+    PIL does it. Returns the (3, h, w) uint8 copy the face detector sees, and full-size pixels per pixel of it.
     """
     import torch
 
     _, h, w = img.shape
-    sw, sh = small_copy_size((w, h), max_side)
+    sw, sh = geometry.small((w, h))
     x = img.to(torch.int32)
     if sw != w:
         x = _box(x, sw, -1)  # PIL resamples horizontally first, rounding to 8 bits between the passes
@@ -215,14 +191,16 @@ class DeviceDecoder:
     tensor on the device (BreedPredictor takes it without a copy back to the host).
     """
 
-    def __init__(self, prep: Preprocessing, face: FaceConfig | None = None, decode_cfg: DecodeConfig | None = None,
+    def __init__(self, prep: Preprocessing, face: FaceConfig | None = None, photos: PhotoConfig | None = None,
                  device: Any = "cpu", face_threads: int = 1):
         import cv2
         import torch
 
+        photos = photos or PhotoConfig()
         self.torch, self.prep, self.face = torch, prep, face or FaceConfig()
+        self.geometry = prep.geometry(photos.face_side)
         self.device = torch.device(device)
-        self.fallback = Decoder(prep, self.face, decode_cfg)  # sandboxed; its child starts at the first refusal
+        self.fallback = Decoder(prep, self.face, photos)  # sandboxed; its child starts at the first refusal
         faces.load_face_detector(self.face)
         # A cascade object is not thread-safe, so no thread pool: OpenCV's own threads (one cascade call spreads
         # its scales over them) use as many cores as the actor reserves.
@@ -279,10 +257,10 @@ class DeviceDecoder:
         img = orient(img, orientation)
         if tuple(img.shape) != (3, height, width):
             return None  # the device read another frame size than the header declared: the CPU path decides
-        for factor in reductions(width, height, self.prep, self.face.max_side):
+        for factor in reductions(width, height, self.geometry):
             img = self.torch.nn.functional.avg_pool2d(img[None].float(), factor, ceil_mode=True)[0].round_().to(img.dtype)
-        small, _ = small_copy(img, self.face.max_side)
-        return model_crop(img, self.prep), small, width / small.shape[2]
+        small, _ = small_copy(img, self.geometry)
+        return model_crop(img, self.geometry), small, width / small.shape[2]
 
     def _faces(self, smalls: list, scales: list[float]) -> list[list[tuple]]:
         """Face boxes (x, y, w, h, score) for the small RGB copies (device tensors), in full-size pixels.
@@ -295,17 +273,10 @@ class DeviceDecoder:
 
     def __call__(self, batch: Batch) -> Batch:
         torch = self.torch
+        batch = batches.clean(batch)  # fresh, writable columns of the declared types (Arrow makes NaN of None)
         n, size = len(batch["path"]), self.prep.input_size
         kinds = batch[KIND]
         out = {k: v for k, v in batch.items() if k not in (PAYLOAD, KIND, ORIENTATION)}
-        # Fresh, writable columns of the Decoder's types (through Arrow, a column of None arrives as float NaN).
-        for k in ("status", "error", "error_kind", "fingerprint", "faces"):
-            out[k] = _objects([None if isinstance(v, (float, np.floating)) else v for v in batch[k]])
-        for k in ("width", "height", "face_count"):
-            out[k] = np.array(batch[k], dtype=np.int32)
-        out["ok"] = np.array(batch["ok"], dtype=bool)
-        if "raw" in batch:  # path bytes, null for UTF-8 paths (NaN after Arrow): the fallback must not open b"\0\0\xc0\x7f"
-            out["raw"] = _objects([v if isinstance(v, (bytes, bytearray)) else None for v in batch["raw"]])
         images = torch.zeros((n, size, size, 3), dtype=torch.uint8, device=self.device)
         t = time.perf_counter()
         crops = [i for i in range(n) if kinds[i] == CROP]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import platform
 import warnings
 from functools import lru_cache
 from typing import Any
@@ -78,9 +79,22 @@ def _warn_fallback() -> None:
     warnings.warn(NO_YUFACE, RuntimeWarning, stacklevel=3)
 
 
+def resolved(cfg: FaceConfig) -> FaceConfig:
+    """The face settings with the detector that will really run (decided once, where settings_id is computed, and
+    passed to the workers as it is)."""
+    return cfg.model_copy(update={"detector": active_detector(cfg)})
+
+
 def load_face_detector(cfg: FaceConfig) -> None:
-    """Load (and cache) the configured detector now, so that a missing cascade fails once, at start-up."""
-    if active_detector(cfg) == "haar":
+    """Load (and cache) the detector the settings name now, so that a missing one fails once, at start-up.
+
+    Workers get resolved settings and never fall back on their own: a node without yuface that is asked for
+    yunet fails to start instead of writing rows that claim a detector that did not run.
+    """
+    if cfg.detector == "yunet" and _yuface() is None:
+        raise ConfigError("face.detector yunet: the yuface package is not installed on this node "
+                          f"({platform.node()}); install it there, or set face.detector: haar")
+    if cfg.detector == "haar":
         _cascade(cfg.cascade)
 
 
@@ -91,7 +105,7 @@ def detect_faces(small: np.ndarray, scale: float, cfg: FaceConfig) -> list[Face]
     """
     import cv2
 
-    if active_detector(cfg) == "haar":
+    if cfg.detector == "haar":
         gray = small if small.ndim == 2 else cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
         found = _cascade(cfg.cascade).detectMultiScale(
             gray, scaleFactor=cfg.scale_factor, minNeighbors=cfg.min_neighbors, minSize=(cfg.min_size, cfg.min_size))

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 CROP_MODES = ("center", "squash", "border")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos")
 DRAFT_SCALES = (8, 4, 2)  # JPEG DCT scaling: what libjpeg can decode directly, besides full size
-FACE_SIDE = 640  # default longest side of the face copy (face.max_side)
+FACE_SIDE = 640  # default longest side of the face copy (photos.face_side)
+FULL_SIZE = 1 << 30  # a side no photo reaches: a copy at full size
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,11 @@ class Geometry:
             raise ValueError(f"interpolation {self.interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
         if self.input_size is not None and (self.input_size < 1 or not 0 < self.crop_pct <= 1):
             raise ValueError(f"a model crop needs input_size >= 1 and 0 < crop_pct <= 1 (got {self})")
+
+    @classmethod
+    def copy(cls, side: int | None = None) -> "Geometry":
+        """Only an upright copy, longest side `side` (a thumbnail), or at full size (None): no model crop."""
+        return cls(input_size=None, face_side=side or FULL_SIZE)
 
     @property
     def scale_size(self) -> int:

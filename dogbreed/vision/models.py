@@ -21,7 +21,7 @@ from torch import nn
 
 from dogbreed.breeds import taxonomy
 from dogbreed.errors import UsageError
-from dogbreed.vision.decode import Preprocessing  # preprocessing travels with the weights
+from dogbreed.vision.preprocessing import Preprocessing  # preprocessing travels with the weights
 
 DEFAULT_MODEL = "default"
 TIMM_PREFIX = "timm:"  # zero-shot with a timm ImageNet-1k classifier
@@ -66,10 +66,15 @@ class ModelSpec(BaseModel):
             raise ModelError(f"{source} is not a usable dogbreed model description: key '{key}': {what}") from None
 
     def identity(self) -> dict[str, Any]:
-        """The parts that change predictions (metrics and training notes do not)."""
+        """The parts that change predictions (metrics and training notes do not).
+
+        crop_mode is hashed only when it is not "center", so models saved before it was stored keep their model_id.
+        """
         d = self.to_json()
         d.pop("metrics")
         d.pop("training")
+        if d["preprocessing"].get("crop_mode") == "center":
+            d["preprocessing"].pop("crop_mode")
         return d
 
 

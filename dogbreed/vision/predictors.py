@@ -8,23 +8,15 @@ score and the breed. Both are usable without Ray: ``BreedPredictor()(Decoder(...
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from dogbreed.config import DecodeConfig, FaceConfig
-from dogbreed.vision import decision, faces
-from dogbreed.vision.decode import ImageError, Preprocessing, decode, fingerprint_of_bytes, load_plugins, read_bytes
-from dogbreed.vision.sandbox import Sandbox, SandboxError
-
-Batch = dict[str, np.ndarray]
-# Decoding runs ahead of the network and fills any idle core; a lower priority lets the inference actor, the stage
-# that sets the pace on a shared node, take the CPU first whenever both want it.
-DECODE_NICE = 5
-PERMANENT, TRANSIENT = "permanent", "transient"  # error kinds: not retried on an unchanged file / retried next run
+from dogbreed.config import FaceConfig, PhotoConfig
+from dogbreed.vision import batch, decision
+from dogbreed.vision.batch import Batch
+from dogbreed.vision.preprocessing import Preprocessing
+from dogbreed.vision.worker import DECODE_NICE, PhotoReader, PhotoTask, shared_reader
 
 
 def _node_id() -> str | None:
@@ -36,90 +28,29 @@ def _node_id() -> str | None:
         return None
 
 
-def photo_worker(prep: dict, face: dict, decode_cfg: dict) -> Callable[[bytes], dict[str, Any]]:
-    """Runs in the sandboxed child (see dogbreed.vision.sandbox): read, fingerprint, decode and find faces, per photo."""
-    prep_, face_, cfg = Preprocessing(**prep), FaceConfig(**face), DecodeConfig(**decode_cfg)
-    load_plugins(cfg.plugins)
-    faces.load_face_detector(face_)  # fail at start-up, once, if the detector cannot be loaded
-    import cv2
-
-    cv2.setNumThreads(1)  # one photo at a time on one core: a decode task reserves under one CPU
-
-    def one(raw_path: bytes) -> dict[str, Any]:
-        fp = None
-        try:
-            data = read_bytes(raw_path, cfg.max_bytes)
-            fp = fingerprint_of_bytes(data)
-            d = decode(data, prep_, face_.max_side, cfg.max_pixels)
-            del data
-            boxes = faces.detect_faces(d.small, d.small_to_full, face_)
-        except ImageError as e:
-            return {"status": "error", "error": str(e), "error_kind": PERMANENT if e.permanent else TRANSIENT,
-                    "fingerprint": fp}
-        except MemoryError:
-            return {"status": "error", "error": "out of memory while decoding (decode.max_memory_mb)",
-                    "error_kind": PERMANENT, "fingerprint": fp}
-        except Exception as e:  # noqa: BLE001 - one bad photo must never take its batch down
-            msg = str(e).splitlines()[0] if str(e) else ""
-            return {"status": "error", "error": f"{type(e).__name__}: {msg}".strip().rstrip(":"),
-                    "error_kind": PERMANENT, "fingerprint": fp}
-        return {"status": None, "error": None, "error_kind": None, "width": d.width, "height": d.height,
-                "image": d.model_input, "faces": json.dumps(boxes), "face_count": len(boxes), "fingerprint": fp}
-
-    return one
-
-
 class Decoder:
-    """Read + decode + faces for a batch of listed files (columns path, raw), each photo in a sandboxed child.
+    """LISTED -> DECODED batches (dogbreed.vision.batch): read + decode + faces, each photo in a sandboxed child.
 
     A photo that crashes or hangs the child becomes an error row naming the signal or the time limit; the
     child is restarted for the rest of the batch. The child lives as long as this object.
     """
 
-    def __init__(self, prep: Preprocessing, face: FaceConfig | None = None, decode_cfg: DecodeConfig | None = None):
-        self.prep = prep
-        self.face = face or FaceConfig()
-        self.cfg = decode_cfg or DecodeConfig()
-        self.sandbox = Sandbox("dogbreed.vision.predictors:photo_worker",
-                               {"prep": asdict(prep), "face": self.face.model_dump(), "decode_cfg": self.cfg.model_dump()},
-                               timeout_s=self.cfg.timeout_s, memory_mb=self.cfg.max_memory_mb, nice=DECODE_NICE)
+    def __init__(self, prep: Preprocessing, face: FaceConfig | None = None, photos: PhotoConfig | None = None,
+                 shared: bool = False):
+        photos = photos or PhotoConfig()
+        self.prep, self.shared = prep, shared
+        self.task = PhotoTask(prep.geometry(photos.face_side), photos, face or FaceConfig())
+        # shared: the worker process's reader, kept across Ray tasks (one child started per process, not per task)
+        self.reader = (shared_reader if shared else PhotoReader)(self.task, nice=DECODE_NICE)
 
-    def _one(self, raw: bytes) -> dict[str, Any]:
-        try:
-            result, failure = self.sandbox(raw)
-        except SandboxError as e:
-            return {"status": "error", "error": str(e), "error_kind": TRANSIENT}
-        if failure is not None:
-            return {"status": "error", "error": failure, "error_kind": PERMANENT}
-        return result
-
-    def __call__(self, batch: Batch) -> Batch:
-        n = len(batch["path"])
-        raws = batch["raw"] if "raw" in batch else [None] * n
-        rows = [self._one(bytes(r) if r is not None else os.fsencode(str(p))) for p, r in zip(batch["path"], raws)]
-        size = self.prep.input_size
-        images = np.zeros((n, size, size, 3), dtype=np.uint8)
-        for i, r in enumerate(rows):
-            if r.get("image") is not None:
-                images[i] = r["image"]
-        out = dict(batch)
-        out.update({
-            "ok": np.array([r["status"] is None for r in rows], dtype=bool),
-            "status": np.array([r["status"] for r in rows], dtype=object),
-            "error": np.array([r["error"] for r in rows], dtype=object),
-            "error_kind": np.array([r.get("error_kind") for r in rows], dtype=object),
-            "fingerprint": np.array([r.get("fingerprint") for r in rows], dtype=object),
-            "width": np.array([r.get("width", -1) for r in rows], dtype=np.int32),
-            "height": np.array([r.get("height", -1) for r in rows], dtype=np.int32),
-            "face_count": np.array([r.get("face_count", 0) for r in rows], dtype=np.int32),
-            "faces": np.array([r.get("faces", "[]") for r in rows], dtype=object),
-            "image": images,
-            "decode_node": np.array([_node_id()] * n, dtype=object),
-        })
-        return out
+    def __call__(self, listed: Batch) -> Batch:
+        listed = batch.clean(listed)
+        results = [self.reader(raw) for raw in batch.raw_paths(listed)]
+        return batch.decoded(listed, results, self.prep.input_size, _node_id())
 
     def close(self) -> None:
-        self.sandbox.close()
+        if not self.shared:
+            self.reader.close()
 
 
 class _OnDevice:
