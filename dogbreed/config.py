@@ -197,27 +197,3 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[st
 def dump_config(cfg: BaseModel) -> str:
     """The resolved config as YAML, saved beside every run's output."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def _effective_face(cfg: ScanConfig) -> dict[str, Any]:
-    """The face settings as they will run: a yunet that falls back to haar (no yuface here) hashes as haar. The copy's
-    size (photos.face_side) is hashed as the face setting `max_side` it once was, so rows keep their settings_id."""
-    from dogbreed.vision.faces import active_detector  # faces imports this module
-
-    face = cfg.face.model_copy(update={"detector": active_detector(cfg.face)}).model_dump(mode="json")
-    return {**face, "max_side": cfg.photos.face_side}
-
-
-def settings_id(cfg: ScanConfig) -> str:
-    """A short hash of the settings that change a photo's result besides the model (the model has its model_id).
-
-    It is stored in every row: rows made under other settings are due again, so results never silently mix them.
-    """
-    import hashlib
-    import json
-
-    relevant = {"top_k": cfg.top_k, "dog_threshold": cfg.dog_threshold, "count_dingo_as_dog": cfg.count_dingo_as_dog,
-                "face": _effective_face(cfg)}
-    if cfg.breed_flip:  # added only when on, so rows written before the setting existed stay current
-        relevant["breed_flip"] = True
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]

@@ -88,7 +88,8 @@ def test_every_error_type_has_one_exit_code_from_the_one_table():
     from dogbreed.scan.job import ScanFailed
     from dogbreed.scan.listing import RootError
     from dogbreed.scan.plan import ScanRefused
-    from dogbreed.table.store import OutputError, ScanLocked, StoreError
+    from dogbreed.table.location import OutputError
+    from dogbreed.table.store import ScanLocked, StoreError
     from dogbreed.vision.models import ModelError
 
     expected = {ConfigError: Exit.USAGE, ModelError: Exit.USAGE, OutputError: Exit.USAGE, DataError: Exit.USAGE,

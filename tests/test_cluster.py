@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from dogbreed.cluster import submit
+from dogbreed.cluster import jobs_api, submit
 from dogbreed.config import ScanConfig, load_config
 from dogbreed.errors import Exit
 from dogbreed.scan.job import run_scan
@@ -127,10 +127,10 @@ def test_missing_address_says_how_to_give_one(monkeypatch):
     for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(submit.SubmitError, match="--address"):
-        submit.resolve_address(None)
+        jobs_api.resolve_address(None)
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:8265")
-    assert submit.resolve_address(None) == "http://10.0.0.5:8265"
-    assert submit.resolve_address("http://head:8265") == "http://head:8265"
+    assert jobs_api.resolve_address(None) == "http://10.0.0.5:8265"
+    assert jobs_api.resolve_address("http://head:8265") == "http://head:8265"
 
 
 def test_bad_config_is_refused_before_anything_is_shipped(tmp_path):

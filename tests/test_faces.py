@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dogbreed.config import ConfigError, FaceConfig, ScanConfig, settings_id
+from dogbreed.config import ConfigError, FaceConfig, ScanConfig
 from dogbreed.vision import decision, faces
+from dogbreed.vision.decision import settings_id
 from dogbreed.vision.decode import decode
 from dogbreed.vision.preprocessing import Preprocessing
 

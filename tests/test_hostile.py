@@ -161,9 +161,10 @@ def _decode(paths: list[Path], **photos) -> dict[str, np.ndarray]:
 
 def test_listing_plan_and_decoder_alone_give_each_hostile_file_its_status(corpus):
     """The same outcome without Ray: listing and planning decide skips and loops, the decoder the rest."""
-    from dogbreed.config import ScanConfig, settings_id
+    from dogbreed.config import ScanConfig
     from dogbreed.scan.listing import list_roots
     from dogbreed.scan.plan import make_plan
+    from dogbreed.vision.decision import settings_id
 
     root, cases = corpus
     cfg = ScanConfig(roots=[str(root)], out="unused")

@@ -26,8 +26,9 @@ from dogbreed.config import dump_config
 from dogbreed.errors import Exit
 from dogbreed.scan.job import run_scan
 from dogbreed.table import readers, schema
+from dogbreed.table.location import locate
 from dogbreed.table.lock import holder
-from dogbreed.table.store import LOG_DIR, locate, open_table, run_prefixes
+from dogbreed.table.store import LOG_DIR, open_table, run_prefixes
 from dogbreed.vision.models import describe_model
 
 DOGBREED = Path(sys.executable).with_name("dogbreed")  # the installed console script, as cron runs it

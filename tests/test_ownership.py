@@ -20,10 +20,11 @@ from deltalake import DeltaTable, write_deltalake
 
 from dogbreed.errors import Exit
 from dogbreed.table import readers, schema
+from dogbreed.table.location import locate
 from dogbreed.table.lock import hold
 from dogbreed.table.objects import META_DIR
 from dogbreed.table.ownership import MARKER
-from dogbreed.table.store import RunWriter, StoreError, clear_orphans, locate, new_run_id, open_table, utcnow
+from dogbreed.table.store import RunWriter, StoreError, clear_orphans, new_run_id, open_table, utcnow
 
 DOGBREED = Path(sys.executable).with_name("dogbreed")  # the installed console script, as cron runs it
 

@@ -101,3 +101,16 @@ def test_breed_flip_averages_the_photo_and_its_mirror_and_keeps_the_dog_score(pr
     np.testing.assert_allclose(flip_breeds, (breeds + mirrored) / 2, atol=1e-5)
     np.testing.assert_allclose(flip_imagenet, imagenet, atol=1e-6)  # the dog score is that of the photo as it is
     assert not np.allclose(breeds, mirrored, atol=1e-3)  # the mirror really is another input
+
+
+def test_a_batch_that_went_through_arrow_is_cleaned_into_the_declared_types():
+    """Arrow hands a null string back as NaN, a null binary as b'' and every column read-only."""
+    from dogbreed.vision import batch
+
+    raw = {"path": np.array(["/a.jpg", "/b.jpg"], dtype=object), "raw": np.array([b"", b"/b\xe9.jpg"], dtype=object),
+           "status": np.array([np.nan, "error"], dtype=object), "face_count": np.array([0, 1], dtype=np.int64)}
+    raw["face_count"].setflags(write=False)
+    out = batch.clean(raw)
+    assert out["raw"].tolist() == [None, b"/b\xe9.jpg"] and out["status"].tolist() == [None, "error"]
+    assert out["face_count"].dtype == np.int32 and out["face_count"].flags.writeable
+    assert batch.raw_paths(out) == [b"/a.jpg", b"/b\xe9.jpg"]

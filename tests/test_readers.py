@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from dogbreed.cli import app
 from dogbreed.table import readers, schema
+from dogbreed.table.location import locate
 from dogbreed.table.maintain import MIGRATED_DIR, compact, migrate
-from dogbreed.table.store import locate
 
 
 @pytest.fixture

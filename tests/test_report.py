@@ -200,7 +200,7 @@ def test_report_of_a_run_without_a_decoded_photo_lists_its_errors(tmp_path):
 
 
 def test_report_on_a_folder_without_runs_names_it(tmp_path):
-    from dogbreed.table.store import OutputError
+    from dogbreed.table.location import OutputError
 
     with pytest.raises(OutputError, match=f"^{tmp_path} holds no committed scan run"):
         report.build_report(tmp_path, tmp_path / "r.html")

@@ -16,8 +16,9 @@ import pytest
 from deltalake import DeltaTable
 
 from dogbreed.table import readers
+from dogbreed.table.location import OutputError, check_out, locate
 from dogbreed.table.lock import hold
-from dogbreed.table.store import OutputError, ScanLocked, check_out, clear_orphans, commit, locate, open_table, run_prefixes
+from dogbreed.table.store import ScanLocked, clear_orphans, commit, open_table, run_prefixes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,7 +96,8 @@ WRITER = """
     import pyarrow as pa
     from dogbreed.table import schema
     from dogbreed.table.lock import hold
-    from dogbreed.table.store import RunWriter, locate, new_run_id, utcnow
+    from dogbreed.table.store import RunWriter, new_run_id, utcnow
+    from dogbreed.table.location import locate
     loc, run_id = locate(sys.argv[1]), new_run_id()
     RunWriter.ROW_GROUP = RunWriter.FILE_ROWS = 1          # every row its own finished file
     with hold(loc, float(sys.argv[2])):
@@ -151,7 +153,8 @@ def test_a_second_holder_is_refused_at_once_naming_the_first_and_the_lock_frees_
 RACER = """
     import sys, time
     from dogbreed.table.lock import hold
-    from dogbreed.table.store import ScanLocked, locate
+    from dogbreed.table.store import ScanLocked
+    from dogbreed.table.location import locate
     loc = locate(sys.argv[1])
     while time.time() < float(sys.argv[2]):                # start together
         time.sleep(0.001)
@@ -177,7 +180,8 @@ def test_of_racing_processes_exactly_one_takes_the_lock(out):
 PAUSED = """
     import sys
     from dogbreed.table.lock import hold
-    from dogbreed.table.store import ScanLocked, commit, locate, open_table
+    from dogbreed.table.store import ScanLocked, commit, open_table
+    from dogbreed.table.location import locate
     loc = locate(sys.argv[1])
     with hold(loc, 2) as lease:
         table = open_table(loc)

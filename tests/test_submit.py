@@ -55,6 +55,32 @@ def test_a_config_named_on_the_command_line_is_shipped_too(tmp_path):
     assert Path("nightly/scan-s3.yaml") in submit.shipped_files(root, [root / "nightly" / "scan-s3.yaml"])
 
 
+def test_a_link_leaving_the_project_and_files_named_like_secrets_are_never_shipped(tmp_path):
+    """A symlink in configs/ to a file outside the checkout used to ship that file's content."""
+    root = tmp_path / "checkout"
+    wanted = _project(root)
+    outside = tmp_path / "home" / "notes.yaml"
+    outside.parent.mkdir()
+    outside.write_text("aws_secret_access_key: hunter2\n")
+    (root / "configs" / "linked.yaml").symlink_to(outside)
+    (root / "configs" / "inside.yaml").symlink_to(root / "configs" / "scan.yaml")  # stays in the project: fine
+    for name in ("aws_credentials.yaml", "token.yml", "db_password.yaml", "private_key.py"):
+        (root / "configs" / name).write_text("x: 1\n")
+    shipped = [p.as_posix() for p in submit.shipped_files(root)]
+    assert shipped == sorted(wanted + ["configs/inside.yaml"])
+    with submit.staged_project(root) as staged:
+        assert "hunter2" not in "".join(p.read_text() for p in staged.rglob("*") if p.is_file())
+    with pytest.raises(submit.SubmitError, match="named like a secret"):
+        submit.shipped_files(root, [root / "configs" / "token.yml"])
+
+
+def test_no_private_ray_client_api_is_used():
+    """The Jobs API is reached through its documented REST endpoints and Ray's public client only."""
+    source = "\n".join(p.read_text() for p in (ROOT / "dogbreed").rglob("*.py"))
+    for private in ("_do_request", "._cookies", "._headers", "._ssl_context", "iter_internal_ref_bundles"):
+        assert private not in source, private
+
+
 def test_the_real_project_ships_code_and_configs_and_nothing_else():
     shipped = {p.as_posix() for p in submit.shipped_files(ROOT)}
     assert {"pyproject.toml", "dogbreed/table/store.py", "dogbreed/table/lock.py", "jobs/scan.py", "configs/scan.yaml"} <= shipped

@@ -143,11 +143,12 @@ def _scan_start(root: Path, out: Path, fig: SizeFigures, stream_s: float, limit_
 
 def _commit_done(root: Path, out: Path, config: Path | None) -> int:
     """Commit one run in which every listed file has a current 'neither' row (as if all were processed)."""
-    from dogbreed.config import ScanConfig, load_config, settings_id
+    from dogbreed.config import ScanConfig, load_config
     from dogbreed.scan.listing import list_roots, normalise_roots
     from dogbreed.table import schema
     from dogbreed.table.output import Output
     from dogbreed.table.store import RunWriter, utcnow
+    from dogbreed.vision.decision import settings_id
     from dogbreed.vision.models import describe_model
 
     cfg = load_config(ScanConfig, config, {"roots": [str(root)], "out": str(out)})
@@ -170,11 +171,10 @@ def _commit_done(root: Path, out: Path, config: Path | None) -> int:
 
 
 def _us(ns: pa.ChunkedArray) -> pa.Array:
-    import pyarrow.compute as pc
 
     from dogbreed.table import schema
 
-    return pc.cast(pc.cast(pc.divide(ns, 1000), pa.int64()), schema.UTC_US)
+    return schema.timestamps(ns)
 
 
 def _unchanged(root: Path, out: Path, fig: SizeFigures, config: Path | None) -> None:

@@ -8,6 +8,21 @@ import signal
 import threading
 from typing import Any, Callable
 
+TESTED_RAY = ">=2.60,<2.61"  # equal to pyproject.toml's pin (a test keeps the two together)
+
+
+def check_ray_version() -> bool:
+    """Whether the installed Ray is one this project was tested with; a warning names it when it is not."""
+    import ray
+    from packaging.specifiers import SpecifierSet
+
+    if ray.__version__ in SpecifierSet(TESTED_RAY):
+        return True
+    logging.getLogger("dogbreed.cluster").warning(
+        "Ray %s is outside the range dogbreed was tested with (%s); the scan relies on Ray Data's remote args for "
+        "bounded retries, which Ray removes in 2.64", ray.__version__, TESTED_RAY)
+    return False
+
 
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> Callable[[], None] | None:
     """Join `address` (or RAY_ADDRESS), else start a private local Ray: never another user's `ray start`.
@@ -18,6 +33,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> Callab
     """
     import ray
 
+    check_ray_version()
     if ray.is_initialized():
         return None
     address = address or os.environ.get("RAY_ADDRESS") or "local"

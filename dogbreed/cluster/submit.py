@@ -9,11 +9,10 @@ one sentence and exit 2, not a hung cron job.
 from __future__ import annotations
 
 import asyncio
-import functools
-import os
+import logging
+import re
 import shlex
 import shutil
-import socket
 import sys
 import tempfile
 import uuid
@@ -22,12 +21,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, TextIO
-from urllib.parse import urlsplit
 
 import yaml
 
+from dogbreed.cluster.jobs_api import REQUEST_TIMEOUT_S, Cluster, SubmitError, connect
 from dogbreed.config import ConfigError, ScanConfig, load_config
-from dogbreed.errors import Exit, UsageError
+from dogbreed.errors import Exit
 
 JOBS = {"scan": ("jobs/scan.py", "configs/scan.yaml"), "train": ("jobs/train.py", "configs/train.yaml")}
 
@@ -35,16 +34,10 @@ JOBS = {"scan": ("jobs/scan.py", "configs/scan.yaml"), "train": ("jobs/train.py"
 # names). Anything else in the checkout (.env, .aws/, id_rsa, token files, outputs, tests) stays here.
 SHIPPED = ("pyproject.toml", "dogbreed", "jobs", "configs")
 SHIPPED_SUFFIXES = (".py", ".yaml", ".yml", ".j2", ".md", ".jpg", ".png")
-REQUEST_TIMEOUT_S = 30.0  # every request to the cluster: connecting, and waiting for each answer
-HEARTBEAT_S = 30.0  # following logs: a head that stops answering pings is given up after about this long
+# A file named like a secret is never shipped, whatever its suffix (configs/aws_credentials.yaml, token.yml, ...).
+SECRET_NAME = re.compile(r"secret|credential|passw|token|private|api[_-]?key|id_rsa|id_ed25519|\.env", re.IGNORECASE)
 
-
-_ADDRESS_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # Ray's own, in Ray's order of precedence
-
-
-class SubmitError(UsageError):
-    """The job could not be submitted or looked up (no address, cluster unreachable, bad config, too few GPUs): exit 2,
-    nothing ran."""
+log = logging.getLogger("dogbreed.cluster.submit")
 
 
 @dataclass
@@ -57,107 +50,10 @@ class JobOutcome:
     message: str = ""
 
 
-def resolve_address(address: str | None) -> str:
-    """The dashboard address: the given one, else $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS."""
-    for value in (address, *(os.environ.get(v) for v in _ADDRESS_VARS)):
-        if value:
-            return value if "://" in value else f"http://{value}"
-    raise SubmitError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
-
-
-def _auth_headers(token: str | None) -> dict[str, str] | None:
-    """A bearer token for clusters started with RAY_AUTH_MODE=token.
-
-    Ray's client adds the token itself only when this process has RAY_AUTH_MODE=token; a token given
-    here or in $RAY_AUTH_TOKEN is sent either way (a cluster without authentication ignores it).
-    """
-    token = token or os.environ.get("RAY_AUTH_TOKEN")
-    if not token and os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text(encoding="utf-8").strip()
-    return {"Authorization": f"Bearer {token}"} if token else None
-
-
-@contextmanager
-def _address_env_cleared() -> Iterator[None]:
-    # JobSubmissionClient lets $RAY_ADDRESS override an explicit address; an explicit --address must win.
-    saved = {v: os.environ.pop(v) for v in _ADDRESS_VARS if v in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
-
-
-def connect(address: str | None = None, token: str | None = None, timeout_s: float = REQUEST_TIMEOUT_S):
-    """A JobSubmissionClient for the cluster whose every request times out after timeout_s, or SubmitError
-    naming the address it could not reach."""
-    import requests
-    from ray.exceptions import AuthenticationError
-
-    url = resolve_address(address)
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise SubmitError(f"cluster address {url} is not a dashboard URL like http://HEAD:8265")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:  # a quick probe, for a clear message when nothing listens
-        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
-    except OSError as e:
-        raise SubmitError(f"cannot reach the Ray dashboard at {url} ({e.strerror or e}); "
-                          "is the head running and its dashboard port open to you?") from None
-    try:
-        with _address_env_cleared():
-            return _client_class()(url, headers=_auth_headers(token), timeout_s=timeout_s)
-    except AuthenticationError:
-        raise SubmitError(f"the cluster at {url} requires a token: set RAY_AUTH_TOKEN (or RAY_AUTH_MODE=token "
-                          "with ~/.ray/auth_token) to the cluster's token") from None
-    except SubmitError:
-        raise
-    except requests.exceptions.Timeout:
-        raise SubmitError(_silent(url, timeout_s)) from None
-    except (ConnectionError, RuntimeError, requests.exceptions.RequestException) as e:
-        raise SubmitError(f"the Ray dashboard at {url} did not answer as a Jobs API: {e}") from None
-
-
-def _silent(url: str, timeout_s: float) -> str:
-    return (f"the Ray dashboard at {url} accepted the connection but did not answer within {timeout_s:g} s; "
-            "is it overloaded, or is something else listening on that port?")
-
-
-@functools.cache
-def _client_class():
-    """JobSubmissionClient with a timeout on every request (Ray's own has none) and a heartbeat on the log tail."""
-    import aiohttp
-    import requests
-    from ray.job_submission import JobSubmissionClient
-
-    class TimedClient(JobSubmissionClient):
-        def __init__(self, *args: Any, timeout_s: float = REQUEST_TIMEOUT_S, **kwargs: Any):
-            self.timeout_s = timeout_s
-            super().__init__(*args, **kwargs)
-
-        def _do_request(self, method: str, endpoint: str, **kwargs: Any):
-            kwargs.setdefault("timeout", (self.timeout_s, self.timeout_s))
-            try:
-                return super()._do_request(method, endpoint, **kwargs)
-            except requests.exceptions.Timeout:
-                raise SubmitError(_silent(self._address, self.timeout_s)) from None
-
-        async def tail_job_logs(self, job_id: str):
-            timeout = aiohttp.ClientTimeout(sock_connect=self.timeout_s, sock_read=self.timeout_s)
-            async with aiohttp.ClientSession(cookies=self._cookies, headers=self._headers, timeout=timeout) as session:
-                ws = await session.ws_connect(f"{self._address}/api/jobs/{job_id}/logs/tail", headers=self._headers,
-                                              ssl=self._ssl_context, heartbeat=HEARTBEAT_S)
-                async for msg in ws:  # ends when the head closes the stream, or stops answering the heartbeat
-                    if msg.type == aiohttp.WSMsgType.TEXT:
-                        yield msg.data
-                    elif msg.type == aiohttp.WSMsgType.ERROR:
-                        break
-
-    return TimedClient
-
-
 def project_root() -> Path:
-    """The folder holding jobs/ and configs/: beside the dogbreed package (editable install), else the cwd."""
-    for candidate in (Path(__file__).resolve().parents[1], Path.cwd()):
+    """The folder holding jobs/ and configs/: the one holding the dogbreed package (editable install), else the cwd."""
+    package = next(p for p in Path(__file__).resolve().parents if p.name == "dogbreed")
+    for candidate in (package.parent, Path.cwd()):
         if (candidate / "jobs" / "scan.py").is_file() and (candidate / "dogbreed").is_dir():
             return candidate
     raise SubmitError("cannot find the project folder (with jobs/ and dogbreed/): run this from your checkout")
@@ -187,15 +83,6 @@ def gpus_wanted(kind: str, config: Path, args: list[str]) -> float:
     return float(cfg.num_workers) if cfg.use_gpu else 0.0
 
 
-def cluster_gpus(client) -> float:
-    """GPUs on the cluster's alive nodes now, from the dashboard's state API (an autoscaler may add more later)."""
-    r = client._do_request("GET", "/api/v0/nodes?limit=10000&detail=true")  # same auth and TLS as the client
-    if r.status_code != 200:
-        raise SubmitError(f"cannot list the cluster's nodes: HTTP {r.status_code}")
-    nodes = r.json()["data"]["result"]["result"]
-    return sum(n.get("resources_total", {}).get("GPU", 0) for n in nodes if n.get("state") == "ALIVE")
-
-
 def entrypoint(kind: str, config: Path, args: list[str], root: Path) -> str:
     """The shell command the cluster runs: the job script with the shipped config and the pass-through args."""
     script, _ = JOBS[kind]
@@ -205,6 +92,17 @@ def entrypoint(kind: str, config: Path, args: list[str], root: Path) -> str:
         raise SubmitError(f"config {config} is outside the project folder {root} that is shipped to the cluster; "
                           "put it under configs/") from None
     return shlex.join(["python", script, "--config", rel.as_posix(), *args])
+
+
+def _shippable(f: Path, root: Path) -> bool:
+    """Not named like a secret, and not a link to anything outside the project (its content would leave with it)."""
+    if SECRET_NAME.search(f.name):
+        log.warning("not shipped: %s is named like a secret", f.relative_to(root))
+        return False
+    if f.is_symlink() and not f.resolve().is_relative_to(root.resolve()):
+        log.warning("not shipped: %s links outside the project", f.relative_to(root))
+        return False
+    return True
 
 
 def shipped_files(root: Path, extra: list[Path] = ()) -> list[Path]:
@@ -218,10 +116,12 @@ def shipped_files(root: Path, extra: list[Path] = ()) -> list[Path]:
             for f in path.rglob("*"):
                 rel = f.relative_to(root)
                 if (f.is_file() and f.suffix in SHIPPED_SUFFIXES and "__pycache__" not in rel.parts
-                        and not any(p.startswith(".") for p in rel.parts)):
+                        and not any(p.startswith(".") for p in rel.parts) and _shippable(f, root)):
                     found.add(rel)
     for f in extra:
-        found.add(f.resolve().relative_to(root))
+        if SECRET_NAME.search(f.name):
+            raise SubmitError(f"config {f} is named like a secret and is not shipped; rename it")
+        found.add(f.resolve().relative_to(root.resolve()))
     return sorted(found)
 
 
@@ -254,13 +154,13 @@ def submit(kind: str, args: list[str], address: str | None = None, config: str |
         raise SubmitError(str(e)) from None
     command = entrypoint(kind, config, args, root)
     client = connect(address, token, timeout_s)
-    if wanted and (have := cluster_gpus(client)) < wanted:
+    if wanted and (have := client.gpus()) < wanted:
         raise SubmitError(f"the config asks for {wanted:g} GPUs but the cluster has {have:g}; "
                           "add GPU workers or set the job to use none")
     job_id = f"dogbreed-{kind}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
-    with staged_project(root, [config]) as staged:  # uploaded by submit_job, then removed here
-        client.submit_job(entrypoint=command, submission_id=job_id, runtime_env=runtime_env(staged),
-                          metadata={"dogbreed_job": kind})
+    with staged_project(root, [config]) as staged:  # uploaded by the submission, then removed here
+        client.submit(entrypoint=command, submission_id=job_id, runtime_env=runtime_env(staged),
+                      metadata={"dogbreed_job": kind})
     out = out or sys.stdout
     print(f"submitted {job_id}: {command}", file=out, flush=True)
     if not follow:
@@ -268,10 +168,10 @@ def submit(kind: str, args: list[str], address: str | None = None, config: str |
     return follow_job(client, job_id, out)
 
 
-def follow_job(client, job_id: str, out: TextIO) -> JobOutcome:
+def follow_job(client: Cluster, job_id: str, out: TextIO) -> JobOutcome:
     """Stream a job's logs until it ends; Ctrl-C stops following but leaves the job running."""
     async def tail() -> None:
-        async for chunk in client.tail_job_logs(job_id):
+        async for chunk in client.tail(job_id):
             out.write(chunk)
             out.flush()
 
@@ -286,11 +186,11 @@ def follow_job(client, job_id: str, out: TextIO) -> JobOutcome:
     return outcome(client, job_id)
 
 
-def outcome(client, job_id: str) -> JobOutcome:
+def outcome(client: Cluster, job_id: str) -> JobOutcome:
     """The job's status mapped to an exit code: the driver's own where Ray recorded it."""
-    info = client.get_job_info(job_id)
-    status = _status(info.status)
-    code = getattr(info, "driver_exit_code", None)
+    info = client.job(job_id)
+    status = str(info.get("status"))
+    code = info.get("driver_exit_code")
     if status == "SUCCEEDED":
         exit_code = code or Exit.OK
     elif status == "FAILED":
@@ -299,7 +199,7 @@ def outcome(client, job_id: str) -> JobOutcome:
         exit_code = Exit.STOPPED
     else:
         exit_code = Exit.FAILED
-    return JobOutcome(job_id, status, exit_code, info.message or "")
+    return JobOutcome(job_id, status, exit_code, info.get("message") or "")
 
 
 def list_jobs(address: str | None = None, token: str | None = None,
@@ -307,34 +207,19 @@ def list_jobs(address: str | None = None, token: str | None = None,
     """The cluster's jobs, newest first: id, status, start time (UTC), entrypoint."""
     rows = []
     for j in connect(address, token, timeout_s).list_jobs():
-        started = datetime.fromtimestamp(j.start_time / 1000, timezone.utc) if j.start_time else None
-        rows.append({"job_id": j.submission_id or j.job_id, "status": _status(j.status),
-                     "started": f"{started:%Y-%m-%d %H:%M:%S}" if started else "", "entrypoint": j.entrypoint})
+        started = datetime.fromtimestamp(j["start_time"] / 1000, timezone.utc) if j.get("start_time") else None
+        rows.append({"job_id": j.get("submission_id") or j.get("job_id"), "status": str(j.get("status")),
+                     "started": f"{started:%Y-%m-%d %H:%M:%S}" if started else "", "entrypoint": j.get("entrypoint", "")})
     return sorted(rows, key=lambda r: r["started"], reverse=True)
 
 
 def job_logs(job_id: str, address: str | None = None, token: str | None = None,
              timeout_s: float = REQUEST_TIMEOUT_S) -> str:
     """A job's logs so far."""
-    client = connect(address, token, timeout_s)
-    _check_known(client, job_id)
-    return client.get_job_logs(job_id)
+    return connect(address, token, timeout_s).logs(job_id)
 
 
 def stop_job(job_id: str, address: str | None = None, token: str | None = None,
              timeout_s: float = REQUEST_TIMEOUT_S) -> bool:
     """Ask the cluster to stop a job; False when it had already ended."""
-    client = connect(address, token, timeout_s)
-    _check_known(client, job_id)
-    return client.stop_job(job_id)
-
-
-def _check_known(client, job_id: str) -> None:
-    try:
-        client.get_job_info(job_id)
-    except RuntimeError:
-        raise SubmitError(f"the cluster has no job {job_id!r} (see `dogbreed jobs`)") from None
-
-
-def _status(status: Any) -> str:
-    return str(getattr(status, "value", status))
+    return connect(address, token, timeout_s).stop(job_id)

@@ -15,11 +15,12 @@ import numpy as np
 import pandas as pd
 
 from dogbreed.breeds.folders import class_index, evaluation_photos
-from dogbreed.config import ConfigError, ScanConfig, settings_id
+from dogbreed.config import ConfigError, ScanConfig
 from dogbreed.scan.listing import is_utf8, text_path
 from dogbreed.table import schema
 from dogbreed.table.store import utcnow
 from dogbreed.vision.batch import Batch, column
+from dogbreed.vision.decision import settings_id
 from dogbreed.vision.faces import resolved
 from dogbreed.vision.predictors import BreedPredictor, Decoder
 

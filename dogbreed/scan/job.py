@@ -15,10 +15,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from dogbreed.cluster.session import start_ray
-from dogbreed.config import ScanConfig, dump_config, settings_id
+from dogbreed.config import ScanConfig, dump_config
 from dogbreed.errors import Exit, Failed
 from dogbreed.scan.listing import RootError, list_roots, normalise_roots
 from dogbreed.scan.pipeline import run_pipeline
@@ -26,6 +25,7 @@ from dogbreed.scan.plan import KNOWN_COLUMNS, Plan, ScanRefused, make_plan
 from dogbreed.table import readers, schema
 from dogbreed.table.output import Output
 from dogbreed.table.store import RunWriter, utcnow
+from dogbreed.vision.decision import settings_id
 from dogbreed.vision.faces import resolved
 from dogbreed.vision.models import describe_model
 from dogbreed.vision.worker import TRANSIENT
@@ -77,8 +77,7 @@ class ScanSummary:
 
 def _identity_columns(table: pa.Table) -> dict[str, Any]:
     return {"path": table.column("path"), "path_bytes": table.column("raw"), "size_bytes": table.column("size_bytes"),
-            "mtime": pc.cast(pc.cast(pc.divide(table.column("mtime_ns"), 1000), pa.int64()), schema.UTC_US),
-            "ctime": pc.cast(pc.cast(pc.divide(table.column("ctime_ns"), 1000), pa.int64()), schema.UTC_US)}
+            "mtime": schema.timestamps(table.column("mtime_ns")), "ctime": schema.timestamps(table.column("ctime_ns"))}
 
 
 def _write_direct(writer: RunWriter, plan: Plan, run_id: str, settings: str, model_id: str) -> None:

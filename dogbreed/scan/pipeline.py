@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from dogbreed.config import ScanConfig, settings_id
+from dogbreed.config import ScanConfig
 from dogbreed.scan.plan import ScanRefused
 from dogbreed.table import schema
 from dogbreed.table.store import RunWriter, utcnow
 from dogbreed.vision import device_decode
+from dogbreed.vision.decision import settings_id
 from dogbreed.vision.models import describe_model
 from dogbreed.vision.predictors import BreedPredictor, Decoder
 

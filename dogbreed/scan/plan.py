@@ -76,7 +76,7 @@ def _plain(col) -> pa.ChunkedArray:
 
 
 def _us(ns) -> pa.Array:
-    return pc.cast(pc.divide(ns, 1000), pa.int64())
+    return schema.us_from_ns(ns)
 
 
 def _decided_by_listing(listing: pa.Table, extensions: list[str]) -> tuple[np.ndarray, pa.Table]:

@@ -18,8 +18,9 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
+from dogbreed.table.location import Location
 from dogbreed.table.objects import objects
-from dogbreed.table.store import Location, ScanLocked, StoreError, utcnow
+from dogbreed.table.store import ScanLocked, StoreError, utcnow
 
 LOCK_DIR = "lock"  # OUT/_dogbreed/lock/<generation>.json
 RENEWALS_PER_LEASE = 4  # renew this often per lease, so a few slow or failed requests do not lose it

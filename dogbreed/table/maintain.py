@@ -14,8 +14,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from dogbreed.table import schema
+from dogbreed.table.location import OutputError
 from dogbreed.table.output import Output
-from dogbreed.table.store import DELTA_COMMIT_KEYS, OutputError, RunWriter, StoreError
+from dogbreed.table.store import DELTA_COMMIT_KEYS, RunWriter, StoreError
 
 log = logging.getLogger("dogbreed.table.maintain")
 MIGRATED_DIR = "_runs_before_delta"  # where migrate moves the old runs/ (hidden from Delta and Parquet readers)

@@ -13,6 +13,8 @@ import uuid
 from pathlib import Path
 from typing import Protocol
 
+from dogbreed.errors import Failed
+
 META_DIR = "_dogbreed"  # a leading underscore: Delta and Parquet readers skip it
 
 
@@ -123,9 +125,7 @@ class GCSObjects:
         try:
             from google.cloud import storage
         except ImportError:
-            from dogbreed.table.store import StoreError
-
-            raise StoreError("gs:// output needs the google-cloud-storage package (pip install 'dogbreed[gcs]')") from None
+            raise Failed("gs:// output needs the google-cloud-storage package (pip install 'dogbreed[gcs]')") from None
         bucket, self.prefix = _key_prefix(root, folder)
         self.bucket = storage.Client().bucket(bucket)
 

@@ -16,9 +16,10 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from dogbreed.table import readers
+from dogbreed.table.location import OutputError, check_out
 from dogbreed.table.lock import Lease, hold
 from dogbreed.table.ownership import check_roots, claimable, inspect
-from dogbreed.table.store import OutputError, RunWriter, check_out, clear_orphans, new_run_id, open_table
+from dogbreed.table.store import RunWriter, clear_orphans, new_run_id, open_table
 
 log = logging.getLogger("dogbreed.table")
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from dogbreed.table.location import Location, OutputError, first_line
 from dogbreed.table.objects import META_DIR, objects
-from dogbreed.table.store import LOG_DIR, TABLE_NAME, Location, OutputError, StoreError, first_line, utcnow
+from dogbreed.table.store import LOG_DIR, TABLE_NAME, StoreError, utcnow
 
 MARKER = "table.json"
 MARKER_FORMAT = "dogbreed-table"

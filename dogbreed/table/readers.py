@@ -20,8 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from dogbreed.table.location import locate
 from dogbreed.table.schema import REPEATED, SCHEMA, empty_table
-from dogbreed.table.store import committed_runs, locate, open_table
+from dogbreed.table.store import committed_runs, open_table
 
 
 def manifests(out: Any, table: Any = None) -> list[dict[str, Any]]:

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 
 BREED = pa.struct([("breed", pa.string()), ("prob", pa.float32())])
 # score: the detector's confidence 0..1 (face.detector yunet); null for haar, which has none, and in older runs.
@@ -71,6 +70,21 @@ RUNS_DIR = "runs"  # the layout before the Delta table (dogbreed migrate convert
 MANIFEST = "_manifest.json"
 
 
+def us_from_ns(ns) -> pa.Array:
+    """Nanoseconds (a file's mtime or ctime) to whole microseconds, rounded down (also before 1970), nulls kept.
+
+    One rounding for every writer and for the planner: a time rounded two ways would look changed every night.
+    """
+    arr = ns.combine_chunks() if isinstance(ns, pa.ChunkedArray) else pa.array(ns, pa.int64(), from_pandas=True)
+    values = np.floor_divide(arr.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64), 1000)
+    return pa.array(values, pa.int64(), mask=arr.is_null().to_numpy(zero_copy_only=False))
+
+
+def timestamps(ns) -> pa.Array:
+    """us_from_ns as the schema's UTC timestamps."""
+    return us_from_ns(ns).cast(UTC_US)
+
+
 def empty_table() -> pa.Table:
     return SCHEMA.empty_table()
 
@@ -100,10 +114,9 @@ def rows_to_table(rows: dict[str, Any], run_id: str, settings_id: str | None, pr
     ok = np.array([s in OK_STATUSES for s in rows["status"]], dtype=bool)
     cols = dict(rows)
     cols["path_bytes"] = rows.get("raw")
-    cols["mtime"] = pa.array(np.asarray(rows["mtime_ns"], dtype=np.int64) // 1000, type=pa.int64()).cast(UTC_US)
+    cols["mtime"] = timestamps(rows["mtime_ns"])
     if "ctime_ns" in rows:
-        cols["ctime"] = pc.cast(pc.divide(pa.array(rows["ctime_ns"], pa.int64(), from_pandas=True), 1000),
-                                pa.int64()).cast(UTC_US)
+        cols["ctime"] = timestamps(rows["ctime_ns"])
     for name in ("width", "height", "face_count"):
         cols[name] = [int(v) if good else None for v, good in zip(rows[name], ok)]
     cols["faces"] = [[dict(zip(BOX_FIELDS, b)) for b in json.loads(f)] if good else None for f, good in zip(rows["faces"], ok)]

@@ -11,37 +11,30 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dogbreed.errors import Failed, Locked, UsageError
+from dogbreed.errors import Failed, Locked
 from dogbreed.table import schema
+from dogbreed.table.location import Location, first_line
 from dogbreed.table.objects import objects
 
 DATA_DIR = "data"  # OUT/data/<run_id>/part-*.parquet: a run's files, under a prefix of its own
 RUNS_DIR = "runs"  # OUT/_dogbreed/runs/<run_id>.json: the files a run in progress has created
 LOG_DIR = "_delta_log"
-SCHEMES = ("s3", "gs")
 TABLE_NAME = "dogbreed scan results"
 
 
 class ScanLocked(Locked):
     """Another scan holds the output's lock (or committed while this run held a lost lease)."""
-
-
-class OutputError(UsageError):
-    """An --out that cannot be used (an unsupported URI, a file, no bucket, no credentials); nothing was created."""
 
 
 class StoreError(Failed):
@@ -55,109 +48,6 @@ def utcnow() -> datetime:
 def new_run_id() -> str:
     """Sortable by start time, unique across machines."""
     return utcnow().strftime("%Y%m%dT%H%M%S%fZ") + "-" + uuid.uuid4().hex[:6]
-
-
-@dataclass(frozen=True)
-class Location:
-    """Where a table lives: its URI for deltalake, and the pyarrow filesystem and path the driver writes through."""
-
-    out: str  # as given
-    uri: str  # absolute local path, or scheme://bucket/prefix without a trailing slash
-    fs: pafs.FileSystem
-    root: str  # the table's folder as a path of `fs`
-
-    @property
-    def remote(self) -> bool:
-        return "://" in self.uri
-
-    def path(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
-
-    def storage_options(self) -> dict[str, str] | None:
-        """deltalake reads the standard AWS_* / GOOGLE_* variables itself; an http:// endpoint must be allowed."""
-        if self.uri.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL", "").startswith("http://"):
-            return {"AWS_ALLOW_HTTP": "true"}
-        return None
-
-
-# Names Delta Lake's object store cannot hold: it percent-decodes paths (a folder "a%2Fb" would be written as a/b,
-# and its data files lost) and refuses control characters (a newline aborts the process).
-_BAD_NAME = re.compile(r"%[0-9A-Fa-f]{2}|[\x00-\x1f\x7f]")
-
-
-# On object stores, keys hold only the characters AWS calls safe: pyarrow cannot parse a URI with a space, and
-# Delta Lake would percent-encode what pyarrow writes verbatim.
-_SAFE_KEY = re.compile(r"[A-Za-z0-9!_.*'()/=+,@-]*")
-
-
-def _check_name(out: str, path: str, remote: bool) -> None:
-    if remote and not _SAFE_KEY.fullmatch(path):
-        odd = next(c for c in path if not _SAFE_KEY.fullmatch(c))
-        raise OutputError(f"--out {out!r}: object-store outputs may name only letters, digits and !_.*'()/=+,@- "
-                          f"(not {odd!r}), which Delta Lake cannot store in a table path otherwise; give another name")
-    bad = _BAD_NAME.search(path)
-    if bad:
-        what = "a control character" if bad.group(0) < " " or bad.group(0) == "\x7f" else repr(bad.group(0))
-        raise OutputError(f"--out {out!r}: its path holds {what}, which Delta Lake cannot store in a table path; "
-                          "give another folder name")
-
-
-def locate(out: str | Path) -> Location:
-    """Parse --out into a Location without touching the store (OutputError for an unsupported URI or name)."""
-    out = str(out)
-    if "://" not in out:
-        root = str(Path(out).absolute())
-        _check_name(out, root, remote=False)
-        return Location(out, root, pafs.LocalFileSystem(), root)
-    _check_name(out, out.split("://", 1)[1], remote=True)
-    parts = urlsplit(out)
-    if parts.scheme not in SCHEMES:
-        raise OutputError(f"--out {out}: {parts.scheme}:// output is not supported; give a local folder, "
-                          "an s3:// or a gs:// URI")
-    if not parts.netloc:
-        raise OutputError(f"--out {out} names no bucket")
-    prefix = parts.path.strip("/")
-    uri = f"{parts.scheme}://{parts.netloc}" + (f"/{prefix}" if prefix else "")
-    try:
-        fs, root = pafs.FileSystem.from_uri(uri)
-    except (OSError, ValueError, pa.ArrowException) as e:
-        raise OutputError(f"--out {out}: cannot use {parts.scheme}:// storage here ({first_line(e)})") from None
-    return Location(out, uri, fs, root.rstrip("/"))
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def check_out(out: str | Path, write: bool = True) -> Location:
-    """Refuse an unusable output location before anything is created or started; returns where it is.
-
-    Readers (write=False) need no write access: a read-only table serves `latest`, `report` and `--dry-run`.
-    """
-    loc = locate(out)
-    if not loc.remote:
-        path = Path(loc.root)
-        if path.exists() and not path.is_dir():
-            raise OutputError(f"--out {out} is a file, not a folder")
-        parent = next((p for p in [path, *path.parents] if p.exists()), None)
-        if parent is not None and not parent.is_dir():
-            raise OutputError(f"--out {out}: {parent} is a file, not a folder")
-        if write and parent is not None and not os.access(parent, os.W_OK | os.X_OK):
-            raise OutputError(f"--out {out}: {parent} is not writable")
-        return loc
-    bucket = loc.root.split("/", 1)[0]
-    try:  # one request each: is the bucket there, is the prefix not an object; credentials are checked too
-        kind = loc.fs.get_file_info(bucket).type
-        here = loc.fs.get_file_info(loc.root).type if loc.root != bucket else pafs.FileType.Directory
-    except (OSError, pa.ArrowException) as e:
-        raise OutputError(f"--out {out}: cannot reach the store ({first_line(e)}); check the credentials "
-                          "(standard chain, AWS_ENDPOINT_URL for an S3-compatible store)") from None
-    if kind == pafs.FileType.NotFound:
-        raise OutputError(f"--out {out}: bucket {bucket} does not exist (or these credentials cannot see it)")
-    if here == pafs.FileType.File:
-        raise OutputError(f"--out {out} is an object, not a prefix")
-    return loc
 
 
 def open_table(loc: Location, version: int | None = None):

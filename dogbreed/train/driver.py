@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
+import dogbreed.train.report as report
 from dogbreed.cluster.session import start_ray
 from dogbreed.config import ConfigError, ScanConfig, dump_config
-from dogbreed.train import report
 from dogbreed.train.config import TrainConfig
 from dogbreed.train.data import Item, Splits, feature_dataset, image_dataset, make_splits
 from dogbreed.train.worker import STATE_FILE, stages, train_loop_per_worker

@@ -64,7 +64,7 @@ def _null(v: Any) -> Any:
 
 def clean(batch: Batch) -> Batch:
     """The batch with its nullable object columns as Python None where Arrow made NaN (strings) or b'' (raw path
-    bytes: a path is never empty), and its declared columns in their declared dtypes."""
+    bytes: a path is never empty), and its declared columns fresh and writable, in their declared dtypes."""
     out = dict(batch)
     for name, dtype in {**DECODED, **SHIPPED}.items():
         if name not in out or name == IMAGE:
@@ -75,7 +75,7 @@ def clean(batch: Batch) -> Batch:
                 values = [bytes(v) if v else None for v in values]
             out[name] = column(values, "O")
         else:
-            out[name] = np.asarray(out[name], dtype=dtype)
+            out[name] = np.array(out[name], dtype=dtype)  # a writable copy: Ray hands stages read-only arrays
     return out
 
 

@@ -8,7 +8,14 @@ are conditional on "dog" (renormalised over the breed classes), so a human's "lo
 
 from __future__ import annotations
 
+import hashlib
+import json
+from typing import Any
+
 import numpy as np
+
+from dogbreed.config import ScanConfig
+from dogbreed.vision.faces import active_detector
 
 
 def dog_scores(imagenet_probs: np.ndarray, dog_indices: list[int]) -> np.ndarray:
@@ -40,3 +47,22 @@ def top_k(probs: np.ndarray, names: list[str], k: int) -> list[list[tuple[str, f
     k = min(k, probs.shape[1])
     idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     return [[(names[j], float(p[j])) for j in row] for p, row in zip(probs, idx)]
+
+
+def _effective_face(cfg: ScanConfig) -> dict[str, Any]:
+    """The face settings as they will run: a yunet that falls back to haar (no yuface here) hashes as haar. The copy's
+    size (photos.face_side) is hashed as the face setting `max_side` it once was, so rows keep their settings_id."""
+    face = cfg.face.model_copy(update={"detector": active_detector(cfg.face)}).model_dump(mode="json")
+    return {**face, "max_side": cfg.photos.face_side}
+
+
+def settings_id(cfg: ScanConfig) -> str:
+    """A short hash of the settings that change a photo's result besides the model (the model has its model_id).
+
+    It is stored in every row: rows made under other settings are due again, so results never silently mix them.
+    """
+    relevant = {"top_k": cfg.top_k, "dog_threshold": cfg.dog_threshold, "count_dingo_as_dog": cfg.count_dingo_as_dog,
+                "face": _effective_face(cfg)}
+    if cfg.breed_flip:  # added only when on, so rows written before the setting existed stay current
+        relevant["breed_flip"] = True
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]

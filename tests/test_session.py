@@ -1,0 +1,33 @@
+"""Starting or joining Ray: the Ray version in use is the tested one, and the pin in pyproject.toml says so."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import tomllib
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+
+from dogbreed.cluster import session
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_installed_ray_is_the_tested_one_and_pyproject_pins_that_range():
+    import ray
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    pinned = next(Requirement(d) for d in deps if Requirement(d).name == "ray")
+    assert pinned.specifier == SpecifierSet(session.TESTED_RAY)
+    assert "2.64" not in pinned.specifier  # Ray 2.64 removes the remote args that bound the scan's retries
+    assert ray.__version__ in pinned.specifier, f"Ray {ray.__version__} is untested: run the full suite, then widen the pin"
+
+
+def test_an_untested_ray_is_named_in_a_warning(monkeypatch, caplog):
+    import ray
+
+    monkeypatch.setattr(ray, "__version__", "2.70.0")
+    with caplog.at_level(logging.WARNING, logger="dogbreed.cluster"):
+        assert session.check_ray_version() is False
+    assert "Ray 2.70.0 is outside the range dogbreed was tested with" in caplog.text
