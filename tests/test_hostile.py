@@ -96,6 +96,7 @@ def build_corpus(root: Path) -> list[Case]:
     stored.save(add("rotated.jpg", "ok"), exif=exif.tobytes(), quality=95)
     for name in ("with space.jpg", "ünïcødé 照片.jpg", "new\nline.jpg", "x.jpg/inside.jpg"):
         _noise().save(add(name, "ok"), "JPEG")  # x.jpg is a folder: walked, no row of its own
+    os.mkfifo(add("pipe.jpg", "skipped", "not a regular file (a FIFO); never opened"))  # once no row, or a hang
     os.symlink(".", add("loop", "error", "symlink loop"))
     os.symlink("self.jpg", add("self.jpg", "error", "symlink loop"))
     _noise().save(add("noperm.jpg", "ok" if os.geteuid() == 0 else "error", None if os.geteuid() == 0 else "permission"), "JPEG")

@@ -76,13 +76,23 @@ def test_several_roots_are_numbered_in_the_order_given(tmp_path):
     assert list(zip(rel(table, tmp_path), table.column("root").to_pylist())) == [("b/x.jpg", 0), ("a/y.jpg", 1)]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18: a FIFO gets no row yet")
-def test_a_fifo_gets_one_row_saying_why_it_is_not_read(tmp_path):
+def test_a_fifo_a_socket_and_a_device_get_one_skipped_row_each_and_are_never_opened(tmp_path):
+    """A FIFO named x.jpg used to get no row at all; opening one would block until a writer came."""
+    import socket
+
     touch(tmp_path / "a.jpg")
     os.mkfifo(tmp_path / "x.jpg")
-    by_path = rows(list_roots([str(tmp_path)]))
-    fifo = by_path.get(str(tmp_path / "x.jpg"))
-    assert fifo is not None and fifo["note_status"] in ("skipped", "error") and fifo["note"]
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "s.jpg"))
+    (tmp_path / "null.jpg").symlink_to("/dev/null")  # a character device, through a link inside the roots
+    try:
+        by_path = rows(list_roots([str(tmp_path)], follow="all"))
+    finally:
+        sock.close()
+    assert by_path[str(tmp_path / "a.jpg")]["note_status"] is None
+    for name, kind in (("x.jpg", "a FIFO"), ("s.jpg", "a socket"), ("null.jpg", "a character device")):
+        row = by_path[str(tmp_path / name)]
+        assert (row["note_status"], row["note"]) == ("skipped", f"not a regular file ({kind}); never opened"), name
 
 
 # ---------------------------------------------------------------- symlinks

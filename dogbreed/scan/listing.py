@@ -11,7 +11,7 @@ import errno
 import os
 import stat
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 import pyarrow as pa
 
@@ -157,6 +157,13 @@ class _Chunks:
         self._reset()
 
 
+def _special(mode: int) -> str:
+    """The skipped row's reason for a file that is not a regular file (never opened: reading a FIFO can block)."""
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode) else "not a file")
+    return f"not a regular file ({kind}); never opened"
+
+
 def _error_from_stat(err: OSError) -> tuple[str, str]:
     if err.errno == errno.ELOOP:
         return "symlink loop", "permanent"
@@ -196,6 +203,9 @@ def _walk_local(top: bytes, out: _Chunks, all_roots: list[bytes], seen: set[tupl
                 elif e.is_file(follow_symlinks=False):
                     st = e.stat(follow_symlinks=False)
                     out.add(e.path, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                else:  # a FIFO, socket or device: opening it could block forever, so it is never opened
+                    st = e.stat(follow_symlinks=False)
+                    out.add(e.path, 0, st.st_mtime_ns, st.st_ctime_ns, "skipped", _special(st.st_mode))
             except OSError as err:  # vanished while listed, or unreadable metadata
                 reason, kind = _error_from_stat(err)
                 out.add(e.path, 0, 0, None, "error", reason, kind)
@@ -222,6 +232,8 @@ def _link(e: os.DirEntry, out: _Chunks, all_roots: list[bytes], follow: FollowSy
         deferred.append((e.path, (st.st_dev, st.st_ino), out))
     elif stat.S_ISREG(st.st_mode):
         out.add(e.path, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    else:
+        out.add(e.path, *ident, "skipped", _special(st.st_mode))
 
 
 def _walk_uri(root: str, index: int, include_hidden: bool) -> list[pa.RecordBatch]:
@@ -278,9 +290,3 @@ def list_roots(roots: list[str], include_hidden: bool = False, follow: FollowSym
     for c in chunks:
         c.flush()
     return pa.Table.from_batches([b for c in chunks for b in c.batches], schema=LISTING_SCHEMA)
-
-
-def iter_files(root: str, include_hidden: bool = False) -> Iterator[tuple[str, bytes]]:
-    """(text path, raw path) of every file under one root, for small tools (evaluate, reports)."""
-    table = list_roots(normalise_roots([root]).roots, include_hidden)
-    yield from zip(table.column("path").to_pylist(), table.column("raw").to_pylist())
