@@ -255,6 +255,34 @@ def _environment() -> jinja2.Environment:
                               undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 
+LOOKALIKE_QUERIES, LOOKALIKES = 4, 4
+
+
+def _lookalikes(out: str, rows: pd.DataFrame, thumb_size: int) -> list[list[dict[str, Any]]]:
+    """A few dog photos (the most confident) and their nearest rows, as gallery items; none without embeddings."""
+    from dogbreed.config import ScanConfig
+    from dogbreed.vectors.index import SimilarError
+    from dogbreed.vectors.similar import similar
+
+    dogs = rows[rows["status"] == "dog"].sort_values("dog_score", ascending=False)
+    queries = dogs["path"].head(LOOKALIKE_QUERIES).tolist()
+    if not queries:
+        return []
+    try:
+        found = similar(out, queries, ScanConfig(), k=LOOKALIKES)
+    except SimilarError:
+        return []  # a table scanned before embeddings were stored
+    by_path = rows.set_index("path")
+    groups = []
+    for f in found:
+        paths = [f.query] + [h.path for h in f.hits]
+        items = _gallery_items(by_path.loc[paths].reset_index(), thumb_size)
+        for item, hit in zip(items[1:], f.hits):
+            item["similarity"] = hit.similarity
+        groups.append(items)
+    return groups
+
+
 def build_report(out_dir: str | Path, html_path: str | Path, max_gallery: int = 200, thumb_size: int = 320,
                  max_errors: int = 1000) -> Path:
     """Write one self-contained HTML report (plots and thumbnails embedded) of a scan output folder.
@@ -274,6 +302,7 @@ def build_report(out_dir: str | Path, html_path: str | Path, max_gallery: int = 
     problems = rows[rows["status"].isin(PROBLEM_STATUSES)].sort_values("path")
     gallery = _pick_gallery(rows, max_gallery)
     items = _gallery_items(gallery, thumb_size)
+    lookalikes = _lookalikes(str(out_dir), rows, thumb_size // 2)
 
     html = _environment().get_template("report.html.j2").render(
         out_dir=str(out_dir),
@@ -293,6 +322,7 @@ def build_report(out_dir: str | Path, html_path: str | Path, max_gallery: int = 
         problems=[{"path": r["path"], "status": r["status"], "reason": _get(r, "error") or ""}
                   for r in problems.head(max_errors).to_dict("records")],
         problem_count=len(problems),
+        lookalikes=lookalikes,
     )
     html_path.parent.mkdir(parents=True, exist_ok=True)
     html_path.write_text(html, encoding="utf-8")

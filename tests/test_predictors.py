@@ -95,9 +95,9 @@ def test_breed_flip_averages_the_photo_and_its_mirror_and_keeps_the_dog_score(pr
     flipping = BreedPredictor(top_k=3, breed_flip=True)
     _, batch = decoded
     images = batch["image"][batch["ok"]]
-    imagenet, breeds = predictor._forward(images)
-    mirrored_imagenet, mirrored = predictor._forward(np.ascontiguousarray(images[:, :, ::-1]))
-    flip_imagenet, flip_breeds = flipping._forward(images)
+    imagenet, breeds, _ = predictor._forward(images)
+    _, mirrored, _ = predictor._forward(np.ascontiguousarray(images[:, :, ::-1]))
+    flip_imagenet, flip_breeds, _ = flipping._forward(images)
     np.testing.assert_allclose(flip_breeds, (breeds + mirrored) / 2, atol=1e-5)
     np.testing.assert_allclose(flip_imagenet, imagenet, atol=1e-6)  # the dog score is that of the photo as it is
     assert not np.allclose(breeds, mirrored, atol=1e-3)  # the mirror really is another input

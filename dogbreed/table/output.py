@@ -19,7 +19,7 @@ from dogbreed.table import readers
 from dogbreed.table.location import OutputError, check_out
 from dogbreed.table.lock import Lease, hold
 from dogbreed.table.ownership import check_roots, claimable, inspect
-from dogbreed.table.store import RunWriter, clear_orphans, new_run_id, open_table
+from dogbreed.table.store import RunWriter, add_new_columns, clear_orphans, new_run_id, open_table
 
 log = logging.getLogger("dogbreed.table")
 
@@ -76,7 +76,8 @@ class Session:
 
     def __init__(self, output: Output, lease: Lease):
         self.output, self.lease = output, lease
-        self.table = output.snapshot()
+        table = output.snapshot()
+        self.table = add_new_columns(output.loc, table) if table is not None else None
 
     def latest(self, columns: list[str] | None = None, model_id: str | None = None, compact: bool = False) -> pa.Table:
         """The latest row per path as of the pinned snapshot."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,7 +26,9 @@ MARKER_FORMAT = "dogbreed-table"
 # What dogbreed itself puts at the top of an output: the Delta log, its data files, its own folder, and the
 # old runs/ layout that `dogbreed migrate` moved aside.
 OWN_ENTRIES = {LOG_DIR, "data", META_DIR, "_runs_before_delta"}
-OLD_RUNS = "runs"  # the layout before the Delta table: only `dogbreed migrate` writes to such an output
+OLD_RUNS = "runs"
+# A data file delta-rs writes at the table's root (compaction's output): part-00001-<uuid>-c000.zstd.parquet
+DELTA_FILE = re.compile(r"part-\d{5}-[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}-c\d{3}(\.\w+)?\.parquet")  # the layout before the Delta table: only `dogbreed migrate` writes to such an output
 
 
 def _entries(loc: Location) -> list[str] | None:
@@ -77,7 +80,7 @@ def inspect(loc: Location) -> str:
         if name != TABLE_NAME:
             raise OutputError(f"--out {loc.out} is a Delta table of another tool ({f'named {name!r}' if name else 'unnamed'}); "
                               "dogbreed writes only to its own tables: give a new folder")
-        foreign = [e for e in entries if e not in OWN_ENTRIES]
+        foreign = [e for e in entries if e not in OWN_ENTRIES and not DELTA_FILE.fullmatch(e)]
         if foreign:
             raise OutputError(f"--out {loc.out} holds {foreign[0]!r} besides a dogbreed table; dogbreed writes only to "
                               "a folder of its own")

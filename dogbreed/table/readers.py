@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from dogbreed.table.location import locate
-from dogbreed.table.schema import REPEATED, SCHEMA, empty_table
+from dogbreed.table.schema import REPEATED, ROW_COLUMNS, SCHEMA, empty_table
 from dogbreed.table.store import committed_runs, open_table
 
 
@@ -30,8 +30,9 @@ def manifests(out: Any, table: Any = None) -> list[dict[str, Any]]:
     return committed_runs(table if table is not None else open_table(locate(out)))
 
 
-def _dataset(out: Any, dictionaries: tuple[str, ...] = (), table: Any = None) -> pads.Dataset | None:
-    """The current version's files as one pyarrow dataset of exactly SCHEMA (None before the first commit)."""
+def dataset(out: Any, dictionaries: tuple[str, ...] = (), table: Any = None) -> pads.Dataset | None:
+    """The current version's files (of `table`, or of the latest version) as one pyarrow dataset of exactly SCHEMA,
+    None before the first commit. Read it with a column list: the embedding is ~2 KB per decoded row."""
     loc = locate(out)
     table = table if table is not None else open_table(loc)
     if table is None:
@@ -50,7 +51,7 @@ def _dataset(out: Any, dictionaries: tuple[str, ...] = (), table: Any = None) ->
 
 def rows_of(out: Any, paths: pa.ChunkedArray, run_ids: pa.ChunkedArray, table: Any = None) -> pa.Table:
     """The committed rows written for (path, run_id) pairs, in the pairs' order (one per pair that exists)."""
-    ds = _dataset(out, table=table)
+    ds = dataset(out, table=table)
     if ds is None:
         return empty_table()
     found = ds.to_table(filter=pc.field("path").isin(pc.unique(paths)))
@@ -69,9 +70,11 @@ def rows_of(out: Any, paths: pa.ChunkedArray, run_ids: pa.ChunkedArray, table: A
 
 
 def read_all(out: Any, columns: list[str] | None = None) -> pd.DataFrame:
-    """Every row of every committed run (history), as pandas (nullable Int32/Int64 integers in every run)."""
-    ds = _dataset(out)
-    table = ds.to_table(columns=columns) if ds is not None else empty_table().select(columns or SCHEMA.names)
+    """Every row of every committed run (history), as pandas (nullable Int32/Int64 integers in every run); the
+    embedding only when `columns` names it."""
+    ds = dataset(out)
+    columns = columns or ROW_COLUMNS
+    table = ds.to_table(columns=columns) if ds is not None else empty_table().select(columns)
     return table.to_pandas()
 
 
@@ -80,10 +83,10 @@ def latest_table(out: Any, columns: list[str] | None = None, model_id: str | Non
     """Latest row per path (optionally only rows of one model), deleted files included; arrow for speed.
 
     With `compact`, the repeated string columns come back dictionary-encoded (the planner's way of reading
-    years of history in little memory).
+    years of history in little memory). The embedding is read only when `columns` names it.
     """
-    ds = _dataset(out, REPEATED if compact else (), table=table)
-    cols = list(dict.fromkeys(["path", "processed_at", "run_id"] + (columns or SCHEMA.names)))
+    ds = dataset(out, REPEATED if compact else (), table=table)
+    cols = list(dict.fromkeys(["path", "processed_at", "run_id"] + (columns or ROW_COLUMNS)))
     if ds is None:
         return empty_table().select(cols)
     filt = pc.field("model_id") == model_id if model_id else None
@@ -106,10 +109,12 @@ def latest_table(out: Any, columns: list[str] | None = None, model_id: str | Non
     return table.filter(pa.array(rank == best[codes]))
 
 
-def latest(out: Any, model_id: str | None = None) -> pd.DataFrame:
-    """The current answer per existing photo: its latest row (for `model_id` if given), deleted files left out."""
-    table = latest_table(out, model_id=model_id)
+def latest(out: Any, model_id: str | None = None, vectors: bool = False) -> pd.DataFrame:
+    """The current answer per existing photo: its latest row (for `model_id` if given), deleted files left out;
+    with `vectors`, the embedding column too (about 2 KB per decoded photo)."""
+    columns = SCHEMA.names if vectors else ROW_COLUMNS
+    table = latest_table(out, columns, model_id=model_id)
     if table.num_rows:
         table = table.take(pc.sort_indices(table.column("path")))
     mask = pc.not_equal(table.column("status"), "deleted")
-    return table.filter(mask).select(SCHEMA.names).to_pandas().reset_index(drop=True)
+    return table.filter(mask).select(columns).to_pandas().reset_index(drop=True)

@@ -43,6 +43,9 @@ SCHEMA = pa.schema([
     ("processed_at", UTC_US),
     ("decode_node", pa.string()),       # Ray node id of the decode task (proof of distribution)
     ("infer_node", pa.string()),        # Ray node id of the inference actor
+    ("embedding", pa.list_(pa.float32())),  # the backbone's pooled features of the model crop (float16-rounded);
+                                        # null where not decoded and in rows of older runs
+    ("embedding_id", pa.string()),      # the network that made them (backbone@hash): vectors compare only within one
 ])
 
 
@@ -59,6 +62,10 @@ def _with_pandas_dtypes(schema: pa.Schema) -> pa.Schema:
 
 
 SCHEMA = _with_pandas_dtypes(SCHEMA)
+
+# What a plain read leaves out: ~2 KB per decoded row, read only by `similar`, `relabel` and readers that ask.
+VECTOR_COLUMNS = ("embedding",)
+ROW_COLUMNS = [name for name in SCHEMA.names if name not in VECTOR_COLUMNS]
 
 OK_STATUSES = ("dog", "human", "dog_and_human", "neither")
 STATUSES = OK_STATUSES + ("error", "skipped", "deleted")
@@ -83,6 +90,20 @@ def us_from_ns(ns) -> pa.Array:
 def timestamps(ns) -> pa.Array:
     """us_from_ns as the schema's UTC timestamps."""
     return us_from_ns(ns).cast(UTC_US)
+
+
+def embedding_array(vectors: np.ndarray, valid: np.ndarray) -> pa.Array:
+    """(n, d) float features -> the embedding column: float16-rounded float32 lists, null where not valid.
+
+    float16 keeps a relabel's answers those of a scan (on real photos every status and top-1 agreed) in half the
+    bytes; Delta Lake has no float16 type, so the values are stored as float32 (zstd compresses the spare bits).
+    """
+    valid = np.asarray(valid, dtype=bool)
+    x = np.asarray(vectors, dtype=np.float32)[valid].astype(np.float16).astype(np.float32)
+    d = x.shape[1] if x.ndim == 2 and len(x) else 0
+    offsets = np.zeros(len(valid) + 1, dtype=np.int32)
+    np.cumsum(np.where(valid, d, 0), out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(x.ravel(), pa.float32()), mask=pa.array(~valid))
 
 
 def empty_table() -> pa.Table:
@@ -123,6 +144,8 @@ def rows_to_table(rows: dict[str, Any], run_id: str, settings_id: str | None, pr
     cols["dog_score"] = [float(v) if good else None for v, good in zip(rows["dog_score"], ok)]
     cols["breed_prob"] = [float(v) if good else None for v, good in zip(rows["breed_prob"], ok)]
     cols["breeds"] = [list(b) if good else None for b, good in zip(rows["breeds"], ok)]
+    if "embedding" in rows:
+        cols["embedding"] = embedding_array(rows["embedding"], ok)
     cols["run_id"] = [run_id] * n
     cols["settings_id"] = [settings_id] * n
     cols["processed_at"] = pa.array([processed_at] * n, type=UTC_US)

@@ -73,7 +73,7 @@ class RunWriter:
     the files closed so far.
     """
 
-    ROW_GROUP = 65_536
+    ROW_GROUP = 16_384  # about 30 MB of embeddings: what the driver holds before writing, and what a relabel reads
     FILE_ROWS = 1_000_000
 
     def __init__(self, loc: Location, run_id: str):
@@ -205,6 +205,25 @@ def delete_run_files(loc: Location, run_id: str, files: list[str]) -> bool:
     except (OSError, pa.ArrowException):
         pass
     return ok
+
+
+def add_new_columns(loc: Location, table):
+    """A table written before some of SCHEMA's columns existed gets them (one metadata-only commit; older rows read
+    them as null); returns the table as it now is. Call with the lock held, before planning."""
+    from deltalake import CommitProperties, Schema
+
+    have = {f.name for f in table.schema().fields}
+    missing = [f for f in schema.SCHEMA.remove_metadata() if f.name not in have]
+    if not missing:
+        return table
+    try:
+        table.alter.add_columns(Schema.from_arrow(pa.schema(missing)).fields,
+                                commit_properties=CommitProperties(custom_metadata={"dogbreed": "new columns: " +
+                                                                                    ", ".join(f.name for f in missing)}))
+    except Exception as e:  # noqa: BLE001 - delta-rs raises several kinds
+        raise StoreError(f"cannot add the columns {', '.join(f.name for f in missing)} to {loc.out}: "
+                         f"{first_line(e)}") from None
+    return open_table(loc)
 
 
 def delta_schema():

@@ -42,6 +42,14 @@ def decide(dog_score: float, face_count: int, dog_threshold: float, top1_is_dog:
     return "human" if face_count else "neither"
 
 
+def decide_all(dog_scores_: np.ndarray, face_counts: np.ndarray, dog_threshold: float,
+               top1_dog: np.ndarray) -> np.ndarray:
+    """decide() for whole arrays of photos (relabel)."""
+    is_dog = (np.asarray(dog_scores_) >= dog_threshold) | np.asarray(top1_dog, dtype=bool)
+    face = np.asarray(face_counts) > 0
+    return np.where(is_dog & face, "dog_and_human", np.where(is_dog, "dog", np.where(face, "human", "neither")))
+
+
 def top_k(probs: np.ndarray, names: list[str], k: int) -> list[list[tuple[str, float]]]:
     """Per row, the k most probable (name, prob) pairs, best first."""
     k = min(k, probs.shape[1])

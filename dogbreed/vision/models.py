@@ -200,6 +200,27 @@ class LoadedModel:
     spec: ModelSpec
     model_id: str
 
+    @property
+    def embedding_id(self) -> str:
+        """What made this network's embeddings (see :func:`embedding_id`); computed once."""
+        if not hasattr(self, "_embedding_id"):
+            self._embedding_id = embedding_id(self.net, self.spec.backbone)
+        return self._embedding_id
+
+
+def embedding_id(net: BreedNet, backbone: str) -> str:
+    """The identity of the pooled features a network computes: its backbone name and a hash of every weight that
+    feeds them (the ImageNet classifier and the breed head excluded). A freeze-mode artifact shares it with the
+    model it was trained from; a fine-tuned one, or another backbone, does not, so their vectors never mix."""
+    classifier = {id(p) for p in net.backbone.get_classifier().parameters()}
+    h = hashlib.sha256()
+    for name, tensor in net.backbone.state_dict(keep_vars=True).items():
+        if id(tensor) in classifier:
+            continue
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(name.encode() + str(tuple(t.shape)).encode() + t.numpy().tobytes())
+    return f"{backbone}@{h.hexdigest()[:16]}"
+
 
 def default_spec(count_dingo: bool = True) -> ModelSpec:
     """Description of the offline default: ImageNet head, breeds = ImageNet dog classes."""

@@ -115,7 +115,7 @@ class BreedPredictor(_OnDevice):
         from dogbreed.vision.models import load_model
 
         loaded = load_model(model)
-        self.spec, self.model_id = loaded.spec, loaded.model_id
+        self.spec, self.model_id, self.embedding_id = loaded.spec, loaded.model_id, loaded.embedding_id
         super().__init__(loaded.net, self.spec.preprocessing, device, num_threads)
         self.dog_indices = taxonomy.dog_class_indices(count_dingo)
         self.top_k, self.dog_threshold, self.breed_flip = top_k, dog_threshold, breed_flip
@@ -131,17 +131,34 @@ class BreedPredictor(_OnDevice):
             return breeds / breeds.sum(-1, keepdim=True).clamp_min(1e-12)
         return breed_logits.float().softmax(-1)
 
-    def _forward(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _forward(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         x = self._input(images)
         with self.torch.inference_mode(), self._autocast():
-            imagenet_logits, breed_logits = self.net(x)
+            feats = self.net.features(x)
+            imagenet_logits, breed_logits = self.net.heads(feats)
             imagenet = imagenet_logits.float().softmax(-1)
             breeds = self._breeds(imagenet, breed_logits)
             if self.breed_flip:  # test-time augmentation: the breed is the mean over the photo and its mirror
                 flip_imagenet, flip_breed = self.net(x.flip(-1))
                 breeds = (breeds + self._breeds(flip_imagenet.float().softmax(-1), flip_breed)) / 2
         # The dog score stays that of the photo as it is: the flip only refines which breed.
-        return imagenet.float().cpu().numpy(), breeds.float().cpu().numpy()
+        return imagenet.float().cpu().numpy(), breeds.float().cpu().numpy(), feats.float().cpu().numpy()
+
+    def from_features(self, feats: np.ndarray, chunk: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
+        """(ImageNet probabilities, breed probabilities) of stored pooled features: the heads alone, as _forward
+        runs them after the backbone (relabel). No test-time flip: a mirror image needs the photo."""
+        torch = self.torch
+        imagenet_out, breeds_out = [], []
+        with torch.inference_mode():
+            for start in range(0, len(feats), chunk):
+                x = torch.from_numpy(np.require(feats[start:start + chunk], np.float32, ["C", "W"])).to(self.device)
+                imagenet_logits, breed_logits = self.net.heads(x)
+                imagenet = imagenet_logits.float().softmax(-1)
+                imagenet_out.append(imagenet.cpu().numpy())
+                breeds_out.append(self._breeds(imagenet, breed_logits).float().cpu().numpy())
+        if not imagenet_out:
+            return np.zeros((0, 1000), np.float32), np.zeros((0, len(self.spec.class_names)), np.float32)
+        return np.concatenate(imagenet_out), np.concatenate(breeds_out)
 
     def __call__(self, batch: Batch) -> Batch:
         n = len(batch["ok"])
@@ -149,8 +166,11 @@ class BreedPredictor(_OnDevice):
         dog = np.full(n, np.nan, dtype=np.float32)
         topk: list[list[tuple[str, float]] | None] = [None] * n
         status = np.array(batch["status"], dtype=object)
+        embedding = np.zeros((n, 0), dtype=np.float32)
         if ok.any():
-            imagenet, breeds = self._forward(batch["image"][ok])
+            imagenet, breeds, feats = self._forward(batch["image"][ok])
+            embedding = np.zeros((n, feats.shape[1]), dtype=np.float32)
+            embedding[ok] = feats
             scores = decision.dog_scores(imagenet, self.dog_indices)
             top1_dog = decision.top1_is_dog(imagenet, self.dog_indices)
             ranked = decision.top_k(breeds, self.spec.class_names, self.top_k)
@@ -168,5 +188,7 @@ class BreedPredictor(_OnDevice):
                                dtype=object)[:n],
             "model_id": np.array([self.model_id] * n, dtype=object),
             "infer_node": np.array([_node_id()] * n, dtype=object),
+            "embedding": embedding,  # (n, d) float32; rows not decoded are zeros here, null in the table
+            "embedding_id": np.array([self.embedding_id if good else None for good in ok], dtype=object),
         })
         return out

@@ -1,0 +1,81 @@
+"""Commands that train and measure: train, bench."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dogbreed.cli.app import ConfigOpt, ModelOpt, _scan_config, _user_errors, app
+from dogbreed.config import ConfigError
+from dogbreed.console import setup_logging
+
+
+@app.command()
+def train(
+    data: Annotated[Optional[str], typer.Argument(
+        help="Labelled photos: breed subfolders, Stanford Images/, or dogImages/{train,valid,test}; default: the config's.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Model artifact folder; checkpoints and results go beside it.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/train.yaml).")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="freeze, finetune or two-stage.")] = None,
+    val: Annotated[Optional[str], typer.Option("--val", help="Separate labelled folder for model selection.")] = None,
+    test: Annotated[Optional[str], typer.Option("--test", help="Separate labelled folder for the final test report.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs of the main stage.")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Ray Train workers (one GPU each with --gpu).")] = None,
+    gpu: Annotated[Optional[bool], typer.Option("--gpu/--cpu", help="One GPU per worker (bf16, channels_last).")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray address to join; default: RAY_ADDRESS or a local Ray.")] = None,
+) -> None:
+    """Fine-tune a breed classifier with Ray Train; the same --out resumes a killed run."""
+    with _user_errors():
+        from dogbreed.train import fit, load_train_config
+
+        cfg = load_train_config(config, {"data": data, "out": out, "mode": mode, "val_data": val, "test_data": test,
+                                         "epochs": epochs, "num_workers": workers, "use_gpu": gpu, "address": address})
+        setup_logging(None)
+        result = fit(cfg)
+    typer.echo(json.dumps({"model_id": result.model_id, "artifact": str(result.artifact_dir), **result.metrics}))
+
+
+@app.command()
+def bench(
+    mode: Annotated[str, typer.Option(help="speed: classic loop vs. scan vs. stage bounds; gpu: the scan against its "
+                                           "GPU/CPU decode and model bounds, with GPU and CPU use; archive: listing, "
+                                           "memory and first result at 10k-1M files.")] = "speed",
+    photos: Annotated[int, typer.Option(min=2, help="speed: the scan runs on N and on 3N photos; 60+ amortises Ray's fixed costs.")] = 60,
+    classic: Annotated[int, typer.Option(min=1, help="speed: photos (of the N) for the slow classic dog-app loop.")] = 8,
+    files: Annotated[str, typer.Option(help="archive: comma-separated archive sizes.")] = "2000,10000,100000,1000000",
+    workdir: Annotated[Path, typer.Option(help="Generated photos are kept here and reused by the next run.")] = Path("/tmp/dogbreed-bench"),
+    data: Annotated[Path, typer.Option(help="Real photos to build from (falls back to the bundled samples).")] = Path("../shared/data"),
+    small: Annotated[bool, typer.Option("--small/--no-small", help="speed: also measure the original small photos.")] = True,
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+) -> None:
+    """Benchmarks: `--mode speed` or `--mode gpu` (12-MP and small photos), or `--mode archive` (10k to 1M files)."""
+    with _user_errors():
+        if mode == "archive":
+            from dogbreed.bench.archive import format_report as archive_report
+            from dogbreed.bench.archive import run_archive_benchmark
+
+            sizes = [int(v.replace("_", "")) for v in files.split(",") if v.strip()]
+            typer.echo(archive_report(run_archive_benchmark(workdir, sizes, data if data.is_dir() else None,
+                                                            log=typer.echo)))
+            return
+        if mode not in ("speed", "gpu"):
+            raise ConfigError(f"--mode {mode!r}: expected speed, gpu or archive")
+        cfg = _scan_config(config, model=model)
+        if mode == "gpu":
+            from dogbreed.bench.gpu import format_gpu_report, run_gpu_benchmark
+            from dogbreed.bench.photos import find_sources
+
+            report = run_gpu_benchmark(workdir, cfg, n=photos, small=small, log=typer.echo,
+                                       sources=find_sources(data if data.is_dir() else None, log=typer.echo))
+            typer.echo(format_gpu_report(report))
+            return
+        from dogbreed.bench.photos import find_sources
+        from dogbreed.bench.speed import format_report, run_benchmark
+
+        report = run_benchmark(workdir, cfg, n=photos, classic_n=classic, small=small,
+                               sources=find_sources(data if data.is_dir() else None, log=typer.echo))
+    typer.echo(format_report(report))

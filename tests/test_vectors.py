@@ -1,0 +1,359 @@
+"""Embeddings in the table: stored compactly, read by pandas, DuckDB and Polars, searched by `similar`, and used by
+`relabel` to re-decide rows without opening a photo; shown with real photos and real processes."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable, write_deltalake
+from PIL import Image, ImageOps
+
+from dogbreed.config import ScanConfig
+from dogbreed.errors import Exit
+from dogbreed.table import readers, schema
+from dogbreed.table.output import Output
+from dogbreed.table.store import new_run_id
+from dogbreed.vectors.index import SimilarError, VectorIndex
+from dogbreed.vectors.relabel import RelabelError, relabel
+from dogbreed.vectors.similar import similar
+from dogbreed.vision.models import BreedNet, ModelSpec, create_backbone, load_default, save_artifact
+from dogbreed.vision.predictors import BreedPredictor, Decoder
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "dogbreed" / "samples"
+DOGBREED = Path(sys.executable).with_name("dogbreed")
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return BreedPredictor(top_k=3)
+
+
+def commit_photos(out, paths, predictor, cfg: ScanConfig | None = None) -> str:
+    """Commit one run of these photos' rows exactly as the scan's stages make them (decoded and predicted in this
+    process, without Ray)."""
+    from dogbreed.evaluation.breeds import listed
+    from dogbreed.vision.decision import settings_id
+
+    cfg = cfg or ScanConfig()
+    decoder = Decoder(predictor.spec.preprocessing, cfg.face, cfg.photos)
+    try:
+        rows = predictor(decoder(listed([str(p) for p in paths])))
+    finally:
+        decoder.close()
+    with Output(out, write=True).writing(30) as session:
+        with session.writer() as writer:
+            writer.write(schema.rows_to_table(rows, writer.run_id, settings_id(cfg), schema.UTC_US and _now()))
+        session.commit(writer, {"run_id": writer.run_id, "model_id": predictor.model_id, "status": "committed"})
+    return writer.run_id
+
+
+def _now():
+    from dogbreed.table.store import utcnow
+
+    return utcnow()
+
+
+def edited(path: Path, how: str) -> Image.Image:
+    img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+    w, h = img.size
+    if how == "half":
+        return img.resize((w // 2, h // 2), Image.Resampling.BICUBIC)
+    if how == "q60":
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=60)
+        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    if how == "crop90":
+        return img.crop((w // 20, h // 20, w - w // 20, h - h // 20))
+    return ImageOps.mirror(img)
+
+
+# ---------------------------------------------------------------------------------------------- stored
+
+
+def test_the_embedding_column_is_float16_rounded_float32_lists_and_null_where_not_decoded():
+    vectors = np.array([[0.1, 1 / 3, 6.0], [0, 0, 0], [2.0001, 0.5, 0.25]], dtype=np.float32)
+    arr = schema.embedding_array(vectors, np.array([True, False, True]))
+    assert arr.type == pa.list_(pa.float32()) and arr.null_count == 1 and arr[1].as_py() is None
+    assert arr[0].as_py() == [float(np.float16(v)) for v in vectors[0]]  # rounded to float16, stored as float32
+
+
+def test_decoded_rows_store_a_1280_value_vector_and_its_network_error_rows_none(tmp_path, predictor):
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not a photo")
+    out = tmp_path / "out"
+    commit_photos(out, [SAMPLES / "grace_hopper.jpg", bad], predictor)
+    df = readers.latest(out, vectors=True).set_index("path")
+    good = df.loc[str(SAMPLES / "grace_hopper.jpg")]
+    assert len(good["embedding"]) == 1280 and good["embedding_id"] == load_default().embedding_id
+    assert df.loc[str(bad), "embedding"] is None and pd.isna(df.loc[str(bad), "embedding_id"])
+    assert "embedding" not in readers.latest(out).columns  # a plain read leaves the vectors out
+
+
+def test_pandas_duckdb_and_polars_read_the_vectors_in_one_line_and_older_rows_as_null(tmp_path, predictor):
+    out = tmp_path / "out"
+    old = schema.to_table({"path": ["/p/old.jpg"], "status": ["dog"], "run_id": [new_run_id()]})
+    old = old.drop_columns(["embedding", "embedding_id"])  # a table written before the columns existed
+    write_deltalake(str(out), old.cast(schema.SCHEMA.remove_metadata().remove(schema.SCHEMA.get_field_index(
+        "embedding_id")).remove(schema.SCHEMA.get_field_index("embedding"))), name="dogbreed scan results")
+    commit_photos(out, [SAMPLES / "grace_hopper.jpg"], predictor)  # adds the columns, one metadata-only commit
+    # The README's one-liners:
+    pandas_df = DeltaTable(str(out)).to_pandas(columns=["path", "embedding"])
+    import duckdb
+
+    files = DeltaTable(str(out)).file_uris()
+    duck = duckdb.sql(f"select path, embedding from read_parquet({files}, union_by_name=true)").fetchall()
+    import polars as pl
+
+    polars_df = pl.scan_delta(str(out)).select("path", "embedding").collect()
+    for rows in (dict(zip(pandas_df["path"], pandas_df["embedding"])), dict(duck),
+                 dict(zip(polars_df["path"].to_list(), polars_df["embedding"].to_list()))):
+        assert rows["/p/old.jpg"] is None
+        assert len(rows[str(SAMPLES / "grace_hopper.jpg")]) == 1280
+
+
+def test_a_decoded_row_costs_under_3_kb_on_disk(tmp_path, predictor, shared_data):
+    """The issue's budget for the vectors; measured on real photos against a table without them."""
+    photos = sorted((shared_data / "imagewoof" / "val-unseen").rglob("*.jpeg"))[:60]
+    out = tmp_path / "out"
+    commit_photos(out, photos, predictor)
+    table = DeltaTable(str(out))
+    size = sum(pa.table(table.get_add_actions(flatten=True)).column("size_bytes").to_pylist())
+    without = pa.Table.from_batches(table.to_pyarrow_dataset().to_batches()).drop_columns(["embedding"])
+    buf = io.BytesIO()
+    import pyarrow.parquet as pq
+
+    pq.write_table(without, buf, compression="zstd")
+    per_photo = (size - len(buf.getvalue())) / len(photos)
+    assert per_photo <= 3000, per_photo
+
+
+# ---------------------------------------------------------------------------------------------- similar
+
+
+def test_similar_by_a_stored_path_and_by_a_new_photo_file(tmp_path, predictor):
+    out = tmp_path / "out"
+    photos = sorted(SAMPLES.glob("*"))
+    commit_photos(out, photos, predictor)
+    lab = str(SAMPLES / "Labrador_retriever_06455.jpg")
+    (found,) = similar(str(out), [lab], ScanConfig(), k=3)
+    assert lab not in [h.path for h in found.hits] and len(found.hits) == 3  # the query's own row is left out
+    assert found.hits[0].similarity >= found.hits[1].similarity >= found.hits[2].similarity
+    copy = tmp_path / "copy.jpg"
+    edited(SAMPLES / "Labrador_retriever_06455.jpg", "mirror").save(copy, quality=90)
+    (by_file,) = similar(str(out), [str(copy)], ScanConfig(), k=2, status="dog")
+    assert by_file.hits[0].path == lab and by_file.hits[0].similarity > 0.9
+    assert all(h.status == "dog" for h in by_file.hits)
+    # The index lies beside the table and follows it: a new run's vectors are found after the next query.
+    assert list((out / "_dogbreed" / "similar").iterdir())
+    commit_photos(out, [copy], predictor)
+    (again,) = similar(str(out), [lab], ScanConfig(), k=1)
+    assert again.hits[0].path == str(copy)
+
+
+def test_similar_refuses_in_one_sentence(tmp_path, predictor, commit_rows):
+    out = tmp_path / "out"
+    commit_photos(out, [SAMPLES / "grace_hopper.jpg"], predictor)
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a photo")
+    with pytest.raises(SimilarError, match=r"notes\.jpg cannot be searched with: not a recognised image format"):
+        similar(str(out), [str(text)], ScanConfig())
+    with pytest.raises(SimilarError, match="is neither a photo in the table nor a file here"):
+        similar(str(out), [str(tmp_path / "nowhere.jpg")], ScanConfig())
+    empty = tmp_path / "old"
+    commit_rows(empty, ["/p/a.jpg"], status="dog")  # rows without vectors
+    with pytest.raises(SimilarError, match="holds no embeddings yet"):
+        similar(str(empty), ["/p/a.jpg"], ScanConfig())
+    other = tmp_path / "other-backbone"
+    save_artifact(BreedNet(create_backbone("test_efficientnet"), 2),
+                  ModelSpec(backbone="test_efficientnet", class_names=["a", "b"], breed_source="head",
+                            preprocessing=predictor.spec.preprocessing), other)
+    proc = subprocess.run([str(DOGBREED), "similar", str(out), str(SAMPLES / "coffee.png"), "--model", str(other)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == Exit.USAGE and "Traceback" not in proc.stderr
+    assert "the query was embedded by test_efficientnet@" in proc.stderr and "were made by tf_efficientnet_lite0@" in proc.stderr
+
+
+@pytest.mark.slow  # 200 real photos and 800 edited copies through the decoder and the network
+def test_near_copies_rank_first_for_their_original(tmp_path, predictor, shared_data):
+    originals = sorted((shared_data / "imagewoof" / "val-unseen").rglob("*.jpeg"))
+    out = tmp_path / "out"
+    commit_photos(out, originals, predictor)
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    queries, want = [], []
+    for i, photo in enumerate(originals):
+        for how in ("half", "q60", "crop90", "mirror"):
+            path = copies / f"{i:03d}_{how}.jpg"
+            edited(photo, how).save(path, quality=95)
+            queries.append(str(path))
+            want.append(str(photo))
+    found = similar(str(out), queries, ScanConfig(), k=1)
+    first = [f.hits[0].path for f in found]
+    share = np.mean([a == b for a, b in zip(first, want)])
+    print(f"near copies ranked first: {share:.2%} of {len(queries)}")
+    assert share >= 0.99
+
+
+# ---------------------------------------------------------------------------------------------- relabel
+
+
+def freeze_artifact(folder: Path, seed: int = 0, classes=("Golden retriever", "Samoyed", "Beagle")) -> Path:
+    """A freeze-mode artifact: the default backbone untouched, a new breed head (ImageNet rows, nudged)."""
+    from dogbreed.train.loop import init_breed_head
+
+    base = load_default()
+    net = BreedNet(base.net.backbone, len(classes))
+    init_breed_head(net, list(classes))
+    with __import__("torch").no_grad():
+        net.breed_head.weight.add_(__import__("torch").randn(net.breed_head.weight.shape,
+                                                             generator=__import__("torch").Generator().manual_seed(seed)) * 0.01)
+    save_artifact(net, ModelSpec(backbone=base.spec.backbone, class_names=list(classes), breed_source="head",
+                                 preprocessing=base.spec.preprocessing, training={"mode": "freeze"}), folder)
+    return folder
+
+
+def test_relabel_is_what_a_scan_with_the_model_gives_and_keeps_the_history(tmp_path, predictor):
+    out = tmp_path / "out"
+    photos = sorted(SAMPLES.glob("*"))
+    first = commit_photos(out, photos, predictor)
+    model = freeze_artifact(tmp_path / "model")
+    summary = relabel(str(out), ScanConfig(model=str(model)))
+    assert summary.relabelled == len(photos) and summary.without_vector == 0
+    now = readers.latest(out).set_index("path")
+    direct = BreedPredictor(str(model), top_k=3)
+    fresh = tmp_path / "fresh"
+    commit_photos(fresh, photos, direct)
+    scanned = readers.latest(fresh).set_index("path")
+    assert (now["model_id"] == direct.model_id).all() and (now["run_id"] == summary.run_id).all()
+    assert (now["status"] == scanned["status"]).all() and (now["breed"] == scanned["breed"]).all()
+    assert np.abs(now["dog_score"] - scanned["dog_score"]).max() < 1e-3
+    assert first in set(readers.read_all(out)["run_id"])  # the history keeps the rows it replaced
+
+
+def test_relabel_refuses_a_model_whose_backbone_differs(tmp_path, predictor):
+    import torch
+
+    out = tmp_path / "out"
+    commit_photos(out, [SAMPLES / "grace_hopper.jpg"], predictor)
+    tuned = tmp_path / "tuned"
+    freeze_artifact(tuned)
+    base = load_default()
+    net = BreedNet(base.net.backbone, 3)
+    with torch.no_grad():
+        next(net.backbone.parameters()).add_(0.01)  # what fine-tuning does: the features change
+    save_artifact(net, ModelSpec(backbone=base.spec.backbone, class_names=["a", "b", "c"], breed_source="head",
+                                 preprocessing=base.spec.preprocessing), tuned)
+    before = DeltaTable(str(out)).version()
+    with pytest.raises(RelabelError, match="this model's backbone differs .* so a scan is needed"):
+        relabel(str(out), ScanConfig(model=str(tuned)))
+    assert DeltaTable(str(out)).version() == before
+    with pytest.raises(RelabelError, match="breed_flip"):
+        relabel(str(out), ScanConfig(breed_flip=True))
+
+
+KILLED = """
+import sys, time
+import dogbreed.vectors.relabel as r
+def slow(*a, **k):
+    print("relabelling", flush=True)
+    time.sleep(600)
+r.Relabeller._answers = slow
+from dogbreed.config import ScanConfig
+r.relabel(sys.argv[1], ScanConfig(model="default"))
+"""
+
+
+@pytest.mark.slow  # a SIGKILL scenario
+def test_a_killed_relabel_leaves_the_table_as_it_was(tmp_path, predictor):
+    out = tmp_path / "out"
+    commit_photos(out, sorted(SAMPLES.glob("*.jpg")), predictor)
+    before = (DeltaTable(str(out)).version(), sorted(readers.read_all(out)["run_id"]))
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "relabelling"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (DeltaTable(str(out)).version(), sorted(readers.read_all(out)["run_id"])) == before
+    summary = relabel(str(out), ScanConfig(model="default"))  # the next one takes the lock over and commits
+    assert summary.relabelled == len(list(SAMPLES.glob("*.jpg")))
+
+
+def test_index_refresh_adds_only_the_new_runs_segment(tmp_path, predictor):
+    out = tmp_path / "out"
+    commit_photos(out, [SAMPLES / "grace_hopper.jpg"], predictor)
+    output = Output(out)
+    index = VectorIndex(output, load_default().embedding_id)
+    assert index.refresh(output.require()) == 1
+    assert index.refresh(output.require()) == 0  # nothing new: nothing written
+    commit_photos(out, [SAMPLES / "coffee.png", SAMPLES / "astronaut.png"], predictor)
+    assert index.refresh(output.require()) == 2
+    assert sorted(s.rows for s in index.segments) == [1, 2]
+    state = json.loads((Path(index.local) / "state.json").read_text())
+    assert state["version"] == DeltaTable(str(out)).version()
+
+
+@pytest.mark.slow  # Ray Data on a local Ray
+def test_relabel_on_ray_data_gives_the_rows_of_a_local_relabel(tmp_path, predictor, ray_local):
+    photos = sorted(SAMPLES.glob("*"))
+    model = freeze_artifact(tmp_path / "model")
+    here, there = tmp_path / "here", tmp_path / "there"
+    for out in (here, there):
+        commit_photos(out, photos, predictor)
+    relabel(str(here), ScanConfig(model=str(model)))
+    summary = relabel(str(there), ScanConfig(model=str(model), address="local"))  # Ray is up: Ray Data does it
+    assert summary.relabelled == len(photos)
+    a, b = (readers.latest(o).set_index("path").sort_index() for o in (here, there))
+    assert (a["status"] == b["status"]).all() and (a["breed"] == b["breed"]).all()
+    assert np.allclose(a["dog_score"], b["dog_score"])
+
+
+def test_the_report_shows_look_alikes_of_a_few_dog_photos(tmp_path, predictor):
+    from dogbreed.report import build_report
+
+    out = tmp_path / "out"
+    commit_photos(out, sorted(SAMPLES.glob("*")), predictor)
+    html = build_report(out, tmp_path / "r.html").read_text()
+    assert "<h2>Look-alikes</h2>" in html
+    assert html.count('class="tile query"') == 4  # four dog photos, each with its nearest rows beside it
+    section = html[html.index("<h2>Look-alikes</h2>"):html.index("<h2>Errors")]
+    assert section.count("data:image/jpeg;base64,") == 4 * 5
+
+
+@pytest.mark.slow  # a real scan in another process
+def test_similar_beside_a_running_scan_sees_committed_versions_only(tmp_path, predictor, make_photos):
+    out = tmp_path / "out"
+    first = sorted(SAMPLES.glob("*"))
+    commit_photos(out, first, predictor)
+    more = make_photos(tmp_path / "more", 24)
+    version = DeltaTable(str(out)).version()
+    scan = subprocess.Popen([str(DOGBREED), "scan", str(tmp_path / "more"), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = set()
+    lab = str(SAMPLES / "Labrador_retriever_06455.jpg")
+    try:
+        while scan.poll() is None:
+            (found,) = similar(str(out), [lab], ScanConfig(), k=40)
+            seen |= {h.path for h in found.hits}
+            time.sleep(0.5)
+    finally:
+        log = scan.communicate(timeout=300)[0]
+    assert scan.returncode == 0, log[-2000:]
+    assert DeltaTable(str(out)).version() > version
+    (after,) = similar(str(out), [lab], ScanConfig(), k=40)
+    assert {str(p) for p in more} <= {h.path for h in after.hits}  # the new run's vectors, once committed
+    assert seen <= {str(p) for p in first + more}  # never anything but committed rows
