@@ -42,10 +42,12 @@ def train(
 def bench(
     mode: Annotated[str, typer.Option(help="speed: classic loop vs. scan vs. stage bounds; gpu: the scan against its "
                                            "GPU/CPU decode and model bounds, with GPU and CPU use; archive: listing, "
-                                           "memory and first result at 10k-1M files.")] = "speed",
+                                           "memory and first result at 10k-1M files; similar: index build, "
+                                           "query latency, recall and relabel at 10k-1M rows.")] = "speed",
     photos: Annotated[int, typer.Option(min=2, help="speed: the scan runs on N and on 3N photos; 60+ amortises Ray's fixed costs.")] = 60,
     classic: Annotated[int, typer.Option(min=1, help="speed: photos (of the N) for the slow classic dog-app loop.")] = 8,
     files: Annotated[str, typer.Option(help="archive: comma-separated archive sizes.")] = "2000,10000,100000,1000000",
+    rows: Annotated[str, typer.Option(help="similar: comma-separated table sizes.")] = "10000,100000,1000000",
     workdir: Annotated[Path, typer.Option(help="Generated photos are kept here and reused by the next run.")] = Path("/tmp/dogbreed-bench"),
     data: Annotated[Path, typer.Option(help="Real photos to build from (falls back to the bundled samples).")] = Path("../shared/data"),
     small: Annotated[bool, typer.Option("--small/--no-small", help="speed: also measure the original small photos.")] = True,
@@ -62,8 +64,17 @@ def bench(
             typer.echo(archive_report(run_archive_benchmark(workdir, sizes, data if data.is_dir() else None,
                                                             log=typer.echo)))
             return
+        if mode == "similar":
+            from dogbreed.bench.photos import find_sources
+            from dogbreed.bench.vectors import format_report as vector_report
+            from dogbreed.bench.vectors import run_vector_benchmark
+
+            sizes = [int(v.replace("_", "")) for v in rows.split(",") if v.strip()]
+            sources = find_sources(data if data.is_dir() else None, log=typer.echo)
+            typer.echo(vector_report(run_vector_benchmark(workdir, sizes, sources, log=typer.echo)))
+            return
         if mode not in ("speed", "gpu"):
-            raise ConfigError(f"--mode {mode!r}: expected speed, gpu or archive")
+            raise ConfigError(f"--mode {mode!r}: expected speed, gpu, archive or similar")
         cfg = _scan_config(config, model=model)
         if mode == "gpu":
             from dogbreed.bench.gpu import format_gpu_report, run_gpu_benchmark

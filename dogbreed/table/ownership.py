@@ -26,9 +26,9 @@ MARKER_FORMAT = "dogbreed-table"
 # What dogbreed itself puts at the top of an output: the Delta log, its data files, its own folder, and the
 # old runs/ layout that `dogbreed migrate` moved aside.
 OWN_ENTRIES = {LOG_DIR, "data", META_DIR, "_runs_before_delta"}
-OLD_RUNS = "runs"
+OLD_RUNS = "runs"  # the layout before the Delta table: only `dogbreed migrate` writes to such an output
 # A data file delta-rs writes at the table's root (compaction's output): part-00001-<uuid>-c000.zstd.parquet
-DELTA_FILE = re.compile(r"part-\d{5}-[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}-c\d{3}(\.\w+)?\.parquet")  # the layout before the Delta table: only `dogbreed migrate` writes to such an output
+DELTA_FILE = re.compile(r"part-\d{5}-[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}-c\d{3}(\.\w+)?\.parquet")
 
 
 def _entries(loc: Location) -> list[str] | None:
