@@ -90,7 +90,7 @@ def test_every_error_type_has_one_exit_code_from_the_one_table():
     from dogbreed.scan.plan import ScanRefused
     from dogbreed.table.location import OutputError
     from dogbreed.table.store import ScanLocked, StoreError
-    from dogbreed.vision.models import ModelError
+    from dogbreed.vision.nets import ModelError
 
     expected = {ConfigError: Exit.USAGE, ModelError: Exit.USAGE, OutputError: Exit.USAGE, DataError: Exit.USAGE,
                 ReportError: Exit.USAGE, SubmitError: Exit.USAGE, RootError: Exit.REFUSED, ScanRefused: Exit.REFUSED,

@@ -2,12 +2,17 @@
 
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 
 from dogbreed.vision import models
-from dogbreed.vision.models import BreedNet, ModelError, ModelSpec, Preprocessing, create_backbone
+from dogbreed.vision.models import ModelSpec
+from dogbreed.vision.nets import BreedNet, ModelError, create_backbone
+from dogbreed.vision.preprocessing import Preprocessing
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +188,75 @@ def test_unusable_timm_reference_is_one_sentence(ref, message, monkeypatch):
     with pytest.raises(ModelError, match=message) as e:
         describe_model(ref)
     assert "\n" not in str(e.value)
+
+
+def _consistent(folder: Path, **changes) -> None:
+    """Rewrite model.json so that its hash and model_id fit whatever model.safetensors now is: a tampered artifact that
+    passes the content checks, as someone could make one."""
+    import json
+
+    from dogbreed.vision import models as m
+
+    doc = json.loads((folder / "model.json").read_text())
+    doc.update(changes)
+    spec = m.ModelSpec.model_validate({k: v for k, v in doc.items() if k not in ("weights_sha256", "model_id")})
+    sha = m._sha256_file(folder / "model.safetensors")
+    doc.update(weights_sha256=sha, model_id=m._model_id(spec, sha))
+    (folder / "model.json").write_text(json.dumps(doc))
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    from dogbreed.vision.models import ModelSpec, save_artifact
+
+    folder = tmp_path_factory.mktemp("artifact")
+    net = BreedNet(create_backbone("test_efficientnet"), 3)
+    save_artifact(net, ModelSpec(backbone="test_efficientnet", class_names=["a", "b", "c"], breed_source="head",
+                                 preprocessing=Preprocessing(input_size=64)), folder)
+    return folder
+
+
+def _bad(kind: str, artifact: Path, tmp_path: Path) -> str:
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / kind
+    shutil.copytree(artifact, folder)
+    if kind == "wrong-shapes":  # 5 breeds' head in a model.json that says 3
+        save_file({k: v for k, v in BreedNet(create_backbone("test_efficientnet"), 5).state_dict().items()},
+                  str(folder / "model.safetensors"))
+        _consistent(folder)
+    elif kind == "pickle":  # a torch pickle under the safetensors name
+        torch.save({"backbone.x": torch.zeros(1)}, folder / "model.safetensors")
+        _consistent(folder)
+    elif kind == "path-backbone":
+        _consistent(folder, backbone="../../etc/passwd")
+    elif kind == "timm-garbage":
+        (tmp_path / "garbage.safetensors").write_bytes(b"\x00\x01garbage" * 100)
+        return f"timm:test_efficientnet={tmp_path / 'garbage.safetensors'}"
+    return str(folder)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("wrong-shapes", "do not fit test_efficientnet with 3 breeds (breed_head.bias is [5] where"),
+    ("pickle", "model.safetensors is not a safetensors weights file"),
+    ("path-backbone", "'../../etc/passwd' is not a timm model name"),
+    ("timm-garbage", "garbage.safetensors is not a safetensors weights file"),
+])
+def test_a_bad_model_is_one_sentence_and_exit_2_before_ray_starts(kind, message, artifact, tmp_path):
+    """These were found only inside the Ray actor: 276 lines of tracebacks and exit 1."""
+    import subprocess
+    import sys
+
+    ref = _bad(kind, artifact, tmp_path)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes((REPO / "dogbreed" / "samples" / "coffee.png").read_bytes())
+    proc = subprocess.run([str(Path(sys.executable).with_name("dogbreed")), "scan", str(photos), "--out",
+                           str(tmp_path / "out"), "--model", ref], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "Started a local Ray" not in proc.stderr and not (tmp_path / "out").exists()

@@ -25,7 +25,8 @@ from dogbreed.config import ConfigError, PhotoConfig
 from dogbreed.train import data as train_data
 from dogbreed.train import driver, loop, worker
 from dogbreed.train.config import TrainConfig, load_train_config
-from dogbreed.vision.models import BreedNet, ModelError, create_backbone, load_artifact, save_artifact
+from dogbreed.vision.models import load_artifact, save_artifact
+from dogbreed.vision.nets import BreedNet, ModelError, create_backbone
 from dogbreed.vision.preprocessing import Preprocessing
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,7 +26,8 @@ from dogbreed.table.store import new_run_id
 from dogbreed.vectors.index import SimilarError, VectorIndex
 from dogbreed.vectors.relabel import RelabelError, relabel
 from dogbreed.vectors.similar import similar
-from dogbreed.vision.models import BreedNet, ModelSpec, create_backbone, load_default, save_artifact
+from dogbreed.vision.models import ModelSpec, load_default, save_artifact
+from dogbreed.vision.nets import BreedNet, create_backbone
 from dogbreed.vision.predictors import BreedPredictor, Decoder
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,6 +7,7 @@ evaluation folders named ``humans/`` or ``other/`` whose photos are all of that 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,16 +15,13 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from dogbreed.breeds import taxonomy
+from dogbreed.breeds.taxonomy import DataError
 from dogbreed.config import PHOTO_EXTENSIONS
-from dogbreed.errors import UsageError
 from dogbreed.scan.listing import list_roots, normalise_roots
 
+log = logging.getLogger("dogbreed.breeds")
 HUMANS, OTHER = "humans", "other"
 SPLIT_NAMES = {"train": ("train",), "val": ("valid", "val", "validation"), "test": ("test",)}
-
-
-class DataError(UsageError):
-    """A labelled folder that cannot be used; one readable sentence naming it."""
 
 
 def photos_under(root: str | Path, extensions: list[str] | None = None) -> list[str]:
@@ -94,14 +92,19 @@ def class_index(class_names: list[str]):
     return match
 
 
-def labelled_items(classes: dict[str, list[str]], class_names: list[str], source: str | Path) -> list[tuple[str, int]]:
-    """(path, class index) for every photo; a class folder that matches no class is an error naming it."""
+def labelled_items(classes: dict[str, list[str]], class_names: list[str], source: str | Path,
+                   unknown_ok: bool = False) -> list[tuple[str, int]]:
+    """(path, class index) for every photo; a class folder that matches no class is an error naming it, or (with
+    unknown_ok: a taxonomy chose the classes) left out with a warning."""
     match = class_index(class_names)
     index = {folder: match(folder) for folder in classes}
     unknown = sorted(f for f, i in index.items() if i is None)
-    if unknown:
+    if unknown and not unknown_ok:
         raise DataError(f"{source} has class folders the model's classes lack: {', '.join(unknown[:5])}")
-    return [(p, index[folder]) for folder, paths in classes.items() for p in paths]
+    if unknown:
+        log.warning("%d class folders of %s are not among the classes and are left out: %s%s", len(unknown), source,
+                    ", ".join(unknown[:5]), ", ..." if len(unknown) > 5 else "")
+    return [(p, index[folder]) for folder, paths in classes.items() if index[folder] is not None for p in paths]
 
 
 @dataclass

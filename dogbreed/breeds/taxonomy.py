@@ -8,6 +8,14 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
+from pathlib import Path
+
+from dogbreed.errors import UsageError
+
+
+class DataError(UsageError):
+    """A labelled folder that cannot be used; one readable sentence naming it."""
+
 
 # ImageNet-1k indices 151..268 are the domestic dog breeds (Chihuahua .. Mexican hairless), the range
 # the classic dog-app detector used. 269-272 are wolves and coyotes, 274-275 dhole and African hunting
@@ -71,17 +79,73 @@ def wnid_from_folder(folder: str) -> str | None:
     return m.group(1) if m else None
 
 
+# Breed names whose ImageNet class WordNet spells otherwise, or whose automatic match would be wrong: canonical name ->
+# ImageNet-1k index, or None where ImageNet has no such class. Checked over the dog app's 133 names (tests/test_taxonomy).
+SYNONYMS: dict[str, int | None] = {
+    "belgian malinois": 225,               # malinois
+    "belgian sheepdog": 224,               # groenendael
+    "brittany": 215,                       # Brittany spaniel
+    "bullmastiff": 243,                    # bull mastiff
+    "cavalier king charles spaniel": 156,  # Blenheim spaniel (ImageNet's Blenheim photos are mostly Cavaliers)
+    "german shorthaired pointer": 210,     # German short-haired pointer
+    "xoloitzcuintli": 268,                 # Mexican hairless
+    "japanese chin": 152,                  # Japanese spaniel
+    "leonberger": 255,                     # Leonberg
+    "entlebucher mountain dog": 241,       # EntleBucher
+    "bluetick coonhound": 164,             # bluetick
+    "brussels griffon": 262,               # Brabancon griffon
+    "american foxhound": 166,              # Walker hound (WordNet: a kind of American foxhound)
+    "doberman pinscher": 236,              # Doberman
+    "cocker spaniel": None,                # the dog app's (American) cocker; ImageNet 219 is the English one
+    "english toy spaniel": None,           # King Charles: not in ImageNet-1k (156 is the Cavalier's row)
+    "poodle": None,                        # ImageNet splits it into toy, miniature and standard (265-267)
+    "greyhound": None,                     # ImageNet has the Italian greyhound (171) and the whippet (172) only
+    "mastiff": None,                       # only the bull mastiff (243) and the Tibetan mastiff (244)
+    "pointer": None,                       # only the German short-haired pointer (210)
+    "american eskimo dog": None,           # ImageNet's "Eskimo dog" (248) is the husky
+    "manchester terrier": None,            # ImageNet's "toy terrier" (158) is a mixed bag of toy breeds
+    "smooth fox terrier": None,            # only the wire-haired fox terrier (188)
+}
+
+
 @lru_cache(maxsize=4096)
 def imagenet_index_for(folder: str) -> int | None:
-    """ImageNet class of a breed folder, matched by WordNet id or by any synonym; None if not an ImageNet class."""
+    """ImageNet class of a breed name or folder: the synonym table first, then the WordNet id, then any of the class's
+    WordNet synonyms; None if ImageNet-1k has no such class."""
+    wanted = canonical(breed_from_folder(folder))
+    if wanted in SYNONYMS:
+        return SYNONYMS[wanted]
     wnid = wnid_from_folder(folder)
     if wnid:
         wnids = imagenet_wnids()
         if wnid in wnids:
             return wnids.index(wnid)
-    wanted = canonical(breed_from_folder(folder))
     info = _imagenet()
     for i in range(1000):
         if any(canonical(s) == wanted for s in info.index_to_description(i).split(",")):
             return i
     return None
+
+
+BUILTIN_CLASSES = {"dogapp133": Path(__file__).with_name("dogapp133.txt")}  # the dog app's 133 classes
+
+
+def read_classes(source: str | Path) -> list[str]:
+    """A taxonomy file's classes, in order: one per line, in any supported form (``001.Affenpinscher``, plain
+    ``Golden retriever``, Stanford ``n02085620-Chihuahua``); blank lines and ``#`` comments skipped. ``dogapp133`` names
+    the dog app's own list, shipped with dogbreed. A duplicate (same breed twice) is refused."""
+    path = BUILTIN_CLASSES.get(str(source), Path(source))
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read the classes file {source}: {getattr(e, 'strerror', None) or e}") from None
+    classes = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    seen: dict[str, str] = {}
+    for c in classes:
+        key = canonical(breed_from_folder(c))
+        if key in seen:
+            raise DataError(f"the classes file {source} names one breed twice: {seen[key]!r} and {c!r}")
+        seen[key] = c
+    if len(classes) < 2:
+        raise DataError(f"the classes file {source} needs two classes at least (found {len(classes)})")
+    return classes

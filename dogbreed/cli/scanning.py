@@ -93,10 +93,18 @@ def evaluate_command(
                                           "degrees, counter-clockwise (0 = not).")] = 0.0,
     detectors: Annotated[Optional[str], typer.Option(help="Compare these face detectors, comma-separated "
                                                      "(e.g. haar,yunet): faces found, false faces, images/s.")] = None,
+    classes: Annotated[Optional[str], typer.Option(help="A taxonomy file (or dogapp133): the model's top-1/top-5 beside "
+                                                   "zero-shot's, on breeds ImageNet has and lacks, and per breed.")] = None,
 ) -> None:
     """Assess the detectors and the breed classifier on labelled photos, the way the dog-app did."""
     with _user_errors():
         cfg = _scan_config(config, model=model)
+        if classes:
+            from dogbreed.evaluation.taxonomy import compare, format_comparison
+
+            compared_classes = compare(folders, classes, cfg)
+            typer.echo(json.dumps(compared_classes, indent=2) if as_json else format_comparison(compared_classes))
+            return
         from dogbreed.evaluation.breeds import assess
         from dogbreed.evaluation.faces import compare_detectors, detector_table, with_face_figures
 

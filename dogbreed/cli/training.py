@@ -19,7 +19,11 @@ def train(
         help="Labelled photos: breed subfolders, Stanford Images/, or dogImages/{train,valid,test}; default: the config's.")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Model artifact folder; checkpoints and results go beside it.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/train.yaml).")] = None,
-    mode: Annotated[Optional[str], typer.Option(help="freeze, finetune or two-stage.")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="fewshot, freeze, finetune or two-stage.")] = None,
+    classes: Annotated[Optional[str], typer.Option(help="Taxonomy file, one class a line (or dogapp133): the model's "
+                                                   "classes; default: one per folder.")] = None,
+    missing_classes: Annotated[Optional[str], typer.Option(help="A class with neither photos nor an ImageNet class: "
+                                                           "refuse (default) or drop it with a warning.")] = None,
     val: Annotated[Optional[str], typer.Option("--val", help="Separate labelled folder for model selection.")] = None,
     test: Annotated[Optional[str], typer.Option("--test", help="Separate labelled folder for the final test report.")] = None,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs of the main stage.")] = None,
@@ -27,11 +31,13 @@ def train(
     gpu: Annotated[Optional[bool], typer.Option("--gpu/--cpu", help="One GPU per worker (bf16, channels_last).")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray address to join; default: RAY_ADDRESS or a local Ray.")] = None,
 ) -> None:
-    """Fine-tune a breed classifier with Ray Train; the same --out resumes a killed run."""
+    """Train a breed classifier: few-shot prototypes, or fine-tuning with Ray Train (the same --out resumes a killed run)."""
     with _user_errors():
         from dogbreed.train import fit, load_train_config
 
-        cfg = load_train_config(config, {"data": data, "out": out, "mode": mode, "val_data": val, "test_data": test,
+        cfg = load_train_config(config, {"data": data, "out": out, "mode": mode, "classes": classes,
+                                         "missing_classes": missing_classes,
+                                         "val_data": val, "test_data": test,
                                          "epochs": epochs, "num_workers": workers, "use_gpu": gpu, "address": address})
         setup_logging(None)
         result = fit(cfg)

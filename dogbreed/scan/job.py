@@ -27,7 +27,7 @@ from dogbreed.table.output import Output
 from dogbreed.table.store import RunWriter, utcnow
 from dogbreed.vision.decision import settings_id
 from dogbreed.vision.faces import resolved
-from dogbreed.vision.models import describe_model
+from dogbreed.vision.models import check_model
 from dogbreed.vision.worker import TRANSIENT
 
 log = logging.getLogger("dogbreed.scan.job")
@@ -143,7 +143,7 @@ def run_scan(cfg: ScanConfig, dry_run: bool = False) -> ScanSummary:
         log.warning("root %s lies inside root %s: its files are scanned once, through %s", given, outer, outer)
     # The detector is decided here, once: settings_id names it and the workers run exactly it.
     cfg = cfg.model_copy(update={"roots": roots.roots, "face": resolved(cfg.face)})
-    _, model_id = describe_model(cfg.model)
+    _, model_id = check_model(cfg.model)  # a bad model is one sentence here, before Ray starts
     settings = settings_id(cfg)
     if dry_run:
         output.check_claimable()

@@ -12,7 +12,7 @@ answer per photo. Read it through these functions or `deltalake`, never as a pla
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -47,6 +47,29 @@ def dataset(out: Any, dictionaries: tuple[str, ...] = (), table: Any = None) -> 
             schema = schema.set(i, schema.field(i).with_type(pa.dictionary(pa.int32(), pa.string())))
         fmt = pads.ParquetFileFormat(read_options={"dictionary_columns": list(dictionaries)})
     return pads.dataset(sorted(files), schema=schema, format=fmt, filesystem=loc.fs)
+
+
+def stream(out: Any, table: Any, columns: list[str], batch_size: int = 16_384,
+           keep: Any = None) -> Iterator[pa.Table]:
+    """The current version's rows, one row group at a time, file after file (no read-ahead): bounded memory for a
+    pass over every vector of a table of any size (similar's index, relabel). `keep` filters each batch."""
+    import pyarrow.parquet as pq
+
+    loc = locate(out)
+    for path in sorted(table.get_add_actions(flatten=True).column("path").to_pylist()):
+        with loc.fs.open_input_file(loc.path(path)) as f:
+            parquet = pq.ParquetFile(f, pre_buffer=False)
+            have = set(parquet.schema_arrow.names)
+            for batch in parquet.iter_batches(batch_size=batch_size, columns=[c for c in columns if c in have]):
+                rows = pa.Table.from_batches([batch])
+                for name in columns:  # a file written before a column existed: nulls
+                    if name not in have:
+                        rows = rows.append_column(SCHEMA.field(name), pa.nulls(rows.num_rows, SCHEMA.field(name).type))
+                rows = rows.select(columns)
+                if keep is not None:
+                    rows = rows.filter(keep(rows))
+                if rows.num_rows:
+                    yield rows
 
 
 def rows_of(out: Any, paths: pa.ChunkedArray, run_ids: pa.ChunkedArray, table: Any = None) -> pa.Table:

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from dogbreed.config import PHOTO_EXTENSIONS, ConfigError, PhotoConfig, _Strict, load_config
-from dogbreed.vision.models import DEFAULT_BACKBONE
+from dogbreed.vision.nets import DEFAULT_BACKBONE
 
 __all__ = ["TrainConfig", "load_train_config", "ConfigError"]
 
@@ -34,7 +34,14 @@ class TrainConfig(_Strict):
     pretrained: bool = Field(False, description="download timm hub weights (needs network)")
     input_size: int | None = Field(None, ge=32, description="square input side; null = the model's own")
     head_init: Literal["imagenet", "random"] = Field("imagenet", description="start breed rows from the ImageNet classifier")
-    mode: Literal["freeze", "finetune", "two-stage"] = Field("freeze", description="what trains; see train.yaml")
+    classes: str | None = Field(None, description="taxonomy file (one class a line: dog-app, plain or Stanford names; "
+                                "'dogapp133' = the dog app's 133); null = one class per folder of data")
+    missing_classes: Literal["refuse", "drop"] = Field("refuse", description="a class with neither photos nor an "
+                                                       "ImageNet class: refuse the run, or drop it with a warning")
+    mode: Literal["freeze", "finetune", "two-stage", "fewshot"] = Field("freeze", description="what trains; see train.yaml")
+    fewshot_views: int = Field(8, ge=0, description="fewshot: extra views per photo (its mirror, then augmented crops)")
+    fewshot_kappa: float = Field(4.0, ge=0, description="fewshot: how many photos' worth an ImageNet row counts for in "
+                                 "its breed's prototype")
     epochs: int = Field(10, ge=1, description="epochs of the main stage (the unfrozen stage in two-stage)")
     head_epochs: int = Field(3, ge=1, description="two-stage only: head-only epochs before unfreezing")
     unfreeze_blocks: int = Field(2, ge=0, description="top layer groups of the backbone that train in finetune/two-stage")
@@ -64,7 +71,7 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _unfreeze_needs_blocks(self) -> "TrainConfig":
-        if self.mode != "freeze" and self.unfreeze_blocks == 0:
+        if self.mode in ("finetune", "two-stage") and self.unfreeze_blocks == 0:
             raise ValueError(f"mode {self.mode!r} needs unfreeze_blocks >= 1 (use mode 'freeze' for a head only)")
         return self
 

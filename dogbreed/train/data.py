@@ -76,17 +76,22 @@ def fingerprint(roots: dict[str, str | Path], extensions: list[str] | None = Non
 
 
 def make_splits(data: str, val_data: str | None = None, test_data: str | None = None, seed: int = 0,
-                extensions: list[str] | None = None) -> Splits:
-    """Train/val/test photos: existing splits are kept; otherwise a seeded stratified 80/10/10 split of data."""
+                extensions: list[str] | None = None, classes: list[str] | None = None, carve: bool = True) -> Splits:
+    """Train/val/test photos: existing splits are kept; otherwise a seeded stratified 80/10/10 split of data (with
+    carve; few-shot fits on every photo). `classes` (a taxonomy file's lines) fixes the classes and their order:
+    folders match them by name, synonym or ImageNet class, and a folder of another breed is left out."""
     root = Path(data)
     split_roots = split_folders(root) if root.is_dir() else None
     train_root = split_roots["train"] if split_roots else root
-    classes = class_folders(train_root, extensions)
-    folders = list(classes)
-    train = labelled_items(classes, folders, train_root)
+    found = class_folders(train_root, extensions, min_classes=0 if classes else 2)
+    folders = classes or list(found)
+    train = labelled_items(found, folders, train_root, unknown_ok=bool(classes))
     given = {"val": val_data or (split_roots or {}).get("val"), "test": test_data or (split_roots or {}).get("test")}
-    missing = [k for k, v in given.items() if v is None]
-    parts = {k: labelled_items(class_folders(v, extensions), folders, v) for k, v in given.items() if v is not None}
+    missing = [k for k, v in given.items() if v is None] if carve else []
+    parts = {k: labelled_items(class_folders(v, extensions, min_classes=0), folders, v, unknown_ok=bool(classes))
+             for k, v in given.items() if v is not None}
+    parts.setdefault("val", [])
+    parts.setdefault("test", [])
     if missing:  # carve what is missing out of the training photos, 10% each
         carved = stratified_split(train, (1.0 - 0.1 * len(missing), *[0.1] * len(missing)), seed)
         train = carved[0]
@@ -99,13 +104,15 @@ def make_splits(data: str, val_data: str | None = None, test_data: str | None = 
 
 
 @lru_cache(maxsize=8)
-def _augment(prep: Preprocessing):
-    """timm's train transform up to (not including) ToTensor/Normalize: PIL in, augmented PIL out."""
+def _augment(prep: Preprocessing, gentle: bool = False):
+    """timm's train transform up to (not including) ToTensor/Normalize: PIL in, augmented PIL out. gentle: views of a
+    photo for few-shot prototypes (crops of 35-100% of the photo, colour jitter 0.2), which must stay that breed."""
     from timm.data import create_transform
 
+    extra = {"scale": (0.35, 1.0), "color_jitter": 0.2} if gentle else {}
     primary, secondary, _final = create_transform(
         input_size=(3, prep.input_size, prep.input_size), is_training=True, separate=True,
-        interpolation=prep.interpolation, mean=prep.mean, std=prep.std, crop_pct=prep.crop_pct)
+        interpolation=prep.interpolation, mean=prep.mean, std=prep.std, crop_pct=prep.crop_pct, **extra)
     return lambda img: secondary(primary(img))
 
 
@@ -133,6 +140,54 @@ def decode_batch(batch: dict[str, np.ndarray], prep: Preprocessing, train: bool,
         ys.append(int(label))
     shape = (0, prep.input_size, prep.input_size, 3)
     return {"x": np.stack(xs) if xs else np.zeros(shape, np.uint8), "label": np.asarray(ys, dtype=np.int64)}
+
+
+def decode_views(batch: dict[str, np.ndarray], prep: Preprocessing, views: int,
+                 photos: PhotoConfig) -> dict[str, np.ndarray]:
+    """Ray Data task for few-shot: each photo decoded once into 1 + views crops: the scan's crop (view 0), its mirror
+    (view 1), then gentle augmentations; a photo that cannot be used is logged and left out."""
+    from PIL import Image
+
+    reader = shared_reader(photo_task(prep, photos, train=views > 1))
+    xs, index, view = [], [], []
+    for path, i in zip(batch["path"], batch["i"]):
+        result = reader(os.fsencode(str(path)))
+        if not result.ok:
+            log.warning("training photo %s left out: %s", path, result.error)
+            continue
+        crops = [result.image, np.ascontiguousarray(result.image[:, ::-1])][:1 + views]
+        crops += [np.asarray(_augment(prep, gentle=True)(Image.fromarray(result.rgb, "RGB")), dtype=np.uint8)
+                  for _ in range(views - 1)]
+        xs += crops
+        index += [int(i)] * len(crops)
+        view += list(range(len(crops)))
+    shape = (0, prep.input_size, prep.input_size, 3)
+    return {"x": np.stack(xs) if xs else np.zeros(shape, np.uint8), "i": np.asarray(index, dtype=np.int64),
+            "view": np.asarray(view, dtype=np.int64)}
+
+
+def view_features(items: list[Item], prep: Preprocessing, model: dict[str, Any], views: int, actors: int,
+                  use_gpu: bool, batch_size: int, photos: PhotoConfig, tasks: TrainDecodeConfig
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features (n, d) of each photo's crop, features (n, views, d) of its other views, which photos were used)."""
+    import ray.data
+
+    from dogbreed.vision.predictors import FeatureExtractor
+
+    ds = ray.data.from_items([{"path": p, "i": i} for i, (p, _) in enumerate(items)],
+                             override_num_blocks=max(1, min(64, len(items) // 8)))
+    ds = ds.map_batches(decode_views, fn_kwargs={"prep": prep, "views": views, "photos": photos},
+                        batch_size=tasks.batch_size, num_cpus=tasks.num_cpus, max_retries=tasks.max_retries)
+    ds = ds.map_batches(FeatureExtractor, fn_constructor_kwargs=model | {"prep": asdict(prep),
+                                                                         "device": "cuda" if use_gpu else "cpu"},
+                        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+                        num_gpus=1 if use_gpu else 0, max_restarts=tasks.max_retries, max_task_retries=tasks.max_retries)
+    rows = ds.to_pandas()
+    used = np.unique(rows["i"].to_numpy())
+    d = len(rows["x"].iloc[0])
+    feats = np.zeros((len(items), 1 + views, d), dtype=np.float32)
+    feats[rows["i"].to_numpy(), rows["view"].to_numpy()] = np.stack(rows["x"].to_numpy())
+    return feats[used, 0], feats[used, 1:], used
 
 
 def image_dataset(items: list[Item], prep: Preprocessing, train: bool, batch_size: int, photos: PhotoConfig,

@@ -6,22 +6,28 @@ stored in model.json is the accuracy `dogbreed evaluate --model` reports on the 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import dogbreed.train.report as report
+from dogbreed.breeds.taxonomy import imagenet_index_for, read_classes
 from dogbreed.cluster.session import start_ray
 from dogbreed.config import ConfigError, ScanConfig, dump_config
 from dogbreed.train.config import TrainConfig
-from dogbreed.train.data import Item, Splits, feature_dataset, image_dataset, make_splits
+from dogbreed.train.data import Item, Splits, feature_dataset, image_dataset, make_splits, view_features
+from dogbreed.train.fewshot import fit_prototypes
 from dogbreed.train.worker import STATE_FILE, stages, train_loop_per_worker
-from dogbreed.vision.models import BreedNet, ModelSpec, Preprocessing, create_backbone, read_artifact_spec, save_artifact
+from dogbreed.vision.models import ModelSpec, read_artifact_spec, save_artifact
+from dogbreed.vision.nets import BreedNet, create_backbone
+from dogbreed.vision.preprocessing import Preprocessing
 
+log = logging.getLogger("dogbreed.train")
 CONFIG_FILE = "train_config.yaml"
 # Keys that may change between a killed run and its restart without invalidating its checkpoints.
 _RESUME_FREE_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "torch_threads", "feature_actors", "max_failures",
@@ -95,11 +101,16 @@ def fit(cfg: TrainConfig) -> TrainResult:
     t0 = time.perf_counter()
     out = Path(cfg.out).resolve()
     _check_resume(cfg, out)
-    splits = make_splits(cfg.data, cfg.val_data, cfg.test_data, cfg.seed, cfg.extensions)
+    classes = read_classes(cfg.classes) if cfg.classes else None
+    splits = make_splits(cfg.data, cfg.val_data, cfg.test_data, cfg.seed, cfg.extensions, classes,
+                         carve=cfg.mode != "fewshot")
+    splits = _keep_answerable(splits, cfg.missing_classes)
     backbone = create_backbone(cfg.backbone, cfg.weights, cfg.pretrained)
     prep = Preprocessing.for_backbone(cfg.backbone, cfg.input_size)
     start_ray(cfg.address)
     _progress_bars(cfg.progress)
+    if cfg.mode == "fewshot":
+        return _fit_fewshot(cfg, out, splits, backbone, prep, t0)
     saved = _run_trainer(cfg, out, splits, prep)
     net = BreedNet(backbone, len(splits.class_folders))
     net.load_state_dict(saved["best_model"])
@@ -122,6 +133,58 @@ def fit(cfg: TrainConfig) -> TrainResult:
     spec.metrics |= {"test_top1": test["top1"], "test_top5": test["top5"], "test_n": test["n"]}
     spec.training["wall_seconds"] = round(time.perf_counter() - t0, 1)
     model_id = save_artifact(net, spec, out)  # same weights and identity: same model_id, metrics added
+    return TrainResult(out, model_id, spec.metrics | {"wall_seconds": spec.training["wall_seconds"]})
+
+
+def _keep_answerable(splits: Splits, missing: str) -> Splits:
+    """A class with neither photos nor an ImageNet class cannot be answered: refused (naming it), or dropped."""
+    has = {label for _, label in splits.train}
+    neither = [i for i, c in enumerate(splits.class_folders) if i not in has and imagenet_index_for(c) is None]
+    if not neither:
+        return splits
+    names = [splits.class_names[i] for i in neither]
+    if missing == "refuse":
+        raise ConfigError(f"{len(names)} classes have neither photos in the data nor an ImageNet class to start from: "
+                          f"{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}; add photos, or set "
+                          "missing_classes: drop")
+    log.warning("left out %d classes that have neither photos nor an ImageNet class: %s", len(names), ", ".join(names))
+    keep = [i for i in range(len(splits.class_folders)) if i not in set(neither)]
+    new = {old: n for n, old in enumerate(keep)}
+
+    def relabel(items: list[Item]) -> list[Item]:
+        return [(p, new[y]) for p, y in items if y in new]
+
+    return replace(splits, class_folders=[splits.class_folders[i] for i in keep], train=relabel(splits.train),
+                   val=relabel(splits.val), test=relabel(splits.test))
+
+
+def _fit_fewshot(cfg: TrainConfig, out: Path, splits: Splits, backbone, prep: Preprocessing, t0: float) -> TrainResult:
+    """Few-shot: features of every photo and its views (Ray Data), then calibrated prototypes (dogbreed.train.fewshot)."""
+    import numpy as np
+
+    model = {"backbone": cfg.backbone, "weights": cfg.weights, "pretrained": cfg.pretrained}
+    X, views, used = view_features(splits.train, prep, model, cfg.fewshot_views, cfg.feature_actors, cfg.use_gpu,
+                                   cfg.batch_size, cfg.photos, cfg.decode)
+    y = np.array([splits.train[i][1] for i in used])
+    index = np.array([-1 if (i := imagenet_index_for(c)) is None else i for c in splits.class_folders])
+    classifier = backbone.get_classifier()
+    fitted = fit_prototypes(X, views, y, index, classifier.weight.detach().numpy(), classifier.bias.detach().numpy(),
+                            kappa=cfg.fewshot_kappa, seed=cfg.seed)
+    net = BreedNet(backbone, len(splits.class_folders), head="prototypes")
+    fitted.load_into(net.breed_head)
+    counts = np.bincount(y, minlength=len(splits.class_folders))
+    training = {"mode": "fewshot", "data": cfg.data, "classes": cfg.classes, "data_fingerprint": splits.fingerprint,
+                "photos": int(len(y)), "views_per_photo": 1 + cfg.fewshot_views, "kappa": cfg.fewshot_kappa,
+                "calibration": fitted.calibration, "classes_with_photos": int((counts > 0).sum()),
+                "classes_from_imagenet_only": int(((counts == 0) & (index >= 0)).sum()), "seed": cfg.seed}
+    spec = ModelSpec(backbone=cfg.backbone, class_names=splits.class_names, breed_source="head", head="prototypes",
+                     preprocessing=prep, metrics={"loo_top1": fitted.loo_top1}, training=training)
+    save_artifact(net, spec, out)
+    if splits.test:
+        test = test_artifact(out, splits.test, cfg, out / "test")
+        spec.metrics |= {"test_top1": test["top1"], "test_top5": test["top5"], "test_n": test["n"]}
+    spec.training["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    model_id = save_artifact(net, spec, out)
     return TrainResult(out, model_id, spec.metrics | {"wall_seconds": spec.training["wall_seconds"]})
 
 

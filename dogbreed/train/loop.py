@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dogbreed.vision.models import BreedNet, Preprocessing, normalise
+from dogbreed.vision.nets import BreedNet, normalise
+from dogbreed.vision.preprocessing import Preprocessing
 
 WARMUP_FRACTION = 0.3  # share of a stage's steps spent raising the lr (one-cycle); early stopping waits it out
 

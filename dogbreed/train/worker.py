@@ -24,7 +24,8 @@ from dogbreed.train.loop import (
     set_trainable,
     train_one_epoch,
 )
-from dogbreed.vision.models import BreedNet, Preprocessing, create_backbone
+from dogbreed.vision.nets import BreedNet, create_backbone
+from dogbreed.vision.preprocessing import Preprocessing
 
 STATE_FILE = "state.pt"
 

@@ -27,14 +27,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dogbreed.errors import UsageError
 from dogbreed.table.objects import META_DIR
 from dogbreed.table.output import Output
-from dogbreed.table.readers import dataset
+from dogbreed.table.readers import stream
 
 log = logging.getLogger("dogbreed.vectors")
 INDEX_DIR = "similar"
@@ -86,6 +85,8 @@ class VectorIndex:
         self.dim = 0
         self.segments: list[Segment] = []
         self.version = -1
+        self._keys: dict[str, pa.Table] = {}  # segment name -> its keys, read once
+        self._positions: dict[str, dict[str, int]] = {}
 
     # ---- state -------------------------------------------------------------------------------------------------
 
@@ -169,20 +170,25 @@ class VectorIndex:
         have = {s.name for s in self.segments}
         runs = [m["run_id"] for m in self.output.runs(table) if m["run_id"] not in have]
         added = 0
-        ds = dataset(self.output.out, table=table)
-        if runs and ds is not None:
-            added = self._write_segments(ds, runs)
+        if runs:
+            added = self._write_segments(table, runs)
         self.version = table.version()
         self._write_state()
         return added
 
-    def _write_segments(self, ds: pads.Dataset, runs: list[str]) -> int:
+    def _write_segments(self, table, runs: list[str]) -> int:
         """Stream the runs' vectors out of the table into one float16 file (and its keys) per run."""
-        wanted = pc.field("run_id").isin(runs) & (pc.field("embedding_id") == self.embedding_id)
+        runs_set = pa.array(runs, pa.string())
+
+        def wanted(rows: pa.Table):
+            return pc.and_(pc.is_in(rows.column("run_id"), value_set=runs_set),
+                           pc.fill_null(pc.equal(rows.column("embedding_id"), self.embedding_id), False))
+
         writers: dict[str, tuple] = {}
         self.local.mkdir(parents=True, exist_ok=True)
-        for batch in ds.to_batches(columns=["path", "run_id", "embedding"], filter=wanted, batch_size=READ_BATCH):
-            col = batch.column("embedding")
+        # One row group at a time (about 30 MB of vectors), never the table.
+        for batch in stream(self.output.out, table, ["path", "run_id", "embedding", "embedding_id"], READ_BATCH, wanted):
+            col = batch.column("embedding").combine_chunks()
             valid = col.is_valid().to_numpy(zero_copy_only=False)
             if not valid.any():
                 continue
@@ -224,8 +230,16 @@ class VectorIndex:
     def vectors(self, segment: Segment) -> np.ndarray:
         return np.memmap(self._fetch(f"{segment.name}.f16"), dtype=np.float16, mode="r", shape=(segment.rows, self.dim))
 
+    def position(self, segment: Segment, path: str) -> int | None:
+        """Where a path's vector lies in a segment (a lookup table built once per segment)."""
+        if segment.name not in self._positions:
+            self._positions[segment.name] = {p: i for i, p in enumerate(self.keys(segment).column("path").to_pylist())}
+        return self._positions[segment.name].get(path)
+
     def keys(self, segment: Segment) -> pa.Table:
-        return pq.read_table(self._fetch(f"{segment.name}.keys.parquet"))
+        if segment.name not in self._keys:
+            self._keys[segment.name] = pq.read_table(self._fetch(f"{segment.name}.keys.parquet"))
+        return self._keys[segment.name]
 
     def search(self, queries: np.ndarray, k: int, allowed: dict[str, np.ndarray]) -> list[list[tuple[str, str, float]]]:
         """The k most similar allowed vectors for each query (cosine): [(path, run_id, similarity), ...] per query,

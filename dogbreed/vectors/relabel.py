@@ -23,7 +23,7 @@ from dogbreed.config import ScanConfig, dump_config
 from dogbreed.errors import UsageError
 from dogbreed.table import schema
 from dogbreed.table.output import Output
-from dogbreed.table.readers import dataset
+from dogbreed.table.readers import stream
 from dogbreed.table.store import utcnow
 from dogbreed.vision import decision
 from dogbreed.vision.faces import resolved
@@ -113,12 +113,11 @@ class Relabeller:
 READ_COLUMNS = KEPT + ["run_id", "status"]
 
 
-def _local(ds, keys: pa.Table, relabeller: Relabeller) -> Iterator[pa.Table]:
-    """On this machine: the table read READ_BATCH rows at a time (never the whole table), relabelled here."""
-    for batch in ds.to_batches(columns=READ_COLUMNS, filter=pc.field("run_id").isin(pc.unique(keys.column("run_id"))),
-                               batch_size=READ_BATCH):
-        if batch.num_rows:
-            yield relabeller(batch)
+def _local(out: str, table, keys: pa.Table, relabeller: Relabeller) -> Iterator[pa.Table]:
+    """On this machine: the table read one row group at a time (never the whole table), relabelled here."""
+    runs = pc.unique(keys.column("run_id"))
+    for rows in stream(out, table, READ_COLUMNS, READ_BATCH, lambda t: pc.is_in(t.column("run_id"), value_set=runs)):
+        yield relabeller(rows)
 
 
 def _on_ray(out: str, table, keys: pa.Table, cfg: ScanConfig, run_id: str, settings: str) -> Iterator[pa.Table]:
@@ -173,7 +172,7 @@ def relabel(out: str, cfg: ScanConfig, break_lock: bool = False) -> RelabelSumma
                         shutdown()
             else:
                 relabeller = Relabeller(cfg, keys, writer.run_id, settings)
-                for rows in _local(dataset(out, table=session.table), keys, relabeller):
+                for rows in _local(out, session.table, keys, relabeller):
                     writer.write(rows)
         summary = RelabelSummary(writer.run_id, loaded.model_id, writer.rows, dict(writer.counts), without,
                                  time.perf_counter() - t0)

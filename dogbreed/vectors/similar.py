@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
@@ -35,19 +36,38 @@ class Found:
     hits: list[Hit]
 
 
-def _current(output: Output, table) -> pa.Table:
-    rows = output.latest(CURRENT, table=table)
-    return rows.filter(pc.not_equal(rows.column("status"), "deleted"))
+@lru_cache(maxsize=4)
+def _current(out: str, version: int) -> pa.Table:
+    """The current (not deleted) rows of one committed version: what every query of a process shares."""
+    output = Output(out)
+    rows = output.latest(CURRENT, table=output.snapshot(version))
+    rows = rows.filter(pc.not_equal(rows.column("status"), "deleted"))
+    return rows.combine_chunks()
 
 
-def _query_rows(queries: list[str], current: pa.Table, cfg: ScanConfig) -> list[tuple[str, str | None, np.ndarray | None]]:
+@lru_cache(maxsize=4)
+def _positions(out: str, version: int) -> dict[str, int]:
+    """path -> row of _current: built once per version, so a warm query looks a path up without a pass over all."""
+    return {p: i for i, p in enumerate(_current(out, version).column("path").to_pylist())}
+
+
+def _find(rows: pa.Table, paths: list[str], positions: dict[str, int] | None = None) -> np.ndarray:
+    """Row numbers of paths in rows (-1 where absent)."""
+    if positions is not None:
+        return np.array([positions.get(p, -1) for p in paths], dtype=np.int64)
+    return pc.fill_null(pc.index_in(pa.array(paths, pa.string()), value_set=rows.column("path")), -1).to_numpy()
+
+
+def _query_rows(queries: list[str], current: pa.Table, cfg: ScanConfig,
+                positions: dict[str, int]) -> list[tuple[str, str | None, np.ndarray | None]]:
     """(query, embedding_id, vector or None when it is a stored row's) for each query."""
-    stored = set(current.column("path").to_pylist())
+    plain = _find(current, queries, positions)
+    absolute = _find(current, [os.path.abspath(q) for q in queries], positions)
     out, files = [], []
-    for q in queries:
-        if q in stored:
+    for q, i, j in zip(queries, plain, absolute):
+        if i >= 0:
             out.append((q, None, None))
-        elif os.path.abspath(q) in stored:
+        elif j >= 0:
             out.append((os.path.abspath(q), None, None))
         elif os.path.isfile(q):
             out.append((q, None, None))
@@ -71,18 +91,18 @@ def similar(out: str, queries: list[str], cfg: ScanConfig, k: int = 20, status: 
     """The k current rows most similar to each query (the query's own row left out), best first."""
     output = Output(out)
     table = output.require()
-    current = _current(output, table)
-    with_vectors = current.filter(pc.is_valid(current.column("embedding_id")))
-    if not with_vectors.num_rows:
+    current = _current(str(out), table.version())
+    positions = _positions(str(out), table.version())
+    with_vectors = pc.is_valid(current.column("embedding_id"))
+    if not pc.any(with_vectors).as_py():
         raise SimilarError(f"{out} holds no embeddings yet (rows of runs before dogbreed stored them have none); "
                            "scan it with --mode all to store them")
-    resolved = _query_rows(queries, current, cfg)
-    ids = set(with_vectors.column("embedding_id").to_pylist())
-    by_path = {p: i for i, p in enumerate(current.column("path").to_pylist())}
+    resolved = _query_rows(queries, current, cfg, positions)
+    ids = set(pc.unique(current.column("embedding_id")).drop_null().to_pylist())
     results = []
     for query, eid, vector in resolved:
         if vector is None:  # a stored row: its own embedding id and vector
-            row = by_path[query]
+            row = int(_find(current, [query], positions)[0])
             eid = current.column("embedding_id")[row].as_py()
             if eid is None:
                 raise SimilarError(f"{query} has no embedding in {out} (status {current.column('status')[row].as_py()}, "
@@ -90,28 +110,37 @@ def similar(out: str, queries: list[str], cfg: ScanConfig, k: int = 20, status: 
         elif eid not in ids:
             raise SimilarError(f"the query was embedded by {eid}, but the vectors in {out} were made by "
                                f"{', '.join(sorted(ids))}; pass the model the archive was scanned with (--model)")
-        index = VectorIndex(output, eid)
-        index.refresh(table)
-        allowed = _allowed(index, with_vectors, eid, status, exclude=query)
+        index = _index(str(out), table.version(), eid)
+        allowed = _allowed(str(out), table.version(), eid, status)
         if vector is None:
-            vector = _stored_vector(index, query, current.column("run_id")[by_path[query]].as_py())
-        hits = index.search(vector[None, :], k, allowed)[0]
-        results.append(Found(query, [_hit(current, by_path, path, sim) for path, _, sim in hits]))
+            vector = _stored_vector(index, query, current.column("run_id")[row].as_py())
+        hits = [h for h in index.search(vector[None, :], k + 1, allowed)[0] if h[0] != query][:k]
+        rows = _find(current, [p for p, _, _ in hits], positions)
+        results.append(Found(query, [Hit(p, round(sim, 4), current.column("status")[int(r)].as_py(),
+                                         current.column("breed")[int(r)].as_py()) for (p, _, sim), r in zip(hits, rows)]))
     return results
 
 
-def _allowed(index: VectorIndex, rows: pa.Table, eid: str, status: str | None, exclude: str) -> dict[str, np.ndarray]:
+@lru_cache(maxsize=4)
+def _index(out: str, version: int, eid: str) -> VectorIndex:
+    """The index of one network's vectors, refreshed to this version once per process."""
+    output = Output(out)
+    index = VectorIndex(output, eid)
+    index.refresh(output.snapshot(version))
+    return index
+
+
+@lru_cache(maxsize=8)
+def _allowed(out: str, version: int, eid: str, status: str | None) -> dict[str, np.ndarray]:
     """Per segment: which of its vectors belong to current rows (of this network and, if asked, this status)."""
-    keep = pc.equal(rows.column("embedding_id"), eid)
+    rows = _current(out, version)
+    keep = pc.fill_null(pc.equal(rows.column("embedding_id"), eid), False)
     if status:
         keep = pc.and_(keep, pc.equal(rows.column("status"), status))
-    keep = pc.and_(keep, pc.not_equal(rows.column("path"), exclude))
     rows = rows.filter(keep)
-    by_run: dict[str, pa.Array] = {}
     runs = rows.column("run_id").to_numpy(zero_copy_only=False)
-    paths = rows.column("path")
-    for run in np.unique(runs):
-        by_run[run] = paths.filter(pa.array(runs == run))
+    by_run = {run: rows.column("path").filter(pa.array(runs == run)) for run in np.unique(runs)}
+    index = _index(out, version, eid)
     allowed = {}
     for segment in index.segments:
         if segment.name in by_run:
@@ -124,13 +153,7 @@ def _allowed(index: VectorIndex, rows: pa.Table, eid: str, status: str | None, e
 def _stored_vector(index: VectorIndex, path: str, run_id: str) -> np.ndarray:
     segment = next((s for s in index.segments if s.name == run_id), None)
     if segment is not None:
-        where = np.flatnonzero(np.asarray(pc.equal(index.keys(segment).column("path"), path)
-                                          .to_numpy(zero_copy_only=False), dtype=bool))
-        if len(where):
-            return np.asarray(index.vectors(segment)[int(where[0])], dtype=np.float32)
+        row = index.position(segment, path)
+        if row is not None:
+            return np.asarray(index.vectors(segment)[row], dtype=np.float32)
     raise SimilarError(f"{path} has no indexed vector in run {run_id}")
-
-
-def _hit(current: pa.Table, by_path: dict[str, int], path: str, similarity: float) -> Hit:
-    row = by_path[path]
-    return Hit(path, round(similarity, 4), current.column("status")[row].as_py(), current.column("breed")[row].as_py())

