@@ -14,8 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from dogbreed.errors import UsageError
 from dogbreed.vision.geometry import FACE_SIDE
 
-# What counts as a photo, for the scan and for labelled folders alike.
-PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".heic", ".heif")
+# What counts as a photo, for the scan and for labelled folders alike (the README's format table).
+RAW_EXTENSIONS = (".dng", ".cr2", ".cr3", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".orf", ".rw2", ".raf", ".pef",
+                  ".srw", ".erf", ".3fr", ".kdc", ".dcr", ".mos", ".iiq", ".x3f", ".mrw", ".rwl")
+PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".heic", ".heif",
+                    ".heics", ".heifs", ".hif", ".avif", ".avifs", ".jxl") + RAW_EXTENSIONS
 
 
 class ConfigError(UsageError):

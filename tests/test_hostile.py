@@ -80,7 +80,7 @@ def build_corpus(root: Path) -> list[Case]:
     add("notes.txt", "skipped", "not a photo extension (.txt)", b"shopping list\nmilk\n")
     add("notes.jpg", "error", "not a recognised image format", b"shopping list\nmilk\n")
     add("bomb.png", "error", "decompression bomb", _png_header_only(100_000, 100_000))
-    add("photo.heic", "error", "no HEIF decoder", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
+    add("photo.heic", "error", "HEIC/HEIF file whose header cannot be read", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
     _noise().convert("RGBA").save(add("alpha.png", "ok"))
     Image.fromarray((np.arange(240 * 320).reshape(240, 320) % 65536).astype(np.uint16)).save(add("deep16.png", "ok"))
     _noise().convert("L").save(add("gray.jpg", "ok"))

@@ -22,10 +22,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from dogbreed.vision.geometry import Geometry
 
-try:  # optional HEIC/HEIF support (pip install dogbreed[heic])
-    from pillow_heif import register_heif_opener
-except ImportError:  # pragma: no cover - depends on the environment
-    register_heif_opener = None
+from dogbreed.vision import codecs
 
 FINGERPRINT_CHUNK = 64 * 1024  # bytes hashed from each end of a file
 _STRIP_ROWS = 256  # rows rescaled at a time for 16-bit / float photos
@@ -161,11 +158,19 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB") if im.mode != "RGB" else im
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
+_FORMAT_NAMES = {"HEIF": "HEIC/HEIF", "AVIF": "AVIF", "JXL": "JPEG XL", "RAW": "camera RAW", "TIFF": "TIFF"}
+
+
+def _open(data: bytes, max_pixels: int, suffix: str | None = None) -> Image.Image:
     if not data:
         raise ImageError("empty file (0 bytes)")
-    if register_heif_opener is not None:
-        register_heif_opener()
+    codecs.register()
+    kind = codecs.sniff(data, suffix)
+    if kind == "RAW":  # before Pillow, which would take a DNG or NEF for a TIFF and show its tiny thumbnail
+        try:
+            return codecs.open_raw(data, max_pixels)
+        except codecs.RawError as e:
+            raise ImageError(f"camera RAW: {e}") from None
     try:
         with warnings.catch_warnings():
             # The max_pixels check below is the guard. Pillow's own warning at 89 Mpixel would silently
@@ -173,9 +178,9 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        head = data[:12]
-        if head[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypheim", b"ftyphevc"):
-            raise ImageError("HEIC/HEIF photo but no HEIF decoder is installed (pip install dogbreed[heic])") from None
+        if kind is not None:
+            raise ImageError(f"{_FORMAT_NAMES[kind]} file whose header cannot be read (corrupt or truncated, or a "
+                             "variant the decoder does not support)") from None
         raise ImageError("not a recognised image format") from None
     except Image.DecompressionBombError:
         raise ImageError("decompression bomb: declared size too large") from None
@@ -198,10 +203,11 @@ def _orientation(im: Image.Image) -> int:
         return 1
 
 
-def _reduced(data: bytes, geometry: Geometry, max_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
+def _reduced(data: bytes, geometry: Geometry, max_pixels: int,
+             suffix: str | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """Decode bytes into an upright 8-bit RGB image, reduced as far as the geometry allows, and the full-size
     (width, height) after EXIF orientation. Raises ImageError with a one-line reason."""
-    im = _open(data, max_pixels)
+    im = _open(data, max_pixels, suffix)
     orientation = _orientation(im)
     w, h = im.size
     if orientation in (5, 6, 7, 8):  # rotated by 90 degrees: full-size frame swaps axes
@@ -236,14 +242,15 @@ def _reduced(data: bytes, geometry: Geometry, max_pixels: int) -> tuple[Image.Im
 
 
 def decode(data: bytes, geometry: Geometry, max_pixels: int = 180_000_000, keep_rgb: bool = False,
-           rotate: float = 0.0) -> Decoded:
+           rotate: float = 0.0, suffix: str | None = None) -> Decoded:
     """Photo bytes -> the model crop, the face copy and the full-size frame, per `geometry`; the one decode path.
 
     `rotate` turns the upright photo counter-clockwise by that many degrees on a canvas that holds it all
     (face detectors measured on tilted heads); `keep_rgb` also returns the reduced photo itself. Raises
-    ImageError with a one-line reason.
+    ImageError with a one-line reason. `suffix` (the file name's extension) tells camera RAW formats that look
+    like plain TIFF (NEF, ARW, PEF) from TIFF; every other format is known by its bytes.
     """
-    rgb, (w, h) = _reduced(data, geometry, max_pixels)
+    rgb, (w, h) = _reduced(data, geometry, max_pixels, suffix)
     if rotate:
         rgb = rgb.rotate(rotate, resample=Image.Resampling.BICUBIC, expand=True)
         t = math.radians(rotate)

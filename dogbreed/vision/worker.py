@@ -8,6 +8,7 @@ becomes a result with a reason; the child is started again for the next photo.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -80,7 +81,8 @@ def photo_worker(task: PhotoTask) -> Callable[[bytes, float], PhotoResult]:
         try:
             data = read_bytes(raw_path, task.photos.max_bytes)
             fp = fingerprint_of_bytes(data)
-            d = decode(data, task.geometry, task.photos.max_pixels, keep_rgb=task.keep_rgb, rotate=rotate)
+            d = decode(data, task.geometry, task.photos.max_pixels, keep_rgb=task.keep_rgb, rotate=rotate,
+                       suffix=os.fsdecode(os.path.splitext(raw_path)[1]))
             del data
             boxes, t0 = [], time.perf_counter()
             if task.face is not None:
