@@ -20,9 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from dogbreed.vision.geometry import Geometry
-
 from dogbreed.vision import codecs
+from dogbreed.vision.geometry import Geometry
 
 FINGERPRINT_CHUNK = 64 * 1024  # bytes hashed from each end of a file
 _STRIP_ROWS = 256  # rows rescaled at a time for 16-bit / float photos
