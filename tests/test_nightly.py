@@ -30,18 +30,14 @@ from dogbreed.table.location import locate
 from dogbreed.table.lock import holder
 from dogbreed.table.store import LOG_DIR, open_table, run_prefixes
 from dogbreed.vision.models import describe_model
+from tests.processes import DOGBREED, cli
 
-DOGBREED = Path(sys.executable).with_name("dogbreed")  # the installed console script, as cron runs it
 DEFAULT_MODEL_ID = describe_model("default")[1]
 BUSY_ACTOR = "ray::MapWorker(MapBatches(_InferStage)).submit"  # the inference actor, running a batch
 BUSY_DECODER = "ray::MapBatches(_decode_stage)"  # a decode task worker, running a batch
 
 
 # ---------------------------------------------------------------- helpers: processes, output, commits
-
-def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run `dogbreed ARGS` to completion in a child process."""
-    return subprocess.run([str(DOGBREED), *args], capture_output=True, text=True, timeout=timeout)
 
 
 def _children() -> dict[int, list[int]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,12 +24,7 @@ from dogbreed.table.lock import hold
 from dogbreed.table.objects import META_DIR
 from dogbreed.table.ownership import MARKER
 from dogbreed.table.store import RunWriter, StoreError, clear_orphans, new_run_id, open_table, utcnow
-
-DOGBREED = Path(sys.executable).with_name("dogbreed")  # the installed console script, as cron runs it
-
-
-def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([str(DOGBREED), *args], capture_output=True, text=True, timeout=timeout)
+from tests.processes import cli
 
 
 def one_sentence(proc: subprocess.CompletedProcess) -> str:

@@ -50,6 +50,33 @@ def compact(out_dir: OutArg, config: ConfigOpt = None, retention_hours: Annotate
 
 
 @app.command()
+def check(out_dir: OutArg, repair: Annotated[bool, typer.Option(
+        "--repair", help="Mend a damaged table: move damaged log commits aside, remove damaged files in a new "
+        "version; the history stays.")] = False,
+        deep: Annotated[bool, typer.Option("--deep", help="Read every page of every file, not only its footer.")] = False,
+        config: ConfigOpt = None, break_lock: BreakLockOpt = None) -> None:
+    """Verify a table: its log continuous and readable, every current data file present and readable."""
+    from dogbreed.errors import Exit
+
+    with _user_errors():
+        from dogbreed.table.maintain import check as run_check
+
+        cfg = _scan_config(config, break_lock=break_lock)
+        found, done, after = run_check(out_dir, repair, deep, cfg.lock_lease_s, cfg.break_lock)
+    for line in found.lines():
+        typer.echo(line)
+    if done:
+        typer.echo("repaired:")
+        for line in done:
+            typer.echo(f"  {line}")
+        typer.echo("afterwards:")
+        for line in after.lines():
+            typer.echo(line)
+    if not after.ok:
+        raise typer.Exit(Exit.FAILED)
+
+
+@app.command()
 def migrate(out_dir: Annotated[Path, typer.Argument(help="Output folder in the old runs/<run_id>/ layout.")],
             config: ConfigOpt = None, break_lock: BreakLockOpt = None) -> None:
     """Convert an output folder of runs/<run_id>/ + manifests into the Delta table, every row kept."""

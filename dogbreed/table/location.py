@@ -6,8 +6,10 @@ control characters, and object-store keys keep to AWS's safe characters.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -93,9 +95,53 @@ def locate(out: str | Path) -> Location:
     return Location(out, uri, fs, root.rstrip("/"))
 
 
+# What a storage failure was, in words, whichever layer reports it: Python's OSError (errno), pyarrow ("[Errno 28]
+# ... No space left on device") or deltalake's Rust object store ("Generic LocalFileSystem error: ... (os error 28)").
+_STORAGE = {errno.ENOSPC: "no space left on device (the disk is full)", errno.EDQUOT: "disk quota exceeded",
+            errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+            errno.EROFS: "read-only file system", errno.EIO: "input/output error (a failing disk or a lost mount?)"}
+
+
+def storage_errno(e: BaseException) -> int | None:
+    """The errno a storage failure stands for, where the error says one (at any layer), else None."""
+    code = getattr(e, "errno", None)
+    if code in _STORAGE:
+        return code
+    text = str(e)
+    m = re.search(r"os error (\d+)", text)
+    if m and int(m.group(1)) in _STORAGE:
+        return int(m.group(1))
+    return next((c for c in _STORAGE if os.strerror(c) in text), None)
+
+
 def first_line(e: BaseException) -> str:
+    """One line that says what went wrong: a disk full, a permission or a read-only file system in plain words."""
+    code = storage_errno(e)
+    if code is not None:
+        return _STORAGE[code]
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def unwritable(loc: Location, folder: str) -> str | None:
+    """Why `folder` of the output cannot be written, or None when a probe file could be
+    written there and removed. Tried for real, not by permission bits: root ignores them, a read-only mount or a
+    full disk does not show in them."""
+    if not loc.remote and not os.path.isdir(loc.path(folder)):
+        return None  # nothing to probe yet: it is made next to what the lock already wrote
+    probe = loc.path(folder, f".dogbreed-probe-{uuid.uuid4().hex}")
+    try:
+        with loc.fs.open_output_stream(probe) as f:
+            f.write(b"\0" * 4096)  # one page: a full disk refuses it
+    except (OSError, pa.ArrowException) as e:
+        reason = first_line(e)
+    else:
+        reason = None
+    try:
+        loc.fs.delete_file(probe)
+    except (OSError, pa.ArrowException):
+        pass
+    return reason
 
 
 def check_out(out: str | Path, write: bool = True) -> Location:
@@ -112,7 +158,8 @@ def check_out(out: str | Path, write: bool = True) -> Location:
         if parent is not None and not parent.is_dir():
             raise OutputError(f"--out {out}: {parent} is a file, not a folder")
         if write and parent is not None and not os.access(parent, os.W_OK | os.X_OK):
-            raise OutputError(f"--out {out}: {parent} is not writable")
+            why = "read-only file system" if os.statvfs(parent).f_flag & os.ST_RDONLY else "permission denied"
+            raise OutputError(f"--out {out}: {parent} is not writable ({why})")
         return loc
     bucket = loc.root.split("/", 1)[0]
     try:  # one request each: is the bucket there, is the prefix not an object; credentials are checked too

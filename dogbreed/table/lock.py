@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from dogbreed.table.location import Location
+from dogbreed.table.location import Location, first_line
 from dogbreed.table.objects import objects
 from dogbreed.table.store import ScanLocked, StoreError, utcnow
 
@@ -120,10 +120,8 @@ def hold(loc: Location, lease_s: float, what: str = "scan", break_lock: bool = F
         lease = _acquire(store, loc, lease_s, what, break_lock)
     except (ScanLocked, StoreError):
         raise
-    except OSError as e:
-        raise StoreError(f"cannot take the lock on {loc.out}: {e.strerror or e}") from None
-    except Exception as e:  # noqa: BLE001 - the store's own errors (network, credentials): one sentence
-        raise StoreError(f"cannot take the lock on {loc.out}: {str(e).strip().splitlines()[0] if str(e) else e!r}") from None
+    except Exception as e:  # noqa: BLE001 - the disk's or the store's own errors (network, credentials): one sentence
+        raise StoreError(f"cannot take the lock on {loc.out}: {first_line(e)}") from None
     lease._thread.start()
     try:
         yield lease

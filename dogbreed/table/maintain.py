@@ -1,6 +1,7 @@
-"""Keeping an output table small over years (compact) and converting the old runs/ layout into it (migrate).
+"""Keeping an output table small over years (compact), checking and repairing it (check), and converting the old
+runs/ layout into it (migrate).
 
-Both hold the output's lock (through the output object), like a scan, so they never run beside one.
+All that write hold the output's lock (through the output object), like a scan, so they never run beside one.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from dogbreed.table import health as table_health
 from dogbreed.table import schema
-from dogbreed.table.location import OutputError
+from dogbreed.table.location import OutputError, first_line
+from dogbreed.table.lock import hold
 from dogbreed.table.output import Output
+from dogbreed.table.ownership import inspect
 from dogbreed.table.store import DELTA_COMMIT_KEYS, RunWriter, StoreError
 
 log = logging.getLogger("dogbreed.table.maintain")
@@ -56,9 +60,24 @@ def compact(out: str, retention_hours: int, lease_s: float = 60.0, break_lock: b
                                    full=False)
             table.cleanup_metadata()  # log entries past the table's log retention (30 days by default)
         except OSError as e:
-            raise StoreError(f"cannot compact {out}: {str(e).splitlines()[0]}") from None
+            raise StoreError(f"cannot compact {out}: {first_line(e)}") from None
         table = output.snapshot()
         return CompactSummary(table.version(), before, len(table.get_add_actions(flatten=True)), len(removed))
+
+
+def check(out: str, repair: bool = False, deep: bool = False, lease_s: float = 60.0,
+          break_lock: bool = False) -> tuple[table_health.Health, list[str], table_health.Health]:
+    """Verify the table at `out` (see dogbreed.table.health); with `repair`, mend it under the lock. Returns what was
+    found, what was done and what a check finds afterwards. Without `repair` nothing is written."""
+    output = Output(out, write=repair)
+    if inspect(output.loc) != "ours":
+        raise OutputError(f"{out} holds no dogbreed table")
+    found = table_health.check(output.loc, deep)
+    if not repair or found.ok:
+        return found, [], found
+    with hold(output.loc, lease_s, what="check --repair", break_lock=break_lock):
+        done = table_health.repair(output.loc, found)
+    return found, done, table_health.check(output.loc, deep)
 
 
 def migrate(out: str, lease_s: float = 60.0, break_lock: bool = False) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Protocol
 from dogbreed.errors import Failed
 
 META_DIR = "_dogbreed"  # a leading underscore: Delta and Parquet readers skip it
+LOG_DIR = "_delta_log"  # the Delta table's log
 
 
 class Objects(Protocol):

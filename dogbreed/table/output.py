@@ -16,10 +16,10 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from dogbreed.table import readers
-from dogbreed.table.location import OutputError, check_out
+from dogbreed.table.location import OutputError, check_out, unwritable
 from dogbreed.table.lock import Lease, hold
 from dogbreed.table.ownership import check_roots, claimable, inspect
-from dogbreed.table.store import RunWriter, add_new_columns, clear_orphans, new_run_id, open_table
+from dogbreed.table.store import DATA_DIR, LOG_DIR, RunWriter, StoreError, add_new_columns, clear_orphans, new_run_id, open_table
 
 log = logging.getLogger("dogbreed.table")
 
@@ -64,6 +64,10 @@ class Output:
                 old_layout_ok: bool = False) -> Iterator["Session"]:
         """Claim the output, hold its lock and pin the snapshot to commit on top of; clears killed runs' files."""
         with hold(self.loc, lease_s, what=what, break_lock=break_lock, old_layout_ok=old_layout_ok) as lease:
+            for folder in (LOG_DIR, DATA_DIR):  # the lock's folder was written just now; these must be too
+                why = unwritable(self.loc, folder)
+                if why:
+                    raise StoreError(f"cannot write to {self.out}/{folder}: {why}; nothing was read or written")
             session = Session(self, lease)
             left = clear_orphans(self.loc, session.table)
             if left:

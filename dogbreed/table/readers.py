@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from dogbreed.table.health import reading
 from dogbreed.table.location import locate
 from dogbreed.table.schema import REPEATED, ROW_COLUMNS, SCHEMA, empty_table
 from dogbreed.table.store import committed_runs, open_table
@@ -46,7 +47,17 @@ def dataset(out: Any, dictionaries: tuple[str, ...] = (), table: Any = None) -> 
             i = schema.get_field_index(name)
             schema = schema.set(i, schema.field(i).with_type(pa.dictionary(pa.int32(), pa.string())))
         fmt = pads.ParquetFileFormat(read_options={"dictionary_columns": list(dictionaries)})
-    return pads.dataset(sorted(files), schema=schema, format=fmt, filesystem=loc.fs)
+    with reading(loc, table):  # a missing file is found here
+        return pads.dataset(sorted(files), schema=schema, format=fmt, filesystem=loc.fs)
+
+
+def _scan(out: Any, ds: pads.Dataset, table: Any, **kwargs: Any) -> pa.Table:
+    """ds.to_table(**kwargs); a damaged file is one sentence naming the table, the version and the file."""
+    from deltalake import DeltaTable
+
+    loc = locate(out)
+    with reading(loc, table if table is not None else DeltaTable(loc.uri, storage_options=loc.storage_options())):
+        return ds.to_table(**kwargs)
 
 
 def stream(out: Any, table: Any, columns: list[str], batch_size: int = 16_384,
@@ -57,7 +68,7 @@ def stream(out: Any, table: Any, columns: list[str], batch_size: int = 16_384,
 
     loc = locate(out)
     for path in sorted(table.get_add_actions(flatten=True).column("path").to_pylist()):
-        with loc.fs.open_input_file(loc.path(path)) as f:
+        with reading(loc, table), loc.fs.open_input_file(loc.path(path)) as f:
             parquet = pq.ParquetFile(f, pre_buffer=False)
             have = set(parquet.schema_arrow.names)
             for batch in parquet.iter_batches(batch_size=batch_size, columns=[c for c in columns if c in have]):
@@ -77,7 +88,7 @@ def rows_of(out: Any, paths: pa.ChunkedArray, run_ids: pa.ChunkedArray, table: A
     ds = dataset(out, table=table)
     if ds is None:
         return empty_table()
-    found = ds.to_table(filter=pc.field("path").isin(pc.unique(paths)))
+    found = _scan(out, ds, table, filter=pc.field("path").isin(pc.unique(paths)))
     # Acero joins carry no list or struct columns: join the keys with row numbers, then take.
     mine = pa.table({"path": found.column("path"), "run_id": found.column("run_id"),
                      "_j": pa.array(np.arange(found.num_rows, dtype=np.int64))})
@@ -97,7 +108,7 @@ def read_all(out: Any, columns: list[str] | None = None) -> pd.DataFrame:
     embedding only when `columns` names it."""
     ds = dataset(out)
     columns = columns or ROW_COLUMNS
-    table = ds.to_table(columns=columns) if ds is not None else empty_table().select(columns)
+    table = _scan(out, ds, None, columns=columns) if ds is not None else empty_table().select(columns)
     return table.to_pandas()
 
 
@@ -115,7 +126,7 @@ def latest_table(out: Any, columns: list[str] | None = None, model_id: str | Non
     filt = pc.field("model_id") == model_id if model_id else None
     if model_id:  # a deletion is recorded without a model: keep it so vanished files drop out
         filt = filt | (pc.field("status") == "deleted")
-    table = ds.to_table(columns=cols, filter=filt)
+    table = _scan(out, ds, table, columns=cols, filter=filt)
     if table.num_rows < 2:
         return table
     # A path's latest row is the one of its newest run (run ids sort by start time, runs never overlap, and a

@@ -24,12 +24,12 @@ import pyarrow.parquet as pq
 
 from dogbreed.errors import Failed, Locked
 from dogbreed.table import schema
+from dogbreed.table.health import log_damage
 from dogbreed.table.location import Location, first_line
-from dogbreed.table.objects import objects
+from dogbreed.table.objects import LOG_DIR, objects
 
 DATA_DIR = "data"  # OUT/data/<run_id>/part-*.parquet: a run's files, under a prefix of its own
 RUNS_DIR = "runs"  # OUT/_dogbreed/runs/<run_id>.json: the files a run in progress has created
-LOG_DIR = "_delta_log"
 TABLE_NAME = "dogbreed scan results"
 
 
@@ -63,6 +63,8 @@ def open_table(loc: Location, version: int | None = None):
         return None
     except OSError as e:
         raise StoreError(f"cannot read the table at {loc.out}: {first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - deltalake's DeltaError for a log it cannot read: name the damage
+        raise log_damage(loc, e) from None
 
 
 class RunWriter:

@@ -31,6 +31,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dogbreed.errors import UsageError
+from dogbreed.table.location import unwritable
 from dogbreed.table.objects import META_DIR
 from dogbreed.table.output import Output
 from dogbreed.table.readers import stream
@@ -61,8 +62,8 @@ def cache_home() -> Path:
 def _writable(output: Output) -> bool:
     if output.loc.remote:
         return True  # tried, and a failure falls back to the local cache
-    folder = Path(output.loc.root, META_DIR)
-    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+    # tried for real: a read-only mount or a full disk does not show in permission bits (nor to root)
+    return Path(output.loc.root, META_DIR).is_dir() and unwritable(output.loc, META_DIR) is None
 
 
 @dataclass

@@ -1,0 +1,146 @@
+"""A damaged table is one sentence naming the table, the version and the file; `dogbreed check` finds every kind of
+damage and `--repair` mends it keeping the history, locally and on S3. Every command runs in a real process."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+from deltalake import DeltaTable
+
+from dogbreed.errors import Exit
+from dogbreed.table.location import locate
+from dogbreed.table.objects import LOG_DIR
+from tests.processes import cli
+
+
+def _files(out: str) -> list[str]:
+    return sorted(DeltaTable(out).get_add_actions(flatten=True).column("path").to_pylist())
+
+
+def _runs(out: str) -> list[str]:
+    """The data file of each run, oldest run first."""
+    return sorted(_files(out), key=lambda name: name.split("/")[1])
+
+
+def _damage(out: str, kind: str) -> tuple[int, str]:
+    """Damage the table; returns the version and the file the sentence must name."""
+    loc = locate(out)
+    first, second = _runs(out)
+    if kind == "missing data file":
+        loc.fs.delete_file(loc.path(first))
+        return 1, first
+    if kind == "truncated data file":
+        with loc.fs.open_input_stream(loc.path(second)) as f:
+            head = f.read(2000)
+        with loc.fs.open_output_stream(loc.path(second)) as f:
+            f.write(head)
+        return 1, second
+    if kind == "missing log commit":
+        loc.fs.delete_file(loc.path(LOG_DIR, f"{0:020d}.json"))
+        return 0, f"{LOG_DIR}/{0:020d}.json"
+    assert kind == "garbled log commit"
+    with loc.fs.open_output_stream(loc.path(LOG_DIR, f"{1:020d}.json")) as f:
+        f.write(b'{"commitInfo": {"timestamp": 17')  # cut short mid-write
+    return 1, f"{LOG_DIR}/{1:020d}.json"
+
+
+def _table(tmp_path: Path, out: str, commit_rows) -> str:
+    photos = []
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+        photos.append(tmp_path / name)
+    commit_rows(out, photos[:2], status="dog")
+    commit_rows(out, photos[2:], status="human")
+    return out
+
+
+def _one_sentence(proc) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+# After repair: which rows survive. A lost data file loses only its rows; a lost log commit loses its version.
+LEFT = {"missing data file": {"human": 1}, "truncated data file": {"dog": 2}, "missing log commit": {},
+        "garbled log commit": {"dog": 2}}
+
+
+@pytest.mark.parametrize("kind", list(LEFT))
+def test_damage_is_named_found_by_check_and_repaired_keeping_the_history(kind, tmp_path, commit_rows):
+    out = _table(tmp_path, str(tmp_path / "out"), commit_rows)
+    version, name = _damage(out, kind)
+
+    latest = cli("latest", out)
+    assert latest.returncode == Exit.USAGE
+    sentence = _one_sentence(latest)
+    assert out in sentence and f"version {version}" in sentence and name in sentence, sentence
+    assert f"dogbreed check {out}" in sentence
+
+    found = cli("check", out)
+    assert found.returncode == Exit.FAILED, found.stdout + found.stderr
+    assert "DAMAGED" in found.stdout and name in found.stdout and "--repair" in found.stdout
+
+    fixed = cli("check", out, "--repair")
+    assert fixed.returncode == Exit.OK, fixed.stdout + fixed.stderr
+    again = cli("check", out)
+    assert again.returncode == Exit.OK and "DAMAGED" not in again.stdout
+    after = cli("latest", out, "--csv", str(tmp_path / "latest.csv"))
+    if LEFT[kind]:
+        assert after.returncode == Exit.OK, after.stderr
+        assert f"{sum(LEFT[kind].values())} photos" in after.stderr
+        for status, n in LEFT[kind].items():
+            assert f"{status} {n}" in after.stderr
+    else:  # version 0 itself was lost: no version is left, and the next scan starts over
+        assert after.returncode == Exit.USAGE and "holds no committed scan run" in after.stderr
+    if kind.endswith("data file"):  # repaired by a new version; the old ones are still in the history
+        assert DeltaTable(out).version() == 2 and len(DeltaTable(out).history()) == 3
+    if kind != "missing data file":  # what is damaged is moved aside, never deleted
+        assert any(p.is_file() for p in (tmp_path / "out" / "_dogbreed" / "quarantine").rglob("*"))
+
+
+def test_check_of_a_sound_table_says_ok_and_writes_nothing(tmp_path, commit_rows):
+    out = _table(tmp_path, str(tmp_path / "out"), commit_rows)
+    before = {p: p.stat().st_mtime_ns for p in Path(out).rglob("*")}
+    proc = cli("check", out, "--deep")
+    assert proc.returncode == Exit.OK and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+    assert "version 1: 2 data files, 2 present and readable" in proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in Path(out).rglob("*")} == before
+
+
+def test_check_refuses_what_is_not_a_dogbreed_table(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    proc = cli("check", str(tmp_path / "photos"))
+    assert proc.returncode == Exit.USAGE and str(tmp_path / "photos") in _one_sentence(proc)
+    assert "DAMAGED" not in proc.stdout
+
+
+@pytest.mark.slow  # an S3 server; the same code as the local cases above
+@pytest.mark.parametrize("kind", ["missing data file", "garbled log commit"])
+def test_damage_on_s3_is_named_and_repaired(kind, tmp_path, s3_out, commit_rows):
+    out = _table(tmp_path, s3_out, commit_rows)
+    version, name = _damage(out, kind)
+    sentence = _one_sentence(cli("latest", out))
+    assert out in sentence and f"version {version}" in sentence and name in sentence, sentence
+    assert cli("check", out).returncode == Exit.FAILED
+    fixed = cli("check", out, "--repair")
+    assert fixed.returncode == Exit.OK, fixed.stdout + fixed.stderr
+    after = cli("latest", out)
+    assert after.returncode == Exit.OK and f"{sum(LEFT[kind].values())} photos" in after.stderr, after.stderr
+    loc = locate(out)
+    kept = loc.fs.get_file_info(pafs.FileSelector(loc.path("_dogbreed", "quarantine"), recursive=True,
+                                                  allow_not_found=True))
+    assert (kind == "missing data file") or any(i.type == pafs.FileType.File for i in kept)
+
+
+def test_a_scan_on_a_damaged_table_stops_before_decoding_with_the_sentence(tmp_path, commit_rows):
+    out = _table(tmp_path, str(tmp_path / "out"), commit_rows)
+    _damage(out, "truncated data file")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "d.jpg").write_bytes(b"x")
+    proc = cli("scan", str(tmp_path / "new"), "--out", out, env=os.environ | {"RAY_ADDRESS": ""})
+    assert proc.returncode == Exit.USAGE
+    assert "is damaged at version 1" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
