@@ -5,6 +5,7 @@ Unknown keys and wrong types fail with the key's dotted name and the file they c
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -19,6 +20,15 @@ RAW_EXTENSIONS = (".dng", ".cr2", ".cr3", ".nef", ".nrw", ".arw", ".srf", ".sr2"
                   ".srw", ".erf", ".3fr", ".kdc", ".dcr", ".mos", ".iiq", ".x3f", ".mrw", ".rwl")
 PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".heic", ".heif",
                     ".heics", ".heifs", ".hif", ".avif", ".avifs", ".jxl") + RAW_EXTENSIONS
+
+
+def cache_home() -> Path:
+    """Where dogbreed keeps caches it can always rebuild (vector indexes of tables it cannot write beside, compiled
+    networks): $DOGBREED_CACHE, else $XDG_CACHE_HOME/dogbreed, else ~/.cache/dogbreed."""
+    given = os.environ.get("DOGBREED_CACHE")
+    if given:
+        return Path(given)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dogbreed"
 
 
 class ConfigError(UsageError):
@@ -93,6 +103,9 @@ class InferenceConfig(_Strict):
     wait_for_actors_s: float = Field(0, ge=0, description="wait up to this long for the whole pool before the first batch "
                                      "(0 = start with the first actor); on a cluster it keeps one actor from taking every batch")
     num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per actor (on CPU its torch threads = max(1, int(num_cpus)))")
+    runtime: Literal["auto", "torch", "openvino"] = Field(
+        "auto", description="what runs the backbone on CPU: auto = OpenVINO where installed (same outputs, ~2.3x "
+        "faster), else torch; GPUs always run torch")
     max_restarts: int = Field(3, ge=0, description="restarts of an inference actor that died; never unbounded")
     max_task_retries: int = Field(3, ge=0, description="retries of a batch whose actor died")
 

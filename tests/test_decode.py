@@ -100,7 +100,7 @@ def test_model_crop_is_timms_eval_transform_exactly(crop_mode, crop_pct, size):
 
 def test_small_copy_size():
     small = small_copy(Image.fromarray(np.zeros((960, 1280, 3), np.uint8)), GEOM.small((1280, 960)))
-    assert small.shape == (480, 640, 3) and small.dtype == np.uint8
+    assert small.shape == (360, 480, 3) and small.dtype == np.uint8  # photos.face_side 480
 
 
 @pytest.mark.parametrize("data, reason", [

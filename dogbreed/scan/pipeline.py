@@ -152,7 +152,7 @@ def _stages(ds, cfg: ScanConfig, spec, run_id: str, num_gpus: float, actors: int
         max_restarts=cfg.inference.max_restarts, max_task_retries=cfg.inference.max_task_retries,
         fn_constructor_kwargs=dict(run_id=run_id, settings=settings_id(cfg), model=cfg.model, top_k=cfg.top_k,
                                    dog_threshold=cfg.dog_threshold, count_dingo=cfg.count_dingo_as_dog,
-                                   breed_flip=cfg.breed_flip,
+                                   breed_flip=cfg.breed_flip, runtime=cfg.inference.runtime,
                                    on_device=dict(face=cfg.face, photos=cfg.photos,
                                                   face_threads=max(1, int(cfg.inference.num_cpus)))
                                    if on_device else None,

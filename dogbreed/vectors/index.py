@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from dogbreed.config import cache_home
 from dogbreed.errors import UsageError
 from dogbreed.table.location import unwritable
 from dogbreed.table.objects import META_DIR
@@ -49,14 +50,6 @@ class SimilarError(UsageError):
 
 def _key(embedding_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", embedding_id)
-
-
-def cache_home() -> Path:
-    """Where indexes are mirrored or kept locally ($DOGBREED_CACHE, else $XDG_CACHE_HOME/dogbreed, ~/.cache/dogbreed)."""
-    given = os.environ.get("DOGBREED_CACHE")
-    if given:
-        return Path(given)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dogbreed"
 
 
 def _writable(output: Output) -> bool:
