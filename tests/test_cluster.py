@@ -161,8 +161,11 @@ def test_scan_spreads_over_nodes_and_gives_the_single_node_answers(photos, local
             cluster.add_node(num_cpus=2)
         cluster.wait_for_nodes()
         workers = {n.node_id for n in cluster.worker_nodes}
+        # 1.5 + 0.5 CPUs: each 2-CPU node holds one actor and one decode task, so Ray cannot pack both actors
+        # onto one node (with the default 0.5 it may, and then one node infers everything).
         cfg = scan_config([photos], tmp_path / "out", address=cluster.address,
                           **{"inference.concurrency": 2, "decode.batch_size": 2, "inference.batch_size": 4,
+                              "inference.num_cpus": 1.5, "decode.num_cpus": 0.5,
                               "inference.wait_for_actors_s": 120, "inference.max_tasks_in_flight": 1})
         summary = run_scan(cfg)
     finally:

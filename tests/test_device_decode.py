@@ -5,6 +5,7 @@ gpu run it on CUDA and skip where there is none.
 """
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -244,7 +245,14 @@ def test_scan_decodes_on_the_device_only_when_asked_and_able(shrunk_config, capl
 
     assert not _on_device(cfg("cpu"), _Spec(PREP), 1.0) and not _on_device(cfg("auto"), _Spec(PREP), 0.0)
     assert _on_device(cfg("auto"), _Spec(PREP), 1.0) and _on_device(cfg("accelerator"), _Spec(PREP), 0.0)
-    assert not _on_device(cfg("accelerator"), _Spec(Preprocessing(interpolation="lanczos")), 1.0)
+    # The handler goes on the module's logger itself: what earlier tests did to the root logger cannot hide it.
+    logger = logging.getLogger("dogbreed.scan.pipeline")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger=logger.name):
+            assert not _on_device(cfg("accelerator"), _Spec(Preprocessing(interpolation="lanczos")), 1.0)
+    finally:
+        logger.removeHandler(caplog.handler)
     assert "lanczos resize has no torch equivalent" in caplog.text
 
 

