@@ -92,3 +92,23 @@ def test_the_readme_layout_names_every_module_and_job():
     modules = {p.stem for p in _modules().values() if p.stem != "__init__"} | {p.stem for p in (ROOT / "jobs").glob("*.py")}
     assert modules - named == set(), "modules the README's layout does not name"
     assert named - modules == set(), "names in the README's layout that are not modules"
+
+
+def test_only_one_module_decodes_photo_bytes():
+    """Image.open, torchvision's decode_jpeg, cv2.imdecode, imagecodecs and rawpy appear in the decode module and
+    its Pillow plugins only: every path gets the same pixels and the same guards."""
+    decoders = re.compile(r"Image\.open\(|decode_jpeg\(|imdecode\(|jpegxl_decode\(|rawpy\.imread\(|\.decode_image\(")
+    found = {str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py") if decoders.search(p.read_text(encoding="utf-8"))}
+    assert found == {"dogbreed/vision/decode.py", "dogbreed/vision/codecs.py"}
+
+
+def test_the_decode_stage_imports_no_network_library():
+    """Ray's decode workers import dogbreed.scan.pipeline; torch, timm and OpenVINO (seconds each) stay out of it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dogbreed.scan.pipeline, dogbreed.vision.worker; "
+            "print(sorted(m for m in ('torch', 'timm', 'openvino') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

@@ -21,7 +21,6 @@ from dogbreed.table import schema
 from dogbreed.table.store import RunWriter, utcnow
 from dogbreed.vision import device_decode
 from dogbreed.vision.decision import settings_id
-from dogbreed.vision.models import describe_model
 from dogbreed.vision.predictors import BreedPredictor, Decoder
 
 log = logging.getLogger("dogbreed.scan.pipeline")
@@ -83,6 +82,9 @@ def _blocks(todo: pa.Table, cfg: ScanConfig, decoders: int) -> list[pa.Table]:
 def run_pipeline(todo: pa.Table, cfg: ScanConfig, run_id: str, writer: RunWriter) -> np.ndarray:
     """Decode on CPU tasks, infer in an actor pool, and write the rows streaming back; returns rows seen per todo row."""
     import ray
+
+    from dogbreed.vision.models import describe_model  # here, not at the top: decode workers import this module
+    # and must not pay for torch, which only the driver and the actors need
 
     spec, _ = describe_model(cfg.model)
     num_gpus, actors, decoders = _inference_resources(cfg)

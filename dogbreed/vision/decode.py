@@ -1,5 +1,8 @@
 """The one module that turns photo bytes into pixels: what the network, the face detector and people see.
 
+(:func:`decode_jpegs_on` is the accelerator's batched JPEG decode, for dogbreed.vision.device_decode; the Pillow
+plugins of :mod:`dogbreed.vision.codecs` are what :func:`decode` opens HEIC, JPEG XL and RAW with.)
+
 :func:`decode` serves every path (the scan, training, evaluation, the report, the benchmarks): it refuses
 decompression bombs before decoding a pixel, applies EXIF orientation, turns any mode into RGB, decodes large
 JPEGs reduced (DCT scaling, Pillow ``draft``) and reduces the rest by an integer box filter, as far as the
@@ -258,6 +261,30 @@ def decode(data: bytes, geometry: Geometry, max_pixels: int = 180_000_000, keep_
     crop = model_crop(rgb, geometry) if geometry.input_size is not None else None
     return Decoded(width=w, height=h, model_input=crop, small=small, small_to_full=w / small.shape[1],
                    rgb=np.asarray(rgb, dtype=np.uint8) if keep_rgb else None)
+
+
+def decode_jpegs_on(datas: list[bytes], device) -> list:
+    """Plain JPEGs (checked by :func:`jpeg_header`) decoded in one batched call on a torch device (nvJPEG on CUDA,
+    libjpeg-turbo on CPU): full-size RGB uint8 CHW tensors as stored (orientation not applied), None for each JPEG
+    the device decoder refuses (the caller sends those to the sandboxed CPU path)."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    def call(items: list[bytes]) -> list:
+        tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in items]
+        out = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+        return out if isinstance(out, list) else [out]
+
+    try:
+        return call(datas)
+    except Exception:  # noqa: BLE001 - one bad JPEG fails the batched call: find it one by one
+        out: list = []
+        for d in datas:
+            try:
+                out.extend(call([d]))
+            except Exception:  # noqa: BLE001 - the sandboxed CPU decoder takes it
+                out.append(None)
+        return out
 
 
 # SOF markers an accelerator's JPEG decoder (nvJPEG, libjpeg-turbo through torchvision) takes whole: baseline,

@@ -21,7 +21,7 @@ from dogbreed.config import FaceConfig, PhotoConfig
 from dogbreed.vision import batch as batches
 from dogbreed.vision import faces
 from dogbreed.vision.batch import CROP, JPEG, KIND, ORIENTATION, PAYLOAD, Batch, column
-from dogbreed.vision.decode import ImageError, fingerprint_of_bytes, jpeg_header, read_bytes
+from dogbreed.vision.decode import ImageError, decode_jpegs_on, fingerprint_of_bytes, jpeg_header, read_bytes
 from dogbreed.vision.geometry import Geometry
 from dogbreed.vision.predictors import Decoder, _node_id
 from dogbreed.vision.preprocessing import Preprocessing
@@ -216,24 +216,9 @@ class DeviceDecoder:
         return t
 
     def _decode_chunk(self, datas: list[bytes]) -> list[Any]:
-        """One batched decode_jpeg on the device; if it fails, one call per JPEG, None for each that still fails."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        def call(items: list[bytes]) -> list[Any]:
-            tensors = [self.torch.frombuffer(bytearray(d), dtype=self.torch.uint8) for d in items]
-            out = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device)
-            return out if isinstance(out, list) else [out]
-
+        """One batched decode on the device (dogbreed.vision.decode.decode_jpegs_on); None for a JPEG it refuses."""
         t = time.perf_counter()
-        try:
-            out = call(datas)
-        except Exception:  # noqa: BLE001 - one bad JPEG fails the batched call: find it one by one
-            out = []
-            for d in datas:
-                try:
-                    out.extend(call([d]))
-                except Exception:  # noqa: BLE001 - the sandboxed CPU decoder takes it
-                    out.append(None)
+        out = decode_jpegs_on(datas, self.device)
         self._timed("decode", t)
         return out
 
