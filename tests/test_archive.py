@@ -62,6 +62,7 @@ def test_native_crash_and_hang_in_a_decode_worker_are_one_error_row_each_and_not
 
 # ---------------------------------------------------------------- 2. any file name
 
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_a_name_that_is_not_utf8_gets_its_row_and_keeps_its_bytes(ray_local, tmp_path, write_photo, scan_config):
     root, out = tmp_path / "photos", tmp_path / "out"
     write_photo(root / "plain.jpg", seed=1)
@@ -80,6 +81,7 @@ def test_a_name_that_is_not_utf8_gets_its_row_and_keeps_its_bytes(ray_local, tmp
 
 # ---------------------------------------------------------------- 4. reorganised archives
 
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_a_reorganised_archive_keeps_its_results_without_inference(ray_local, tmp_path, make_photos, scan_config):
     root, out = tmp_path / "photos", tmp_path / "out"
     photos = make_photos(root, 12)
@@ -121,6 +123,7 @@ def test_a_mass_deletion_is_refused_until_the_override_flag(tmp_path, make_photo
 
 # ---------------------------------------------------------------- 5 + 6. symlinks and roots
 
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_symlinks_are_followed_only_inside_the_roots(ray_local, tmp_path, make_photos, write_photo, scan_config):
     root, out, outside = tmp_path / "photos", tmp_path / "out", tmp_path / "etc"
     inside = make_photos(root / "album", 2)
@@ -144,6 +147,7 @@ def test_symlinks_are_followed_only_inside_the_roots(ray_local, tmp_path, make_p
     assert everything.counts.get("error", 0) == 0  # the loop row is unchanged, so not written again
 
 
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_roots_are_normalised_and_overlapping_roots_count_each_file_once(ray_local, tmp_path, make_photos, scan_config):
     root, out = tmp_path / "photos", tmp_path / "out"
     photos = make_photos(root / "sub", 3)
@@ -239,6 +243,7 @@ def test_a_progress_bar_when_asked(ray_local, tmp_path, make_photos, scan_config
 
 @pytest.mark.parametrize("out, message", [("ftp://host/x", "ftp:// output is not supported"),
                                           ("FILE", "is a file, not a folder")])
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_a_bad_out_is_one_sentence_and_exit_2_and_creates_nothing(tmp_path, make_photos, out, message):
 
     root = tmp_path / "photos"

@@ -95,6 +95,7 @@ def test_a_raw_over_the_limit_is_refused_by_its_sensor_size(files, upright):
         decode(data, Geometry.copy(), max_pixels=2 * upright.width * upright.height, suffix=".dng")
 
 
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_a_scan_names_a_dog_in_every_format(files, upright, tmp_path, ray_local, scan_config):
     out = tmp_path / "out"
     s = run_scan(scan_config([files], out))

@@ -69,6 +69,7 @@ LEFT = {"missing data file": {"human": 1}, "truncated data file": {"dog": 2}, "m
 
 
 @pytest.mark.parametrize("kind", list(LEFT))
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_damage_is_named_found_by_check_and_repaired_keeping_the_history(kind, tmp_path, commit_rows):
     out = _table(tmp_path, str(tmp_path / "out"), commit_rows)
     version, name = _damage(out, kind)
@@ -136,6 +137,7 @@ def test_damage_on_s3_is_named_and_repaired(kind, tmp_path, s3_out, commit_rows)
     assert (kind == "missing data file") or any(i.type == pafs.FileType.File for i in kept)
 
 
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_a_scan_on_a_damaged_table_stops_before_decoding_with_the_sentence(tmp_path, commit_rows):
     out = _table(tmp_path, str(tmp_path / "out"), commit_rows)
     _damage(out, "truncated data file")

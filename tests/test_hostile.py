@@ -131,6 +131,7 @@ def _problems(case: Case, status: str | None, error: str | None) -> list[str]:
     return []
 
 
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_scan_gives_every_hostile_file_exactly_one_row_with_its_status(corpus, scanned):
     root, cases = corpus
     summary, rows = scanned

@@ -245,6 +245,7 @@ def _bad(kind: str, artifact: Path, tmp_path: Path) -> str:
     ("path-backbone", "'../../etc/passwd' is not a timm model name"),
     ("timm-garbage", "garbage.safetensors is not a safetensors weights file"),
 ])
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_a_bad_model_is_one_sentence_and_exit_2_before_ray_starts(kind, message, artifact, tmp_path):
     """These were found only inside the Ray actor: 276 lines of tracebacks and exit 1."""
     import subprocess

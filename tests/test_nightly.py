@@ -183,6 +183,7 @@ def test_mode_all_and_a_different_model_reprocess_everything(ray_local, tmp_path
     assert run_scan(scan_config([root], out), dry_run=True).processed == 4  # back to the default: due again
 
 
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_dry_run_prints_counts_and_the_first_paths(tmp_path, make_photos):
     root, out = tmp_path / "photos", tmp_path / "out"
     photos = make_photos(root, 12)
@@ -379,6 +380,7 @@ def test_slow_photo_in_a_real_scan_becomes_an_error_row_and_its_batch_survives(r
 
 # ---------------------------------------------------------------- 5. archive guard
 
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_missing_root_is_refused_with_code_4_and_nothing_changes(tmp_path, make_photos, commit_rows):
     out = tmp_path / "out"
     commit_rows(out, make_photos(tmp_path / "photos", 3), model_id=DEFAULT_MODEL_ID)
@@ -430,6 +432,7 @@ def test_unreadable_root_is_refused(tmp_path):
 
 # ---------------------------------------------------------------- 7. for analysts
 
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_latest_keeps_the_newest_row_per_photo_over_many_runs(tmp_path, commit_rows):
     """60 synthetic runs re-processing random subsets; the last deletes some photos."""
     rng = np.random.default_rng(0)

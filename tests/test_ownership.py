@@ -114,6 +114,7 @@ def test_an_out_holding_other_files_is_refused_before_anything_is_written(base):
 
 
 @pytest.mark.parametrize("rows", [0, 1, 5])
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_another_tools_delta_table_is_refused_and_left_unchanged(base, rows):
     """It used to get a row of nulls appended (0 or 1 rows) or an IndexError traceback (more)."""
     photos, out = Tree(f"{base}/photos"), f"{base}/sales"
@@ -193,6 +194,7 @@ def test_a_tampered_run_record_deletes_nothing_outside_its_run(tmp_path, commit_
 
 
 @pytest.mark.parametrize("name", ["a%2Fb", "out%20pct", "new\nline", "tab\there"])
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_out_names_delta_lake_cannot_hold_are_refused_up_front(tmp_path, name):
     """`a%2Fb` used to commit a version 0 whose data files were deleted; a newline aborted the process."""
     photos = Tree(str(tmp_path / "photos"))
@@ -205,6 +207,7 @@ def test_out_names_delta_lake_cannot_hold_are_refused_up_front(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["sp ace", "ünï→cøde", "ha#sh", "q?mark", "pct%", "pct%zz"])
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_other_out_names_work_end_to_end(tmp_path, commit_rows, name):
     out = tmp_path / name
     commit_rows(out, ["/p/a.jpg"])
@@ -241,6 +244,7 @@ def _lock_record(out: Path, body: bytes) -> None:
     (json.dumps({"holder": "scan pid 1 on elsewhere", "renewed": time.time() + 10 * 86400, "lease_s": 60,
                  "host": "elsewhere", "pid": 1}).encode(), "s in the future, beyond its 60 s lease"),
 ])
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_a_malformed_or_future_lock_record_is_one_sentence_and_breakable(tmp_path, commit_rows, body, says):
     out = tmp_path / "table"
     commit_rows(out, ["/p/a.jpg"])

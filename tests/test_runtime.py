@@ -49,6 +49,7 @@ def _crops(predictor: BreedPredictor, photos: list[Path]) -> np.ndarray:
     return np.stack([decode(read_bytes(str(p), 10**9), geometry).model_input for p in photos])
 
 
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_openvino_gives_torchs_answers_on_real_photos(pair):
     torch_, ov = pair
     shared = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -109,6 +109,7 @@ def test_read_only_table_serves_every_reader_and_refuses_writers_up_front(scanne
     assert _tree(out) == before
 
 
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_an_unwritable_log_is_found_before_any_photo_is_decoded(tmp_path, commit_rows, mounts):
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -125,6 +126,7 @@ def test_an_unwritable_log_is_found_before_any_photo_is_decoded(tmp_path, commit
     assert not list((out / "_dogbreed" / "runs").glob("*")), "no run record left"
 
 
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_a_full_disk_is_refused_before_decoding_and_leaves_no_file(tmp_path, commit_rows, mounts):
     photos = tmp_path / "photos"
     photos.mkdir()

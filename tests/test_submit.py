@@ -155,6 +155,7 @@ class _VersionOnly(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_every_later_request_times_out_too(tmp_path):
     server = ThreadingHTTPServer(("127.0.0.1", 0), _VersionOnly)
     server.hung = threading.Event()

@@ -162,6 +162,7 @@ def test_similar_by_a_stored_path_and_by_a_new_photo_file(tmp_path, predictor):
     assert again.hits[0].path == str(copy)
 
 
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_similar_refuses_in_one_sentence(tmp_path, predictor, commit_rows):
     out = tmp_path / "out"
     commit_photos(out, [SAMPLES / "grace_hopper.jpg"], predictor)

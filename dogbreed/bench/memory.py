@@ -1,4 +1,4 @@
-"""Peak memory of the driver and of the Ray worker processes below it, read from /proc (Linux)."""
+"""Peak memory and CPU time of the driver and of the Ray worker processes below it, read from /proc (Linux)."""
 
 from __future__ import annotations
 
@@ -65,25 +65,53 @@ class Sampling:
         self._thread.join()
 
 
-class PeakMemory(Sampling):
-    """Peak RSS (MiB) of this driver and of the Ray worker processes below it while the block runs.
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
-    The driver's peak is the kernel's high-water mark (reset on entry); workers are sampled every `every` s,
-    the inference actor ("MapWorker") apart from the decode task workers and their sandboxed decoder children.
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _kind(cmd: str) -> str | None:
+    """Which part of a scan a process below the driver is, from its command line (None: Ray's own)."""
+    if "dogbreed.vision.sandbox" in cmd:
+        return "decode child"  # the sandboxed process that really decodes (dogbreed.vision.sandbox)
+    if not cmd.startswith("ray::") or "Dashboard" in cmd or "RuntimeEnv" in cmd:
+        return None
+    return "actor" if "MapWorker" in cmd else "decode worker"
+
+
+class PeakMemory(Sampling):
+    """Peak RSS (MiB) and CPU seconds of this driver and of the Ray worker processes below it while the block runs.
+
+    The driver's peak is the kernel's high-water mark (reset on entry) and its CPU time its own; workers are
+    sampled every `every` s, the inference actor ("MapWorker") apart from the decode task workers and their
+    sandboxed decoder children. A worker's CPU counts from the block's start; a process that ends between two
+    samples loses at most `every` s of it.
     """
 
+    KINDS = ("driver", "actor", "decode worker", "decode child")
+
     def __init__(self, every: float = 0.5):
-        self.every, self.peaks = every, {"driver": 0.0, "actor": 0.0, "decode worker": 0.0, "decode child": 0.0}
+        self.every = every
+        self.peaks = {k: 0.0 for k in self.KINDS}
+        self.cpu_s = {k: 0.0 for k in self.KINDS}
 
     def _sample(self) -> None:
         for pid, cmd in _descendants(os.getpid()).items():
-            if "dogbreed.vision.sandbox" in cmd:
-                kind = "decode child"  # the sandboxed process that really decodes (dogbreed.vision.sandbox)
-            elif not cmd.startswith("ray::") or "Dashboard" in cmd or "RuntimeEnv" in cmd:
+            kind = _kind(cmd)
+            if kind is None:
                 continue
-            else:
-                kind = "actor" if "MapWorker" in cmd else "decode worker"
             self.peaks[kind] = max(self.peaks[kind], _status_kb(pid, "VmRSS") / 1024)
+            cpu = _cpu_s(pid)
+            if cpu:
+                self._used[pid] = (kind, cpu - self._before.get(pid, 0.0))
 
     def __enter__(self) -> "PeakMemory":
         try:
@@ -91,8 +119,17 @@ class PeakMemory(Sampling):
                 f.write("5")  # reset VmHWM: the peak of this block, not of the whole benchmark
         except OSError:
             pass
+        self._before = {pid: _cpu_s(pid) for pid in _descendants(os.getpid())}
+        self._used: dict[int, tuple[str, float]] = {}
+        t = os.times()
+        self._driver0 = t.user + t.system
         return super().__enter__()
 
     def __exit__(self, *exc) -> None:
         super().__exit__(*exc)
+        self._sample()  # the workers' CPU up to the end of the block
         self.peaks["driver"] = _status_kb("self", "VmHWM") / 1024
+        t = os.times()
+        self.cpu_s["driver"] = t.user + t.system - self._driver0
+        for kind, seconds in self._used.values():
+            self.cpu_s[kind] += max(seconds, 0.0)

@@ -50,7 +50,8 @@ def bench(
                                            "GPU/CPU decode and model bounds, with GPU and CPU use; archive: listing, "
                                            "memory and first result at 10k-1M files; similar: index build, "
                                            "query latency, recall and relabel at 10k-1M rows.")] = "speed",
-    photos: Annotated[int, typer.Option(min=2, help="speed: the scan runs on N and on 3N photos; 60+ amortises Ray's fixed costs.")] = 60,
+    photos: Annotated[int, typer.Option(min=2, help="speed: the scan runs on N and on 3N full-size photos (40: 120 in all).")] = 40,
+    small_photos: Annotated[int, typer.Option(min=2, help="speed: N for the small photos (334: about 1,000 in all).")] = 334,
     classic: Annotated[int, typer.Option(min=1, help="speed: photos (of the N) for the slow classic dog-app loop.")] = 8,
     files: Annotated[str, typer.Option(help="archive: comma-separated archive sizes.")] = "2000,10000,100000,1000000",
     rows: Annotated[str, typer.Option(help="similar: comma-separated table sizes.")] = "10000,100000,1000000",
@@ -93,6 +94,6 @@ def bench(
         from dogbreed.bench.photos import find_sources
         from dogbreed.bench.speed import format_report, run_benchmark
 
-        report = run_benchmark(workdir, cfg, n=photos, classic_n=classic, small=small,
+        report = run_benchmark(workdir, cfg, n=photos, classic_n=classic, small=small, small_n=small_photos,
                                sources=find_sources(data if data.is_dir() else None, log=typer.echo))
     typer.echo(format_report(report))
