@@ -144,6 +144,7 @@ def test_scan_gives_every_hostile_file_exactly_one_row_with_its_status(corpus, s
     assert summary.exit_code == 3  # bad photos are reported to cron, not hidden
 
 
+@pytest.mark.slow  # shares the real scan of the hostile corpus with the test above
 def test_scan_reports_oriented_size_and_face_boxes_inside_it(corpus, scanned):
     root, _ = corpus
     row = scanned[1].set_index("path").loc[str(root / "rotated.jpg")]
