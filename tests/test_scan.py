@@ -66,3 +66,34 @@ def test_scan_of_all_shared_photos_gives_one_right_row_per_file(tmp_path, shared
     assert rate("dog", ["dog", "dog_and_human"]) >= 0.97
     assert rate("human", ["human"]) >= 0.95
     assert rate("other", ["neither"]) >= 0.95
+
+
+def test_ray_starts_beside_a_first_listing_and_not_at_all_for_an_unchanged_rerun(tmp_path, scan_config, monkeypatch):
+    """A first run lists and plans in a thread while Ray starts in the main thread, and stops the Ray it started;
+    a re-run with nothing to decode starts no Ray. (Text files need no Ray to be recorded as skipped.)"""
+    import threading
+
+    from dogbreed.scan import job
+
+    calls, real_plan = [], job._plan
+
+    def fake_start(address):
+        calls.append(("start", threading.current_thread().name))
+        return lambda: calls.append(("stop", threading.current_thread().name))
+
+    def plan_spy(*args):
+        calls.append(("plan", threading.current_thread().name))
+        return real_plan(*args)
+
+    monkeypatch.setattr(job, "start_ray", fake_start)
+    monkeypatch.setattr(job, "_plan", plan_spy)
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        (tmp_path / "photos" / f"notes{i}.txt").write_text("not a photo")
+    cfg = scan_config([tmp_path / "photos"], tmp_path / "out")
+    first = run_scan(cfg)
+    assert first.counts == {"skipped": 3}
+    assert sorted(calls) == [("plan", "dogbreed-plan_0"), ("start", "MainThread"), ("stop", "MainThread")]
+    calls.clear()
+    again = run_scan(cfg)
+    assert again.unchanged == 3 and calls == [("plan", "MainThread")]

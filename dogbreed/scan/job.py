@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,9 +150,9 @@ def run_scan(cfg: ScanConfig, dry_run: bool = False) -> ScanSummary:
     if dry_run:
         output.check_claimable()
         return _dry_run(cfg, model_id, _plan(cfg, output.latest(KNOWN, compact=True), model_id, settings))
-    with output.writing(cfg.lock_lease_s, break_lock=cfg.break_lock) as session:
+    with output.writing(cfg.lock_lease_s, break_lock=cfg.break_lock) as session, ExitStack() as ray_session:
         started, t0 = utcnow(), time.perf_counter()
-        plan = _plan(cfg, session.latest(KNOWN, compact=True), model_id, settings)
+        plan = _plan_starting_ray(cfg, session.latest(KNOWN, compact=True), model_id, settings, ray_session)
         with session.writer() as writer:
             proc_s = _write_run(writer, plan, cfg, settings, model_id, session.table)
         summary = ScanSummary(writer.run_id, str(cfg.out), model_id, plan.listed, plan.todo.num_rows, plan.unchanged,
@@ -179,6 +181,32 @@ def _plan(cfg: ScanConfig, known: pa.Table, model_id: str, settings: str) -> Pla
     return make_plan(listing, cfg.roots, known, model_id, settings, cfg)
 
 
+def _plan_starting_ray(cfg: ScanConfig, known: pa.Table, model_id: str, settings: str, ray_session: ExitStack) -> Plan:
+    """List and plan, with Ray started (or joined) for the run and stopped when `ray_session` closes.
+
+    Where the run surely decodes (a first run, or mode all), Ray's start-up (seconds for a local Ray) overlaps the
+    listing and planning, which run in a thread meanwhile; otherwise Ray starts after planning, and only if there
+    is something to decode, so an unchanged nightly run starts no Ray.
+    """
+    def start() -> None:
+        shutdown = start_ray(cfg.address)  # in the main thread: Ray's signal handling needs it
+        if shutdown:
+            ray_session.callback(shutdown)
+
+    if known.num_rows and cfg.mode != "all":
+        plan = _plan(cfg, known, model_id, settings)
+        if plan.todo.num_rows:
+            start()
+        return plan
+    with ThreadPoolExecutor(1, thread_name_prefix="dogbreed-plan") as pool:
+        planning = pool.submit(_plan, cfg, known, model_id, settings)
+        try:
+            start()
+        finally:
+            plan = planning.result()  # a refusal of the plan is the run's answer
+    return plan
+
+
 def _dry_run(cfg: ScanConfig, model_id: str, plan: Plan) -> ScanSummary:
     summary = ScanSummary(None, str(cfg.out), model_id, plan.listed, plan.todo.num_rows, plan.unchanged,
                           carried=plan.carried.num_rows, dry_run=True)
@@ -195,12 +223,7 @@ def _write_run(writer: RunWriter, plan: Plan, cfg: ScanConfig, settings: str, mo
     _write_carried(writer, plan, cfg.out, run_id, table)
     t_proc = time.perf_counter()
     if plan.todo.num_rows:
-        shutdown = start_ray(cfg.address)
-        try:
-            seen = run_pipeline(plan.todo, cfg, run_id, writer)
-        finally:
-            if shutdown:
-                shutdown()
+        seen = run_pipeline(plan.todo, cfg, run_id, writer)  # in the Ray that _plan_starting_ray started or joined
         lost = _write_lost(writer, plan.todo, seen, run_id, settings)
         if lost == plan.todo.num_rows:
             raise ScanFailed(f"all {lost} photos were lost to worker failures; nothing was committed")
