@@ -76,7 +76,7 @@ def test_gpu_benchmark_runs_on_cpu_and_produces_every_cpu_figure(tmp_path, write
     assert set(r.measures) == {"scan", "decode_cpu", "ship_cpu", "model"}
     assert all(m.images == 3 and m.seconds > 0 for m in r.measures.values())
     assert r.usage["scan"].cpu_cores is not None and r.ratio > 0
-    assert any("_InferStage" in k for k in r.measures["scan"].stages)
+    assert r.measures["scan"].stages["actor cpu"] > 0  # CPU seconds per kind of process, read from /proc
     assert r.agreement["photos"] == 3 and r.agreement["status"] == 3 and r.agreement["size"] == 3
     assert r.agreement["device fallbacks"] == 0 and r.agreement["max dog score diff"] <= 0.02
     text = gpu.format_gpu_report(report)
