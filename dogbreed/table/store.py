@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -71,8 +72,9 @@ class RunWriter:
     """Rows of one run into Parquet files of exactly schema.SCHEMA under OUT/data/<run_id>/, written as rows arrive.
 
     Rows are buffered into row groups of ROW_GROUP rows; a new file starts every FILE_ROWS rows, so a run of any
-    size is a few large files and the driver holds one row group at most. `adds` are the Delta add actions of
-    the files closed so far.
+    size is a few large files. A full row group is compressed and written in a thread while the next one fills
+    (one in flight at most, its error raised at the next flush or at close), so the driver holds two row groups
+    at most. `adds` are the Delta add actions of the files closed so far.
     """
 
     ROW_GROUP = 16_384  # about 30 MB of embeddings: what the driver holds before writing, and what a relabel reads
@@ -89,6 +91,8 @@ class RunWriter:
         self._stream = None
         self._writer: pq.ParquetWriter | None = None
         self._file_rows = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._inflight: Future | None = None
         self.files: list[str] = []  # every file this run created, recorded before it is created
         self._records = objects(loc.uri, loc.root, RUNS_DIR)
 
@@ -104,11 +108,19 @@ class RunWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if exc[0] is None:
-            self.flush()
-            self._close_file()
-        else:  # a failure (not a kill): leave nothing behind
-            self.abandon()
+        try:
+            if exc[0] is None:
+                try:
+                    self.flush()
+                    self._close_file()  # the last write's error surfaces here
+                except BaseException:
+                    self.abandon()
+                    raise
+            else:  # a failure (not a kill): leave nothing behind
+                self.abandon()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
 
     def write(self, table: pa.Table) -> None:
         if not table.num_rows:
@@ -127,8 +139,19 @@ class RunWriter:
             return
         table = pa.concat_tables(self._pending)
         self._pending, self._pending_rows = [], 0
+        self._drain()  # the previous row group is written (or its error raised) first: files stay in order
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="dogbreed-write")
+        self._inflight = self._pool.submit(self._write_group, table)
+
+    def _drain(self) -> None:
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            inflight.result()
+
+    def _write_group(self, table: pa.Table) -> None:
         if self._writer is not None and self._file_rows >= self.FILE_ROWS:
-            self._close_file()
+            self._finish_file()
         try:
             if self._writer is None:
                 name = f"{self.prefix}/part-{len(self.adds):05d}.parquet"
@@ -146,6 +169,10 @@ class RunWriter:
         self._file_rows += table.num_rows
 
     def _close_file(self) -> None:
+        self._drain()
+        self._finish_file()
+
+    def _finish_file(self) -> None:
         if self._writer is None:
             return
         from deltalake.transaction import AddAction
@@ -174,6 +201,10 @@ class RunWriter:
 
     def abandon(self) -> None:
         """Close and delete the files this run wrote (a run that failed or was refused), and its record."""
+        try:
+            self._drain()
+        except Exception:  # noqa: BLE001 - the run is being abandoned; its files go whatever the last write did
+            pass
         try:
             if self._writer is not None:
                 self._writer.close()

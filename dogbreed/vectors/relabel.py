@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -113,10 +114,21 @@ class Relabeller:
 READ_COLUMNS = KEPT + ["run_id", "status"]
 
 
+def _read_ahead(batches: Iterator[pa.Table]) -> Iterator[pa.Table]:
+    """The batches, the next one read in a thread while this one is relabelled and written (Parquet decoding and
+    the heads' matrix products both release the GIL): one batch ahead, so memory stays bounded."""
+    with ThreadPoolExecutor(1, thread_name_prefix="dogbreed-read") as pool:
+        coming = pool.submit(next, batches, None)
+        while (rows := coming.result()) is not None:
+            coming = pool.submit(next, batches, None)
+            yield rows
+
+
 def _local(out: str, table, keys: pa.Table, relabeller: Relabeller) -> Iterator[pa.Table]:
     """On this machine: the table read one row group at a time (never the whole table), relabelled here."""
     runs = pc.unique(keys.column("run_id"))
-    for rows in stream(out, table, READ_COLUMNS, READ_BATCH, lambda t: pc.is_in(t.column("run_id"), value_set=runs)):
+    batches = stream(out, table, READ_COLUMNS, READ_BATCH, lambda t: pc.is_in(t.column("run_id"), value_set=runs))
+    for rows in _read_ahead(batches):
         yield relabeller(rows)
 
 

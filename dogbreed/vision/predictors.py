@@ -8,6 +8,7 @@ score and the breed. Both are usable without Ray: ``BreedPredictor()(Decoder(...
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -156,15 +157,19 @@ class BreedPredictor(_OnDevice):
         runs them after the backbone (relabel). No test-time flip: a mirror image needs the photo."""
         torch = self.torch
         imagenet_out, breeds_out = [], []
-        with torch.inference_mode():
+        with torch.inference_mode(), warnings.catch_warnings():
+            # Features read from Arrow are read-only; the heads never write to their input, so no copy is made.
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
             for start in range(0, len(feats), chunk):
-                x = torch.from_numpy(np.require(feats[start:start + chunk], np.float32, ["C", "W"])).to(self.device)
+                x = torch.from_numpy(np.require(feats[start:start + chunk], np.float32, ["C"])).to(self.device)
                 imagenet_logits, breed_logits = self.net.heads(x)
                 imagenet = imagenet_logits.float().softmax(-1)
                 imagenet_out.append(imagenet.cpu().numpy())
                 breeds_out.append(self._breeds(imagenet, breed_logits).float().cpu().numpy())
         if not imagenet_out:
             return np.zeros((0, 1000), np.float32), np.zeros((0, len(self.spec.class_names)), np.float32)
+        if len(imagenet_out) == 1:
+            return imagenet_out[0], breeds_out[0]
         return np.concatenate(imagenet_out), np.concatenate(breeds_out)
 
     def __call__(self, batch: Batch) -> Batch:
