@@ -8,7 +8,7 @@ from PIL import Image
 from dogbreed.bench import photos
 from dogbreed.bench import speed as bench
 
-KEYS = ("classic", "scan_cold", "scan_n", "scan_3n", "decode", "faces", "model_1", "model_all", "in_process")
+KEYS = ("classic", "scan_cold", "scan_n", "scan_3n", "scan_3n_plain", "decode", "faces", "model_1", "model_all", "in_process")
 
 
 def test_make_photos_scales_crops_and_keeps_existing_files(tmp_path, write_photo):
@@ -34,7 +34,7 @@ def test_benchmark_produces_every_figure(tmp_path, write_photo, scan_config):
         assert m.images > 0 and m.seconds > 0 and m.images_per_s > 0 and m.stages, key
         assert all(v >= 0 for v in m.stages.values()), key
     assert (r.measures["scan_n"].images, r.measures["scan_3n"].images) == (2, 6)
-    for key in ("scan_cold", "scan_n", "scan_3n"):
+    for key in ("scan_cold", "scan_n", "scan_3n", "scan_3n_plain"):
         cpu = r.measures[key].stages  # CPU seconds of each kind of process, read from /proc
         assert cpu["actor cpu"] > 0 and cpu["driver cpu"] > 0 and min(cpu.values()) >= 0, cpu
         assert all(r.measures[key].peak_rss_mb[k] > 0 for k in ("driver", "actor", "decode worker", "decode child"))

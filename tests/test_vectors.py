@@ -101,6 +101,20 @@ def test_decoded_rows_store_a_1280_value_vector_and_its_network_error_rows_none(
     assert "embedding" not in readers.latest(out).columns  # a plain read leaves the vectors out
 
 
+def test_a_scan_told_not_to_store_embeddings_gives_the_same_answers_with_null_vectors(tmp_path, predictor):
+    photos = [SAMPLES / "grace_hopper.jpg", SAMPLES / "Brittany_02625.jpg"]
+    plain = BreedPredictor(load_default(), top_k=3, embeddings=False)
+    commit_photos(tmp_path / "with", photos, predictor)
+    commit_photos(tmp_path / "without", photos, plain)
+    cols = ["path", "status", "breed", "dog_score"]
+    a = readers.latest(tmp_path / "with", vectors=True).sort_values("path")
+    b = readers.latest(tmp_path / "without", vectors=True).sort_values("path")
+    pd.testing.assert_frame_equal(a[cols].reset_index(drop=True), b[cols].reset_index(drop=True))
+    assert a["embedding"].map(len).tolist() == [1280, 1280]
+    assert b["embedding"].isna().all() and b["embedding_id"].isna().all()
+    assert BreedPredictor.for_scan(ScanConfig(inference={"embeddings": False})).embeddings is False
+
+
 def test_pandas_duckdb_and_polars_read_the_vectors_in_one_line_and_older_rows_as_null(tmp_path, predictor):
     out = tmp_path / "out"
     old = schema.to_table({"path": ["/p/old.jpg"], "status": ["dog"], "run_id": [new_run_id()]})

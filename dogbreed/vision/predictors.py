@@ -111,7 +111,7 @@ class BreedPredictor(_OnDevice):
 
     def __init__(self, model: Any = "default", top_k: int = 3, dog_threshold: float = 0.5,
                  count_dingo: bool = True, device: str = "auto", num_threads: int | None = None,
-                 breed_flip: bool = False, runtime: str = "auto"):
+                 breed_flip: bool = False, runtime: str = "auto", embeddings: bool = True):
         from dogbreed.breeds import taxonomy
         from dogbreed.vision import runtime as runtimes
         from dogbreed.vision.models import LoadedModel, load_model
@@ -126,12 +126,13 @@ class BreedPredictor(_OnDevice):
                           if self.runtime == "openvino" else self.net.features)
         self.dog_indices = taxonomy.dog_class_indices(count_dingo)
         self.top_k, self.dog_threshold, self.breed_flip = top_k, dog_threshold, breed_flip
+        self.embeddings = embeddings
 
     @classmethod
     def for_scan(cls, cfg: Any, **kwargs: Any) -> "BreedPredictor":
         """The predictor a ScanConfig describes (model, top_k, threshold, dingo rule, test-time flip)."""
         return cls(cfg.model, cfg.top_k, cfg.dog_threshold, cfg.count_dingo_as_dog, breed_flip=cfg.breed_flip,
-                   runtime=cfg.inference.runtime, **kwargs)
+                   runtime=cfg.inference.runtime, embeddings=cfg.inference.embeddings, **kwargs)
 
     def _breeds(self, imagenet, breed_logits):
         if self.spec.breed_source == "imagenet":
@@ -203,4 +204,7 @@ class BreedPredictor(_OnDevice):
             "embedding": embedding,  # (n, d) float32; rows not decoded are zeros here, null in the table
             "embedding_id": np.array([self.embedding_id if good else None for good in ok], dtype=object),
         })
+        if not self.embeddings:  # inference.embeddings: false: null vectors, nothing of them shipped or stored
+            del out["embedding"]
+            out["embedding_id"] = np.array([None] * n, dtype=object)
         return out
