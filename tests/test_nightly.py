@@ -107,6 +107,7 @@ def assert_one_current_row_per_file(out: Path | str, files: list[Path]) -> pd.Da
 
 # ---------------------------------------------------------------- 1. incremental by default
 
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_rerun_processes_only_new_and_changed_files_and_records_deleted(ray_local, tmp_path, make_photos,
                                                                          write_photo, scan_config):
     root, out = tmp_path / "photos", tmp_path / "out"
@@ -362,6 +363,7 @@ def test_killed_ray_workers_lose_no_photo(ray_local, tmp_path, make_photos, scan
     assert "lost to worker failures" not in caplog.text  # Ray retried the batches (a bounded number of times)
 
 
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_slow_photo_in_a_real_scan_becomes_an_error_row_and_its_batch_survives(ray_local, tmp_path, write_photo,
                                                                                scan_config):
     root, out = tmp_path / "photos", tmp_path / "out"

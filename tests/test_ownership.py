@@ -81,6 +81,7 @@ def _jpeg(seed: int) -> bytes:
 # --------------------------------------------------------------------------- an output that holds something else
 
 
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_a_scan_whose_out_is_the_photo_root_is_refused_and_deletes_no_photo(base):
     """The reported loss: `dogbreed scan arch --out arch` removed arch/data/album1/ ("unfinished earlier runs")."""
     arch = Tree(f"{base}/arch")
@@ -96,6 +97,7 @@ def test_a_scan_whose_out_is_the_photo_root_is_refused_and_deletes_no_photo(base
     assert arch.files() == before  # not one byte changed, nothing added
 
 
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_an_out_holding_other_files_is_refused_before_anything_is_written(base):
     """`--out` at a folder holding data/customers/list.csv lost that file; now it is refused and left as it was."""
     photos, out = Tree(f"{base}/photos"), Tree(f"{base}/work")
@@ -219,6 +221,7 @@ def test_other_out_names_work_end_to_end(tmp_path, commit_rows, name):
     assert proc.returncode == 0 and "/p/b.jpg" in proc.stdout, proc.stderr
 
 
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_s3_out_names_outside_the_safe_characters_are_refused_up_front(s3_out, commit_rows):
     base = s3_out.rsplit("/", 1)[0]
     commit_rows(f"{base}/night-2024_v1.0", ["/p/a.jpg"])

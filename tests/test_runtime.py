@@ -72,6 +72,7 @@ def test_any_batch_size_runs(pair):
         assert np.allclose(torch_._forward(crops[:n])[0], ov._forward(crops[:n])[0], atol=1e-4)
 
 
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_the_converted_network_is_cached_and_a_damaged_cache_is_rebuilt(pair, cache, monkeypatch):
     monkeypatch.setenv("DOGBREED_CACHE", str(cache))
     entries = list((cache / "openvino").iterdir())

@@ -166,6 +166,7 @@ def test_a_disk_that_fills_while_rows_are_written_says_so_and_leaves_no_file(tmp
     assert not [k for k in after if Path(k).name.startswith(".")], "no temporary file stays"
 
 
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_a_folder_the_user_may_not_write_is_refused_and_reading_still_works(commit_rows):
     """As another user (root drops to nobody): permission denied for the scan, `latest` reads all the same."""
     base = Path(tempfile.mkdtemp(prefix="dogbreed-perm-"))

@@ -137,6 +137,7 @@ def test_pandas_duckdb_and_polars_read_the_vectors_in_one_line_and_older_rows_as
         assert len(rows[str(SAMPLES / "grace_hopper.jpg")]) == 1280
 
 
+@pytest.mark.slow  # real processes, several seconds: the full suite (CI) runs it
 def test_a_decoded_row_costs_under_3_kb_on_disk(tmp_path, predictor, shared_data):
     """The issue's budget for the vectors; measured on real photos against a table without them."""
     photos = sorted((shared_data / "imagewoof" / "val-unseen").rglob("*.jpeg"))[:60]
