@@ -37,6 +37,20 @@ def test_scan_of_the_samples_through_the_cli(tmp_path, ray_local):
     assert "top_k: 3" in manifest["config"]  # the resolved config travels in the commit's metadata
 
 
+def test_a_scan_told_to_store_no_embeddings_ships_none_through_ray(tmp_path, ray_local, scan_config):
+    """inference.embeddings: false reaches the inference actors (the bench's with/without figure depends on it)."""
+    photos = [SAMPLES / "grace_hopper.jpg", SAMPLES / "Brittany_02625.jpg", SAMPLES / "coffee.png"]
+    for p in photos:
+        (tmp_path / "a").mkdir(exist_ok=True)
+        (tmp_path / "a" / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "out"
+    run_scan(scan_config([tmp_path / "a"], out, **{"inference.embeddings": False}))
+    df = readers.latest(out, vectors=True).set_index("path")
+    assert df["embedding"].isna().all() and df["embedding_id"].isna().all()
+    assert {Path(p).name: s for p, s in df["status"].items()} == {
+        "grace_hopper.jpg": "human", "Brittany_02625.jpg": "dog", "coffee.png": "neither"}
+
+
 @pytest.mark.slow  # two scans
 def test_dtypes_do_not_drift_between_runs(tmp_path, ray_local, scan_config):
     out = tmp_path / "out"

@@ -33,9 +33,10 @@ BLOCKS_PER_DECODER = 16  # a run is cut into at least this many blocks per decod
 class _InferStage:
     """Actor-pool stage: BreedPredictor then the fixed output schema (so the driver never infers types)."""
 
-    def __init__(self, run_id: str, settings: str, on_device: dict[str, Any] | None = None, **predictor_kwargs: Any):
-        self.run_id, self.settings = run_id, settings
-        self.predict = BreedPredictor(**predictor_kwargs)
+    def __init__(self, run_id: str, cfg: ScanConfig, on_device: dict[str, Any] | None = None,
+                 num_threads: int | None = None):
+        self.run_id, self.settings = run_id, settings_id(cfg)
+        self.predict = BreedPredictor.for_scan(cfg, num_threads=num_threads)  # every setting from the one source
         self.decode = None  # decode.device accelerator: JPEGs arrive compressed and are decoded on the actor's device
         if on_device is not None:
             self.decode = device_decode.DeviceDecoder(self.predict.spec.preprocessing, device=self.predict.device, **on_device)
@@ -152,9 +153,7 @@ def _stages(ds, cfg: ScanConfig, spec, run_id: str, num_gpus: float, actors: int
         num_cpus=cfg.inference.num_cpus,
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=cfg.inference.max_tasks_in_flight),
         max_restarts=cfg.inference.max_restarts, max_task_retries=cfg.inference.max_task_retries,
-        fn_constructor_kwargs=dict(run_id=run_id, settings=settings_id(cfg), model=cfg.model, top_k=cfg.top_k,
-                                   dog_threshold=cfg.dog_threshold, count_dingo=cfg.count_dingo_as_dog,
-                                   breed_flip=cfg.breed_flip, runtime=cfg.inference.runtime,
+        fn_constructor_kwargs=dict(run_id=run_id, cfg=cfg,
                                    on_device=dict(face=cfg.face, photos=cfg.photos,
                                                   face_threads=max(1, int(cfg.inference.num_cpus)))
                                    if on_device else None,
