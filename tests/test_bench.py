@@ -5,10 +5,10 @@ import math
 import pytest
 from PIL import Image
 
-from dogbreed.bench import photos
+from dogbreed.bench import photos, speed_report
 from dogbreed.bench import speed as bench
 
-KEYS = ("classic", "scan_cold", "scan_n", "scan_3n", "scan_3n_plain", "decode", "faces", "model_1", "model_all", "in_process")
+KEYS = ("classic", "scan_cold", "scan_n", "scan_3n", "scan_3n_plain", "scan_3n_plain_2", "scan_3n_2", "decode", "faces", "model_1", "model_all", "in_process")
 
 
 def test_make_photos_scales_crops_and_keeps_existing_files(tmp_path, write_photo):
@@ -34,7 +34,7 @@ def test_benchmark_produces_every_figure(tmp_path, write_photo, scan_config):
         assert m.images > 0 and m.seconds > 0 and m.images_per_s > 0 and m.stages, key
         assert all(v >= 0 for v in m.stages.values()), key
     assert (r.measures["scan_n"].images, r.measures["scan_3n"].images) == (2, 6)
-    for key in ("scan_cold", "scan_n", "scan_3n", "scan_3n_plain"):
+    for key in ("scan_cold", "scan_n", "scan_3n", "scan_3n_plain", "scan_3n_plain_2", "scan_3n_2"):
         cpu = r.measures[key].stages  # CPU seconds of each kind of process, read from /proc
         assert cpu["actor cpu"] > 0 and cpu["driver cpu"] > 0 and min(cpu.values()) >= 0, cpu
         assert all(r.measures[key].peak_rss_mb[k] > 0 for k in ("driver", "actor", "decode worker", "decode child"))
@@ -42,6 +42,8 @@ def test_benchmark_produces_every_figure(tmp_path, write_photo, scan_config):
     assert set(r.ratios()) >= {"scan / classic", "scan / in-process", "scan / best bound"}
     assert r.best_bound >= max(r.rate("in_process"), r.ideal_bound)
     assert 0 < r.scan_with_startup < scan and math.isfinite(r.ideal_bound)
-    text = bench.format_report(report)
-    for _, title in bench._ROWS:
+    assert r.vector_runs == 2 and math.isfinite(r.vector_cost()) and math.isfinite(r.vector_cost(cpu=True))
+    text = speed_report.format_report(report)
+    for _, title in speed_report._ROWS:
         assert title in text
+    assert "storing embeddings costs" in text and "best of 2 runs each" in text

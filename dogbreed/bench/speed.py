@@ -25,12 +25,7 @@ from dogbreed.vision.decode import decode, read_bytes
 from dogbreed.vision.geometry import Geometry
 
 CLASSIC_CASCADE = "haarcascade_frontalface_default.xml"  # what the dog-app used
-# The targets (this 2-core CPU, one `dogbreed bench --photos 40` run):
-TARGET_VS_CLASSIC = 20.0  # 12-MP photos, 3N = 120, end to end including Ray's start-up, over the classic loop
-TARGET_SMALL_VS_CLASSIC = 2.0  # small photos (about 1,000), end to end including Ray's start-up
-TARGET_STEADY = 0.9  # the scan's steady (marginal) rate over the ideal bound, each kind of photo
-BOUND_BEFORE, TARGET_BOUND_GAIN = 18.3, 1.5  # images/s: the 12-MP ideal bound before OpenVINO and the 480-px copy
-TARGET_VECTOR_COST = 0.05  # storing embeddings may cost the scan (3N, Ray running) at most 5% of its throughput
+
 
 
 @dataclass
@@ -245,6 +240,23 @@ class SizeResult:
     def best_bound(self) -> float:
         return max(self.rate("in_process"), self.ideal_bound)
 
+    @property
+    def vector_runs(self) -> int:
+        return sum(k in self.measures for k in ("scan_3n", "scan_3n_2"))
+
+    def vector_cost(self, cpu: bool = False) -> float:
+        """What storing embeddings costs the 3N scan: 1 - (best rate with) / (best rate without), over the runs
+        made in the order with, without, without, with (drift in the machine's load hits both sides alike); with
+        cpu=True, the extra CPU seconds per photo of all the scan's processes instead (mean of the runs)."""
+        runs = {side: [m for k, m in self.measures.items() if k.startswith("scan_3n") and ("plain" not in k) == side]
+                for side in (True, False)}  # True: storing embeddings
+        if not runs[True] or not runs[False]:
+            return float("nan")
+        if cpu:
+            per_photo = {side: np.mean([sum(m.stages.values()) / m.images for m in ms]) for side, ms in runs.items()}
+            return per_photo[True] / per_photo[False] - 1
+        return 1 - max(m.images_per_s for m in runs[True]) / max(m.images_per_s for m in runs[False])
+
     def cpu_split(self, faces: str = "faces") -> dict[str, float]:
         """Share of one photo's single-core CPU time in decode, faces (the `faces` measure) and model."""
         seconds = {"decode": 1 / self.rate("decode"), "faces": 1 / self.rate(faces), "model": 1 / self.rate("model_1")}
@@ -300,8 +312,9 @@ def run_benchmark(workdir: Path, cfg: ScanConfig, n: int = 40, classic_n: int = 
             if not measures[kinds[0][0]]:  # the first scan in a fresh Ray also starts its worker processes
                 measures[label]["scan_cold"] = scan([a[0].parent], workdir / "out", cfg)
             measures[label]["scan_n"] = scan([a[0].parent], workdir / "out", cfg)
-            measures[label]["scan_3n"] = scan([a[0].parent, b[0].parent], workdir / "out", cfg)
-            measures[label]["scan_3n_plain"] = scan([a[0].parent, b[0].parent], workdir / "out", plain)
+            for key, config in (("scan_3n", cfg), ("scan_3n_plain", plain), ("scan_3n_plain_2", plain),
+                                ("scan_3n_2", cfg)):  # with, without, without, with: see SizeResult.vector_cost
+                measures[label][key] = scan([a[0].parent, b[0].parent], workdir / "out", config)
             _load(load, f"after scans, {label}")
     finally:
         stop_s = ray_shutdown()
@@ -332,69 +345,3 @@ def run_benchmark(workdir: Path, cfg: ScanConfig, n: int = 40, classic_n: int = 
         mean_mb = float(np.mean([p.stat().st_size for p in a])) / 1e6
         results.append(SizeResult(label, mean_mb, m, start_s + stop_s + workers_s, cores))
     return BenchReport(results, start_s, stop_s, workers_s, load, cores)
-
-
-_ROWS = [("classic", "classic loop (full decode, Haar on full size, 2 x batch-1 forward)"),
-         ("scan_cold", "scan end to end, N photos, first in a fresh Ray"),
-         ("scan_n", "scan end to end, N photos"), ("scan_3n", "scan end to end, 3N photos"),
-         ("scan_3n_plain", "scan end to end, 3N photos, storing no embeddings"),
-         ("decode", "decode only, 1 core"), ("faces", "faces only, the configured detector, 1 core"),
-         ("faces_haar", "faces only, Haar (for comparison), 1 core"), ("model_1", "model only, 1 core"),
-         ("model_torch", "model only, eager torch (for comparison), 1 core"),
-         ("model_all", "model only, all cores"), ("in_process", "in-process loop (stage bound)")]
-_MET = {True: "met", False: "MISSED"}
-
-
-def _bound_change(r: SizeResult) -> list[str]:
-    """What changed in the bound: per-photo CPU of each stage, and the bound with eager torch for the model."""
-    ms = {k: 1000 / r.rate(k) for k in ("decode", "faces", "model_1", "model_torch") if k in r.measures}
-    line = "  per photo, 1 core: " + ", ".join(f"{k.replace('_1', '')} {v:.1f} ms" for k, v in ms.items())
-    torch = r.bound_with("model_torch") if "model_torch" in r.measures else None
-    return [line] + ([f"  ideal bound with the model in eager torch: {torch:.2f} images/s; with the configured "
-                      f"runtime: {r.ideal_bound:.2f} ({r.ideal_bound / torch:.2f}x)"] if torch else [])
-
-
-def _targets(r: SizeResult, first: bool) -> list[str]:
-    """The issue's targets for this kind of photo (first = the full-size JPEGs), each met or MISSED."""
-    vs_classic = r.scan_with_startup / r.rate("classic")
-    want = TARGET_VS_CLASSIC if first else TARGET_SMALL_VS_CLASSIC
-    cost = 1 - r.rate("scan_3n") / r.rate("scan_3n_plain") if "scan_3n_plain" in r.measures else float("nan")
-    lines = [f"  target: end to end with start-up >= {want:g}x classic: {_MET[vs_classic >= want]}; "
-             f"steady >= {TARGET_STEADY:.0%} of the ideal bound: {_MET[r.steady >= TARGET_STEADY]}; storing "
-             f"embeddings costs {cost:.1%} of the scan's rate (<= {TARGET_VECTOR_COST:.0%}): {_MET[cost <= TARGET_VECTOR_COST]}"]
-    if first:
-        gain = r.ideal_bound / BOUND_BEFORE
-        lines.append(f"  target: ideal bound >= {TARGET_BOUND_GAIN:g}x the earlier {BOUND_BEFORE:g} images/s: "
-                     f"{gain:.2f}x, {_MET[gain >= TARGET_BOUND_GAIN]}")
-    return lines
-
-
-def format_report(report: BenchReport) -> str:
-    """The figures as a plain-text table per kind of photo."""
-    lines = [f"machine: {report.cores} cores; Ray start {report.ray_start_s:.1f} s, stop {report.ray_stop_s:.1f} s, "
-             f"worker start-up in the first scan {report.ray_workers_s:.1f} s",
-             "load (1-min average, this benchmark included): " + ", ".join(f"{w} {v:.2f}" for w, v in report.load)]
-    for r in report.sizes:
-        m = r.measures
-        lines += ["", f"{r.label}: N = {m['scan_n'].images}, mean file {r.mean_mb:.2f} MB",
-                  f"  {'measurement':<66}{'photos':>7}{'seconds':>9}{'images/s':>10}  where the time goes (s)"]
-        for key, title in _ROWS:
-            if key not in m:
-                continue
-            x = m[key]
-            where = ", ".join(f"{k} {v:.1f}" for k, v in x.stages.items())
-            lines.append(f"  {title:<66}{x.images:>7}{x.seconds:>9.1f}{x.images_per_s:>10.2f}  {where}")
-        lines += [f"  {'scan, 3N, with Ray start + stop + worker start-up':<82}{r.scan_with_startup:>10.2f}",
-                  f"  {'scan, marginal rate between N and 3N (no fixed costs)':<82}{r.scan_marginal:>10.2f}",
-                  f"  {'ideal pipeline bound: cores / (decode + faces + model s per photo)':<82}{r.ideal_bound:>10.2f}",
-                  *[f"  per-photo CPU split (1 core, {name}): " + " · ".join(f"{k} {v:.0%}" for k, v in r.cpu_split(key).items())
-                    for key, name in (("faces", "configured detector"), ("faces_haar", "with Haar")) if key in m],
-                  *_bound_change(r),
-                  "  ratios (scan = 3N, without Ray start): " + ", ".join(f"{k} {v:.2f}" for k, v in r.ratios().items()),
-                  f"  with start-up / classic: {r.scan_with_startup / r.rate('classic'):.1f}x; steady (marginal) / ideal "
-                  f"bound: {r.steady:.0%}",
-                  *_targets(r, first=r is report.sizes[0]),
-                  "  peak RSS MiB: " + "; ".join(
-                      f"{k}: " + ", ".join(f"{w} {v:.0f}" for w, v in m[k].peak_rss_mb.items())
-                      for k in ("scan_n", "scan_3n"))]
-    return "\n".join(lines)

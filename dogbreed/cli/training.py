@@ -92,7 +92,8 @@ def bench(
             typer.echo(format_gpu_report(report))
             return
         from dogbreed.bench.photos import find_sources
-        from dogbreed.bench.speed import format_report, run_benchmark
+        from dogbreed.bench.speed import run_benchmark
+        from dogbreed.bench.speed_report import format_report
 
         report = run_benchmark(workdir, cfg, n=photos, classic_n=classic, small=small, small_n=small_photos,
                                sources=find_sources(data if data.is_dir() else None, log=typer.echo))
