@@ -339,6 +339,32 @@ def test_relabel_on_ray_data_gives_the_rows_of_a_local_relabel(tmp_path, predict
     assert np.allclose(a["dog_score"], b["dog_score"])
 
 
+@pytest.mark.slow  # three runs through Ray Data
+def test_relabel_gives_what_a_real_scan_with_the_model_gives(tmp_path, predictor, ray_local, scan_config):
+    """Issue 21's yardstick: `scan` (the default model, through Ray) then `relabel --model` answers as a fresh
+    `scan --mode all --model` of the same photos does (same status and top-1 on >= 99.5% of rows)."""
+    from dogbreed.scan.job import run_scan
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shared = REPO.parent / "shared" / "data"
+    picked = sorted(SAMPLES.glob("*")) + sorted((shared / "imagewoof" / "val-unseen").rglob("*.jpeg"))[::10][:30] \
+        + sorted((shared / "humans").rglob("*.jpg"))[:5]  # the shared ones where they are there
+    for i, p in enumerate(picked):
+        (photos / f"{i:03d}_{p.name}").write_bytes(p.read_bytes())
+    model = freeze_artifact(tmp_path / "model")
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    run_scan(scan_config([photos], out))
+    summary = relabel(str(out), scan_config([photos], out, model=str(model)))
+    run_scan(scan_config([photos], fresh, model=str(model), mode="all"))
+    now, scanned = (readers.latest(o).set_index("path").sort_index() for o in (out, fresh))
+    assert summary.relabelled == len(picked) == len(scanned) and (now.index == scanned.index).all()
+    assert (now["model_id"] == scanned["model_id"]).all() and (now["run_id"] == summary.run_id).all()
+    same = (now["status"] == scanned["status"]) & (now["breed"].fillna("") == scanned["breed"].fillna(""))
+    assert same.mean() >= 0.995, now.loc[~same, ["status", "breed"]].join(scanned[["status", "breed"]], rsuffix="_scan")
+    assert set(now["status"]) >= {"dog", "human"}  # both kinds of answer are compared
+
+
 def test_the_report_shows_look_alikes_of_a_few_dog_photos(tmp_path, predictor):
     from dogbreed.report import build_report
 
