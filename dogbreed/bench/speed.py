@@ -240,21 +240,26 @@ class SizeResult:
     def best_bound(self) -> float:
         return max(self.rate("in_process"), self.ideal_bound)
 
+    def _vector_sides(self) -> dict[bool, list[Measure]]:
+        """The 3N scans storing embeddings (True) and storing none (False)."""
+        return {side: [m for k, m in self.measures.items() if k.startswith("scan_3n") and ("plain" not in k) == side]
+                for side in (True, False)}
+
     @property
     def vector_runs(self) -> int:
-        return sum(k in self.measures for k in ("scan_3n", "scan_3n_2"))
+        return min(len(ms) for ms in self._vector_sides().values())
 
     def vector_cost(self, cpu: bool = False) -> float:
-        """What storing embeddings costs the 3N scan: 1 - (best rate with) / (best rate without), over the runs
-        made in the order with, without, without, with (drift in the machine's load hits both sides alike); with
-        cpu=True, the extra CPU seconds per photo of all the scan's processes instead (least of each side's runs:
-        a decode worker that reaches max_calls restarts in whichever run it happens to be)."""
-        runs = {side: [m for k, m in self.measures.items() if k.startswith("scan_3n") and ("plain" not in k) == side]
-                for side in (True, False)}  # True: storing embeddings
+        """What storing embeddings costs the 3N scan: 1 - (best rate with) / (best rate without), over runs made in
+        the order with, without, without, with, with, without (drift in the machine's load hits both sides alike);
+        with cpu=True, the extra CPU seconds per photo of the processes that handle vectors, the inference actor
+        and the driver (least run of each side), instead."""
+        runs = self._vector_sides()
         if not runs[True] or not runs[False]:
             return float("nan")
         if cpu:
-            per_photo = {side: min(sum(m.stages.values()) / m.images for m in ms) for side, ms in runs.items()}
+            per_photo = {side: min((m.stages.get("actor cpu", 0) + m.stages.get("driver cpu", 0)) / m.images for m in ms)
+                         for side, ms in runs.items()}
             return per_photo[True] / per_photo[False] - 1
         return 1 - max(m.images_per_s for m in runs[True]) / max(m.images_per_s for m in runs[False])
 
@@ -279,16 +284,27 @@ class BenchReport:
     cores: int
 
 
+def _vector_order(runs: int) -> list[str]:
+    """Keys of the 3N scans in the order they run: with, without, without, with, with, without, ..."""
+    keys, count = [], {True: 0, False: 0}
+    for i in range(2 * runs):
+        side = i % 4 in (0, 3)  # True: storing embeddings
+        count[side] += 1
+        keys.append("scan_3n" + ("" if side else "_plain") + (f"_{count[side]}" if count[side] > 1 else ""))
+    return keys
+
+
 def _load(moments: list[tuple[str, float]], what: str) -> None:
     moments.append((what, os.getloadavg()[0]))
 
 
 def run_benchmark(workdir: Path, cfg: ScanConfig, n: int = 40, classic_n: int = 8, size: tuple[int, int] = (4000, 3000),
                   quality: int = 92, sources: list[Path] | None = None, small: bool = True, small_n: int | None = None,
-                  log: Callable[[str], None] = print) -> BenchReport:
+                  vector_runs: int = 3, log: Callable[[str], None] = print) -> BenchReport:
     """Generate the photos in workdir, then measure everything on them in one run (scans first, on a fresh Ray).
 
-    The scans run on N and on 3N photos: N = `n` full-size ones, and N = `small_n` (default `n`) small ones."""
+    The scans run on N and on 3N photos: N = `n` full-size ones, and N = `small_n` (default `n`) small ones; the 3N
+    scan `vector_runs` times storing embeddings and as many times storing none."""
     from dogbreed.vision.predictors import BreedPredictor
 
     sources = sources or find_sources(None, log=log)
@@ -313,9 +329,8 @@ def run_benchmark(workdir: Path, cfg: ScanConfig, n: int = 40, classic_n: int = 
             if not measures[kinds[0][0]]:  # the first scan in a fresh Ray also starts its worker processes
                 measures[label]["scan_cold"] = scan([a[0].parent], workdir / "out", cfg)
             measures[label]["scan_n"] = scan([a[0].parent], workdir / "out", cfg)
-            for key, config in (("scan_3n", cfg), ("scan_3n_plain", plain), ("scan_3n_plain_2", plain),
-                                ("scan_3n_2", cfg)):  # with, without, without, with: see SizeResult.vector_cost
-                measures[label][key] = scan([a[0].parent, b[0].parent], workdir / "out", config)
+            for key in _vector_order(vector_runs):  # with and without embeddings, interleaved: SizeResult.vector_cost
+                measures[label][key] = scan([a[0].parent, b[0].parent], workdir / "out", plain if "plain" in key else cfg)
             _load(load, f"after scans, {label}")
     finally:
         stop_s = ray_shutdown()

@@ -140,7 +140,7 @@ def _on_ray(out: str, table, keys: pa.Table, cfg: ScanConfig, run_id: str, setti
 
     loc = locate(out)
     files = [loc.path(p) for p in pa.table(table.get_add_actions(flatten=True)).column("path").to_pylist()]
-    ds = ray.data.read_parquet(files, filesystem=loc.fs, columns=READ_COLUMNS)
+    ds = ray.data.read_parquet(files, filesystem=loc.fs).select_columns(READ_COLUMNS)  # projected into the read
     actors = max(1, int(ray.cluster_resources().get("CPU", 1) // 2))
     ds = ds.map_batches(Relabeller, batch_format="pyarrow", batch_size=READ_BATCH, num_cpus=1,
                         fn_constructor_kwargs={"cfg": cfg, "keys": keys, "run_id": run_id, "settings": settings},
