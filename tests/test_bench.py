@@ -8,7 +8,7 @@ from PIL import Image
 from dogbreed.bench import photos, speed_report
 from dogbreed.bench import speed as bench
 
-KEYS = ("classic", "scan_cold", "scan_n", "scan_3n", "scan_3n_plain", "scan_3n_plain_2", "scan_3n_2", "decode", "faces", "model_1", "model_all", "in_process")
+KEYS = ("classic", "scan_cold", "scan_n", "scan_3n", "scan_3n_with_1", "scan_3n_plain_1", "scan_3n_plain_2", "scan_3n_with_2", "decode", "faces", "model_1", "model_all", "in_process", "vectors")
 
 
 def test_make_photos_scales_crops_and_keeps_existing_files(tmp_path, write_photo):
@@ -34,7 +34,7 @@ def test_benchmark_produces_every_figure(tmp_path, write_photo, scan_config):
         assert m.images > 0 and m.seconds > 0 and m.images_per_s > 0 and m.stages, key
         assert all(v >= 0 for v in m.stages.values()), key
     assert (r.measures["scan_n"].images, r.measures["scan_3n"].images) == (2, 6)
-    for key in ("scan_cold", "scan_n", "scan_3n", "scan_3n_plain", "scan_3n_plain_2", "scan_3n_2"):
+    for key in ("scan_cold", "scan_n", "scan_3n", "scan_3n_with_1", "scan_3n_plain_1", "scan_3n_plain_2", "scan_3n_with_2"):
         cpu = r.measures[key].stages  # CPU seconds of each kind of process, read from /proc
         assert cpu["actor cpu"] > 0 and cpu["driver cpu"] > 0 and min(cpu.values()) >= 0, cpu
         assert all(r.measures[key].peak_rss_mb[k] > 0 for k in ("driver", "actor", "decode worker", "decode child"))
@@ -43,6 +43,7 @@ def test_benchmark_produces_every_figure(tmp_path, write_photo, scan_config):
     assert r.best_bound >= max(r.rate("in_process"), r.ideal_bound)
     assert 0 < r.scan_with_startup < scan and math.isfinite(r.ideal_bound)
     assert r.vector_runs == 2 and math.isfinite(r.vector_cost()) and math.isfinite(r.vector_cost(cpu=True))
+    assert r.measures["vectors"].stages["driver"] > 0 and 0 < r.vector_share < 1  # the vectors cost something
     text = speed_report.format_report(report)
     for key, title in speed_report._ROWS:
         assert (title in text) == (key in r.measures), key  # a row for every measure made, none for one not made

@@ -19,6 +19,7 @@ import numpy as np
 
 from dogbreed.bench.memory import PeakMemory
 from dogbreed.bench.photos import find_sources, make_photos
+from dogbreed.bench.vectors import storing_cost
 from dogbreed.cluster.session import start_ray
 from dogbreed.config import PhotoConfig, ScanConfig
 from dogbreed.vision.decode import decode, read_bytes
@@ -242,7 +243,7 @@ class SizeResult:
 
     def _vector_sides(self) -> dict[bool, list[Measure]]:
         """The 3N scans storing embeddings (True) and storing none (False)."""
-        return {side: [m for k, m in self.measures.items() if k.startswith("scan_3n") and ("plain" not in k) == side]
+        return {side: [m for k, m in self.measures.items() if k.startswith("scan_3n_" + ("with" if side else "plain"))]
                 for side in (True, False)}
 
     @property
@@ -250,8 +251,8 @@ class SizeResult:
         return min(len(ms) for ms in self._vector_sides().values())
 
     def vector_cost(self, cpu: bool = False) -> float:
-        """What storing embeddings costs the 3N scan: 1 - (best rate with) / (best rate without), over runs made in
-        the order with, without, without, with, with, without (drift in the machine's load hits both sides alike);
+        """What storing embeddings costs the 3N scan: 1 - (best rate with) / (best rate without), over the runs
+        after the first, interleaved (see _vector_order: drift in the machine's speed hits both sides alike);
         with cpu=True, the extra CPU seconds per photo of the processes that handle vectors, the inference actor
         and the driver (least run of each side), instead."""
         runs = self._vector_sides()
@@ -262,6 +263,15 @@ class SizeResult:
                          for side, ms in runs.items()}
             return per_photo[True] / per_photo[False] - 1
         return 1 - max(m.images_per_s for m in runs[True]) / max(m.images_per_s for m in runs[False])
+
+    @property
+    def vector_share(self) -> float:
+        """The vectors' own extra CPU per photo (bench.vectors.storing_cost) over the CPU time a photo takes in the best scan
+        storing none (cores / its rate): what storing embeddings can cost the scan at most, without the noise."""
+        if "vectors" not in self.measures or not self._vector_sides()[False]:
+            return float("nan")
+        per_photo = self.measures["vectors"].seconds / self.measures["vectors"].images
+        return per_photo / (self.cores / max(m.images_per_s for m in self._vector_sides()[False]))
 
     def cpu_split(self, faces: str = "faces") -> dict[str, float]:
         """Share of one photo's single-core CPU time in decode, faces (the `faces` measure) and model."""
@@ -285,12 +295,13 @@ class BenchReport:
 
 
 def _vector_order(runs: int) -> list[str]:
-    """Keys of the 3N scans in the order they run: with, without, without, with, with, without, ..."""
+    """Keys of the 3N scans in the order they run after the first (scan_3n, not compared): with and without in
+    the order ABBA BAAB ABBA ..., which cancels a steady drift in the machine's speed over each block of four."""
     keys, count = [], {True: 0, False: 0}
     for i in range(2 * runs):
-        side = i % 4 in (0, 3)  # True: storing embeddings
+        side = (i % 4 in (0, 3)) != (i // 4 % 2 == 1)  # True: storing embeddings
         count[side] += 1
-        keys.append("scan_3n" + ("" if side else "_plain") + (f"_{count[side]}" if count[side] > 1 else ""))
+        keys.append("scan_3n_" + ("with" if side else "plain") + f"_{count[side]}")
     return keys
 
 
@@ -300,7 +311,7 @@ def _load(moments: list[tuple[str, float]], what: str) -> None:
 
 def run_benchmark(workdir: Path, cfg: ScanConfig, n: int = 40, classic_n: int = 8, size: tuple[int, int] = (4000, 3000),
                   quality: int = 92, sources: list[Path] | None = None, small: bool = True, small_n: int | None = None,
-                  vector_runs: int = 3, log: Callable[[str], None] = print) -> BenchReport:
+                  vector_runs: int = 4, log: Callable[[str], None] = print) -> BenchReport:
     """Generate the photos in workdir, then measure everything on them in one run (scans first, on a fresh Ray).
 
     The scans run on N and on 3N photos: N = `n` full-size ones, and N = `small_n` (default `n`) small ones; the 3N
@@ -329,6 +340,7 @@ def run_benchmark(workdir: Path, cfg: ScanConfig, n: int = 40, classic_n: int = 
             if not measures[kinds[0][0]]:  # the first scan in a fresh Ray also starts its worker processes
                 measures[label]["scan_cold"] = scan([a[0].parent], workdir / "out", cfg)
             measures[label]["scan_n"] = scan([a[0].parent], workdir / "out", cfg)
+            measures[label]["scan_3n"] = scan([a[0].parent, b[0].parent], workdir / "out", cfg)
             for key in _vector_order(vector_runs):  # with and without embeddings, interleaved: SizeResult.vector_cost
                 measures[label][key] = scan([a[0].parent, b[0].parent], workdir / "out", plain if "plain" in key else cfg)
             _load(load, f"after scans, {label}")
@@ -355,6 +367,8 @@ def run_benchmark(workdir: Path, cfg: ScanConfig, n: int = 40, classic_n: int = 
             m["model_torch"] = model_only(decoded, cfg, torch_one, 1)
         m["model_all"] = model_only(decoded, cfg, predictor, None)
         m["in_process"] = in_process(a[:max(n, cfg.inference.batch_size)], cfg, predictor)
+        extra = storing_cost(a, cfg, one)  # what storing embeddings adds, measured apart from the scan
+        m["vectors"] = Measure("storing embeddings alone", len(a), max(sum(extra.values()), 1e-9), extra)
         log(f"classic loop: {label}")
         m["classic"] = classic_loop(a[:classic_n], cfg.model)
         _load(load, f"after bounds, {label}")

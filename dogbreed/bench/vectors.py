@@ -4,7 +4,8 @@ Each size is a real table of real embeddings (the default model's features of re
 multiplicative noise, committed the way a scan commits. Each measurement runs in a child process of its own, so its
 peak memory (VmHWM) is its own: the first index build and an incremental refresh (a second run of 1% more rows),
 the first and warm query latency, recall@10 against an exact float32 search over the current rows, and relabel's
-throughput with the default model (one commit of every row).
+throughput with the default model (one commit of every row). :func:`storing_cost` is the speed benchmark's
+measure of what storing the vectors adds to a scan.
 """
 
 from __future__ import annotations
@@ -200,3 +201,46 @@ def format_report(figures: list[VectorFigures]) -> str:
                          f"{'met' if ok else 'NOT met'}")
     return "\n".join(lines)
 
+
+
+def storing_cost(paths: list[Path], cfg, predictor, repeats: int = 5) -> dict[str, float]:
+    """The CPU seconds that storing embeddings adds to a scan of `paths`, measured apart from it (one process, least
+    of `repeats`): "actor", its result table with vectors over the same rows without; "block", that table's Arrow
+    IPC on its way to the driver; "driver", the zstd Parquet write. `cfg` is the scan's ScanConfig."""
+    import io
+    import time
+
+    import pyarrow.parquet as pq
+
+    from dogbreed.evaluation.breeds import listed
+    from dogbreed.table import schema
+    from dogbreed.table.store import utcnow
+    from dogbreed.vision.predictors import Decoder
+
+    decoder = Decoder(predictor.spec.preprocessing, cfg.face, cfg.photos)
+    try:
+        rows = predictor(decoder(listed([str(p) for p in paths])))
+    finally:
+        decoder.close()
+    plain = {k: v for k, v in rows.items() if k != "embedding"}
+    plain["embedding_id"] = np.array([None] * len(paths), dtype=object)
+
+    def least(fn: Callable[..., object], *args: object) -> float:
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn(*args)
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    def ipc(table: pa.Table) -> None:
+        with pa.ipc.new_stream(io.BytesIO(), table.schema) as w:
+            w.write_table(table)
+
+    extra = {"actor": 0.0, "block": 0.0, "driver": 0.0}
+    for sign, r in ((1, rows), (-1, plain)):
+        table = schema.rows_to_table(r, "bench", None, utcnow())
+        extra["actor"] += sign * least(schema.rows_to_table, r, "bench", None, utcnow())
+        extra["block"] += sign * least(ipc, table)
+        extra["driver"] += sign * least(lambda t=table: pq.write_table(t, io.BytesIO(), compression="zstd"))
+    return {k: max(v, 0.0) for k, v in extra.items()}
