@@ -202,7 +202,6 @@ def format_report(figures: list[VectorFigures]) -> str:
     return "\n".join(lines)
 
 
-
 def storing_cost(paths: list[Path], cfg, predictor, repeats: int = 5) -> dict[str, float]:
     """The CPU seconds that storing embeddings adds to a scan of `paths`, measured apart from it (one process, least
     of `repeats`): "actor", its result table with vectors over the same rows without; "block", that table's Arrow
@@ -215,15 +214,14 @@ def storing_cost(paths: list[Path], cfg, predictor, repeats: int = 5) -> dict[st
     from dogbreed.evaluation.breeds import listed
     from dogbreed.table import schema
     from dogbreed.table.store import utcnow
-    from dogbreed.vision.predictors import Decoder
+    from dogbreed.vision.predictors import Decoder, without_embeddings
 
     decoder = Decoder(predictor.spec.preprocessing, cfg.face, cfg.photos)
     try:
         rows = predictor(decoder(listed([str(p) for p in paths])))
     finally:
         decoder.close()
-    plain = {k: v for k, v in rows.items() if k != "embedding"}
-    plain["embedding_id"] = np.array([None] * len(paths), dtype=object)
+    plain = without_embeddings(rows)  # the same rows as a scan storing none makes them
 
     def least(fn: Callable[..., object], *args: object) -> float:
         times = []

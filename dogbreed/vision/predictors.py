@@ -204,7 +204,11 @@ class BreedPredictor(_OnDevice):
             "embedding": embedding,  # (n, d) float32; rows not decoded are zeros here, null in the table
             "embedding_id": np.array([self.embedding_id if good else None for good in ok], dtype=object),
         })
-        if not self.embeddings:  # inference.embeddings: false: null vectors, nothing of them shipped or stored
-            del out["embedding"]
-            out["embedding_id"] = np.array([None] * n, dtype=object)
-        return out
+        return out if self.embeddings else without_embeddings(out)
+
+
+def without_embeddings(rows: Batch) -> Batch:
+    """Predicted rows as `inference.embeddings: false` leaves them: no vectors shipped or stored, null ids."""
+    out = {k: v for k, v in rows.items() if k != "embedding"}
+    out["embedding_id"] = np.array([None] * len(rows["status"]), dtype=object)
+    return out
