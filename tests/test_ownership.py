@@ -282,3 +282,23 @@ def test_a_failed_lock_attempt_leaves_no_temporary_file(tmp_path, monkeypatch):
             pass
     leftovers = [p for p in out.rglob("*") if p.is_file()]
     assert leftovers == []
+
+
+@pytest.mark.parametrize("inside", [[], [".table.json.0123456789abcdef0123456789abcdef"]])
+def test_a_first_run_racing_another_first_runs_claim_takes_its_turn_at_the_lock(tmp_path, inside):
+    """Four first runs racing on one new folder: one saw `_dogbreed/` made (or its marker's temporary file written)
+    by another before the marker was linked in, and crashed with "already holds '_dogbreed', which dogbreed did
+    not write" instead of being refused by the lock (CI, test_of_racing_processes_exactly_one_takes_the_lock)."""
+    out = tmp_path / "out"
+    (out / META_DIR).mkdir(parents=True)
+    for name in inside:
+        (out / META_DIR / name).write_bytes(b'{"format": "dogbreed-')  # a claim caught half-way
+    with hold(locate(out), 30):
+        assert json.loads((out / META_DIR / MARKER).read_text())["format"] == "dogbreed-table"
+    (out / "notes.txt").write_text("a user's file")  # beside the folder, the same claim is still refused
+    other = tmp_path / "other"
+    (other / META_DIR).mkdir(parents=True)
+    (other / "notes.txt").write_text("a user's file")
+    with pytest.raises(Exception, match="which dogbreed did not write"):
+        with hold(locate(other), 30):
+            pass
