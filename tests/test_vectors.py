@@ -324,6 +324,40 @@ def test_index_refresh_adds_only_the_new_runs_segment(tmp_path, predictor):
     assert state["version"] == DeltaTable(str(out)).version()
 
 
+def test_a_relabelled_runs_segment_leaves_the_index_and_its_files_go_after_the_grace(tmp_path, predictor,
+                                                                                     monkeypatch):
+    """Every relabel copies each current row's vector into its own run: the index used to keep the replaced run's
+    segment on disk for good, growing by a full copy of the vectors with every relabel."""
+    import dogbreed.vectors.index as index_module
+
+    out = tmp_path / "out"
+    photos = sorted(SAMPLES.glob("*.jpg"))
+    first = commit_photos(out, photos, predictor)
+    output = Output(out)
+    eid = load_default().embedding_id
+    before = similar(str(out), [str(photos[0])], ScanConfig(), k=3)[0].hits
+    relabelled = relabel(str(out), ScanConfig(model="default")).run_id
+    index = VectorIndex(output, eid)
+    index.refresh(output.require())
+    assert [s.name for s in index.segments] == [relabelled] and set(index.retired) == {first}
+    assert (Path(index.local) / f"{first}.f16").exists()  # a search still reading the older state finds it
+    monkeypatch.setattr(index_module, "RETIRE_GRACE_S", 0.0)
+    later = commit_photos(out, [SAMPLES / "coffee.png"], predictor)
+    index = VectorIndex(output, eid)
+    assert index.refresh(output.require()) == 1
+    assert sorted(s.name for s in index.segments) == sorted([relabelled, later]) and index.retired == {}
+    assert sorted(p.name for p in Path(index.local).iterdir()) == sorted(
+        [f"{run}{suffix}" for run in (relabelled, later) for suffix in (".f16", ".keys.parquet")] + ["state.json"])
+    after = similar(str(out), [str(photos[0])], ScanConfig(), k=3)[0].hits
+    assert [(h.path, h.similarity) for h in after] == [(h.path, h.similarity) for h in before]
+    # a fresh index of a table with a relabel in its history indexes only the run that owns the current rows
+    fresh = VectorIndex(Output(out), eid)
+    fresh.local = tmp_path / "fresh-index"
+    fresh.beside = None
+    fresh.refresh(output.require())
+    assert sorted(s.name for s in fresh.segments) == sorted([relabelled, later])
+
+
 @pytest.mark.slow  # Ray Data on a local Ray
 def test_relabel_on_ray_data_gives_the_rows_of_a_local_relabel(tmp_path, predictor, ray_local):
     photos = sorted(SAMPLES.glob("*"))

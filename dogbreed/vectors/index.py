@@ -6,9 +6,12 @@ memory-mapped float16 segments), refreshed incrementally when the table moves on
     OUT/_dogbreed/similar/<embedding key>/<run_id>.keys.parquet   path and run_id of each vector
 
 A segment holds every vector one committed run wrote and never changes: a refresh only adds the segments of newer
-runs (temporary file, then rename), so it is safe beside a running scan or another refresh, and never touches the
-table. Which vectors count is decided at search time, from the table version searched: a row's vector is searched
-while that row is its path's current one. Exact search needs no training and has recall 1; at 1M rows a query takes
+runs that still own a current row (temporary file, then rename), so it is safe beside a running scan or another
+refresh, and never touches the table. Which vectors count is decided at search time, from the table version
+searched: a row's vector is searched while that row is its path's current one. A run none of whose rows is current
+any more (every row rescanned or relabelled since) leaves the index at the next refresh, and its files are deleted
+a grace period later (RETIRE_GRACE_S, so that a search still reading an older state finds them), so the index does
+not grow by a full copy with every relabel. Exact search needs no training and has recall 1; at 1M rows a query takes
 about 0.2 s (README, "similar at scale"). Searching memory-maps the segments, so an s3:// table's index is kept
 beside it and mirrored into a local cache; a table this process cannot write gets its index in that cache only.
 """
@@ -20,6 +23,7 @@ import json
 import logging
 import os
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +46,7 @@ INDEX_DIR = "similar"
 STATE = "state.json"
 READ_BATCH = 16_384  # rows read from the table at a time while a segment is written
 SEARCH_THREADS = 2
+RETIRE_GRACE_S = 3600.0  # a retired segment's files outlive its leaving the state by this long (searches in flight)
 
 
 class SimilarError(UsageError):
@@ -79,6 +84,7 @@ class VectorIndex:
         self.dim = 0
         self.segments: list[Segment] = []
         self.version = -1
+        self.retired: dict[str, float] = {}  # segment name -> when it left the index (its files go a grace later)
         self._keys: dict[str, pa.Table] = {}  # segment name -> its keys, read once
         self._positions: dict[str, dict[str, int]] = {}
 
@@ -94,13 +100,14 @@ class VectorIndex:
                 raise ValueError("another embedding")
             self.dim, self.version = int(doc["dim"]), int(doc["version"])
             self.segments = [Segment(s["name"], int(s["rows"])) for s in doc["segments"]]
-        except (ValueError, KeyError, TypeError) as e:
+            self.retired = {str(k): float(v) for k, v in doc.get("retired", {}).items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             log.warning("the vector index of %s is unreadable (%s): building it again", self.output.out, e)
-            self.dim, self.version, self.segments = 0, -1, []
+            self.dim, self.version, self.segments, self.retired = 0, -1, [], {}
 
     def _write_state(self) -> None:
         doc = {"embedding_id": self.embedding_id, "dim": self.dim, "version": self.version,
-               "segments": [{"name": s.name, "rows": s.rows} for s in self.segments]}
+               "segments": [{"name": s.name, "rows": s.rows} for s in self.segments], "retired": self.retired}
         self._put(STATE, json.dumps(doc, indent=1).encode())
 
     # ---- files: beside the table (any file system) and their local copies --------------------------------------
@@ -155,20 +162,63 @@ class VectorIndex:
 
     # ---- refresh -----------------------------------------------------------------------------------------------
 
-    def refresh(self, table) -> int:
-        """Add a segment for every committed run whose vectors (of this embedding_id) are not indexed yet; returns
-        the vectors added. `table` is the committed version to follow."""
+    def refresh(self, table, live: set[str] | None = None) -> int:
+        """Add a segment for every committed run whose vectors (of this embedding_id) are not indexed yet and that
+        still owns a current row, retire the segments of runs that own none; returns the vectors added. `table` is
+        the committed version to follow; `live`, the runs of its current rows with vectors of this network, where
+        the caller has them already."""
         self._read_state()
         if self.version == table.version():
             return 0
+        if live is None:
+            live = self.live_runs(self.output.latest(["path", "run_id", "embedding_id"], table=table))
         have = {s.name for s in self.segments}
-        runs = [m["run_id"] for m in self.output.runs(table) if m["run_id"] not in have]
+        runs = [m["run_id"] for m in self.output.runs(table) if m["run_id"] not in have and m["run_id"] in live]
         added = 0
         if runs:
             added = self._write_segments(table, runs)
+        now = time.time()
+        for segment in self.segments:
+            if segment.name not in live:
+                self.retired.setdefault(segment.name, now)
+        self.segments = [s for s in self.segments if s.name in live]
+        for segment in self.segments:  # an older version's run indexed again (a search of an earlier snapshot)
+            self.retired.pop(segment.name, None)
+        expired = [name for name, at in self.retired.items() if now - at >= RETIRE_GRACE_S]
+        for name in expired:
+            del self.retired[name]
         self.version = table.version()
         self._write_state()
+        for name in expired:  # after the state that no longer names them
+            self._delete(name)
+        self._sweep(now)
         return added
+
+    def _sweep(self, now: float) -> None:
+        """Local segment files the state does not name and older than the grace: a refresh killed before its state
+        was written, or a remote table's segments retired by a refresh on another machine."""
+        named = {s.name for s in self.segments} | set(self.retired)
+        for path in list(self.local.glob("*.f16")) + list(self.local.glob("*.keys.parquet")):
+            name = path.name.removesuffix(".f16").removesuffix(".keys.parquet")
+            try:
+                if name not in named and now - path.stat().st_mtime >= RETIRE_GRACE_S:
+                    path.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    def live_runs(self, current: pa.Table) -> set[str]:
+        """The runs that own current rows (the latest row of their path) with vectors of this network."""
+        keep = pc.fill_null(pc.equal(current.column("embedding_id"), self.embedding_id), False)
+        return set(pc.unique(current.column("run_id").filter(keep)).to_pylist())
+
+    def _delete(self, name: str) -> None:
+        for suffix in (".f16", ".keys.parquet"):
+            (self.local / f"{name}{suffix}").unlink(missing_ok=True)
+            if self.beside is not None and self.output.loc.remote:
+                try:
+                    self.output.loc.fs.delete_file(f"{self.beside}/{name}{suffix}")
+                except (FileNotFoundError, OSError, pa.ArrowException):
+                    pass  # already gone, or left for a later refresh to find: it is no longer in the state
 
     def _write_segments(self, table, runs: list[str]) -> int:
         """Stream the runs' vectors out of the table into one float16 file (and its keys) per run."""

@@ -126,7 +126,7 @@ def _index(out: str, version: int, eid: str) -> VectorIndex:
     """The index of one network's vectors, refreshed to this version once per process."""
     output = Output(out)
     index = VectorIndex(output, eid)
-    index.refresh(output.snapshot(version))
+    index.refresh(output.snapshot(version), live=index.live_runs(_current(out, version)))
     return index
 
 
