@@ -41,11 +41,12 @@ def table_state(out: str) -> tuple:
     return (table.version(), sorted(table.get_add_actions(flatten=True).column("path").to_pylist()), repr(rows))
 
 
-def child(code: str, out: str, *args: str) -> subprocess.Popen:
-    """A separate Python process running `code` (with OUT as sys.argv[1]); its stdout is a pipe to read lines from."""
+def child(code: str, out: str, *args: str, stdin: bool = False) -> subprocess.Popen:
+    """A separate Python process running `code` (with OUT as sys.argv[1]); its stdout is a pipe to read lines from
+    (and its stdin one to write to, if asked)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), out, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, stdin=subprocess.PIPE if stdin else None, text=True, env=env)
 
 
 def wait_line(proc: subprocess.Popen, expected: str, timeout: float = 60) -> str:
@@ -151,17 +152,18 @@ def test_a_second_holder_is_refused_at_once_naming_the_first_and_the_lock_frees_
 
 
 RACER = """
-    import sys, time
+    import sys
     from dogbreed.table.lock import hold
     from dogbreed.table.store import ScanLocked
     from dogbreed.table.location import locate
+    import dogbreed.table.ownership                        # imported before the start, not during the race
     loc = locate(sys.argv[1])
-    while time.time() < float(sys.argv[2]):                # start together
-        time.sleep(0.001)
+    print("ready", flush=True)
+    sys.stdin.readline()                                   # "go": all four start together, whatever the load
     try:
         with hold(loc, 30):
             print("held", flush=True)
-            time.sleep(1.5)
+            sys.stdin.readline()                           # held until every racer has answered
     except ScanLocked as e:
         print("refused", flush=True)
 """
@@ -169,10 +171,19 @@ RACER = """
 
 @pytest.mark.slow  # four Python processes
 def test_of_racing_processes_exactly_one_takes_the_lock(out):
-    start = time.time() + 2.5
-    racers = [child(RACER, out, str(start)) for _ in range(4)]
-    outputs = [p.communicate(timeout=60) for p in racers]
-    answers = [stdout.strip() for stdout, _ in outputs]
+    racers = [child(RACER, out, stdin=True) for _ in range(4)]
+    try:
+        for p in racers:
+            wait_line(p, "ready")
+        for p in racers:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        answers = [p.stdout.readline().strip() for p in racers]
+        outputs = [p.communicate("release\n", timeout=60) for p in racers]
+    finally:
+        for p in racers:
+            if p.poll() is None:
+                p.kill()
     assert sorted(answers) == ["held", "refused", "refused", "refused"], [stderr[-2000:] for _, stderr in outputs]
     with hold(locate(out), 30):  # released at the end
         pass
