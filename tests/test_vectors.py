@@ -341,6 +341,7 @@ def test_a_relabelled_runs_segment_leaves_the_index_and_its_files_go_after_the_g
     index.refresh(output.require())
     assert [s.name for s in index.segments] == [relabelled] and set(index.retired) == {first}
     assert (Path(index.local) / f"{first}.f16").exists()  # a search still reading the older state finds it
+    (Path(index.local) / f".{first}.{'0' * 32}.parquet").write_bytes(b"PAR1")  # what a killed refresh left
     monkeypatch.setattr(index_module, "RETIRE_GRACE_S", 0.0)
     later = commit_photos(out, [SAMPLES / "coffee.png"], predictor)
     index = VectorIndex(output, eid)

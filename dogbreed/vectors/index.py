@@ -198,8 +198,8 @@ class VectorIndex:
         """Local segment files the state does not name and older than the grace: a refresh killed before its state
         was written, or a remote table's segments retired by a refresh on another machine."""
         named = {s.name for s in self.segments} | set(self.retired)
-        for path in list(self.local.glob("*.f16")) + list(self.local.glob("*.keys.parquet")):
-            name = path.name.removesuffix(".f16").removesuffix(".keys.parquet")
+        for path in list(self.local.glob("*.f16")) + list(self.local.glob("*.parquet")):  # temporary ones too
+            name = path.name.removesuffix(".f16").removesuffix(".parquet").removesuffix(".keys")
             try:
                 if name not in named and now - path.stat().st_mtime >= RETIRE_GRACE_S:
                     path.unlink(missing_ok=True)
