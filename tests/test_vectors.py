@@ -324,6 +324,7 @@ def test_index_refresh_adds_only_the_new_runs_segment(tmp_path, predictor):
     assert state["version"] == DeltaTable(str(out)).version()
 
 
+@pytest.mark.slow  # two commits, a relabel and two searches: the full suite (CI) runs it
 def test_a_relabelled_runs_segment_leaves_the_index_and_its_files_go_after_the_grace(tmp_path, predictor,
                                                                                      monkeypatch):
     """Every relabel copies each current row's vector into its own run: the index used to keep the replaced run's
