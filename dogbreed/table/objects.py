@@ -9,6 +9,7 @@ through a temporary file in the same folder that is removed whatever happens, so
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Protocol
@@ -25,6 +26,16 @@ class Objects(Protocol):
     def create(self, name: str, data: bytes) -> bool: ...
     def put(self, name: str, data: bytes) -> None: ...
     def delete(self, name: str) -> None: ...
+
+
+def temporary_name(name: str) -> str:
+    """The temporary file a local create or put writes before it links or renames it into `name`."""
+    return f".{name}.{uuid.uuid4().hex}"
+
+
+def is_temporary(entry: str, name: str) -> bool:
+    """Whether `entry` is a temporary file of `name` (:func:`temporary_name`): a create in progress, or a killed one."""
+    return re.fullmatch(r"\." + re.escape(name) + r"\.[0-9a-f]{32}", entry) is not None
 
 
 class LocalObjects:
@@ -44,7 +55,7 @@ class LocalObjects:
 
     def _temp(self, name: str, data: bytes) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".{name}.{uuid.uuid4().hex}"
+        tmp = self.dir / temporary_name(name)
         try:
             with open(tmp, "xb") as f:
                 f.write(data)

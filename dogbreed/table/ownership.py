@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from dogbreed.table.location import Location, OutputError, first_line
-from dogbreed.table.objects import META_DIR, objects
+from dogbreed.table.objects import META_DIR, is_temporary, objects
 from dogbreed.table.store import LOG_DIR, TABLE_NAME, StoreError, utcnow
 
 MARKER = "table.json"
@@ -28,8 +28,6 @@ MARKER_FORMAT = "dogbreed-table"
 OWN_ENTRIES = {LOG_DIR, "data", META_DIR, "_runs_before_delta"}
 OLD_RUNS = "runs"  # the layout before the Delta table: only `dogbreed migrate` writes to such an output
 # A data file delta-rs writes at the table's root (compaction's output): part-00001-<uuid>-c000.zstd.parquet
-# The temporary file a local create writes before linking it in as the marker (objects.LocalObjects.create)
-CLAIMING = re.compile(r"\." + re.escape(MARKER) + r"\.[0-9a-f]{32}")
 DELTA_FILE = re.compile(r"part-\d{5}-[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}-c\d{3}(\.\w+)?\.parquet")
 
 
@@ -91,7 +89,7 @@ def inspect(loc: Location) -> str:
         return "old-layout"
     if set(entries) <= {META_DIR, "data"} and _entries_of(loc, META_DIR) == ["lock"]:
         return "ours"  # a first run of an older dogbreed, killed before its commit: only its lock and run files
-    if entries == [META_DIR] and all(CLAIMING.fullmatch(e) for e in _entries_of(loc, META_DIR)):
+    if entries == [META_DIR] and all(is_temporary(e, MARKER) for e in _entries_of(loc, META_DIR)):
         return "new"  # another first run's claim in progress (its marker not yet linked in), or one killed half-way
     raise OutputError(f"--out {loc.out} already holds {entries[0]!r}{' and more' if len(entries) > 1 else ''}, "
                       "which dogbreed did not write; give a new or empty folder (dogbreed never writes beside other "
