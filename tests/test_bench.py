@@ -8,7 +8,7 @@ from PIL import Image
 from dogbreed.bench import photos, speed_report
 from dogbreed.bench import speed as bench
 
-KEYS = ("classic", "scan_cold", "scan_n", "scan_3n", "scan_3n_with_1", "scan_3n_plain_1", "scan_3n_plain_2", "scan_3n_with_2", "decode", "faces", "model_1", "model_all", "in_process", "vectors")
+KEYS = ("classic", "scan_cold", "scan_n", "scan_3n", "scan_3n_with_1", "scan_3n_plain_1", "scan_3n_plain_2", "scan_3n_with_2", "decode", "faces", "decode_before", "faces_before", "model_1", "model_all", "in_process", "vectors")
 
 
 def test_make_photos_scales_crops_and_keeps_existing_files(tmp_path, write_photo):
@@ -42,6 +42,9 @@ def test_benchmark_produces_every_figure(tmp_path, write_photo, scan_config):
     assert set(r.ratios()) >= {"scan / classic", "scan / in-process", "scan / best bound"}
     assert r.best_bound >= max(r.rate("in_process"), r.ideal_bound)
     assert 0 < r.scan_with_startup < scan and math.isfinite(r.ideal_bound)
+    stages = ("decode", "faces", "model_1", "decode_before", "faces_before", "model_torch")
+    assert all(r.measures[k].cpu_seconds is not None and r.measures[k].cpu_seconds >= 0 for k in stages)
+    assert r.bound_before is not None and math.isfinite(r.bound_before)  # the round before's bound, re-measured
     assert r.vector_runs == 2 and math.isfinite(r.vector_cost()) and math.isfinite(r.vector_cost(cpu=True))
     extra = r.measures["vectors"].stages  # timings of two photos: only their presence and sign are certain
     assert set(extra) == {"actor", "block", "driver"} and min(extra.values()) >= 0 and 0 <= r.vector_share < 1
@@ -49,3 +52,4 @@ def test_benchmark_produces_every_figure(tmp_path, write_photo, scan_config):
     for key, title in speed_report._ROWS:
         assert (title in text) == (key in r.measures), key  # a row for every measure made, none for one not made
     assert "storing embeddings costs" in text and "best of 2 runs each" in text
+    assert "of the round before (640-px face copy, eager torch), measured now" in text

@@ -26,6 +26,7 @@ from dogbreed.vision.decode import decode, read_bytes
 from dogbreed.vision.geometry import Geometry
 
 CLASSIC_CASCADE = "haarcascade_frontalface_default.xml"  # what the dog-app used
+BEFORE_FACE_SIDE = 640  # the face copy of the round before OpenVINO and the 480-px copy: its bound is re-measured in each run
 
 
 
@@ -38,10 +39,31 @@ class Measure:
     seconds: float
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage (summed over workers for the scan)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)  # "driver", "actor", "decode worker", "decode child"
+    cpu_seconds: float | None = None  # this process's CPU time, for the stages measured in it (what a bound is made of)
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def cpu_per_photo(self) -> float:
+        """CPU seconds per photo where measured (else wall seconds): on a shared machine other processes' load
+        stretches the wall clock but not the work itself."""
+        return (self.cpu_seconds if self.cpu_seconds is not None else self.seconds) / max(self.images, 1)
+
+
+@dataclass
+class _Clock:
+    """Wall and CPU seconds of the block it times (CPU: every thread of this process)."""
+    seconds: float = 0.0
+    cpu: float = 0.0
+
+    def __enter__(self) -> "_Clock":
+        self._t, self._c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds, self.cpu = time.perf_counter() - self._t, time.process_time() - self._c
 
 
 # ------------------------------------------------------------------------------------ measurements
@@ -107,12 +129,11 @@ def decode_only(paths: list[Path], cfg: ScanConfig) -> tuple[Measure, list]:
     from dogbreed.vision.models import describe_model
 
     prep = describe_model(cfg.model)[0].preprocessing
-    with _Threads(1):
-        t = time.perf_counter()
+    with _Threads(1), _Clock() as clock:
         geometry = prep.geometry(cfg.photos.face_side)
         decoded = [decode(read_bytes(str(p), cfg.photos.max_bytes), geometry, cfg.photos.max_pixels) for p in paths]
-        seconds = time.perf_counter() - t
-    return Measure("decode only (1 core)", len(paths), seconds, {"decode": seconds}), decoded
+    return Measure(f"decode only (1 core, {cfg.photos.face_side}-px face copy)", len(paths), clock.seconds,
+                   {"decode": clock.seconds}, cpu_seconds=clock.cpu), decoded
 
 
 def faces_only(decoded: list, cfg: ScanConfig, detector: str | None = None) -> Measure:
@@ -122,11 +143,11 @@ def faces_only(decoded: list, cfg: ScanConfig, detector: str | None = None) -> M
     face = cfg.face if detector is None else cfg.face.model_copy(update={"detector": detector})
     with _Threads(1):  # also torch's: with torch loaded, YuNet's OpenMP threads are torch's (30x slower unpinned)
         faces.load_face_detector(face)
-        t = time.perf_counter()
-        for d in decoded:
-            faces.detect_faces(d.small, d.small_to_full, face)
-        seconds = time.perf_counter() - t
-    return Measure(f"faces only, {faces.active_detector(face)} (1 core)", len(decoded), seconds, {"faces": seconds})
+        with _Clock() as clock:
+            for d in decoded:
+                faces.detect_faces(d.small, d.small_to_full, face)
+    return Measure(f"faces only, {faces.active_detector(face)} (1 core)", len(decoded), clock.seconds,
+                   {"faces": clock.seconds}, cpu_seconds=clock.cpu)
 
 
 def model_only(decoded: list, cfg: ScanConfig, predictor, threads: int | None) -> Measure:
@@ -135,12 +156,12 @@ def model_only(decoded: list, cfg: ScanConfig, predictor, threads: int | None) -
     b = cfg.inference.batch_size
     with _Threads(threads):
         predictor._forward(crops[:b])  # warm-up: first-call allocations are not throughput
-        t = time.perf_counter()
-        for i in range(0, len(crops), b):
-            predictor._forward(crops[i:i + b])
-        seconds = time.perf_counter() - t
+        with _Clock() as clock:
+            for i in range(0, len(crops), b):
+                predictor._forward(crops[i:i + b])
     label = f"{threads} core" + ("s" if threads and threads > 1 else "") if threads else "all cores"
-    return Measure(f"model only ({label})", len(crops), seconds, {"model": seconds})
+    return Measure(f"model only ({label})", len(crops), clock.seconds, {"model": clock.seconds},
+                   cpu_seconds=clock.cpu if threads == 1 else None)
 
 
 def in_process(paths: list[Path], cfg: ScanConfig, predictor) -> Measure:
@@ -225,12 +246,21 @@ class SizeResult:
 
     @property
     def ideal_bound(self) -> float:
-        """All cores busy on the per-photo work with no overhead: cores / (decode + faces + model seconds per photo, 1 core)."""
+        """All cores busy on the per-photo work with no overhead: cores / (decode + faces + model CPU s per photo, 1 core)."""
         return self.bound_with("model_1")
 
-    def bound_with(self, model_key: str) -> float:
-        """The ideal bound with `model_key`'s measure for the model (model_1, or model_torch: eager torch's)."""
-        return self.cores / sum(1.0 / self.rate(k) for k in ("decode", "faces", model_key))
+    def bound_with(self, model_key: str, decode_key: str = "decode", faces_key: str = "faces") -> float:
+        """The ideal bound with these measures for the stages (model_torch: eager torch's model; decode_before and
+        faces_before: the earlier 640-px face copy)."""
+        return self.cores / sum(self.measures[k].cpu_per_photo for k in (decode_key, faces_key, model_key))
+
+    @property
+    def bound_before(self) -> float | None:
+        """The ideal bound of the round before (640-px face copy, eager torch), re-measured in this run; None where
+        this run did not measure it."""
+        if not all(k in self.measures for k in ("decode_before", "faces_before", "model_torch")):
+            return None
+        return self.bound_with("model_torch", "decode_before", "faces_before")
 
     @property
     def steady(self) -> float:
@@ -275,7 +305,7 @@ class SizeResult:
 
     def cpu_split(self, faces: str = "faces") -> dict[str, float]:
         """Share of one photo's single-core CPU time in decode, faces (the `faces` measure) and model."""
-        seconds = {"decode": 1 / self.rate("decode"), "faces": 1 / self.rate(faces), "model": 1 / self.rate("model_1")}
+        seconds = {k: self.measures[key].cpu_per_photo for k, key in (("decode", "decode"), ("faces", faces), ("model", "model_1"))}
         return {k: v / sum(seconds.values()) for k, v in seconds.items()}
 
     def ratios(self) -> dict[str, float]:
@@ -360,6 +390,11 @@ def run_benchmark(workdir: Path, cfg: ScanConfig, n: int = 40, classic_n: int = 
         log(f"stage bounds: {label}")
         m["decode"], decoded = decode_only(a, cfg)
         m["faces"] = faces_only(decoded, cfg)
+        if cfg.photos.face_side != BEFORE_FACE_SIDE:  # the round before's decode and faces, on the same photos, now
+            before = cfg.model_copy(update={"photos": cfg.photos.model_copy(update={"face_side": BEFORE_FACE_SIDE})})
+            m["decode_before"], decoded_before = decode_only(a, before)
+            m["faces_before"] = faces_only(decoded_before, before)
+            del decoded_before
         if cfg.face.detector != "haar":
             m["faces_haar"] = faces_only(decoded, cfg, "haar")
         m["model_1"] = model_only(decoded, cfg, one, 1)
