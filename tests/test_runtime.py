@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +79,7 @@ def test_any_batch_size_runs(pair):
 def test_the_converted_network_is_cached_and_a_damaged_cache_is_rebuilt(pair, cache, monkeypatch):
     monkeypatch.setenv("DOGBREED_CACHE", str(cache))
     entries = list((cache / "openvino").iterdir())
-    assert len(entries) == 1 and (entries[0] / "backbone.xml").is_file() and (entries[0] / "backbone.bin").is_file()
+    assert len(entries) == 1 and all((entries[0] / f).is_file() for f in ("network.xml", "network.bin", "meta.json"))
     assert not [p for p in (cache / "openvino").iterdir() if p.name.startswith(".")], "no temporary folder stays"
 
     def no_conversion(*args):
@@ -85,10 +88,50 @@ def test_the_converted_network_is_cached_and_a_damaged_cache_is_rebuilt(pair, ca
     with monkeypatch.context() as m:
         m.setattr(runtime, "_convert", no_conversion)
         BreedPredictor("default", runtime="openvino", num_threads=1)  # loads from the cache
-    (entries[0] / "backbone.xml").write_text("<garbage")
+    (entries[0] / "network.xml").write_text("<garbage")
     again = BreedPredictor("default", runtime="openvino", num_threads=1)
     x = _crops(again, _photos(None)[:2])
     assert np.allclose(again._forward(x)[0], pair[0]._forward(x)[0], atol=1e-4)
+
+
+def test_a_cpu_actor_with_the_model_id_runs_the_cached_network_without_torch(pair, cache):
+    """What the scan's CPU actors do: given the driver's description of the model, load the cached conversion alone. A
+    real process, so that what it imported can be seen: neither torch nor timm (about 4 s of CPU per actor)."""
+    torch_, ov = pair
+    crops = _crops(torch_, _photos(None))
+    np.save(cache / "crops.npy", crops)
+    code = (
+        "import sys, numpy as np\n"
+        "from dogbreed.vision.predictors import BreedPredictor\n"
+        "from dogbreed.vision.spec import ModelSpec\n"
+        f"spec = ModelSpec.model_validate_json({ov.spec.model_dump_json()!r})\n"
+        f"p = BreedPredictor('default', device='cpu', num_threads=1, described=(spec, {ov.model_id!r}))\n"
+        f"out = p._forward(np.load({str(cache / 'crops.npy')!r}))\n"
+        f"np.save({str(cache / 'out.npy')!r}, np.concatenate([out[0], out[1]], 1))\n"
+        "print(p.runtime, p.model_id, p.embedding_id, 'torch' in sys.modules, 'timm' in sys.modules)\n")
+    env = {**os.environ, "DOGBREED_CACHE": str(cache)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["openvino", ov.model_id, ov.embedding_id, "False", "False"]
+    imagenet, breeds, _ = torch_._forward(crops)
+    assert np.allclose(np.load(cache / "out.npy"), np.concatenate([imagenet, breeds], 1), atol=1e-4)
+
+
+def test_models_that_share_an_id_but_not_a_description_do_not_share_a_conversion(pair, tmp_path, monkeypatch):
+    """The zero-shot restriction of the default model to a taxonomy keeps the default's id; its breed list differs,
+    and so does what is converted (the breed probabilities are part of the network)."""
+    from dogbreed.evaluation.taxonomy import zero_shot_model
+
+    monkeypatch.setenv("DOGBREED_CACHE", str(tmp_path))  # its own cache: the other tests count entries in theirs
+    torch_, ov = pair
+    BreedPredictor("default", num_threads=1)  # the default's conversion, cached first
+    zs = BreedPredictor(zero_shot_model(["Beagle", "Pug", "Golden retriever"]), num_threads=1)
+    assert zs.runtime == "openvino" and len(zs.spec.class_names) == 3
+    crops = _crops(torch_, _photos(None))
+    breeds = zs._forward(crops)[1]
+    assert breeds.shape == (len(crops), 3) and np.allclose(breeds.sum(1), 1, atol=1e-4)
+    assert ov._forward(crops)[1].shape[1] == len(ov.spec.class_names) > 3
+    assert len(list((tmp_path / "openvino").iterdir())) == 2
 
 
 def test_runtime_choice():

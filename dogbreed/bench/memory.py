@@ -1,9 +1,12 @@
-"""Peak memory and CPU time of the driver and of the Ray worker processes below it, read from /proc (Linux)."""
+"""Peak memory and CPU time of the driver and of the Ray worker processes below it, read from /proc (Linux); and the
+wall and CPU time of a block of this process (Clock)."""
 
 from __future__ import annotations
 
 import os
 import threading
+import time
+from dataclasses import dataclass
 
 
 def _status_kb(pid: int | str, key: str) -> float:
@@ -133,3 +136,17 @@ class PeakMemory(Sampling):
         self.cpu_s["driver"] = t.user + t.system - self._driver0
         for kind, seconds in self._used.values():
             self.cpu_s[kind] += max(seconds, 0.0)
+
+
+@dataclass
+class Clock:
+    """Wall and CPU seconds of the block it times (CPU: every thread of this process)."""
+    seconds: float = 0.0
+    cpu: float = 0.0
+
+    def __enter__(self) -> "Clock":
+        self._t, self._c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds, self.cpu = time.perf_counter() - self._t, time.process_time() - self._c

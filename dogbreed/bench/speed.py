@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from dogbreed.bench.memory import PeakMemory
+from dogbreed.bench.memory import Clock, PeakMemory
 from dogbreed.bench.photos import find_sources, make_photos
 from dogbreed.bench.vectors import storing_cost
 from dogbreed.cluster.session import start_ray
@@ -50,20 +50,6 @@ class Measure:
         """CPU seconds per photo where measured (else wall seconds): on a shared machine other processes' load
         stretches the wall clock but not the work itself."""
         return (self.cpu_seconds if self.cpu_seconds is not None else self.seconds) / max(self.images, 1)
-
-
-@dataclass
-class _Clock:
-    """Wall and CPU seconds of the block it times (CPU: every thread of this process)."""
-    seconds: float = 0.0
-    cpu: float = 0.0
-
-    def __enter__(self) -> "_Clock":
-        self._t, self._c = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.seconds, self.cpu = time.perf_counter() - self._t, time.process_time() - self._c
 
 
 # ------------------------------------------------------------------------------------ measurements
@@ -129,7 +115,7 @@ def decode_only(paths: list[Path], cfg: ScanConfig) -> tuple[Measure, list]:
     from dogbreed.vision.models import describe_model
 
     prep = describe_model(cfg.model)[0].preprocessing
-    with _Threads(1), _Clock() as clock:
+    with _Threads(1), Clock() as clock:
         geometry = prep.geometry(cfg.photos.face_side)
         decoded = [decode(read_bytes(str(p), cfg.photos.max_bytes), geometry, cfg.photos.max_pixels) for p in paths]
     return Measure(f"decode only (1 core, {cfg.photos.face_side}-px face copy)", len(paths), clock.seconds,
@@ -143,7 +129,7 @@ def faces_only(decoded: list, cfg: ScanConfig, detector: str | None = None) -> M
     face = cfg.face if detector is None else cfg.face.model_copy(update={"detector": detector})
     with _Threads(1):  # also torch's: with torch loaded, YuNet's OpenMP threads are torch's (30x slower unpinned)
         faces.load_face_detector(face)
-        with _Clock() as clock:
+        with Clock() as clock:
             for d in decoded:
                 faces.detect_faces(d.small, d.small_to_full, face)
     return Measure(f"faces only, {faces.active_detector(face)} (1 core)", len(decoded), clock.seconds,
@@ -156,7 +142,7 @@ def model_only(decoded: list, cfg: ScanConfig, predictor, threads: int | None) -
     b = cfg.inference.batch_size
     with _Threads(threads):
         predictor._forward(crops[:b])  # warm-up: first-call allocations are not throughput
-        with _Clock() as clock:
+        with Clock() as clock:
             for i in range(0, len(crops), b):
                 predictor._forward(crops[i:i + b])
     label = f"{threads} core" + ("s" if threads and threads > 1 else "") if threads else "all cores"

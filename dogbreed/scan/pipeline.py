@@ -34,9 +34,12 @@ class _InferStage:
     """Actor-pool stage: BreedPredictor then the fixed output schema (so the driver never infers types)."""
 
     def __init__(self, run_id: str, cfg: ScanConfig, on_device: dict[str, Any] | None = None,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, described: tuple | None = None, cpu_only: bool = False):
         self.run_id, self.settings = run_id, settings_id(cfg)
-        self.predict = BreedPredictor.for_scan(cfg, num_threads=num_threads)  # every setting from the one source
+        # On a CPU actor, the driver's description of the model lets the predictor load the cached OpenVINO network
+        # without importing torch or timm
+        self.predict = BreedPredictor.for_scan(cfg, num_threads=num_threads, device="cpu" if cpu_only else "auto",
+                                               described=None if on_device else described)  # every setting from the one source
         self.decode = None  # decode.device accelerator: JPEGs arrive compressed and are decoded on the actor's device
         if on_device is not None:
             self.decode = device_decode.DeviceDecoder(self.predict.spec.preprocessing, device=self.predict.device, **on_device)
@@ -87,7 +90,7 @@ def run_pipeline(todo: pa.Table, cfg: ScanConfig, run_id: str, writer: RunWriter
     from dogbreed.vision.models import describe_model  # here, not at the top: decode workers import this module
     # and must not pay for torch, which only the driver and the actors need
 
-    spec, _ = describe_model(cfg.model)
+    spec, model_id = describe_model(cfg.model)
     num_gpus, actors, decoders = _inference_resources(cfg)
     blocks = _blocks(todo, cfg, decoders)
     decoders = min(decoders, len(blocks))
@@ -109,7 +112,7 @@ def run_pipeline(todo: pa.Table, cfg: ScanConfig, run_id: str, writer: RunWriter
     with warnings.catch_warnings():
         # Bounded retries can only be given as remote args, which Ray 2.60 deprecates without a replacement yet.
         warnings.simplefilter("ignore", DeprecationWarning)
-        ds = _stages(ds, cfg, spec, run_id, num_gpus, actors, decoders, _on_device(cfg, spec, num_gpus))
+        ds = _stages(ds, cfg, spec, model_id, run_id, num_gpus, actors, decoders, _on_device(cfg, spec, num_gpus))
     seen = np.zeros(todo.num_rows, dtype=np.int32)
     with _progress(cfg, todo.num_rows) as bar:
         # Result blocks are small (no pixels): each is taken as it is (batch_size=None), as it arrives.
@@ -135,7 +138,7 @@ def _on_device(cfg: ScanConfig, spec, num_gpus: float) -> bool:
     return True
 
 
-def _stages(ds, cfg: ScanConfig, spec, run_id: str, num_gpus: float, actors: int, decoders: int,
+def _stages(ds, cfg: ScanConfig, spec, model_id: str, run_id: str, num_gpus: float, actors: int, decoders: int,
             on_device: bool = False):
     import ray
 
@@ -157,7 +160,8 @@ def _stages(ds, cfg: ScanConfig, spec, run_id: str, num_gpus: float, actors: int
                                    on_device=dict(face=cfg.face, photos=cfg.photos,
                                                   face_threads=max(1, int(cfg.inference.num_cpus)))
                                    if on_device else None,
-                                   num_threads=None if num_gpus else max(1, int(cfg.inference.num_cpus))),
+                                   num_threads=None if num_gpus else max(1, int(cfg.inference.num_cpus)),
+                                   described=(spec, model_id), cpu_only=not num_gpus),
     )
     return ds
 

@@ -15,82 +15,23 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dogbreed.breeds import taxonomy
 from dogbreed.vision.nets import (
     DEFAULT_BACKBONE,
     BreedNet,
-    ModelError,
     create_backbone,
     default_weights_path,
     embedding_id,
     read_weights,
 )
 from dogbreed.vision.preprocessing import Preprocessing  # preprocessing travels with the weights
+from dogbreed.vision.spec import FORMAT_VERSION, ModelError, ModelFile, ModelSpec  # noqa: F401 - re-exported
 
 DEFAULT_MODEL = "default"
 TIMM_PREFIX = "timm:"  # zero-shot with a timm ImageNet-1k classifier
-FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
-
-
-class ModelSpec(BaseModel):
-    """Everything besides the weights that a model needs to be used correctly (model.json, validated)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    backbone: str = Field(min_length=1)
-    class_names: list[str] = Field(min_length=1)
-    # "imagenet": breeds are the dog classes of the backbone's ImageNet head (the default model);
-    # "head": a trained breed head on the same pooled features.
-    breed_source: Literal["imagenet", "head"]
-    # "linear": a linear breed head on the pooled features; "prototypes": dogbreed train --mode fewshot's calibrated
-    # cosine prototypes, which also use the ImageNet head's answer for breeds ImageNet has (PrototypeHead).
-    head: Literal["linear", "prototypes"] = "linear"
-    preprocessing: Preprocessing
-    imagenet_breed_indices: list[int] | None = None
-    metrics: dict[str, Any] = Field(default_factory=dict)
-    training: dict[str, Any] = Field(default_factory=dict)
-    format_version: int = Field(FORMAT_VERSION, strict=True, ge=1)  # "1" (a string) is refused, not coerced
-
-    def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
-
-    @classmethod
-    def from_json(cls, data: Any, source: str) -> "ModelSpec":
-        """Validate a parsed model.json (without its hash fields); any problem is one sentence naming the key."""
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            first = e.errors()[0]
-            key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-            what = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-            raise ModelError(f"{source} is not a usable dogbreed model description: key '{key}': {what}") from None
-
-    def identity(self) -> dict[str, Any]:
-        """The parts that change predictions (metrics and training notes do not).
-
-        crop_mode is hashed only when it is not "center", so models saved before it was stored keep their model_id.
-        """
-        d = self.to_json()
-        d.pop("metrics")
-        d.pop("training")
-        if d["preprocessing"].get("crop_mode") == "center":
-            d["preprocessing"].pop("crop_mode")
-        if d["head"] == "linear":  # likewise for models saved before heads had kinds
-            d.pop("head")
-        return d
-
-
-class ModelFile(ModelSpec):
-    """model.json as written by save_artifact: the spec plus the weights' hash and the content-derived id."""
-
-    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    model_id: str = Field(min_length=1)
 
 
 def _sha256_file(path: Path) -> str:

@@ -10,14 +10,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dogbreed.errors import UsageError
 from dogbreed.vision.preprocessing import Preprocessing
+from dogbreed.vision.spec import ModelError  # noqa: F401 - where callers have always found it
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
-
-
-class ModelError(UsageError):
-    """A model reference that cannot be used (missing, tampered, mismatched); one readable sentence."""
 
 
 def normalise(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
@@ -87,6 +83,38 @@ class BreedNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.heads(self.features(x))
+
+
+class Outputs(nn.Module):
+    """What one pass gives the scan, from uint8 NHWC photos: (ImageNet probabilities, breed probabilities, pooled
+    features). Eager torch runs this module; the CPU runtime (dogbreed.vision.runtime) converts this very module, so
+    both compute the same thing from the same weights.
+
+    Breeds are the renormalised ImageNet dog classes (`breed_indices`, the default and zero-shot models) or the
+    softmax of the breed head (a trained model).
+    """
+
+    def __init__(self, net: BreedNet, prep: Preprocessing, breed_indices: list[int] | None = None):
+        super().__init__()
+        self.net, self.prep = net, prep
+        self.from_imagenet = net.breed_head is None
+        if self.from_imagenet and not breed_indices:
+            raise ValueError("a network without a breed head needs the ImageNet classes that are breeds")
+        self.register_buffer("breed_indices", torch.tensor(breed_indices or [], dtype=torch.long))
+
+    def probabilities(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ImageNet probabilities, breed probabilities) of pooled features: the heads alone."""
+        imagenet_logits, breed_logits = self.net.heads(feats)
+        imagenet = imagenet_logits.float().softmax(-1)
+        if self.from_imagenet:
+            breeds = imagenet[:, self.breed_indices]
+            return imagenet, breeds / breeds.sum(-1, keepdim=True).clamp_min(1e-12)
+        return imagenet, breed_logits.float().softmax(-1)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        feats = self.net.features(normalise(images, self.prep))
+        imagenet, breeds = self.probabilities(feats)
+        return imagenet, breeds, feats
 
 
 def _load_state_in_order(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

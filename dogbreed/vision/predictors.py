@@ -72,12 +72,10 @@ class _OnDevice:
             torch.backends.cudnn.benchmark = True  # every batch has the same input shape
 
     def _input(self, images: np.ndarray):
-        """uint8 NHWC to the normalised float input on the device; on CUDA through the reused pinned buffer."""
-        from dogbreed.vision.nets import normalise
-
+        """uint8 NHWC photos as a tensor on the device; on CUDA through the reused pinned buffer."""
         torch = self.torch
         if isinstance(images, torch.Tensor):  # made on this device already (decode.device: accelerator, dogbreed.vision.device_decode)
-            return normalise(images.to(self.device), self.prep)
+            return images.to(self.device)
         x = torch.from_numpy(np.ascontiguousarray(images))
         if self.device.type == "cuda":
             if self._pinned is None or self._pinned.shape[0] < len(x) or self._pinned.shape[1:] != x.shape[1:]:
@@ -86,7 +84,7 @@ class _OnDevice:
             staged.copy_(x)
             # Safe to reuse next batch: results are copied back before then, which waits for this stream.
             x = staged.to(self.device, non_blocking=True)
-        return normalise(x, self.prep)
+        return x
 
     def _autocast(self):
         return self.torch.autocast(self.device.type, dtype=self.torch.bfloat16, enabled=self.device.type == "cuda")
@@ -101,32 +99,70 @@ class FeatureExtractor(_OnDevice):
         super().__init__(BreedNet(create_backbone(backbone, weights, pretrained)), Preprocessing(**prep), device)
 
     def __call__(self, batch: Batch) -> Batch:
+        from dogbreed.vision.nets import normalise
+
         with self.torch.inference_mode(), self._autocast():
-            feats = self.net.features(self._input(batch["x"])).float().cpu().numpy()
+            feats = self.net.features(normalise(self._input(batch["x"]), self.prep)).float().cpu().numpy()
         return {**{k: v for k, v in batch.items() if k != "x"}, "x": feats}  # labels and ids pass through
 
 
-class BreedPredictor(_OnDevice):
-    """Dog score + top-k breeds + decision for decoded batches; the model is loaded once per instance."""
+class _TorchOutputs(_OnDevice):
+    """The model in torch on its device (a GPU: bf16 autocast, pinned staging): dogbreed.vision.nets.Outputs, eager."""
 
-    def __init__(self, model: Any = "default", top_k: int = 3, dog_threshold: float = 0.5,
-                 count_dingo: bool = True, device: str = "auto", num_threads: int | None = None,
-                 breed_flip: bool = False, runtime: str = "auto", embeddings: bool = True):
-        from dogbreed.breeds import taxonomy
-        from dogbreed.vision import runtime as runtimes
+    def __init__(self, model: Any, device: str, num_threads: int | None):
         from dogbreed.vision.models import LoadedModel, load_model
+        from dogbreed.vision.nets import Outputs
 
         loaded = model if isinstance(model, LoadedModel) else load_model(model)
         self.spec, self.model_id, self.embedding_id = loaded.spec, loaded.model_id, loaded.embedding_id
-        super().__init__(loaded.net, self.spec.preprocessing, device, num_threads)
-        # The backbone: torch, or on CPU the same weights in OpenVINO (same outputs, about 2.3x faster); heads: torch
-        self.runtime = runtimes.resolve(runtime, self.device.type)
-        self._features = (runtimes.openvino_features(self.net, self.prep.input_size, self.torch.get_num_threads(),
-                                                     self.model_id)
-                          if self.runtime == "openvino" else self.net.features)
+        indices = self.spec.imagenet_breed_indices if self.spec.breed_source == "imagenet" else None
+        super().__init__(Outputs(loaded.net, self.spec.preprocessing, indices), self.spec.preprocessing, device,
+                         num_threads)
+
+    def __call__(self, images: Any, flip: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x = self._input(images)
+        with self.torch.inference_mode(), self._autocast():
+            imagenet, breeds, feats = self.net(x)
+            if flip:
+                breeds = (breeds + self.net(x.flip(2))[1]) / 2
+        return imagenet.float().cpu().numpy(), breeds.float().cpu().numpy(), feats.float().cpu().numpy()
+
+
+class BreedPredictor:
+    """Dog score + top-k breeds + decision for decoded batches; the model is loaded once per instance.
+
+    On a CPU the network runs in OpenVINO where it is installed (`runtime`), else and on GPUs in torch. Given what
+    the driver's describe_model gave (`described`: spec and model_id; the scan's actors), a CPU predictor whose
+    converted network is cached loads that alone, without torch or timm.
+    """
+
+    def __init__(self, model: Any = "default", top_k: int = 3, dog_threshold: float = 0.5,
+                 count_dingo: bool = True, device: str = "auto", num_threads: int | None = None,
+                 breed_flip: bool = False, runtime: str = "auto", embeddings: bool = True,
+                 described: tuple[Any, str] | None = None):
+        import os
+
+        from dogbreed.breeds import taxonomy
+        from dogbreed.vision import runtime as runtimes
+
         self.dog_indices = taxonomy.dog_class_indices(count_dingo)
         self.top_k, self.dog_threshold, self.breed_flip = top_k, dog_threshold, breed_flip
         self.embeddings = embeddings
+        self._model, self._device, self._threads, self._torch = model, device, num_threads, None
+        self._compiled = None
+        if described and device == "cpu" and runtimes.resolve(runtime, "cpu") == "openvino":
+            self._compiled = runtimes.cached(*described, num_threads or os.cpu_count() or 1)
+        if self._compiled is None:
+            engine = self._engine()
+            self.runtime = runtimes.resolve(runtime, engine.device.type)
+            if self.runtime == "openvino":  # the same weights in OpenVINO: same outputs, about 2.3x faster
+                threads = engine.torch.get_num_threads()
+                self._compiled = (runtimes.cached(engine.spec, engine.model_id, threads) or
+                                  runtimes.convert(engine.net, engine.spec, engine.model_id, engine.embedding_id, threads))
+        else:
+            self.runtime = "openvino"
+        source = self._compiled if self.runtime == "openvino" else self._torch
+        self.spec, self.model_id, self.embedding_id = source.spec, source.model_id, source.embedding_id
 
     @classmethod
     def for_scan(cls, cfg: Any, **kwargs: Any) -> "BreedPredictor":
@@ -134,39 +170,43 @@ class BreedPredictor(_OnDevice):
         return cls(cfg.model, cfg.top_k, cfg.dog_threshold, cfg.count_dingo_as_dog, breed_flip=cfg.breed_flip,
                    runtime=cfg.inference.runtime, embeddings=cfg.inference.embeddings, **kwargs)
 
-    def _breeds(self, imagenet, breed_logits):
-        if self.spec.breed_source == "imagenet":
-            breeds = imagenet[:, self.spec.imagenet_breed_indices]
-            return breeds / breeds.sum(-1, keepdim=True).clamp_min(1e-12)
-        return breed_logits.float().softmax(-1)
+    def _engine(self) -> _TorchOutputs:
+        """The model in torch, loaded on first use (a predictor running a cached conversion needs it only for
+        from_features)."""
+        if self._torch is None:
+            self._torch = _TorchOutputs(self._model, self._device, self._threads)
+        return self._torch
 
-    def _forward(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        x = self._input(images)
-        with self.torch.inference_mode(), self._autocast():
-            feats = self._features(x)
-            imagenet_logits, breed_logits = self.net.heads(feats)
-            imagenet = imagenet_logits.float().softmax(-1)
-            breeds = self._breeds(imagenet, breed_logits)
-            if self.breed_flip:  # test-time augmentation: the breed is the mean over the photo and its mirror
-                flip_imagenet, flip_breed = self.net.heads(self._features(x.flip(-1)))
-                breeds = (breeds + self._breeds(flip_imagenet.float().softmax(-1), flip_breed)) / 2
-        # The dog score stays that of the photo as it is: the flip only refines which breed.
-        return imagenet.float().cpu().numpy(), breeds.float().cpu().numpy(), feats.float().cpu().numpy()
+    @property
+    def device(self) -> Any:
+        """Where the network runs: the torch device, or "cpu" for a converted network loaded alone."""
+        return self._torch.device if self._torch is not None else "cpu"
+
+    def _forward(self, images: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ImageNet probabilities, breed probabilities, pooled features) of uint8 NHWC photos. With breed_flip the
+        breed is the mean over the photo and its mirror image (test-time augmentation); the dog score stays that of
+        the photo as it is."""
+        if self._compiled is None:
+            return self._torch(images, self.breed_flip)
+        imagenet, breeds, feats = self._compiled(images)
+        if self.breed_flip:
+            breeds = (breeds + self._compiled(np.asarray(images)[:, :, ::-1])[1]) / 2
+        return imagenet, breeds, feats
 
     def from_features(self, feats: np.ndarray, chunk: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
         """(ImageNet probabilities, breed probabilities) of stored pooled features: the heads alone, as _forward
         runs them after the backbone (relabel). No test-time flip: a mirror image needs the photo."""
-        torch = self.torch
+        engine = self._engine()
+        torch = engine.torch
         imagenet_out, breeds_out = [], []
         with torch.inference_mode(), warnings.catch_warnings():
             # Features read from Arrow are read-only; the heads never write to their input, so no copy is made.
             warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
             for start in range(0, len(feats), chunk):
-                x = torch.from_numpy(np.require(feats[start:start + chunk], np.float32, ["C"])).to(self.device)
-                imagenet_logits, breed_logits = self.net.heads(x)
-                imagenet = imagenet_logits.float().softmax(-1)
+                x = torch.from_numpy(np.require(feats[start:start + chunk], np.float32, ["C"])).to(engine.device)
+                imagenet, breeds = engine.net.probabilities(x)
                 imagenet_out.append(imagenet.cpu().numpy())
-                breeds_out.append(self._breeds(imagenet, breed_logits).float().cpu().numpy())
+                breeds_out.append(breeds.float().cpu().numpy())
         if not imagenet_out:
             return np.zeros((0, 1000), np.float32), np.zeros((0, len(self.spec.class_names)), np.float32)
         if len(imagenet_out) == 1:

@@ -1,27 +1,54 @@
-"""The backbone on a CPU inference runtime: OpenVINO, converted from the very same torch weights.
+"""The network on a CPU inference runtime: OpenVINO, converted from the very same torch module.
 
 On CPU the backbone runs about 2.3x faster in OpenVINO than in eager PyTorch (EfficientNet-Lite0, one thread,
 batch 16: 12 vs 29 ms per image), with the same outputs: OpenVINO is told to compute in fp32 (its default on CPUs with
-bf16 support is bf16, which moves dog scores by up to 0.03 and flips 2.5% of ImageNet top-1s). The heads (ImageNet
-classifier, breed head) stay in torch: they are a matrix product per photo.
+bf16 support is bf16, which moves dog scores by up to 0.03 and flips 2.5% of ImageNet top-1s). What is converted is
+:class:`dogbreed.vision.nets.Outputs` whole: uint8 photos in; ImageNet probabilities, breed probabilities and the
+pooled features out.
 
-The converted network is cached as OpenVINO IR (XML + weights, not a pickle) under ``cache_home()/openvino``, keyed
-by the model id (which hashes the weights), the input size and the OpenVINO version, so only the first actor that
-ever runs a model pays for the conversion (about 6 s); later ones load it in a fraction of a second. GPUs keep torch.
+The converted network is cached as OpenVINO IR (XML + weights, not a pickle) beside a ``meta.json`` (the model's
+description, model_id and embedding_id) under ``cache_home()/openvino``, keyed by the model id (which hashes the
+weights and the description) and the OpenVINO version. Only the first process that ever runs a model pays for the
+conversion (about 6 s); later ones load it in a fraction of a second, and a scan's CPU actors (which know the model
+id from the driver) load it without importing torch or timm at all (about 4 s of CPU less per actor). GPUs keep torch.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
 import uuid
-from typing import Any, Callable
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from dogbreed.config import cache_home
+from dogbreed.vision.spec import ModelSpec
 
 log = logging.getLogger("dogbreed.vision.runtime")
 RUNTIMES = ("auto", "torch", "openvino")
+NETWORK, META = "network.xml", "meta.json"
+LAYOUT = "u8"  # what a cache entry holds (uint8 photos in, three outputs); part of its key
+
+
+@dataclass
+class Compiled:
+    """A model converted for OpenVINO and compiled for this CPU, with what the rows need to say which model it is."""
+
+    spec: ModelSpec
+    model_id: str
+    embedding_id: str
+    request: Any  # an OpenVINO infer request, reused batch after batch
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """uint8 NHWC photos -> (ImageNet probabilities, breed probabilities, pooled features), float32."""
+        self.request.infer({0: np.ascontiguousarray(images, dtype=np.uint8)})
+        return tuple(self.request.get_output_tensor(i).data.copy() for i in range(3))  # type: ignore[return-value]
 
 
 def available() -> bool:
@@ -43,69 +70,74 @@ def resolve(runtime: str, device_type: str) -> str:
     return "openvino" if available() else "torch"
 
 
-def _cache_dir(model_id: str, input_size: int) -> Any:
+def _cache_dir(spec: ModelSpec, model_id: str) -> Any:
+    """The cache entry of a model: its id and a hash of its description (two models may share an id, such as the
+    default and its zero-shot restriction to a taxonomy, whose breed lists differ), and the OpenVINO version."""
     import openvino
 
-    key = f"{model_id}-{input_size}px-ov{openvino.__version__}"
+    described = hashlib.sha256(json.dumps(spec.identity(), sort_keys=True).encode()).hexdigest()[:12]
+    key = f"{model_id}-{described}-ov{openvino.__version__}-{LAYOUT}"
     return cache_home() / "openvino" / "".join(c if c.isalnum() or c in "._-@" else "_" for c in key)
 
 
-def openvino_features(net: Any, input_size: int, threads: int, model_id: str) -> Callable[[Any], Any]:
-    """A function from the normalised float input (a torch tensor, NCHW) to the pooled features, in OpenVINO."""
-    import numpy as np
+def cached(spec: ModelSpec, model_id: str, threads: int) -> Compiled | None:
+    """The cached conversion of the model (`spec` and `model_id`, as dogbreed.vision.models.describe_model gives them),
+    compiled with `threads` threads; None where there is none. An unreadable entry is removed (the caller converts
+    the network again)."""
+    import openvino as ov
+
+    folder = _cache_dir(spec, model_id)
+    if not (folder / META).is_file():
+        return None
+    try:
+        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+        stored = ModelSpec.from_json(meta["spec"], str(folder / META))
+        if meta.get("model_id") != model_id or stored.identity() != spec.identity():
+            raise ValueError(f"it holds another model, {meta.get('model_id')!r}")
+        model = ov.Core().read_model(str(folder / NETWORK))
+        return _compiled(model, spec, model_id, str(meta["embedding_id"]), threads)
+    except Exception as e:  # noqa: BLE001 - a damaged cache entry is converted again
+        log.warning("converting the network again: cached OpenVINO model %s unreadable (%s)", folder, e)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+
+def convert(outputs: Any, spec: ModelSpec, model_id: str, embedding_id: str, threads: int) -> Compiled:
+    """Convert `outputs` (a dogbreed.vision.nets.Outputs) to OpenVINO, cache it under `model_id`, and compile it."""
+    model = _convert(outputs, spec.preprocessing.input_size)
+    _save(model, _cache_dir(spec, model_id), {"model_id": model_id, "embedding_id": embedding_id, "spec": spec.to_json()})
+    return _compiled(model, spec, model_id, embedding_id, threads)
+
+
+def _compiled(model: Any, spec: ModelSpec, model_id: str, embedding_id: str, threads: int) -> Compiled:
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": max(1, int(threads)),
+                                                      "INFERENCE_PRECISION_HINT": "f32"})
+    return Compiled(spec, model_id, embedding_id, compiled.create_infer_request())
+
+
+def _convert(outputs: Any, input_size: int) -> Any:
     import openvino as ov
     import torch
 
-    core = ov.Core()
-    folder = _cache_dir(model_id, input_size)
-    xml = folder / "backbone.xml"
-    model = None
-    if xml.is_file():
-        try:
-            model = core.read_model(str(xml))
-        except Exception as e:  # noqa: BLE001 - a damaged cache entry is converted again
-            log.warning("converting the network again: cached OpenVINO model %s unreadable (%s)", xml, e)
-            shutil.rmtree(folder, ignore_errors=True)
-    if model is None:
-        model = _convert(net, input_size)
-        _save(model, folder)
-    compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": max(1, int(threads)),
-                                                 "INFERENCE_PRECISION_HINT": "f32"})
-    request = compiled.create_infer_request()
-
-    def features(x: Any) -> Any:
-        request.infer({0: np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)})
-        return torch.from_numpy(request.get_output_tensor(0).data.copy())
-
-    return features
-
-
-def _convert(net: Any, input_size: int) -> Any:
-    import openvino as ov
-    import torch
-
-    class Features(torch.nn.Module):  # the backbone's pooled features as a module of its own: what is converted
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net.features(x)
-
-    with torch.inference_mode(False), torch.no_grad():
-        model = ov.convert_model(Features().eval(), example_input=torch.zeros(1, 3, input_size, input_size))
-    model.reshape({0: ov.PartialShape([-1, 3, input_size, input_size])})  # any batch size
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        # The preprocessing's mean and std become constants of the converted network, which is what is meant.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        model = ov.convert_model(outputs.eval(), example_input=torch.zeros(1, input_size, input_size, 3, dtype=torch.uint8))
+    model.reshape({0: ov.PartialShape([-1, input_size, input_size, 3])})  # any batch size
     return model
 
 
-def _save(model: Any, folder: Any) -> None:
-    """Write the IR beside a temporary name and rename it into place: a reader never sees half a model."""
+def _save(model: Any, folder: Any, meta: dict[str, Any]) -> None:
+    """Write the IR and its meta.json in a temporary folder and rename it into place: a reader never sees half a model."""
     import openvino as ov
 
     tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}")
     try:
         tmp.mkdir(parents=True)
-        ov.save_model(model, str(tmp / "backbone.xml"), compress_to_fp16=False)  # fp16 weights would change outputs
+        ov.save_model(model, str(tmp / NETWORK), compress_to_fp16=False)  # fp16 weights would change outputs
+        (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         try:
             os.replace(tmp, folder)
         except OSError:  # another actor put it there first
