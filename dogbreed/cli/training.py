@@ -52,7 +52,8 @@ def bench(
                                            "query latency, recall and relabel at 10k-1M rows.")] = "speed",
     photos: Annotated[int, typer.Option(min=2, help="speed: the scan runs on N and on 3N full-size photos (40: 120 in all).")] = 40,
     small_photos: Annotated[int, typer.Option(min=2, help="speed: N for the small photos (334: about 1,000 in all).")] = 334,
-    classic: Annotated[int, typer.Option(min=1, help="speed: photos (of the N) for the slow classic dog-app loop.")] = 8,
+    classic: Annotated[int, typer.Option(min=1, help="speed: photos (of the N) for the slow classic dog-app loop; "
+                                         "8 times as many small ones.")] = 8,
     files: Annotated[str, typer.Option(help="archive: comma-separated archive sizes.")] = "2000,10000,100000,1000000",
     rows: Annotated[str, typer.Option(help="similar: comma-separated table sizes.")] = "10000,100000,1000000",
     workdir: Annotated[Path, typer.Option(help="Generated photos are kept here and reused by the next run.")] = Path("/tmp/dogbreed-bench"),
