@@ -8,6 +8,7 @@ score and the breed. Both are usable without Ray: ``BreedPredictor()(Decoder(...
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
@@ -140,8 +141,6 @@ class BreedPredictor:
                  count_dingo: bool = True, device: str = "auto", num_threads: int | None = None,
                  breed_flip: bool = False, runtime: str = "auto", embeddings: bool = True,
                  described: tuple[Any, str] | None = None):
-        import os
-
         from dogbreed.breeds import taxonomy
         from dogbreed.vision import runtime as runtimes
 
