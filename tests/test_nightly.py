@@ -146,6 +146,25 @@ def test_rerun_processes_only_new_and_changed_files_and_records_deleted(ray_loca
     assert sorted(table["path"]) == sorted(current["path"]) and "6 photos" in proc.stderr
 
 
+@pytest.mark.slow  # a scan, then a cron rerun in a real process
+def test_an_unchanged_nightly_run_imports_neither_torch_nor_timm_nor_ray(ray_local, tmp_path, make_photos, scan_config):
+    """A rerun with nothing new reads the table, lists and plans: it needs none of the network's libraries (importing
+    torch and timm took the driver about 6 of a nightly run's 7 seconds), and starts no Ray."""
+    root, out = tmp_path / "photos", tmp_path / "out"
+    make_photos(root, 3)
+    cfg = scan_config([root], out)
+    assert run_scan(cfg).processed == 3
+    config = tmp_path / "scan.yaml"
+    config.write_text(dump_config(cfg))
+    code = ("import sys\nfrom dogbreed.cli import main\n"
+            f"sys.argv = ['dogbreed', 'scan', {str(root)!r}, '--out', {str(out)!r}, '-c', {str(config)!r}]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+            "print('exit', code, *(m in sys.modules for m in ('torch', 'timm', 'ray')), file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "3 unchanged" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "exit 0 False False False", proc.stderr
+
+
 @pytest.mark.slow  # two scans
 @pytest.mark.parametrize("kind", ["local", "s3"])
 def test_scan_commits_a_delta_table_an_unchanged_rerun_adds_no_rows_and_latest_has_one_row_per_photo(

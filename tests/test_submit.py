@@ -21,12 +21,14 @@ from dogbreed.errors import Exit
 ROOT = Path(__file__).resolve().parents[1]
 SECRETS = [".env", ".aws/credentials", "id_rsa", ".ssh/id_ed25519", "token", "ray_token.txt", "dogbreed/.env",
            "configs/.netrc", "configs/gcp-key.json", "jobs/id_rsa", ".git/config", "out/part-0.parquet",
-           "tests/test_x.py", ".venv/bin/python", "dogbreed/__pycache__/x.cpython-311.pyc", "notes.txt"]
+           "tests/test_x.py", ".venv/bin/python", "dogbreed/__pycache__/x.cpython-311.pyc", "notes.txt",
+           "configs/notes.txt", "dogbreed/token.txt"]
 
 
 def _project(root: Path) -> list[str]:
     """A checkout with the project's files and, beside them, the secrets and clutter a working directory collects."""
     wanted = ["pyproject.toml", "dogbreed/__init__.py", "dogbreed/templates/report.html.j2", "dogbreed/samples/a.jpg",
+              "dogbreed/breeds/imagenet1k.txt",
               "jobs/scan.py", "configs/scan.yaml", "configs/cluster.yaml"]
     for rel in wanted + SECRETS:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -97,3 +97,14 @@ def test_newbreeds_labels_agree_with_the_table_but_for_breeds_imagenet_names_oth
                       "046.Cavalier_king_charles_spaniel", "065.Entlebucher_mountain_dog",
                       "072.German_shorthaired_pointer", "091.Japanese_chin", "098.Leonberger"}
     assert all(theirs[c] is None for c in differ)  # each one labels.csv calls missing, ImageNet has
+
+
+def test_the_shipped_imagenet_classes_are_timms():
+    """dogbreed reads ImageNet's 1000 classes from its own copy (imagenet1k.txt), so that describing a model needs no
+    timm import (seconds); the copy must stay timm's ImageNetInfo, class for class."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo("imagenet-1k")
+    assert taxonomy.imagenet_wnids() == [info.index_to_label_name(i) for i in range(1000)]
+    assert list(taxonomy._imagenet()[1]) == [info.index_to_description(i) for i in range(1000)]
+    assert taxonomy.imagenet_names()[207] == "golden retriever"

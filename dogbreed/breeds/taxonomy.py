@@ -1,4 +1,4 @@
-"""Breed taxonomies: ImageNet's dog classes (from timm's ImageNet metadata) and class folder names.
+"""Breed taxonomies: ImageNet's dog classes (timm's ImageNet metadata, shipped as imagenet1k.txt) and class folder names.
 
 Folder names of the common layouts become readable breed names:
 Stanford Dogs ``n02085620-Chihuahua``, the dog-app's ``001.Affenpinscher`` and plain ``Golden_retriever``.
@@ -28,23 +28,27 @@ _STANFORD = re.compile(r"^n\d{8}-(.+)$")
 _DOGAPP = re.compile(r"^\d+\.(.+)$")
 
 
-@lru_cache(maxsize=1)
-def _imagenet():
-    from timm.data import ImageNetInfo  # timm ships the 1k class names and WordNet ids offline
+IMAGENET_FILE = Path(__file__).with_name("imagenet1k.txt")
 
-    return ImageNetInfo("imagenet-1k")
+
+@lru_cache(maxsize=1)
+def _imagenet() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(WordNet ids, descriptions) of the 1000 classes, from the copy of timm's ImageNetInfo("imagenet-1k") shipped
+    beside this module (a test keeps the two equal): reading it costs a millisecond, importing timm seconds, and
+    every scan's driver needs the names."""
+    lines = [ln for ln in IMAGENET_FILE.read_text(encoding="utf-8").splitlines() if ln and not ln.startswith("#")]
+    wnids, descriptions = zip(*(ln.split("\t") for ln in lines))
+    return wnids, descriptions
 
 
 def imagenet_names() -> list[str]:
     """Readable name of each ImageNet-1k class (the first WordNet synonym)."""
-    info = _imagenet()
-    return [info.index_to_description(i).split(",")[0].strip() for i in range(1000)]
+    return [d.split(",")[0].strip() for d in _imagenet()[1]]
 
 
 def imagenet_wnids() -> list[str]:
     """WordNet id (``n02085620``) of each ImageNet-1k class."""
-    info = _imagenet()
-    return [info.index_to_label_name(i) for i in range(1000)]
+    return list(_imagenet()[0])
 
 
 def readable(name: str) -> str:
@@ -120,9 +124,8 @@ def imagenet_index_for(folder: str) -> int | None:
         wnids = imagenet_wnids()
         if wnid in wnids:
             return wnids.index(wnid)
-    info = _imagenet()
-    for i in range(1000):
-        if any(canonical(s) == wanted for s in info.index_to_description(i).split(",")):
+    for i, description in enumerate(_imagenet()[1]):
+        if any(canonical(s) == wanted for s in description.split(",")):
             return i
     return None
 

@@ -34,6 +34,7 @@ JOBS = {"scan": ("jobs/scan.py", "configs/scan.yaml"), "train": ("jobs/train.py"
 # names). Anything else in the checkout (.env, .aws/, id_rsa, token files, outputs, tests) stays here.
 SHIPPED = ("pyproject.toml", "dogbreed", "jobs", "configs")
 SHIPPED_SUFFIXES = (".py", ".yaml", ".yml", ".j2", ".md", ".jpg", ".png")
+PACKAGE_DATA = ("dogbreed", ".txt")  # the class lists dogbreed reads (breeds/imagenet1k.txt, breeds/dogapp133.txt)
 # A file named like a secret is never shipped, whatever its suffix (configs/aws_credentials.yaml, token.yml, ...).
 SECRET_NAME = re.compile(r"secret|credential|passw|token|private|api[_-]?key|id_rsa|id_ed25519|\.env", re.IGNORECASE)
 
@@ -115,7 +116,8 @@ def shipped_files(root: Path, extra: list[Path] = ()) -> list[Path]:
         elif path.is_dir():
             for f in path.rglob("*"):
                 rel = f.relative_to(root)
-                if (f.is_file() and f.suffix in SHIPPED_SUFFIXES and "__pycache__" not in rel.parts
+                kind = f.suffix in SHIPPED_SUFFIXES or (rel.parts[0], f.suffix) == PACKAGE_DATA
+                if (f.is_file() and kind and "__pycache__" not in rel.parts
                         and not any(p.startswith(".") for p in rel.parts) and _shippable(f, root)):
                     found.add(rel)
     for f in extra:

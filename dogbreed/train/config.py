@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from dogbreed.config import PHOTO_EXTENSIONS, ConfigError, PhotoConfig, _Strict, load_config
-from dogbreed.vision.nets import DEFAULT_BACKBONE
+from dogbreed.vision.spec import DEFAULT_BACKBONE
 
 __all__ = ["TrainConfig", "load_train_config", "ConfigError"]
 

