@@ -28,6 +28,12 @@ log = logging.getLogger("dogbreed.scan.pipeline")
 DECODE_CALLS_PER_WORKER = 50  # a decode worker process exits after this many blocks (max_calls)
 OUTPUT_BLOCK_PHOTOS = 32  # decoded crops per block sent on to the actors
 BLOCKS_PER_DECODER = 16  # a run is cut into at least this many blocks per decode task: a short tail
+# How far an operator's unconsumed output may outgrow what its consumer has in hand before Ray Data pauses it (Ray's
+# default is 2). The driver holds about two result blocks (the one it writes and one prefetched), and a third
+# waiting was enough to pause the actors, at times for 5-9 s while the decode tasks ran on, until every photo was
+# decoded. 16 never pauses them there, and still bounds the crops waiting for the actors (16 times the actors'
+# pending input) and the results waiting for the driver.
+BACKPRESSURE_RATIO = 16.0
 
 
 class _InferStage:
@@ -106,6 +112,7 @@ def run_pipeline(todo: pa.Table, cfg: ScanConfig, run_id: str, writer: RunWriter
     # A block whose task failed after its bounded retries is dropped, not fatal: its photos become 'lost'
     # error rows (transient, retried next run) and the rest of the run commits.
     ctx.max_errored_blocks = -1
+    ctx.downstream_capacity_backpressure_ratio = BACKPRESSURE_RATIO
     # Decoded crops are 150 KB each: small output blocks keep them streaming to the actors as they are made,
     # instead of waiting for a whole input block (or 128 MiB) of them.
     ctx.target_max_block_size = OUTPUT_BLOCK_PHOTOS * 3 * spec.preprocessing.input_size ** 2
