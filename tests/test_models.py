@@ -261,3 +261,27 @@ def test_a_bad_model_is_one_sentence_and_exit_2_before_ray_starts(kind, message,
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "Started a local Ray" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # a real process
+def test_a_bad_model_on_an_existing_output_is_refused_before_ray_and_leaves_the_table_as_it_was(artifact, tmp_path,
+                                                                                                commit_rows):
+    """An incremental run checks the model once its plan has work (so that a nightly run with nothing new loads no
+    network library); the check must still come before Ray starts and before anything is committed."""
+    import subprocess
+    import sys
+
+    from dogbreed.table import readers
+
+    ref = _bad("wrong-shapes", artifact, tmp_path)
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes((REPO / "dogbreed" / "samples" / "coffee.png").read_bytes())
+    commit_rows(out, [photos / "a.jpg"], model_id=models.describe_model()[1])
+    before = readers.manifests(out)
+    proc = subprocess.run([str(Path(sys.executable).with_name("dogbreed")), "scan", str(photos), "--out", str(out),
+                           "--model", ref], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "do not fit test_efficientnet with 3 breeds" in lines[0], proc.stderr[-2000:]
+    assert "Started a local Ray" not in proc.stderr and readers.manifests(out) == before

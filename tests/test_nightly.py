@@ -147,12 +147,21 @@ def test_rerun_processes_only_new_and_changed_files_and_records_deleted(ray_loca
 
 
 @pytest.mark.slow  # a scan, then a cron rerun in a real process
-def test_an_unchanged_nightly_run_imports_neither_torch_nor_timm_nor_ray(ray_local, tmp_path, make_photos, scan_config):
+@pytest.mark.parametrize("model", ["default", "artifact"])
+def test_an_unchanged_nightly_run_imports_neither_torch_nor_timm_nor_ray(model, ray_local, tmp_path, make_photos,
+                                                                         scan_config):
     """A rerun with nothing new reads the table, lists and plans: it needs none of the network's libraries (importing
-    torch and timm took the driver about 6 of a nightly run's 7 seconds), and starts no Ray."""
+    torch and timm took the driver about 6 of a nightly run's 7 seconds), and starts no Ray. With a model folder
+    (`--model out/models/dogapp`, the new-breeds case) too: its check against the backbone waits for work to do."""
     root, out = tmp_path / "photos", tmp_path / "out"
     make_photos(root, 3)
-    cfg = scan_config([root], out)
+    overrides = {}
+    if model == "artifact":
+        from dogbreed.vision.models import default_spec, load_default, save_artifact
+
+        save_artifact(load_default().net, default_spec(count_dingo=False), tmp_path / "model")
+        overrides["model"] = str(tmp_path / "model")
+    cfg = scan_config([root], out, **overrides)
     assert run_scan(cfg).processed == 3
     config = tmp_path / "scan.yaml"
     config.write_text(dump_config(cfg))

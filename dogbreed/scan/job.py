@@ -29,7 +29,7 @@ from dogbreed.table.output import Output
 from dogbreed.table.store import RunWriter, utcnow
 from dogbreed.vision.decision import settings_id
 from dogbreed.vision.faces import resolved
-from dogbreed.vision.models import check_model
+from dogbreed.vision.models import check_model, describe_model
 from dogbreed.vision.worker import TRANSIENT
 
 log = logging.getLogger("dogbreed.scan.job")
@@ -145,14 +145,23 @@ def run_scan(cfg: ScanConfig, dry_run: bool = False) -> ScanSummary:
         log.warning("root %s lies inside root %s: its files are scanned once, through %s", given, outer, outer)
     # The detector is decided here, once: settings_id names it and the workers run exactly it.
     cfg = cfg.model_copy(update={"roots": roots.roots, "face": resolved(cfg.face)})
-    _, model_id = check_model(cfg.model)  # a bad model is one sentence here, before Ray starts
+    _, model_id = describe_model(cfg.model)  # model.json read and the weights hashed: a tampered model stops here
     settings = settings_id(cfg)
     if dry_run:
+        check_model(cfg.model)
         output.check_claimable()
         return _dry_run(cfg, model_id, _plan(cfg, output.latest(KNOWN, compact=True), model_id, settings))
+    # What would otherwise fail only inside a worker (weights that do not fit the backbone) is one sentence before
+    # Ray starts. The check builds the network's shapes, which imports torch and timm (seconds), so a run that
+    # decodes for sure (the first, or --mode all) checks before it writes anything, and an incremental one once its
+    # plan has something to decode: a nightly run with nothing new loads no network library.
+    checked = _decodes_for_sure(cfg, output)
+    if checked:
+        check_model(cfg.model)
     with output.writing(cfg.lock_lease_s, break_lock=cfg.break_lock) as session, ExitStack() as ray_session:
         started, t0 = utcnow(), time.perf_counter()
-        plan = _plan_starting_ray(cfg, session.latest(KNOWN, compact=True), model_id, settings, ray_session)
+        plan = _plan_starting_ray(cfg, session.latest(KNOWN, compact=True), model_id, settings, ray_session,
+                                  checked)
         with session.writer() as writer:
             proc_s = _write_run(writer, plan, cfg, settings, model_id, session.table)
         summary = ScanSummary(writer.run_id, str(cfg.out), model_id, plan.listed, plan.todo.num_rows, plan.unchanged,
@@ -172,6 +181,17 @@ def run_scan(cfg: ScanConfig, dry_run: bool = False) -> ScanSummary:
         return summary
 
 
+def _decodes_for_sure(cfg: ScanConfig, output: Output) -> bool:
+    """A first run or --mode all: every file is decoded. An output that cannot be read counts as such too; the lock
+    refuses it with its own sentence once the model is checked, as before."""
+    if cfg.mode == "all":
+        return True
+    try:
+        return output.snapshot() is None
+    except Exception:  # noqa: BLE001 - unreadable, damaged or foreign: output.writing() names the problem
+        return True
+
+
 def _plan(cfg: ScanConfig, known: pa.Table, model_id: str, settings: str) -> Plan:
     """List the roots and plan the run against the latest committed rows."""
     try:
@@ -181,14 +201,18 @@ def _plan(cfg: ScanConfig, known: pa.Table, model_id: str, settings: str) -> Pla
     return make_plan(listing, cfg.roots, known, model_id, settings, cfg)
 
 
-def _plan_starting_ray(cfg: ScanConfig, known: pa.Table, model_id: str, settings: str, ray_session: ExitStack) -> Plan:
+def _plan_starting_ray(cfg: ScanConfig, known: pa.Table, model_id: str, settings: str, ray_session: ExitStack,
+                       checked: bool = True) -> Plan:
     """List and plan, with Ray started (or joined) for the run and stopped when `ray_session` closes.
 
     Where the run surely decodes (a first run, or mode all), Ray's start-up (seconds for a local Ray) overlaps the
     listing and planning, which run in a thread meanwhile; otherwise Ray starts after planning, and only if there
-    is something to decode, so an unchanged nightly run starts no Ray.
+    is something to decode, so an unchanged nightly run starts no Ray. The model is checked (check_model) before
+    Ray starts where the caller has not done so yet.
     """
     def start() -> None:
+        if not checked:
+            check_model(cfg.model)
         shutdown = start_ray(cfg.address)  # in the main thread: Ray's signal handling needs it
         if shutdown:
             ray_session.callback(shutdown)
