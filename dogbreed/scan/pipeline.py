@@ -31,8 +31,8 @@ BLOCKS_PER_DECODER = 16  # a run is cut into at least this many blocks per decod
 # How far an operator's unconsumed output may outgrow what its consumer has in hand before Ray Data pauses it (Ray's
 # default is 2). The driver holds about two result blocks (the one it writes and one prefetched), and a third
 # waiting was enough to pause the actors, at times for 5-8 s while the decode tasks ran on, until every photo was
-# decoded. At 16 three traced scans never paused them, and it still bounds the crops waiting for the actors (16 times the actors'
-# pending input) and the results waiting for the driver.
+# decoded. At 16 three traced scans never paused them, and it still bounds the crops waiting for the actors (16
+# times the actors' pending input) and the results waiting for the driver.
 BACKPRESSURE_RATIO = 16.0
 
 
