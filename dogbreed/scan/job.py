@@ -145,19 +145,17 @@ def run_scan(cfg: ScanConfig, dry_run: bool = False) -> ScanSummary:
         log.warning("root %s lies inside root %s: its files are scanned once, through %s", given, outer, outer)
     # The detector is decided here, once: settings_id names it and the workers run exactly it.
     cfg = cfg.model_copy(update={"roots": roots.roots, "face": resolved(cfg.face)})
-    _, model_id = describe_model(cfg.model)  # model.json read and the weights hashed: a tampered model stops here
+    # What would otherwise fail only inside a worker (weights that do not fit the backbone) is one sentence before
+    # Ray starts. The check builds the network's shapes, which imports torch and timm (seconds), so a dry run and a
+    # run that decodes for sure (the first, or --mode all) check at once, before anything is written, and an
+    # incremental one once its plan has something to decode: a nightly run with nothing new loads no network
+    # library. Describing alone reads model.json and hashes the weights: a tampered model stops here either way.
+    checked = dry_run or _decodes_for_sure(cfg, output)
+    _, model_id = (check_model if checked else describe_model)(cfg.model)
     settings = settings_id(cfg)
     if dry_run:
-        check_model(cfg.model)
         output.check_claimable()
         return _dry_run(cfg, model_id, _plan(cfg, output.latest(KNOWN, compact=True), model_id, settings))
-    # What would otherwise fail only inside a worker (weights that do not fit the backbone) is one sentence before
-    # Ray starts. The check builds the network's shapes, which imports torch and timm (seconds), so a run that
-    # decodes for sure (the first, or --mode all) checks before it writes anything, and an incremental one once its
-    # plan has something to decode: a nightly run with nothing new loads no network library.
-    checked = _decodes_for_sure(cfg, output)
-    if checked:
-        check_model(cfg.model)
     with output.writing(cfg.lock_lease_s, break_lock=cfg.break_lock) as session, ExitStack() as ray_session:
         started, t0 = utcnow(), time.perf_counter()
         plan = _plan_starting_ray(cfg, session.latest(KNOWN, compact=True), model_id, settings, ray_session,
