@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -85,9 +86,12 @@ def test_the_converted_network_is_cached_and_a_damaged_cache_is_rebuilt(pair, ca
     def no_conversion(*args):
         raise AssertionError("converted again although the cache holds the network")
 
+    meta = entries[0] / "meta.json"
+    os.utime(meta, (time.time() - 40 * 86400,) * 2)
     with monkeypatch.context() as m:
         m.setattr(runtime, "_convert", no_conversion)
         BreedPredictor("default", runtime="openvino", num_threads=1)  # loads from the cache
+    assert time.time() - meta.stat().st_mtime < 600, "a load marks the entry used, which keeps it from prune()"
     (entries[0] / "network.xml").write_text("<garbage")
     again = BreedPredictor("default", runtime="openvino", num_threads=1)
     x = _crops(again, _photos(None)[:2])
@@ -124,7 +128,12 @@ def test_models_that_share_an_id_but_not_a_description_do_not_share_a_conversion
 
     monkeypatch.setenv("DOGBREED_CACHE", str(tmp_path))  # its own cache: the other tests count entries in theirs
     torch_, ov = pair
+    old = tmp_path / "openvino" / "an-older-openvino-s-entry"  # unused for 40 days: a new conversion removes it
+    old.mkdir(parents=True)
+    (old / "meta.json").write_text("{}")
+    os.utime(old / "meta.json", (time.time() - 40 * 86400,) * 2)
     BreedPredictor("default", num_threads=1)  # the default's conversion, cached first
+    assert not old.exists()
     zs = BreedPredictor(zero_shot_model(["Beagle", "Pug", "Golden retriever"]), num_threads=1)
     assert zs.runtime == "openvino" and len(zs.spec.class_names) == 3
     crops = _crops(torch_, _photos(None))
@@ -132,6 +141,30 @@ def test_models_that_share_an_id_but_not_a_description_do_not_share_a_conversion
     assert breeds.shape == (len(crops), 3) and np.allclose(breeds.sum(1), 1, atol=1e-4)
     assert ov._forward(crops)[1].shape[1] == len(ov.spec.class_names) > 3
     assert len(list((tmp_path / "openvino").iterdir())) == 2
+
+
+def test_prune_removes_only_its_own_unused_entries_and_killed_conversions(tmp_path):
+    now = time.time()
+
+    def folder(name: str, age_s: float, meta: bool = True) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        if meta:
+            (path / "meta.json").write_text("{}")
+        os.utime(path / "meta.json" if meta else path, (now - age_s,) * 2)
+        return path
+
+    day = 86400
+    unused = folder("model-a-ov2024.6.0-u8", 31 * day)
+    older_layout = folder("model-a-ov2026.4.1", 90 * day)
+    used = folder("model-b-ov2026.4.1-u8", 29 * day)
+    killed = folder("." + used.name + "." + "ab" * 16, 2 * 3600, meta=False)
+    converting = folder("." + used.name + "." + "cd" * 16, 60, meta=False)
+    foreign = folder("not-ours", 400 * day, meta=False)  # no meta.json: not an entry, left alone
+    (tmp_path / "notes.txt").write_text("kept")
+    assert sorted(runtime.prune(tmp_path, now)) == sorted([unused.name, older_layout.name, killed.name])
+    assert used.is_dir() and converting.is_dir() and foreign.is_dir() and (tmp_path / "notes.txt").is_file()
+    assert runtime.prune(tmp_path / "absent", now) == []
 
 
 def test_runtime_choice():

@@ -240,12 +240,17 @@ def freeze_artifact(folder: Path, seed: int = 0, classes=("Golden retriever", "S
     return folder
 
 
-def test_relabel_is_what_a_scan_with_the_model_gives_and_keeps_the_history(tmp_path, predictor):
+def test_relabel_is_what_a_scan_with_the_model_gives_and_keeps_the_history(tmp_path, predictor, monkeypatch):
+    from dogbreed.vision import runtime
+
     out = tmp_path / "out"
     photos = sorted(SAMPLES.glob("*"))
     first = commit_photos(out, photos, predictor)
     model = freeze_artifact(tmp_path / "model")
-    summary = relabel(str(out), ScanConfig(model=str(model)))
+    with monkeypatch.context() as m:  # relabel runs the heads alone: it neither converts nor loads the backbone
+        for name in ("cached", "convert"):
+            m.setattr(runtime, name, lambda *a, name=name: pytest.fail(f"relabel called runtime.{name}"))
+        summary = relabel(str(out), ScanConfig(model=str(model)))
     assert summary.relabelled == len(photos) and summary.without_vector == 0
     now = readers.latest(out).set_index("path")
     direct = BreedPredictor(str(model), top_k=3)

@@ -71,11 +71,14 @@ class Relabeller:
     their answers made again by the model's heads from their vectors. Loads the model once; pure per batch, so the
     same object serves the local loop and Ray Data's actors."""
 
-    def __init__(self, cfg: ScanConfig, keys: pa.Table, run_id: str, settings: str):
+    def __init__(self, cfg: ScanConfig, keys: pa.Table, run_id: str, settings: str, model: Any = None):
         from dogbreed.vision.predictors import BreedPredictor
 
         self.cfg, self.run_id, self.settings = cfg, run_id, settings
-        self.predictor = BreedPredictor.for_scan(cfg, device="cpu")
+        # Only the heads run here (from_features, in torch): the backbone is never run, so it is not converted to
+        # or loaded in a CPU runtime. `model`: the model the caller already loaded.
+        heads_only = cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"runtime": "torch"})})
+        self.predictor = BreedPredictor.for_scan(heads_only, model=model, device="cpu")
         self.keys = keys.append_column("_current", pa.array(np.ones(keys.num_rows, dtype=bool)))
 
     def __call__(self, batch: pa.Table | pa.RecordBatch) -> pa.Table:
@@ -183,7 +186,7 @@ def relabel(out: str, cfg: ScanConfig, break_lock: bool = False) -> RelabelSumma
                     if shutdown:
                         shutdown()
             else:
-                relabeller = Relabeller(cfg, keys, writer.run_id, settings)
+                relabeller = Relabeller(cfg, keys, writer.run_id, settings, model=loaded)
                 for rows in _local(out, session.table, keys, relabeller):
                     writer.write(rows)
         summary = RelabelSummary(writer.run_id, loaded.model_id, writer.rows, dict(writer.counts), without,

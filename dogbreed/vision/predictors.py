@@ -164,9 +164,10 @@ class BreedPredictor:
         self.spec, self.model_id, self.embedding_id = source.spec, source.model_id, source.embedding_id
 
     @classmethod
-    def for_scan(cls, cfg: Any, **kwargs: Any) -> "BreedPredictor":
-        """The predictor a ScanConfig describes (model, top_k, threshold, dingo rule, test-time flip)."""
-        return cls(cfg.model, cfg.top_k, cfg.dog_threshold, cfg.count_dingo_as_dog, breed_flip=cfg.breed_flip,
+    def for_scan(cls, cfg: Any, model: Any = None, **kwargs: Any) -> "BreedPredictor":
+        """The predictor a ScanConfig describes (model, top_k, threshold, dingo rule, test-time flip); `model`: that
+        model already loaded (a LoadedModel), so it is not read twice."""
+        return cls(cfg.model if model is None else model, cfg.top_k, cfg.dog_threshold, cfg.count_dingo_as_dog, breed_flip=cfg.breed_flip,
                    runtime=cfg.inference.runtime, embeddings=cfg.inference.embeddings, **kwargs)
 
     def _engine(self) -> _TorchOutputs:

@@ -11,6 +11,7 @@ description, model_id and embedding_id) under ``cache_home()/openvino``, keyed b
 weights and the description) and the OpenVINO version. Only the first process that ever runs a model pays for the
 conversion (about 6 s); later ones load it in a fraction of a second, and a scan's CPU actors (which know the model
 id from the driver) load it without importing torch or timm at all (about 4 s of CPU less per actor). GPUs keep torch.
+Each load marks the entry used; writing a new entry removes those nobody loaded for UNUSED_DAYS (:func:`prune`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import time
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -34,6 +37,11 @@ log = logging.getLogger("dogbreed.vision.runtime")
 RUNTIMES = ("auto", "torch", "openvino")
 NETWORK, META = "network.xml", "meta.json"
 LAYOUT = "u8"  # what a cache entry holds (uint8 photos in, three outputs); part of its key
+# A cache entry nobody loaded for this long (another OpenVINO version's, an older layout's, a model no longer scanned)
+# is removed when a new one is written, so years of models and upgrades do not pile up (about 20 MB each).
+UNUSED_DAYS = 30
+STALE_TMP_S = 3600  # a temporary folder this old is a conversion that was killed
+_TMP_NAME = re.compile(r"\..+\.[0-9a-f]{32}")  # what _save names its temporary folders
 
 
 @dataclass
@@ -95,17 +103,52 @@ def cached(spec: ModelSpec, model_id: str, threads: int) -> Compiled | None:
         if meta.get("model_id") != model_id or stored.identity() != spec.identity():
             raise ValueError(f"it holds another model, {meta.get('model_id')!r}")
         model = ov.Core().read_model(str(folder / NETWORK))
-        return _compiled(model, spec, model_id, str(meta["embedding_id"]), threads)
+        compiled = _compiled(model, spec, model_id, str(meta["embedding_id"]), threads)
     except Exception as e:  # noqa: BLE001 - a damaged cache entry is converted again
         log.warning("converting the network again: cached OpenVINO model %s unreadable (%s)", folder, e)
         shutil.rmtree(folder, ignore_errors=True)
         return None
+    try:
+        os.utime(folder / META)  # its last use, which keeps it from prune()
+    except OSError:
+        pass  # a read-only cache is still used
+    return compiled
+
+
+def prune(root: Any, now: float | None = None) -> list[str]:
+    """Remove what this module wrote under `root` that is no longer used: entries (folders holding a meta.json) not
+    loaded for UNUSED_DAYS, and temporary folders of conversions killed over STALE_TMP_S ago. Anything else there is
+    left alone. Returns the names removed."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        children = list(os.scandir(root))
+    except OSError:
+        return removed
+    for child in children:
+        try:
+            if not child.is_dir(follow_symlinks=False):
+                continue
+            if _TMP_NAME.fullmatch(child.name):
+                stale = now - child.stat(follow_symlinks=False).st_mtime > STALE_TMP_S
+            else:
+                stale = now - os.stat(os.path.join(child.path, META)).st_mtime > UNUSED_DAYS * 86400
+        except OSError:  # not an entry (no meta.json), or gone meanwhile
+            continue
+        if stale:
+            shutil.rmtree(child.path, ignore_errors=True)
+            removed.append(child.name)
+    if removed:
+        log.info("removed %d unused cached network(s) from %s: %s", len(removed), root, ", ".join(removed))
+    return removed
 
 
 def convert(outputs: Any, spec: ModelSpec, model_id: str, embedding_id: str, threads: int) -> Compiled:
     """Convert `outputs` (a dogbreed.vision.nets.Outputs) to OpenVINO, cache it under `model_id`, and compile it."""
     model = _convert(outputs, spec.preprocessing.input_size)
-    _save(model, _cache_dir(spec, model_id), {"model_id": model_id, "embedding_id": embedding_id, "spec": spec.to_json()})
+    folder = _cache_dir(spec, model_id)
+    _save(model, folder, {"model_id": model_id, "embedding_id": embedding_id, "spec": spec.to_json()})
+    prune(folder.parent)  # where the cache grows, what no one uses goes
     return _compiled(model, spec, model_id, embedding_id, threads)
 
 
