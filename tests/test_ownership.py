@@ -192,6 +192,24 @@ def test_a_tampered_run_record_deletes_nothing_outside_its_run(tmp_path, commit_
     assert (tmp_path / "precious.txt").read_text() == "keep" and (out / "data" / "x" / "y.parquet").read_text() == "keep"
 
 
+@pytest.mark.parametrize("run_id", ["..", ".", "x/..", "x/../.."])
+def test_a_run_record_whose_run_id_names_a_parent_deletes_nothing(tmp_path, commit_rows, run_id):
+    """A record named '...json' with run_id '..' made data/../ the output itself: compact deleted OUT/mine.parquet."""
+    out = tmp_path / "table"
+    commit_rows(out, ["/p/a.jpg"])
+    (out / "mine.parquet").write_text("keep")
+    (out / "data" / "mine.parquet").write_text("keep")
+    runs = out / META_DIR / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    record = {"run_id": run_id, "files": [f"data/{run_id}/mine.parquet", "data/../mine.parquet"]}
+    (runs / f"{run_id}.json").parent.mkdir(parents=True, exist_ok=True)
+    (runs / f"{run_id}.json").write_text(json.dumps(record))
+    loc = locate(out)
+    with hold(loc, 30):
+        assert clear_orphans(loc, open_table(loc)) == []
+    assert (out / "mine.parquet").read_text() == "keep" and (out / "data" / "mine.parquet").read_text() == "keep"
+
+
 # --------------------------------------------------------------------------- every --out name works or is refused
 
 

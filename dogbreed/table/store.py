@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,6 +45,14 @@ class StoreError(Failed):
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # what new_run_id() makes (and older layouts' ids): no dots,
+# no separators, so a run's folder data/<run_id>/ can never name its parent or another folder
+
+
+def is_run_id(value: Any) -> bool:
+    return isinstance(value, str) and _RUN_ID.fullmatch(value) is not None
 
 
 def new_run_id() -> str:
@@ -219,6 +228,8 @@ class RunWriter:
 def delete_run_files(loc: Location, run_id: str, files: list[str]) -> bool:
     """Delete the files a run recorded (only names inside its own data/<run_id>/ folder), then that folder if it
     is empty; True when nothing of it is left. Files the run did not record are never touched."""
+    if not is_run_id(run_id):  # ".." would make data/../ the output folder itself
+        return False
     ok = True
     own = f"{DATA_DIR}/{run_id}/"
     for name in files:
@@ -351,6 +362,8 @@ def clear_orphans(loc: Location, table) -> list[str]:
             run_id, files = doc["run_id"], list(doc["files"])
             if f"{run_id}.json" != name:
                 raise ValueError("run id and record name differ")
+            if not is_run_id(run_id):
+                raise ValueError(f"{run_id!r} is not a run id")
         except (ValueError, KeyError, TypeError) as e:
             logging.getLogger("dogbreed.table.store").warning("run record %s in %s is unreadable (%s): left alone",
                                                         name, loc.out, e)
