@@ -163,3 +163,33 @@ def test_a_large_16_bit_photo_decodes_in_a_few_bytes_per_pixel(tmp_path):
     bytes_per_pixel = grown_kb * 1024 / (w * h)
     assert bytes_per_pixel < 6, f"decoding took {bytes_per_pixel:.1f} bytes per pixel"
     print(f"16-bit decode: {bytes_per_pixel:.2f} bytes per pixel")
+
+
+def test_a_32_bit_float_tiff_decodes():
+    """It was an error row: a float image's pixels came as a read-only view, which the in-place clip could not write."""
+    buf = io.BytesIO()
+    Image.fromarray(np.linspace(0, 255, 40 * 60, dtype=np.float32).reshape(40, 60), "F").save(buf, "TIFF")
+    d = decode(buf.getvalue(), GEOM)
+    assert d.model_input.dtype == np.uint8 and d.model_input.max() > 100
+
+
+def test_fingerprinting_a_fifo_swapped_in_since_the_listing_returns_at_once(tmp_path):
+    """The plan fingerprints files in the driver, holding the output's lock: open() on a FIFO blocked it for good."""
+    import os
+    import threading
+
+    from dogbreed.vision.decode import fingerprint_file
+
+    fifo = tmp_path / "p.jpg"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fingerprint_file(str(fifo))), daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # unblock the thread before failing, so that the test run can end
+        with open(fifo, "wb"):
+            pass
+        pytest.fail("fingerprint_file blocked on a FIFO")
+    assert got == [None]
+    (tmp_path / "a.jpg").write_bytes(b"x" * 10)
+    assert fingerprint_file(str(tmp_path / "a.jpg")) is not None

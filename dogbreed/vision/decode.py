@@ -17,6 +17,7 @@ import hashlib
 import io
 import math
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 
@@ -92,10 +93,16 @@ def fingerprint_of_bytes(data: bytes) -> str:
 
 
 def fingerprint_file(path: str | bytes) -> str | None:
-    """The fingerprint of a local file read from its two ends, or None if it cannot be read."""
+    """The fingerprint of a local file read from its two ends, or None if it cannot be read or is no longer a regular
+    file. Opened without blocking and checked on the open file: a FIFO swapped in since the listing would otherwise
+    block the open (in the driver, holding the output's lock) until something writes to it."""
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+        with open(fd, "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                return None
+            size = info.st_size
             head = f.read(FINGERPRINT_CHUNK)
             tail = b""
             if size > FINGERPRINT_CHUNK:  # the last chunk, overlapping the first for small files, as above
@@ -141,7 +148,8 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     w, h = im.size
     out = np.empty((h, w), dtype=np.uint8)
     for y in range(0, h, _STRIP_ROWS):
-        strip = np.asarray(im.crop((0, y, w, min(h, y + _STRIP_ROWS))), dtype=np.float32)
+        strip = np.array(im.crop((0, y, w, min(h, y + _STRIP_ROWS))), dtype=np.float32)  # a copy: a float image's
+        # pixels come as a read-only view, which the in-place clip below cannot write
         np.clip(strip * np.float32(255.0 / top) + np.float32(0.5), 0, 255, out=strip)
         out[y:y + strip.shape[0]] = strip
     return Image.fromarray(out, "L")
