@@ -114,6 +114,12 @@ def test_a_first_run_decodes_every_photo_and_records_the_other_files_directly(cf
     assert plan.files_per_root == {ROOT: 5}
 
 
+def test_a_name_ending_in_a_control_character_is_skipped_with_a_one_line_reason(cfg):
+    plan = plan_of([entry(f"{ROOT}/trail.jpg\n"), entry(f"{ROOT}/esc.jp\x1bg")], [], cfg)
+    assert plan.todo.num_rows == 0
+    assert plan.direct.column("error").to_pylist() == ["not a photo extension (none)"] * 2
+
+
 def test_an_unchanged_rerun_has_nothing_to_do(cfg):
     latest = remember(plan_of(FIRST_RUN, [], cfg))
     plan = plan_of(FIRST_RUN, latest, cfg)

@@ -83,7 +83,8 @@ def _decided_by_listing(listing: pa.Table, extensions: list[str]) -> tuple[np.nd
     """Files whose row the listing decides: notes (loops, links outside the roots, unreadable folders) and
     non-photo extensions, which are never opened. Returns their mask, and their status, error and error_kind
     (computed for those few rows only, not for every listed path)."""
-    ext = pc.struct_field(pc.extract_regex(listing.column("path"), r"(?P<ext>\.[^./]*)$"), [0])
+    # An extension has no control characters: a name ending in "jpg\n" has none, and the reason stays one line
+    ext = pc.struct_field(pc.extract_regex(listing.column("path"), r"(?P<ext>\.[^./\x00-\x1f\x7f]*)$"), [0])
     ext = pc.utf8_lower(pc.fill_null(ext, ""))  # lower-cases the few-byte extensions, not every path
     is_photo = _np(pc.is_in(ext, value_set=pa.array([e.lower() for e in extensions], pa.string())))
     noted = _np(pc.is_valid(listing.column("note_status")))
