@@ -55,6 +55,17 @@ def test_exif_rotation_swaps_the_frame():
     assert d.small.shape[0] > d.small.shape[1]  # portrait after orientation
 
 
+def test_an_orientation_stored_as_text_is_applied_to_neither_the_size_nor_the_pixels():
+    """Pillow's exif_transpose ignores a text "6"; the size once took it (600x400 reported for unrotated pixels)."""
+    img = _gradient(600, 400)
+    import struct
+
+    # one IFD entry: tag 0x0112, type 2 (ASCII), count 2, the value "6\0" inline
+    ifd = b"II*\0" + struct.pack("<IH", 8, 1) + struct.pack("<HHI", 0x0112, 2, 2) + b"6\0\0\0" + b"\0" * 4
+    d = decode(_jpeg(img, exif=b"Exif\0\0" + ifd), GEOM)
+    assert (d.width, d.height) == (600, 400) and d.small.shape[1] > d.small.shape[0]
+
+
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "I;16", "1"])
 def test_any_mode_becomes_rgb(mode):
     img = _gradient(300, 260).convert("RGBA" if mode in ("LA", "RGBA") else "RGB")

@@ -207,8 +207,11 @@ def _open(data: bytes, max_pixels: int, suffix: str | None = None) -> Image.Imag
 
 
 def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation exactly as ImageOps.exif_transpose will apply it (1 where it applies none: a value
+    outside 1-8, or one stored as text), so the reported size always matches the pixels."""
     try:
-        return int(im.getexif().get(ExifTags.Base.Orientation, 1) or 1)
+        value = im.getexif().get(ExifTags.Base.Orientation, 1)
+        return int(value) if not isinstance(value, (str, bytes)) and value in range(1, 9) else 1
     except Exception:  # noqa: BLE001 - broken EXIF must not lose the photo
         return 1
 
