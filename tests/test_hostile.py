@@ -142,6 +142,7 @@ def test_scan_gives_every_hostile_file_exactly_one_row_with_its_status(corpus, s
     problems = [p for c in cases for p in _problems(c, *outcome[str(root / c.name)])]
     assert not problems, "\n".join(problems)
     assert summary.exit_code == 3  # bad photos are reported to cron, not hidden
+    assert rows["path_bytes"].isna().all(), "every name here is UTF-8: path_bytes is null (decoded rows had b'')"
 
 
 @pytest.mark.slow  # shares the real scan of the hostile corpus with the test above

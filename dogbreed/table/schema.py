@@ -134,7 +134,9 @@ def rows_to_table(rows: dict[str, Any], run_id: str, settings_id: str | None, pr
     n = len(rows["path"])
     ok = np.array([s in OK_STATUSES for s in rows["status"]], dtype=bool)
     cols = dict(rows)
-    cols["path_bytes"] = rows.get("raw")
+    raw = rows.get("raw")  # Arrow's trip between stages may turn a null into b'': a path is never empty, so b'' is null
+    cols["path_bytes"] = None if raw is None else [bytes(v) if isinstance(v, (bytes, bytearray, memoryview)) and len(v) else None
+                                                 for v in raw]
     cols["mtime"] = timestamps(rows["mtime_ns"])
     if "ctime_ns" in rows:
         cols["ctime"] = timestamps(rows["ctime_ns"])
