@@ -111,6 +111,9 @@ def test_pickled_code_is_never_executed(tmp_path):
     (lambda d: d.pop("model_id"), "model_id"),
     (lambda d: d.update(format_version="1"), "format_version"),
     (lambda d: d["preprocessing"].update(crop_pct=0), "preprocessing"),
+    (lambda d: d["preprocessing"].update(input_size=10**9), "preprocessing"),  # was a 3e18-byte allocation
+    (lambda d: d["preprocessing"].update(mean=[float("nan")] * 3), "preprocessing"),  # was a traceback
+    (lambda d: d["preprocessing"].update(std=[float("inf")] * 3), "preprocessing"),  # was "neither" for every photo
     (lambda d: d.update(breed_source="imagenet2"), "breed_source"),
     (lambda d: d.update(surprise=1), "surprise"),
 ])

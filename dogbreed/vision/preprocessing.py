@@ -5,9 +5,13 @@ Free of torch, so decode tasks and decoder children can use it without loading t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from dogbreed.vision.geometry import CROP_MODES, FACE_SIDE, INTERPOLATIONS, Geometry
+
+
+MAX_INPUT_SIZE = 2048  # the largest network input side accepted (timm's ImageNet models stay well below)
 
 
 @dataclass(frozen=True)
@@ -23,8 +27,11 @@ class Preprocessing:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     def __post_init__(self) -> None:
-        if self.input_size < 1 or not 0 < self.crop_pct <= 1 or any(v <= 0 for v in self.std):
-            raise ValueError(f"preprocessing needs input_size >= 1, 0 < crop_pct <= 1 and std > 0 (got {self})")
+        if not 1 <= self.input_size <= MAX_INPUT_SIZE or not 0 < self.crop_pct <= 1 or any(v <= 0 for v in self.std):
+            raise ValueError(f"preprocessing needs 1 <= input_size <= {MAX_INPUT_SIZE}, 0 < crop_pct <= 1 and std > 0 "
+                             f"(got {self})")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):  # NaN passes every comparison above
+            raise ValueError(f"preprocessing needs finite mean and std (got {self})")
         if self.interpolation not in INTERPOLATIONS or self.crop_mode not in CROP_MODES:
             raise ValueError(f"preprocessing needs an interpolation of {', '.join(INTERPOLATIONS)} and a crop_mode of "
                              f"{', '.join(CROP_MODES)} (got {self.interpolation!r}, {self.crop_mode!r})")
