@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -20,6 +20,9 @@ RAW_EXTENSIONS = (".dng", ".cr2", ".cr3", ".nef", ".nrw", ".arw", ".srf", ".sr2"
                   ".srw", ".erf", ".3fr", ".kdc", ".dcr", ".mos", ".iiq", ".x3f", ".mrw", ".rwl")
 PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".heic", ".heif",
                     ".heics", ".heifs", ".hif", ".avif", ".avifs", ".jxl") + RAW_EXTENSIONS
+
+
+DAY_S = 86_400.0  # the longest lease or per-photo limit accepted: an infinite one overflowed the clock (a traceback)
 
 
 def cache_home() -> Path:
@@ -65,9 +68,9 @@ class PhotoConfig(_Strict):
 
     max_pixels: int = Field(180_000_000, ge=1, description="decompression-bomb guard on declared width*height")
     max_bytes: int = Field(200_000_000, ge=1, description="files larger than this are refused unread")
-    timeout_s: float = Field(60.0, gt=0, description="per-photo limit; a photo still decoding then is declared hung, "
+    timeout_s: float = Field(60.0, gt=0, le=DAY_S, description="per-photo limit (at most a day); a photo still decoding then is declared hung, "
                              "its decoder process is killed and it becomes an error row")
-    max_memory_mb: int | None = Field(4096, ge=256, description="memory cap of a decoder process (RLIMIT_DATA); a photo "
+    max_memory_mb: int | None = Field(4096, ge=256, le=1 << 30, description="memory cap of a decoder process (RLIMIT_DATA); a photo "
                                       "needing more becomes an error row instead of waking the OOM killer; null = none")
     plugins: list[str] = Field(default_factory=list, description="Pillow plugins imported in each decoder process: "
                                "module names or .py files")
@@ -97,7 +100,7 @@ class InferenceConfig(_Strict):
 
     batch_size: int = Field(16, ge=1, description="images per forward pass; 16 is fastest per image on CPU, raise on GPU")
     concurrency: int | None = Field(None, ge=1, description="number of actors; null = one per GPU, or 1 on CPU")
-    num_gpus: float | Literal["auto"] = Field("auto", description="GPUs per actor; auto = 1 if the cluster has GPUs, else 0")
+    num_gpus: Annotated[float, Field(ge=0)] | Literal["auto"] = Field("auto", description="GPUs per actor; auto = 1 if the cluster has GPUs, else 0")
     max_tasks_in_flight: int | None = Field(None, ge=1, description="batches queued per actor; null = Ray Data's default; "
                                             "1 spreads a short run evenly over every actor")
     wait_for_actors_s: float = Field(0, ge=0, description="wait up to this long for the whole pool before the first batch "
@@ -143,9 +146,9 @@ class ScanConfig(_Strict):
                              "malformed or is dated in the future (a run holding it then fails to commit)")
     log_file: str | None = Field(None, description="append the job's log lines here")
     progress: bool | None = Field(None, description="one progress bar; null = only when stderr is a terminal")
-    lock_lease_s: float = Field(60.0, ge=5, description="lease of the output's lock; a running scan renews it 4 times "
+    lock_lease_s: float = Field(60.0, ge=5, le=DAY_S, description="lease of the output's lock; a running scan renews it 4 times "
                                 "per lease, a killed one's lock is free again after this long")
-    vacuum_retention_hours: int = Field(168, ge=1, description="dogbreed compact keeps files older versions need for "
+    vacuum_retention_hours: int = Field(168, ge=1, le=100 * 366 * 24, description="dogbreed compact keeps files older versions need for "
                                         "this long (time travel), then deletes them")
     photos: PhotoConfig = Field(default_factory=PhotoConfig)
     face: FaceConfig = Field(default_factory=FaceConfig)
@@ -173,7 +176,8 @@ MOVED["face.max_side"] = "photos.face_side"
 
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    # a union's member tags ('constrained-float', "literal['auto']") are not keys: field names and list indices are
+    key = ".".join(str(p) for p in first["loc"] if isinstance(p, int) or str(p).isidentifier()) or "(top level)"
     if first["type"] == "extra_forbidden":
         if key in MOVED:
             return f"{source}: key '{key}' is now '{MOVED[key]}'"
@@ -196,6 +200,8 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[st
             raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deeply to be a dogbreed config") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -60,12 +60,24 @@ def test_wrong_type_names_key_and_value(tmp_path):
         load_config(ScanConfig, f)
 
 
-@pytest.mark.parametrize("text, message", [("- a\n- b\n", "top level must be a mapping"), ("a: [\n", "not valid YAML")])
+@pytest.mark.parametrize("text, message", [("- a\n- b\n", "top level must be a mapping"), ("a: [\n", "not valid YAML"),
+                                           ("roots: " + "[" * 900 + "]" * 900 + "\n", "nested too deeply")])
 def test_malformed_files(tmp_path, text, message):
     f = tmp_path / "c.yaml"
     f.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(ScanConfig, f)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("lock_lease_s", float("inf")), ("photos.timeout_s", float("inf")),  # tracebacks: the clock overflowed
+    ("vacuum_retention_hours", 10**20), ("photos.max_memory_mb", 10**20),  # tracebacks: too big for the callee
+    ("inference.num_gpus", -1),  # a traceback from Ray
+])
+def test_values_no_run_can_use_name_the_key(key, value):
+    with pytest.raises(ConfigError, match=f"key '{key}'") as e:
+        load_config(ScanConfig, None, {key: value})
+    assert "\n" not in str(e.value)
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
