@@ -7,6 +7,8 @@ traceback. A photo that cannot be read is never an exception here: it is an erro
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import IntEnum
 
 
@@ -52,3 +54,13 @@ class Failed(DogbreedError, RuntimeError):
     """The run started and could not finish (store unwritable, every photo lost); nothing was committed."""
 
     exit_code, label = Exit.FAILED, "failed"
+
+
+@contextmanager
+def writing(path: object) -> Iterator[None]:
+    """Writing a file or folder the user named: an OSError (a folder where a file goes, a missing parent folder, no
+    permission, a full disk) becomes one sentence naming it, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from dogbreed.config import PhotoConfig
-from dogbreed.errors import UsageError
+from dogbreed.errors import UsageError, writing
 from dogbreed.table import readers, schema
 from dogbreed.vision.decode import ImageError
 from dogbreed.vision.geometry import Geometry
@@ -153,10 +153,11 @@ def write_annotated(rows: pd.DataFrame, folder: str | Path, photos: PhotoConfig 
         for row in rows.to_dict("records"):
             if row["status"] not in IMAGE_STATUSES:
                 continue
-            folder.mkdir(parents=True, exist_ok=True)
             img = thumbnail(reader, row.get("path_bytes") or row["path"], row)
             target = folder / (Path(row["path"]).stem + ".annotated.jpg")
-            img.save(target, quality=90)
+            with writing(target):
+                folder.mkdir(parents=True, exist_ok=True)
+                img.save(target, quality=90)
             written.append(target)
     finally:
         reader.close()
@@ -325,5 +326,6 @@ def build_report(out_dir: str | Path, html_path: str | Path, max_gallery: int = 
         lookalikes=lookalikes,
     )
     html_path.parent.mkdir(parents=True, exist_ok=True)
-    html_path.write_text(html, encoding="utf-8")
+    with writing(html_path):
+        html_path.write_text(html, encoding="utf-8")
     return html_path

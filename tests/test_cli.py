@@ -78,6 +78,27 @@ def test_latest_of_a_folder_without_a_scan_is_one_sentence(tmp_path):
     assert "holds no committed scan run" in r.output and "Traceback" not in r.output
 
 
+@pytest.mark.parametrize("args", [
+    ["latest", "{out}", "--csv", "{tmp}"],  # a folder: IsADirectoryError traceback
+    ["latest", "{out}", "--csv", "{tmp}/no/such/folder/x.csv"],  # pandas' OSError traceback
+    ["latest", "{out}", "--parquet", "{tmp}"],
+    ["report", "{out}", "--html", "{tmp}"],
+])
+def test_an_output_file_that_cannot_be_written_is_one_sentence_and_exit_2(tmp_path, commit_rows, args):
+    out = tmp_path / "table"
+    commit_rows(out, [SAMPLES / "coffee.png"])
+    r = runner.invoke(app, [a.format(out=out, tmp=tmp_path) for a in args])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines()[-1].startswith("error: cannot write ") and "Traceback" not in r.output
+
+
+def test_predict_annotate_into_a_file_is_one_sentence_and_exit_2(tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    r = runner.invoke(app, ["predict", str(SAMPLES / "coffee.png"), "--annotate", str(tmp_path / "afile")])
+    assert r.exit_code == 2 and "error: cannot write " in r.output, r.output
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_every_error_type_has_one_exit_code_from_the_one_table():
     """Errors are classified by type (dogbreed.errors), never by the module they come from."""
     from dogbreed.breeds.folders import DataError

@@ -10,6 +10,7 @@ import typer
 
 from dogbreed.cli.app import BreakLockOpt, ConfigOpt, ModelOpt, _scan_config, _user_errors, app
 from dogbreed.config import ConfigError
+from dogbreed.errors import writing
 
 OutArg = Annotated[str, typer.Argument(help="Scan output: a folder, s3://... or gs://... (a Delta table).")]
 
@@ -28,10 +29,10 @@ def latest(
     with _user_errors():
         Output(out_dir).require()
         df = readers.latest(out_dir, model_id=model_id)
-    if csv:
-        df.to_csv(csv, index=False)
-    if parquet:
-        df.to_parquet(parquet, index=False)
+        for path, write in ((csv, df.to_csv), (parquet, df.to_parquet)):
+            if path:
+                with writing(path):
+                    write(path, index=False)
     if not csv and not parquet:
         typer.echo(df[schema.SUMMARY_COLUMNS].to_string(index=False))
     typer.echo(f"{len(df)} photos; " + ", ".join(f"{k} {v}" for k, v in df["status"].value_counts().items()), err=True)
