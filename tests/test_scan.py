@@ -52,6 +52,19 @@ def test_a_scan_told_to_store_no_embeddings_ships_none_through_ray(tmp_path, ray
 
 
 @pytest.mark.slow  # two scans
+@pytest.mark.parametrize("overrides", [{"inference.num_cpus": 64}, {"decode.num_cpus": 64},
+                                       {"inference.concurrency": 8, "inference.wait_for_actors_s": 100_000}])
+def test_resources_this_machines_ray_cannot_hold_are_refused_not_waited_for(tmp_path, ray_local, scan_config,
+                                                                             monkeypatch, overrides):
+    """Each of these ran until it was killed (the decode tasks or the actors could never be scheduled)."""
+    from dogbreed.scan.plan import ScanRefused
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ScanRefused, match=r"need [\d.]+ CPUs, but this machine's Ray has 2"):
+        run_scan(scan_config([SAMPLES], tmp_path / "out", **overrides))
+    assert readers.manifests(tmp_path / "out") == []  # nothing committed
+
+
 def test_dtypes_do_not_drift_between_runs(tmp_path, ray_local, scan_config):
     out = tmp_path / "out"
     (tmp_path / "a").mkdir()

@@ -8,6 +8,7 @@ photos come back as 'lost' rows (see the job).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from typing import Any
@@ -76,7 +77,15 @@ def _inference_resources(cfg: ScanConfig) -> tuple[float, int, int]:
     if num_gpus and gpus_in_cluster < num_gpus:
         raise ScanRefused(f"the config asks for {num_gpus} GPU per inference actor but the cluster has {gpus_in_cluster:g} GPUs")
     actors = cfg.inference.concurrency or (max(1, int(gpus_in_cluster // num_gpus)) if num_gpus else 1)
-    free_cpus = resources.get("CPU", 1) - actors * cfg.inference.num_cpus
+    cpus = resources.get("CPU", 1)
+    if not (cfg.address or os.environ.get("RAY_ADDRESS")):  # this run's own Ray, which never grows: a request it
+        # cannot hold would wait for ever (a cluster that autoscales may add the nodes, so there Ray waits)
+        need = actors * cfg.inference.num_cpus + cfg.decode.num_cpus
+        if need > cpus + 1e-6:
+            raise ScanRefused(f"{actors} inference actor(s) at inference.num_cpus {cfg.inference.num_cpus:g} and a decode "
+                              f"task at decode.num_cpus {cfg.decode.num_cpus:g} need {need:g} CPUs, but this machine's "
+                              f"Ray has {cpus:g}: lower them")
+    free_cpus = cpus - actors * cfg.inference.num_cpus
     decoders = cfg.decode.concurrency or max(1, int(free_cpus / cfg.decode.num_cpus + 1e-6))
     return float(num_gpus), actors, decoders
 
