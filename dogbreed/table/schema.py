@@ -135,8 +135,9 @@ def rows_to_table(rows: dict[str, Any], run_id: str, settings_id: str | None, pr
     ok = np.array([s in OK_STATUSES for s in rows["status"]], dtype=bool)
     cols = dict(rows)
     raw = rows.get("raw")  # Arrow's trip between stages may turn a null into b'': a path is never empty, so b'' is null
-    cols["path_bytes"] = None if raw is None else [bytes(v) if isinstance(v, (bytes, bytearray, memoryview)) and len(v) else None
-                                                 for v in raw]
+    if raw is not None:
+        raw = [bytes(v) if isinstance(v, (bytes, bytearray, memoryview)) and len(v) else None for v in raw]
+    cols["path_bytes"] = raw
     cols["mtime"] = timestamps(rows["mtime_ns"])
     if "ctime_ns" in rows:
         cols["ctime"] = timestamps(rows["ctime_ns"])
