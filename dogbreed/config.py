@@ -68,8 +68,8 @@ class PhotoConfig(_Strict):
 
     max_pixels: int = Field(180_000_000, ge=1, description="decompression-bomb guard on declared width*height")
     max_bytes: int = Field(200_000_000, ge=1, description="files larger than this are refused unread")
-    timeout_s: float = Field(60.0, gt=0, le=DAY_S, description="per-photo limit (at most a day); a photo still decoding then is declared hung, "
-                             "its decoder process is killed and it becomes an error row")
+    timeout_s: float = Field(60.0, gt=0, le=DAY_S, description="per-photo limit (at most a day); a photo still decoding "
+                             "then is declared hung, its decoder process is killed and it becomes an error row")
     max_memory_mb: int | None = Field(4096, ge=256, le=1 << 30, description="memory cap of a decoder process (RLIMIT_DATA); a photo "
                                       "needing more becomes an error row instead of waking the OOM killer; null = none")
     plugins: list[str] = Field(default_factory=list, description="Pillow plugins imported in each decoder process: "
@@ -100,7 +100,8 @@ class InferenceConfig(_Strict):
 
     batch_size: int = Field(16, ge=1, description="images per forward pass; 16 is fastest per image on CPU, raise on GPU")
     concurrency: int | None = Field(None, ge=1, description="number of actors; null = one per GPU, or 1 on CPU")
-    num_gpus: Annotated[float, Field(ge=0)] | Literal["auto"] = Field("auto", description="GPUs per actor; auto = 1 if the cluster has GPUs, else 0")
+    num_gpus: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="GPUs per actor; auto = 1 if the cluster has GPUs, else 0")
     max_tasks_in_flight: int | None = Field(None, ge=1, description="batches queued per actor; null = Ray Data's default; "
                                             "1 spreads a short run evenly over every actor")
     wait_for_actors_s: float = Field(0, ge=0, description="wait up to this long for the whole pool before the first batch "

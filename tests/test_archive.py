@@ -69,14 +69,18 @@ def test_a_name_that_is_not_utf8_gets_its_row_and_keeps_its_bytes(ray_local, tmp
     raw = os.fsencode(str(root)) + b"/caf\xe9.jpg"  # Latin-1 from an old Samba share
     with open(raw, "wb") as f:
         f.write((root / "plain.jpg").read_bytes())
+    literal = root / "caf\\xe9.jpg"  # a UTF-8 name that spells the escape itself: once the same path as the other
+    write_photo(literal, seed=2)
     summary = run_scan(scan_config([root], out))
-    assert summary.exit_code == Exit.OK and summary.processed == 2
+    assert summary.exit_code == Exit.OK and summary.processed == 3
     cur = _current(out)
     text = str(root) + "/caf\\xe9.jpg"
     assert cur.loc[text, "status"] in schema.OK_STATUSES
     assert cur.loc[text, "path_bytes"] == raw and pd.isna(cur.loc[str(root / "plain.jpg"), "path_bytes"])
     assert cur.loc[text, "breed"] == cur.loc[str(root / "plain.jpg"), "breed"]  # the same photo, decoded
-    assert run_scan(scan_config([root], out)).processed == 0  # and it is recognised the next night
+    spelled = cur.loc[str(root) + "/caf\\x5cxe9.jpg"]
+    assert spelled["path_bytes"] == os.fsencode(literal) and spelled["fingerprint"] != cur.loc[text, "fingerprint"]
+    assert len(cur) == 3 and run_scan(scan_config([root], out)).processed == 0  # recognised the next night: no swap
 
 
 # ---------------------------------------------------------------- 4. reorganised archives

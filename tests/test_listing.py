@@ -69,6 +69,22 @@ def test_a_name_that_is_not_utf8_keeps_its_raw_bytes_and_an_escaped_text_path(tm
     assert by_path[str(tmp_path / "caf\u00e9-utf8.jpg")]["raw"] is None  # valid UTF-8: the text path is exact
 
 
+def test_a_name_spelling_an_escape_never_shares_the_text_path_of_a_name_that_is_not_utf8(tmp_path):
+    """A name "caf\\xe9.jpg" typed by a user and caf<0xE9>.jpg from a Latin-1 share were one path: one row, swapped every run."""
+    latin = os.fsencode(tmp_path) + b"/caf\xe9.jpg"
+    with open(latin, "wb") as f:
+        f.write(b"abc")
+    touch(tmp_path / "caf\\xe9.jpg")
+    touch(tmp_path / "back\\slash.jpg")  # a backslash that does not read as an escape stays as it is
+    by_path = rows(list_roots([str(tmp_path)]))
+    assert len(by_path) == 3
+    assert by_path[str(tmp_path) + "/caf\\xe9.jpg"]["raw"] == latin
+    assert by_path[str(tmp_path) + "/caf\\x5cxe9.jpg"]["raw"] == os.fsencode(tmp_path / "caf\\xe9.jpg")
+    assert by_path[str(tmp_path / "back\\slash.jpg")]["raw"] is None
+    names = [b"a\\xe9", b"a\xe9", b"a\\x5cxe9", b"a\\\\xe9", b"\\xE9\xff", b"\\\xe9", b"\\x5", b"\\xzz"]
+    assert len({text_path(n) for n in names}) == len(names)
+
+
 def test_several_roots_are_numbered_in_the_order_given(tmp_path):
     touch(tmp_path / "b" / "x.jpg")
     touch(tmp_path / "a" / "y.jpg")

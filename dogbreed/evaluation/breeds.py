@@ -16,7 +16,7 @@ import pandas as pd
 
 from dogbreed.breeds.folders import class_index, evaluation_photos
 from dogbreed.config import ConfigError, ScanConfig
-from dogbreed.scan.listing import is_utf8, text_path
+from dogbreed.scan.listing import exact_bytes, text_path
 from dogbreed.table import schema
 from dogbreed.table.store import utcnow
 from dogbreed.vision.batch import Batch, column
@@ -52,7 +52,7 @@ def listed(paths: list[str]) -> Batch:
         except OSError:
             stats.append(None)
     raw = [os.fsencode(p) for p in paths]
-    return {"path": column([text_path(r) for r in raw], "O"), "raw": column([None if is_utf8(r) else r for r in raw], "O"),
+    return {"path": column([text_path(r) for r in raw], "O"), "raw": column([exact_bytes(r) for r in raw], "O"),
             "size_bytes": column([s.st_size if s else 0 for s in stats], "i8"),
             "mtime_ns": column([s.st_mtime_ns if s else 0 for s in stats], "i8"),
             "ctime_ns": column([s.st_ctime_ns if s else 0 for s in stats], "i8")}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from dataclasses import dataclass
 from typing import Literal
@@ -21,7 +22,7 @@ CHUNK_ROWS = 65_536  # files per Arrow chunk while walking: bounds the Python li
 
 LISTING_SCHEMA = pa.schema([
     ("path", pa.string()),        # text form of the path: UTF-8, undecodable bytes escaped as \xNN
-    ("raw", pa.binary()),         # the path's exact bytes when they are not UTF-8 (else null: path.encode() is exact)
+    ("raw", pa.binary()),         # the path's exact bytes when path.encode() is not them (see exact_bytes), else null
     ("size", pa.int64()),
     ("mtime_ns", pa.int64()),
     ("ctime_ns", pa.int64()),     # inode change time; null where the filesystem has none (object stores)
@@ -42,8 +43,16 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+# A backslash that starts what reads as an escape (\\x and two hex digits) is itself written \\x5c in the text form:
+# otherwise a name spelling "\\xe9" and a name holding the byte 0xE9 would share one path, and one row between them
+_LOOKS_ESCAPED = re.compile(rb"\\(?=x[0-9A-Fa-f]{2})")
+
+
 def text_path(raw: bytes) -> str:
-    """The text form of a raw path: itself when it is UTF-8, else with each bad byte written as \\xNN."""
+    """The text form of a raw path: itself when it is UTF-8, else with each bad byte written as \\xNN (and a literal
+    backslash that would read as such an escape written as \\x5c, so that two names never share one text form)."""
+    if b"\\x" in raw:
+        raw = _LOOKS_ESCAPED.sub(rb"\\x5c", raw)
     return raw.decode("utf-8", "backslashreplace")
 
 
@@ -55,6 +64,12 @@ def is_utf8(raw: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def exact_bytes(raw: bytes) -> bytes | None:
+    """The bytes a row keeps beside its text path: None when the text form encodes back to them exactly (UTF-8 without
+    a backslash that reads as an escape), else the bytes themselves."""
+    return None if is_utf8(raw) and not (b"\\x" in raw and _LOOKS_ESCAPED.search(raw)) else raw
 
 
 def _inside(path: bytes, root: bytes) -> bool:
@@ -145,7 +160,7 @@ class _Chunks:
         n = len(self.raw)
         self.batches.append(pa.RecordBatch.from_arrays([
             pa.array([text_path(r) for r in self.raw], pa.string()),
-            pa.array([None if is_utf8(r) else r for r in self.raw], pa.binary()),
+            pa.array([exact_bytes(r) for r in self.raw], pa.binary()),
             pa.array(self.size, pa.int64()),
             pa.array(self.mtime, pa.int64()),
             pa.array(self.ctime, pa.int64()),

@@ -21,7 +21,7 @@ UTC_US = pa.timestamp("us", tz="UTC")
 # One row per file found. Documented column by column in README.md ("Output schema").
 SCHEMA = pa.schema([
     ("path", pa.string()),              # absolute local path or URI; bytes that are not UTF-8 written as \xNN
-    ("path_bytes", pa.binary()),        # the exact bytes of the path when it is not valid UTF-8, else null
+    ("path_bytes", pa.binary()),        # the exact bytes of the path when `path` is not them, else null
     ("size_bytes", pa.int64()),         # file size when listed
     ("mtime", UTC_US),                  # modification time when listed
     ("ctime", UTC_US),                  # inode change time when listed (null on object stores)

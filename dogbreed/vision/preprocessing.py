@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 from dogbreed.vision.geometry import CROP_MODES, FACE_SIDE, INTERPOLATIONS, Geometry
 
-
 MAX_INPUT_SIZE = 2048  # the largest network input side accepted (timm's ImageNet models stay well below)
 
 
