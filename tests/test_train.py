@@ -256,6 +256,29 @@ def test_config_rejects_unknown_keys_and_bad_modes(tmp_path):
         load_train_config(str(CONFIG), {"data": "d"})
 
 
+def test_train_refuses_an_out_folder_it_did_not_write_and_overwrites_nothing_there(tmp_path):
+    """`train --out` over a folder holding another model.json overwrote it (and the weights beside it)."""
+    data = tmp_path / "photos"
+    (data / "a").mkdir(parents=True)
+    foreign = tmp_path / "theirs"
+    foreign.mkdir()
+    (foreign / "model.json").write_text('{"theirs": true}')
+    cases = [(foreign, "already holds 'model.json', which dogbreed training did not write"),
+             (data, "lies inside the training photos"), (data / "a" / "model", "lies inside the training photos"),
+             (foreign / "model.json", "is a file")]
+    for out, reason in cases:
+        cfg = load_train_config(str(CONFIG), {"data": str(data), "out": str(out), "backbone": TINY})
+        with pytest.raises(ConfigError, match=reason):
+            driver.fit(cfg)
+    assert sorted(os.listdir(foreign)) == ["model.json"] and (foreign / "model.json").read_text() == '{"theirs": true}'
+    assert not (data / "a" / "model").exists() and sorted(os.listdir(data)) == ["a"]
+    ours = tmp_path / "ours"  # a folder an earlier training wrote (a killed run, or a retrain) is its own
+    ours.mkdir()
+    (ours / driver.CONFIG_FILE).write_text("data: x\n")
+    (ours / "model.json").write_text("{}")
+    driver._check_out(load_train_config(str(CONFIG), {"data": str(data), "out": str(ours)}), ours.resolve())
+
+
 # ---- artifacts ---------------------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -43,10 +44,30 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
+def _check_out(cfg: TrainConfig, out: Path) -> None:
+    """Training writes only to a new or empty folder, or to one an earlier training wrote (its train_config.yaml):
+    model.json, the weights, checkpoints and reports would overwrite what a folder of anything else holds (a user's
+    files, another tool's model). A folder among the training photos is refused too: it would become a class."""
+    for data in (cfg.data, cfg.val_data, cfg.test_data):
+        if data and (out == Path(data).resolve() or Path(data).resolve() in out.parents):
+            raise ConfigError(f"--out {out} lies inside the training photos {data}: give a folder outside them")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: give a new or empty folder")
+    try:
+        entries = sorted(os.listdir(out)) if out.is_dir() else []
+    except OSError as e:
+        raise ConfigError(f"cannot read --out {out}: {e.strerror or e}") from None
+    if entries and CONFIG_FILE not in entries:
+        raise ConfigError(f"--out {out} already holds {entries[0]!r}{' and more' if len(entries) > 1 else ''}, which "
+                          "dogbreed training did not write; give a new or empty folder (training never writes beside "
+                          "other files)")
+
+
 def _check_resume(cfg: TrainConfig, out: Path) -> None:
     """Refuse to resume a run whose checkpoints came from a different training setup."""
     import yaml
 
+    _check_out(cfg, out)
     saved_path = out / CONFIG_FILE
     if saved_path.is_file() and (out / cfg.run_name).is_dir():
         saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
