@@ -28,10 +28,12 @@ def test_predict_prints_the_dog_app_answers(tmp_path):
 def test_predict_json_and_bad_file(tmp_path):
     bad = tmp_path / "notes.jpg"
     bad.write_text("not a photo")
-    r = runner.invoke(app, ["predict", "--json", str(bad)])
-    assert r.exit_code == 0
-    row = json.loads(r.output.strip())
-    assert row["status"] == "error" and row["error"] == "not a recognised image format"
+    r = runner.invoke(app, ["predict", "--json", str(bad), str(tmp_path / "missing.jpg"), str(SAMPLES / "coffee.png")])
+    assert r.exit_code == 3, "a photo that cannot be read exits 3, as a scan with error rows does (it exited 0)"
+    rows = [json.loads(line) for line in r.output.strip().splitlines()]
+    assert rows[0]["status"] == "error" and rows[0]["error"] == "not a recognised image format"
+    assert rows[1]["status"] == "error" and "vanished" in rows[1]["error"]
+    assert rows[2]["status"] == "neither"
 
 
 def test_bad_config_is_one_sentence_and_exit_2(tmp_path):

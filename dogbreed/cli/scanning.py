@@ -68,7 +68,8 @@ def predict(
     annotate: Annotated[Optional[Path], typer.Option(help="Write copies with the answer drawn on them here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per photo.")] = False,
 ) -> None:
-    """Print the dog-app answer per photo: 'dog: <breed> (p)', 'human: looks like <breed> (p)' or 'neither'."""
+    """Print the dog-app answer per photo: 'dog: <breed> (p)', 'human: looks like <breed> (p)' or 'neither'.
+    Exit 3 when a photo could not be read (missing, not a photo): its line says why."""
     with _user_errors():
         cfg = _scan_config(config, model=model)
         from dogbreed.evaluation.breeds import analyze
@@ -81,6 +82,8 @@ def predict(
                        else f"{row['path']}: {describe(row)}")
         if annotate:
             write_annotated(df, annotate, cfg.photos)
+    if (df["status"] == "error").any():  # as a scan with error rows: the answers stand, and a script can tell
+        raise typer.Exit(Exit.BAD_PHOTOS)
 
 
 @app.command("evaluate")
