@@ -118,18 +118,33 @@ def test_pickled_code_is_never_executed(tmp_path):
     (lambda d: d.update(surprise=1), "surprise"),
 ])
 def test_a_bad_model_json_is_one_sentence_naming_the_key(tmp_path, edit, key):
+    _edited_artifact_fails(tmp_path, edit, f"key '{key}")
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (lambda d: d.update(imagenet_breed_indices=[5000, 1]), "imagenet_breed_indices holds 5000: ImageNet classes are 0-999"),
+    (lambda d: d.update(imagenet_breed_indices=[-1, 1]), "imagenet_breed_indices holds -1"),
+    (lambda d: d.update(breed_source="imagenet"), "breed_source 'imagenet' needs imagenet_breed_indices, one per class name [(]2[)], not none"),
+    (lambda d: d.update(breed_source="imagenet", imagenet_breed_indices=[151]), "breed_source 'imagenet' needs imagenet_breed_indices, one per class name [(]2[)], not 1"),
+])
+def test_breeds_read_from_imagenet_need_one_imagenet_class_each(tmp_path, edit, reason):
+    """An index past the ImageNet head was a traceback in every worker; a missing list made every photo an error."""
+    _edited_artifact_fails(tmp_path, edit, reason)
+
+
+def _edited_artifact_fails(folder, edit, reason: str) -> None:
     import json
 
     from dogbreed.vision.models import load_artifact, save_artifact
 
     spec = ModelSpec(backbone="test_efficientnet", class_names=["a", "b"], breed_source="head",
                      preprocessing=Preprocessing(input_size=64, crop_pct=1.0))
-    save_artifact(BreedNet(create_backbone("test_efficientnet"), 2), spec, tmp_path)
-    doc = json.loads((tmp_path / "model.json").read_text())
+    save_artifact(BreedNet(create_backbone("test_efficientnet"), 2), spec, folder)
+    doc = json.loads((folder / "model.json").read_text())
     edit(doc)
-    (tmp_path / "model.json").write_text(json.dumps(doc))
-    with pytest.raises(ModelError, match=f"model.json is not a usable dogbreed model description: key '{key}") as e:
-        load_artifact(tmp_path)
+    (folder / "model.json").write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match=f"model.json is not a usable dogbreed model description: {reason}") as e:
+        load_artifact(folder)
     assert "\n" not in str(e.value)
 
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dogbreed.errors import UsageError
 from dogbreed.vision.preprocessing import Preprocessing  # preprocessing travels with the weights
 
 FORMAT_VERSION = 1
+IMAGENET_CLASSES = 1000  # every backbone keeps its ImageNet-1k head: the dog score is read from it
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 # timm's data config of the default's weights (Preprocessing.for_backbone(DEFAULT_BACKBONE)), written out so that
@@ -52,6 +53,20 @@ class ModelSpec(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     format_version: int = Field(FORMAT_VERSION, strict=True, ge=1)  # "1" (a string) is refused, not coerced
 
+    @model_validator(mode="after")
+    def _breeds_from_imagenet(self) -> "ModelSpec":
+        """Breeds read from the ImageNet head need one ImageNet class each: an index out of range was a traceback
+        in every worker, and a missing list made every photo an error row."""
+        idx = self.imagenet_breed_indices
+        if self.breed_source == "imagenet":
+            if idx is None or len(idx) != len(self.class_names):
+                raise ValueError(f"breed_source 'imagenet' needs imagenet_breed_indices, one per class name "
+                                 f"({len(self.class_names)}), not {'none' if idx is None else len(idx)}")
+        if idx is not None and any(not 0 <= i < IMAGENET_CLASSES for i in idx):
+            bad = next(i for i in idx if not 0 <= i < IMAGENET_CLASSES)
+            raise ValueError(f"imagenet_breed_indices holds {bad}: ImageNet classes are 0-{IMAGENET_CLASSES - 1}")
+        return self
+
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -62,9 +77,11 @@ class ModelSpec(BaseModel):
             return cls.model_validate(data)
         except ValidationError as e:
             first = e.errors()[0]
-            key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-            what = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-            raise ModelError(f"{source} is not a usable dogbreed model description: key '{key}': {what}") from None
+            key = ".".join(str(p) for p in first["loc"])
+            what = ("unknown key" if first["type"] == "extra_forbidden" else
+                    str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"])
+            where = f"key '{key}': " if key else ""
+            raise ModelError(f"{source} is not a usable dogbreed model description: {where}{what}") from None
 
     def identity(self) -> dict[str, Any]:
         """The parts that change predictions (metrics and training notes do not).
