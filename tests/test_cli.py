@@ -44,6 +44,20 @@ def test_bad_config_is_one_sentence_and_exit_2(tmp_path):
     assert "key 'inference.batch_size'" in r.output and "Traceback" not in r.output
 
 
+@pytest.mark.parametrize("plugin, reason", [("no_such_plugin_module", "no module named 'no_such_plugin_module'"),
+                                            ("/nowhere/plugin.py", "the decoder plugin file /nowhere/plugin.py does not exist")])
+@pytest.mark.parametrize("command", ["scan", "predict"])
+def test_a_decoder_plugin_that_cannot_be_found_is_one_sentence_and_exit_2(tmp_path, plugin, reason, command):
+    """It made every photo a transient error row (exit 3), run after run."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"photos:\n  plugins: [{plugin}]\n")
+    args = ["scan", str(SAMPLES), "--out", str(tmp_path / "o")] if command == "scan" else ["predict", str(SAMPLES / "coffee.png")]
+    r = runner.invoke(app, [*args, "--config", str(cfg)])
+    assert r.exit_code == 2, r.output
+    assert f"key 'photos.plugins': {reason}" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_model_is_exit_2(tmp_path):
     r = runner.invoke(app, ["predict", str(SAMPLES / "coffee.png"), "--model", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "does not exist" in r.output

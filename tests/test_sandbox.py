@@ -164,6 +164,24 @@ def test_memory_mb_caps_the_child_so_a_big_allocation_fails_inside_it(sandbox):
     assert sandbox()("alloc", 150) == (150, None)  # without the cap the same request succeeds
 
 
+LOWER_HARD_LIMIT = """
+    import resource, sys
+    from dogbreed.vision.sandbox import Sandbox
+    resource.setrlimit(resource.RLIMIT_DATA, (2 << 30, 2 << 30))  # a node (or container) whose own hard limit is 2 GiB
+    sb = Sandbox(sys.argv[1], {}, timeout_s=60, memory_mb=4096)  # the default cap, above what may be set there
+    print(sb("alloc", 20)[0], sb("alloc", 3000)[0], flush=True)
+"""
+
+
+def test_a_memory_cap_above_the_process_hard_limit_keeps_the_lower_limit(monkeypatch):
+    """A cap the kernel refuses (over the hard limit a process inherits) made every photo a transient error row."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(LOWER_HARD_LIMIT), WORKER], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["20", "MemoryError"]
+
+
 # ---------------------------------------------------------------- setup, close, parent death
 
 

@@ -28,6 +28,7 @@ from dogbreed.table import readers, schema
 from dogbreed.table.output import Output
 from dogbreed.table.store import RunWriter, utcnow
 from dogbreed.vision.decision import settings_id
+from dogbreed.vision.decode import check_plugins
 from dogbreed.vision.faces import resolved
 from dogbreed.vision.models import check_model, describe_model
 from dogbreed.vision.worker import TRANSIENT
@@ -143,6 +144,7 @@ def run_scan(cfg: ScanConfig, dry_run: bool = False) -> ScanSummary:
     output.check_roots(roots.roots)
     for given, outer in roots.dropped:
         log.warning("root %s lies inside root %s: its files are scanned once, through %s", given, outer, outer)
+    check_plugins(cfg.photos.plugins)
     # The detector is decided here, once: settings_id names it and the workers run exactly it.
     cfg = cfg.model_copy(update={"roots": roots.roots, "face": resolved(cfg.face)})
     # What would otherwise fail only inside a worker (weights that do not fit the backbone) is one sentence before

@@ -24,6 +24,7 @@ from dogbreed.train.config import TrainConfig
 from dogbreed.train.data import Item, Splits, feature_dataset, image_dataset, make_splits, view_features
 from dogbreed.train.fewshot import fit_prototypes
 from dogbreed.train.worker import STATE_FILE, stages, train_loop_per_worker
+from dogbreed.vision.decode import check_plugins
 from dogbreed.vision.models import ModelSpec, read_artifact_spec, save_artifact
 from dogbreed.vision.nets import BreedNet, create_backbone
 from dogbreed.vision.preprocessing import Preprocessing
@@ -122,6 +123,7 @@ def fit(cfg: TrainConfig) -> TrainResult:
     t0 = time.perf_counter()
     out = Path(cfg.out).resolve()
     _check_resume(cfg, out)
+    check_plugins(cfg.photos.plugins)
     classes = read_classes(cfg.classes) if cfg.classes else None
     splits = make_splits(cfg.data, cfg.val_data, cfg.test_data, cfg.seed, cfg.extensions, classes,
                          carve=cfg.mode != "fewshot")

@@ -164,6 +164,9 @@ def _limit_memory(memory_mb: int | None) -> None:
         import resource
 
         limit = int(memory_mb) << 20
+        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        if hard != resource.RLIM_INFINITY:  # a process may only lower its hard limit: a lower one already caps it
+            limit = min(limit, hard)
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
 
 
