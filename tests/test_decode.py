@@ -204,3 +204,19 @@ def test_fingerprinting_a_fifo_swapped_in_since_the_listing_returns_at_once(tmp_
     assert got == [None]
     (tmp_path / "a.jpg").write_bytes(b"x" * 10)
     assert fingerprint_file(str(tmp_path / "a.jpg")) is not None
+
+
+def test_an_extreme_aspect_ratio_gets_its_crop_not_out_of_memory(monkeypatch):
+    """A 1x60000 PNG asked for a 256 x 15.4-million-pixel resize before the crop: 'out of memory while decoding'."""
+    from dogbreed.vision import decode as decode_module
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 60000), (200, 10, 10)).save(buf, "PNG")
+    d = decode(buf.getvalue(), Preprocessing().geometry(), 180_000_000, suffix=".png")
+    assert d.model_input.shape == (224, 224, 3) and (d.model_input == (200, 10, 10)).all()
+    # resizing only the part inside the crop gives the same pixels as resizing everything and cropping
+    rng = np.random.default_rng(0)
+    tall = Image.fromarray((rng.random((8, 1, 3)) * 255).astype(np.uint8)).resize((40, 4000), Image.Resampling.BICUBIC)
+    whole = model_crop(tall, Preprocessing().geometry())
+    monkeypatch.setattr(decode_module, "MAX_RESIZE_PIXELS", 0)
+    assert np.array_equal(model_crop(tall, Preprocessing().geometry()), whole)

@@ -374,9 +374,20 @@ _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.B
              "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
 
 
+# A resize larger than this (only an extreme aspect ratio gets there: 1x60000 pixels asked for 256 x 15.4 million)
+# resizes only the part of the photo inside the crop, which Pillow's box does in one step
+MAX_RESIZE_PIXELS = 1 << 24
+
+
 def model_crop(rgb: Image.Image, geometry: Geometry) -> np.ndarray:
     """The geometry's crop of an upright RGB image (timm's eval transform for the weights' crop mode)."""
     plan = geometry.crop(rgb.size)
+    if plan.resize[0] * plan.resize[1] > MAX_RESIZE_PIXELS and not any(plan.pad):
+        sx, sy = rgb.size[0] / plan.resize[0], rgb.size[1] / plan.resize[1]
+        left, top, right, bottom = plan.box
+        img = rgb.resize((right - left, bottom - top), _RESAMPLE[geometry.interpolation],
+                         box=(left * sx, top * sy, right * sx, bottom * sy))
+        return np.asarray(img, dtype=np.uint8)
     img = rgb.resize(plan.resize, _RESAMPLE[geometry.interpolation]) if plan.resize != rgb.size else rgb
     if any(plan.pad):
         canvas = Image.new("RGB", (img.size[0] + plan.pad[0] + plan.pad[2], img.size[1] + plan.pad[1] + plan.pad[3]),
