@@ -88,6 +88,8 @@ def test_damage_is_named_found_by_check_and_repaired_keeping_the_history(kind, t
     assert fixed.returncode == Exit.OK, fixed.stdout + fixed.stderr
     again = cli("check", out)
     assert again.returncode == Exit.OK and "DAMAGED" not in again.stdout
+    if not LEFT[kind]:  # no version left: said so, not "a new output"
+        assert "no commits, but data/ holds 2 data file(s) of an earlier history" in again.stdout, again.stdout
     after = cli("latest", out, "--csv", str(tmp_path / "latest.csv"))
     if LEFT[kind]:
         assert after.returncode == Exit.OK, after.stderr
@@ -109,6 +111,37 @@ def test_check_of_a_sound_table_says_ok_and_writes_nothing(tmp_path, commit_rows
     assert proc.returncode == Exit.OK and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
     assert "version 1: 2 data files, 2 present and readable" in proc.stdout
     assert {p: p.stat().st_mtime_ns for p in Path(out).rglob("*")} == before
+
+
+def test_check_of_a_table_whose_log_was_deleted_does_not_call_it_a_new_output(tmp_path, commit_rows):
+    from dogbreed.table.health import check
+
+    out = _table(tmp_path, str(tmp_path / "out"), commit_rows)
+    for commit in (tmp_path / "out" / LOG_DIR).glob("*.json"):
+        commit.unlink()
+    lines = check(locate(out)).lines()
+    assert "a new output" not in "\n".join(lines)
+    assert "no commits, but data/ holds 2 data file(s) of an earlier history" in lines[1]
+
+
+def test_a_lost_checkpoint_whose_earlier_commits_were_cleaned_up_is_named_as_such(tmp_path, commit_rows):
+    """compact checkpoints the log and cleans up old commits; then a deleted checkpoint was reported as commit 0."""
+    from dogbreed.table.health import check
+
+    out = _table(tmp_path, str(tmp_path / "out"), commit_rows)
+    commit_rows(out, [tmp_path / "a.jpg"], status="neither")
+    DeltaTable(out).create_checkpoint()  # at version 2
+    log = tmp_path / "out" / LOG_DIR
+    for v in (0, 1):  # what cleanup_metadata does to commits past the log retention
+        (log / f"{v:020d}.json").unlink()
+    sound = check(locate(out))
+    assert sound.ok and sound.version == 2, sound.lines()
+    for checkpoint in log.glob("*.checkpoint*.parquet"):
+        checkpoint.unlink()
+    found = check(locate(out))
+    assert not found.ok and found.version is None
+    text = "\n".join(found.lines())
+    assert f"version 2 ({LOG_DIR}/{2:020d}.checkpoint.parquet) is missing" in text and ".json" not in text, text
 
 
 def test_check_refuses_what_is_not_a_dogbreed_table(tmp_path):

@@ -54,7 +54,8 @@ class LogState:
         """The newest version that can be read (the one before the first problem), or None: none can."""
         if self.problem is not None:
             version = self.problem[0] - 1
-            return version if version >= (self.checkpoint if self.checkpoint is not None else 0) else None
+            base = self.checkpoint if self.checkpoint is not None else 0
+            return version if version >= base and (version in self.commits or version == self.checkpoint) else None
         return max(self.commits) if self.commits else None
 
 
@@ -73,6 +74,11 @@ def read_log(loc: Location) -> LogState:
     checkpoint = max(checkpoints) if checkpoints else None
     state = LogState(commits, checkpoint, None)
     if not commits:
+        return state
+    if checkpoint is None and min(commits) > 0 and (hinted := _checkpoint_hint(loc)) is not None:
+        # the commits before the checkpoint _last_checkpoint names were cleaned up, and the checkpoint is gone too
+        state.problem = (hinted, f"{hinted:020d}.checkpoint.parquet",
+                         "is missing (the checkpoint _last_checkpoint names; the commits before it were cleaned up)")
         return state
     first = checkpoint + 1 if checkpoint is not None else 0
     for version in range(first, max(commits) + 1):
@@ -156,6 +162,7 @@ class Health:
     files: int = 0
     missing: list[str] = field(default_factory=list)
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
+    unlogged: int = 0  # data files under data/ while the log has no commit (an earlier history's)
 
     @property
     def ok(self) -> bool:
@@ -163,6 +170,10 @@ class Health:
 
     def lines(self) -> list[str]:
         log, out = self.log, [f"table {self.out}"]
+        if not log.commits and self.unlogged:
+            return out + [f"  no commits, but data/ holds {self.unlogged} data file(s) of an earlier history (its log was "
+                          "deleted, or its first version moved aside by --repair): the next scan starts the table "
+                          "again and decodes every photo"]
         if not log.commits:
             return out + ["  no commits: nothing to check (a new output)"]
         versions = sorted(log.commits)
@@ -201,6 +212,12 @@ def check(loc: Location, deep: bool = False) -> Health:
 
     health = Health(loc.out, read_log(loc))
     health.version = health.log.readable_to
+    if not health.log.commits:
+        try:
+            infos = loc.fs.get_file_info(pafs.FileSelector(loc.path("data"), recursive=True, allow_not_found=True))
+        except (OSError, pa.ArrowException):
+            infos = []
+        health.unlogged = sum(1 for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
     if health.version is None:
         return health
     try:
@@ -271,13 +288,18 @@ def _move(loc: Location, src: str, dst: str) -> None:
     loc.fs.move(loc.path(src), loc.path(dst))
 
 
+def _checkpoint_hint(loc: Location) -> int | None:
+    """The version _last_checkpoint names, or None (absent, unreadable)."""
+    try:
+        with loc.fs.open_input_stream(loc.path(LOG_DIR, "_last_checkpoint")) as f:
+            version = json.loads(f.read()).get("version")
+    except (OSError, pa.ArrowException, ValueError, AttributeError):
+        return None
+    return version if isinstance(version, int) and version >= 0 else None
+
+
 def _drop_checkpoint_hint(loc: Location, first: int) -> None:
     """_last_checkpoint pointing at a version that was moved aside would send readers there."""
-    path = loc.path(LOG_DIR, "_last_checkpoint")
-    try:
-        with loc.fs.open_input_stream(path) as f:
-            version = json.loads(f.read()).get("version", -1)
-    except (OSError, pa.ArrowException, ValueError, AttributeError):
-        return
-    if version >= first:
-        loc.fs.delete_file(path)
+    version = _checkpoint_hint(loc)
+    if version is not None and version >= first:
+        loc.fs.delete_file(loc.path(LOG_DIR, "_last_checkpoint"))
