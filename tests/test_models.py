@@ -208,6 +208,32 @@ def test_unusable_timm_reference_is_one_sentence(ref, message, monkeypatch):
     assert "\n" not in str(e.value)
 
 
+def test_an_unreachable_hub_is_one_sentence_without_the_downloads_retries(monkeypatch):
+    """Offline, the download retried for about 30 s and printed each try before the sentence."""
+    import socket
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from dogbreed.vision.models import describe_model
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", _no_download)
+    with pytest.raises(ModelError, match="are not cached and cannot be downloaded [(]ConnectionError[)]") as e:
+        describe_model("timm:test_efficientnet")
+    assert "\n" not in str(e.value)
+
+
+def _no_download(*args, local_files_only: bool = False, **kwargs):
+    if local_files_only:  # the cache is looked at first, and holds nothing here
+        raise FileNotFoundError("not cached")
+    raise AssertionError("a download was tried although the hub cannot be reached")
+
+
 def _consistent(folder: Path, **changes) -> None:
     """Rewrite model.json so that its hash and model_id fit whatever model.safetensors now is: a tampered artifact that
     passes the content checks, as someone could make one."""

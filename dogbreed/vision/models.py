@@ -257,10 +257,29 @@ def _timm_ref(ref: str) -> tuple[str, Path]:
     try:
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
             raise ConnectionError("HF_HUB_OFFLINE is set")
+        _reachable_hub()  # the download retries an unreachable hub for about 30 s, and prints each try
         return name, Path(hf_hub_download(hub_id, "model.safetensors", etag_timeout=10))
     except Exception as e:  # noqa: BLE001 - offline, unreachable, no such file: all mean "give a local file"
         raise ModelError(f"--model {ref}: the weights {hub_id} are not cached and cannot be downloaded "
                          f"({type(e).__name__}); give a local file: timm:{name}=/path/model.safetensors") from None
+
+
+HUB_PROBE_S = 5.0  # connecting to the Hugging Face hub, before a download is tried
+
+
+def _reachable_hub() -> None:
+    """Raises ConnectionError when the hub's host (HF_ENDPOINT) cannot be reached within HUB_PROBE_S."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=HUB_PROBE_S).close()
+    except (OSError, ValueError) as e:
+        raise ConnectionError(f"{url.hostname} cannot be reached") from e
 
 
 def timm_spec(name: str) -> ModelSpec:
