@@ -72,7 +72,7 @@ def predict(
     Exit 3 when a photo could not be read (missing, not a photo): its line says why."""
     with _user_errors():
         cfg = _scan_config(config, model=model)
-        from dogbreed.vision.decode import check_plugins  # here: --help imports no Pillow
+        from dogbreed.vision.codecs import check_plugins  # here: --help imports no Pillow
 
         check_plugins(cfg.photos.plugins)
         from dogbreed.evaluation.breeds import analyze
@@ -105,7 +105,7 @@ def evaluate_command(
     """Assess the detectors and the breed classifier on labelled photos, the way the dog-app did."""
     with _user_errors():
         cfg = _scan_config(config, model=model)
-        from dogbreed.vision.decode import check_plugins  # here: --help imports no Pillow
+        from dogbreed.vision.codecs import check_plugins  # here: --help imports no Pillow
 
         check_plugins(cfg.photos.plugins)
         if classes:

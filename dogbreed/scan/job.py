@@ -27,8 +27,8 @@ from dogbreed.scan.plan import KNOWN_COLUMNS, Plan, ScanRefused, make_plan
 from dogbreed.table import readers, schema
 from dogbreed.table.output import Output
 from dogbreed.table.store import RunWriter, utcnow
+from dogbreed.vision.codecs import check_plugins
 from dogbreed.vision.decision import settings_id
-from dogbreed.vision.decode import check_plugins
 from dogbreed.vision.faces import resolved
 from dogbreed.vision.models import check_model, describe_model
 from dogbreed.vision.worker import TRANSIENT

@@ -24,7 +24,7 @@ from dogbreed.train.config import TrainConfig
 from dogbreed.train.data import Item, Splits, feature_dataset, image_dataset, make_splits, view_features
 from dogbreed.train.fewshot import fit_prototypes
 from dogbreed.train.worker import STATE_FILE, stages, train_loop_per_worker
-from dogbreed.vision.decode import check_plugins
+from dogbreed.vision.codecs import check_plugins
 from dogbreed.vision.models import ModelSpec, read_artifact_spec, save_artifact
 from dogbreed.vision.nets import BreedNet, create_backbone
 from dogbreed.vision.preprocessing import Preprocessing

@@ -10,11 +10,15 @@ EXIF for exif_transpose.
   a big enough one, else a half-size development (no demosaicing); the sensor's size is checked before either.
 
 Each decoder runs with one thread: a decode task works on one photo on one core.
+
+The user's own plugins (photos.plugins) are checked in the driver (check_plugins) and imported in every decoder
+process (load_plugins).
 """
 
 from __future__ import annotations
 
 import io
+import os
 import struct
 from functools import lru_cache
 
@@ -263,3 +267,38 @@ def open_raw(data: bytes, max_pixels: int) -> Image.Image:
         except rawpy.LibRawError as e:
             raise RawError(f"corrupt or truncated RAW data ({type(e).__name__})") from None
     return Image.fromarray(np.ascontiguousarray(rgb))
+
+
+def load_plugins(names: list[str]) -> None:
+    """Import Pillow plugins (module names, or .py files) in a decoder process before it opens a photo."""
+    import importlib
+    import importlib.util
+
+    for name in names:
+        if name.endswith(".py"):
+            spec = importlib.util.spec_from_file_location(f"dogbreed_plugin_{abs(hash(name))}", name)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"cannot load decoder plugin {name}")
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        else:
+            importlib.import_module(name)
+
+
+def check_plugins(names: list[str]) -> None:
+    """In the driver, before any worker: each plugin is a .py file that exists or a module that can be found (it is
+    not imported here). A missing one made every photo a transient error row, run after run."""
+    import importlib.util
+
+    from dogbreed.config import ConfigError
+
+    for name in names:
+        if name.endswith(".py"):
+            if not os.path.isfile(name):
+                raise ConfigError(f"key 'photos.plugins': the decoder plugin file {name} does not exist")
+            continue
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ConfigError(f"key 'photos.plugins': no module named {name!r} can be imported for the decoders")

@@ -59,41 +59,6 @@ class Decoded:
     rgb: np.ndarray | None = None  # the reduced upright photo the two were made from (keep_rgb: training augments it)
 
 
-def load_plugins(names: list[str]) -> None:
-    """Import Pillow plugins (module names, or .py files) in a decoder process before it opens a photo."""
-    import importlib
-    import importlib.util
-
-    for name in names:
-        if name.endswith(".py"):
-            spec = importlib.util.spec_from_file_location(f"dogbreed_plugin_{abs(hash(name))}", name)
-            if spec is None or spec.loader is None:
-                raise ImportError(f"cannot load decoder plugin {name}")
-            spec.loader.exec_module(importlib.util.module_from_spec(spec))
-        else:
-            importlib.import_module(name)
-
-
-def check_plugins(names: list[str]) -> None:
-    """In the driver, before any worker: each plugin is a .py file that exists or a module that can be found (it is
-    not imported here). A missing one made every photo a transient error row, run after run."""
-    import importlib.util
-
-    from dogbreed.config import ConfigError
-
-    for name in names:
-        if name.endswith(".py"):
-            if not os.path.isfile(name):
-                raise ConfigError(f"key 'photos.plugins': the decoder plugin file {name} does not exist")
-            continue
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            raise ConfigError(f"key 'photos.plugins': no module named {name!r} can be imported for the decoders")
-
-
 def is_uri(path: str | bytes) -> bool:
     return (b"://" if isinstance(path, bytes) else "://") in path
 

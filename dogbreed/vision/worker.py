@@ -16,7 +16,8 @@ from typing import Callable
 import numpy as np
 
 from dogbreed.config import FaceConfig, PhotoConfig
-from dogbreed.vision.decode import ImageError, decode, fingerprint_of_bytes, load_plugins, read_bytes
+from dogbreed.vision.codecs import load_plugins
+from dogbreed.vision.decode import ImageError, decode, fingerprint_of_bytes, read_bytes
 from dogbreed.vision.geometry import Geometry
 from dogbreed.vision.sandbox import Sandbox, SandboxError
 
