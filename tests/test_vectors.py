@@ -441,3 +441,30 @@ def test_similar_beside_a_running_scan_sees_committed_versions_only(tmp_path, pr
     (after,) = similar(str(out), [lab], ScanConfig(), k=40)
     assert {str(p) for p in more} <= {h.path for h in after.hits}  # the new run's vectors, once committed
     assert seen <= {str(p) for p in first + more}  # never anything but committed rows
+
+
+def test_mirrors_in_the_user_cache_not_opened_for_a_month_are_removed_and_the_rest_kept(tmp_path):
+    """An old model's mirrored vectors of a remote or read-only table stayed in the user's cache for ever."""
+    import os
+
+    from dogbreed.vectors.index import MIRROR_UNUSED_DAYS, USED, prune_mirrors
+
+    root, now = tmp_path / "similar", time.time()
+    old_day = now - (MIRROR_UNUSED_DAYS + 1) * 86400
+
+    def mirror(name: str, used: float | None) -> Path:
+        path = root / name
+        path.mkdir(parents=True)
+        (path / "run.f16").write_bytes(b"\0" * 64)
+        if used is not None:
+            (path / USED).touch()
+            os.utime(path / USED, (used, used))
+        os.utime(path, (old_day, old_day))
+        return path
+
+    stale, recent, unmarked = mirror("t1/net_a", old_day), mirror("t1/net_b", now - 86400), mirror("t2/net_a", None)
+    keep = mirror("t3/net_c", old_day)  # the one being opened now, however old
+    removed = prune_mirrors(root, keep=keep, now=now)
+    assert sorted(removed) == ["t1/net_a", "t2/net_a"]
+    assert not stale.exists() and not unmarked.exists() and not (root / "t2").exists()
+    assert recent.is_dir() and keep.is_dir() and (keep / USED).stat().st_mtime > now - 60

@@ -47,6 +47,8 @@ STATE = "state.json"
 READ_BATCH = 16_384  # rows read from the table at a time while a segment is written
 SEARCH_THREADS = 2
 RETIRE_GRACE_S = 3600.0  # a retired segment's files outlive its leaving the state by this long (searches in flight)
+MIRROR_UNUSED_DAYS = 30  # a mirror in the user cache not opened for this long is removed (it is made again if needed)
+USED = ".used"  # in a mirror: its mtime is when it was last opened
 
 
 class SimilarError(UsageError):
@@ -70,6 +72,32 @@ class Segment:
     rows: int
 
 
+def prune_mirrors(root: Path, keep: Path, now: float | None = None) -> list[str]:
+    """Mark the mirror `keep` used; remove the mirrors under root (root/<table>/<network>) not opened for
+    MIRROR_UNUSED_DAYS: an old model's vectors of a million-row table are gigabytes. Returns what was removed."""
+    import shutil
+
+    now = time.time() if now is None else now
+    keep.mkdir(parents=True, exist_ok=True)
+    (keep / USED).touch()
+    removed = []
+    for table in (t for t in root.iterdir() if t.is_dir()):
+        try:  # another process may be making or removing mirrors here meanwhile: what fails is left for next time
+            for mirror in (m for m in table.iterdir() if m.is_dir() and m != keep):
+                marker = mirror / USED
+                used = max(marker.stat().st_mtime if marker.exists() else 0.0, mirror.stat().st_mtime)
+                if now - used > MIRROR_UNUSED_DAYS * 86400:
+                    shutil.rmtree(mirror, ignore_errors=True)
+                    removed.append(f"{table.name}/{mirror.name}")
+            if not any(table.iterdir()):
+                table.rmdir()
+        except OSError:
+            continue
+    if removed:
+        log.info("removed %d vector index mirror(s) unused for %d days from %s", len(removed), MIRROR_UNUSED_DAYS, root)
+    return removed
+
+
 class VectorIndex:
     """The index of one table's vectors made by one network (embedding_id)."""
 
@@ -81,6 +109,8 @@ class VectorIndex:
         self.beside = output.loc.path(META_DIR, INDEX_DIR, key) if _writable(output) else None
         if self.beside is not None and not output.loc.remote:
             self.local = Path(self.beside)  # a local table's index is searched where it lies
+        else:  # a mirror in the user cache: marked used, and the mirrors nobody opened for a month go
+            prune_mirrors(cache_home() / INDEX_DIR, keep=self.local)
         self.dim = 0
         self.segments: list[Segment] = []
         self.version = -1
