@@ -187,6 +187,15 @@ def test_shipper_sends_jpegs_compressed_and_cpu_crops_for_the_rest():
     assert (out["width"][0], out["height"][0]) == (512, 600)
 
 
+def test_a_jpeg_too_elongated_for_the_device_gets_its_crop_on_the_cpu(tmp_path):
+    """Resized whole on the device, an 8x20000 JPEG took 2.5 GB and 10 s; a 1x65000 one would take 51 GB."""
+    path = tmp_path / "strip.jpg"
+    Image.new("RGB", (8, 20000), (30, 160, 90)).save(path, quality=90)
+    out = device_decode.JpegShipper(PREP)(_batch([path]))
+    assert list(out[device_decode.KIND]) == [device_decode.CROP] and out["ok"].all()
+    assert len(out[device_decode.PAYLOAD][0]) == 224 * 224 * 3
+
+
 # ---------------------------------------------------------------------------------- the same rows
 @pytest.mark.slow  # every sample and variant decoded both ways, 12-MP ones included
 def test_device_path_gives_the_cpu_rows_on_samples_and_variants(tmp_path, predictor):

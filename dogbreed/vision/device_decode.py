@@ -32,6 +32,9 @@ CHUNK_PIXELS = 400_000_000
 _TORCH_MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest-exact"}  # PIL filter -> torch mode
 
 
+CPU_ASPECT = 64  # a JPEG more elongated than 1:64 is decoded on the CPU (a 1x65000 one asked the device for 51 GB)
+
+
 def wants_accelerator(where: str, num_gpus: float) -> bool:
     """Whether the scan decodes JPEGs in its inference actors (decode.device, and the GPUs each actor gets)."""
     return where == "accelerator" or (where == "auto" and num_gpus > 0)
@@ -63,6 +66,8 @@ class JpegShipper:
         if head is None:
             return None
         w, h, orientation = head
+        if max(w, h) > CPU_ASPECT * min(w, h):  # resized whole on the device it could take gigabytes; the CPU path
+            return None  # resizes only the part inside the crop
         return {PAYLOAD: data, "width": w, "height": h, ORIENTATION: orientation, "fingerprint": fingerprint_of_bytes(data)}
 
     def __call__(self, batch: Batch) -> Batch:
