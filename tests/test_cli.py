@@ -58,6 +58,15 @@ def test_a_decoder_plugin_that_cannot_be_found_is_one_sentence_and_exit_2(tmp_pa
     assert not (tmp_path / "o").exists()
 
 
+def test_a_decoder_plugin_module_in_the_current_folder_is_found(tmp_path, monkeypatch):
+    """The decoder children import from the current folder (`python -m`): the driver's check must find it there too."""
+    (tmp_path / "my_codec_plugin.py").write_text("LOADED = True\n")
+    (tmp_path / "c.yaml").write_text("photos:\n  plugins: [my_codec_plugin]\n")
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["predict", str(SAMPLES / "coffee.png"), "--config", "c.yaml"])
+    assert r.exit_code == 0 and r.output.strip().endswith("neither"), r.output
+
+
 def test_missing_model_is_exit_2(tmp_path):
     r = runner.invoke(app, ["predict", str(SAMPLES / "coffee.png"), "--model", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "does not exist" in r.output

@@ -124,6 +124,7 @@ def test_a_bad_model_json_is_one_sentence_naming_the_key(tmp_path, edit, key):
 @pytest.mark.parametrize("edit, reason", [
     (lambda d: d.update(imagenet_breed_indices=[5000, 1]), "imagenet_breed_indices holds 5000: ImageNet classes are 0-999"),
     (lambda d: d.update(imagenet_breed_indices=[-1, 1]), "imagenet_breed_indices holds -1"),
+    (lambda d: d.update(imagenet_breed_indices=[True, 1]), "key 'imagenet_breed_indices.0': Input should be a valid integer"),
     (lambda d: d.update(breed_source="imagenet"), "breed_source 'imagenet' needs imagenet_breed_indices, one per class name [(]2[)], not none"),
     (lambda d: d.update(breed_source="imagenet", imagenet_breed_indices=[151]), "breed_source 'imagenet' needs imagenet_breed_indices, one per class name [(]2[)], not 1"),
 ])
@@ -223,9 +224,14 @@ def test_an_unreachable_hub_is_one_sentence_without_the_downloads_retries(monkey
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", _no_download)
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
     with pytest.raises(ModelError, match="are not cached and cannot be downloaded [(]ConnectionError[)]") as e:
         describe_model("timm:test_efficientnet")
     assert "\n" not in str(e.value)
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # behind a proxy only the download can tell: it is tried
+    with pytest.raises(ModelError, match="[(]AssertionError[)]"):
+        describe_model("timm:test_efficientnet")
 
 
 def _no_download(*args, local_files_only: bool = False, **kwargs):

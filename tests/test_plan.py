@@ -239,6 +239,28 @@ def test_a_name_that_is_not_utf8_is_fingerprinted_through_its_raw_bytes(cfg, tmp
     assert plan.todo.num_rows == 0 and plan.carried.column("raw").to_pylist() == [raw]
 
 
+def test_a_root_whose_name_spells_an_escape_still_sees_its_files_vanish(shrunk_config, tmp_path):
+    """Its files' paths write that backslash as \\x5c: matched against the root as typed, nothing under it was ever
+    deleted, and the empty-root guard never saw its files."""
+    from dogbreed.scan.listing import list_roots, normalise_roots
+
+    root = tmp_path / "archive\\x41"
+    root.mkdir()
+    for name in "abc":
+        (root / f"{name}.jpg").write_bytes(b"x" * 100)
+    roots = normalise_roots([str(root)]).roots
+    config = shrunk_config("scan", roots=roots)
+    first = make_plan(list_roots(roots), roots, known([]), MODEL, SETTINGS, config)
+    latest = known([row(e) for e in _entries(first.todo)])
+    (root / "c.jpg").unlink()
+    plan = make_plan(list_roots(roots), roots, latest, MODEL, SETTINGS, config)
+    assert plan.deleted == [str(tmp_path) + "/archive\\x5cx41/c.jpg"]
+    for name in "ab":
+        (root / f"{name}.jpg").unlink()
+    with pytest.raises(ScanRefused, match="is empty but earlier runs saw 3 files"):
+        make_plan(list_roots(roots), roots, latest, MODEL, SETTINGS, config)
+
+
 # ---------------------------------------------------------------- vanished and moved files
 
 

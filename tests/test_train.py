@@ -272,6 +272,10 @@ def test_train_refuses_an_out_folder_it_did_not_write_and_overwrites_nothing_the
             driver.fit(cfg)
     assert sorted(os.listdir(foreign)) == ["model.json"] and (foreign / "model.json").read_text() == '{"theirs": true}'
     assert not (data / "a" / "model").exists() and sorted(os.listdir(data)) == ["a"]
+    harmless = tmp_path / "mount"  # what a file system or a desktop puts in any folder does not make it foreign
+    (harmless / "lost+found").mkdir(parents=True)
+    (harmless / ".DS_Store").write_bytes(b"\0")
+    driver._check_out(load_train_config(str(CONFIG), {"data": str(data), "out": str(harmless)}), harmless.resolve())
     ours = tmp_path / "ours"  # a folder an earlier training wrote (a killed run, or a retrain) is its own
     ours.mkdir()
     (ours / driver.CONFIG_FILE).write_text("data: x\n")

@@ -468,3 +468,23 @@ def test_mirrors_in_the_user_cache_not_opened_for_a_month_are_removed_and_the_re
     assert sorted(removed) == ["t1/net_a", "t2/net_a"]
     assert not stale.exists() and not unmarked.exists() and not (root / "t2").exists()
     assert recent.is_dir() and keep.is_dir() and (keep / USED).stat().st_mtime > now - 60
+
+
+def test_a_query_file_spelling_an_escape_is_looked_up_as_its_own_row(tmp_path):
+    """similar's query `caf\\xe9.jpg` (a UTF-8 name) resolved to the row of the file holding the byte 0xE9."""
+    import os
+
+    from dogbreed.scan.listing import list_roots
+    from dogbreed.vectors.similar import _query_rows
+
+    latin = os.fsencode(tmp_path) + b"/caf\xe9.jpg"
+    with open(latin, "wb") as f:
+        f.write(b"x")
+    spelled = tmp_path / "caf\\xe9.jpg"
+    spelled.write_bytes(b"y")
+    listing = list_roots([str(tmp_path)])
+    current = pa.table({"path": listing.column("path"), "path_bytes": listing.column("raw")})
+    (text, _, _), = _query_rows([str(spelled)], current, ScanConfig(), None)
+    assert text == str(tmp_path) + "/caf\\x5cxe9.jpg"
+    (stored, _, _), = _query_rows([str(tmp_path) + "/caf\\x5cxe9.jpg"], current, ScanConfig(), None)
+    assert stored == text  # a path copied from the table still finds its row

@@ -10,6 +10,7 @@ carried over without inference. The archive guard refuses a root that looks unmo
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ import pyarrow.compute as pc
 
 from dogbreed.config import ScanConfig
 from dogbreed.errors import Refused
+from dogbreed.scan.listing import text_path
 from dogbreed.table import schema
 from dogbreed.vision.decode import fingerprint_file
 
@@ -195,12 +197,17 @@ def _vanished(listing: pa.Table, roots: list[str], known: pa.Table, cfg: ScanCon
         files_per_root[root] = files_here
         if not alive.num_rows:
             continue
-        here = alive.filter(pc.starts_with(alive.column("path"), root.rstrip("/") + "/"))
+        here = alive.filter(pc.starts_with(alive.column("path"), _prefix(root)))
         if here.num_rows and not files_here and not cfg.allow_empty_roots:
             raise ScanRefused(f"root {root} is empty but earlier runs saw {here.num_rows} files there "
                               "(unmounted archive?); pass --allow-empty-roots if they were really deleted")
         parts.append(here.filter(pc.invert(pc.is_in(here.column("path"), value_set=listing.column("path")))))
     return (pa.concat_tables(parts) if parts else known.slice(0, 0)), files_per_root
+
+
+def _prefix(root: str) -> str:
+    """What the text path of every file under root starts with: the root's own name in the same text form."""
+    return text_path(os.fsencode(root)).rstrip("/") + "/"
 
 
 def _guard(roots: list[str], known: pa.Table, gone: pa.Table, moved_from: set[str], cfg: ScanConfig) -> None:
@@ -209,7 +216,7 @@ def _guard(roots: list[str], known: pa.Table, gone: pa.Table, moved_from: set[st
         return
     alive = known.filter(pc.not_equal(known.column("status"), "deleted"))
     for root in roots:
-        prefix = root.rstrip("/") + "/"
+        prefix = _prefix(root)
         alive_n = int(pc.sum(pc.starts_with(alive.column("path"), prefix)).as_py() or 0)
         really = sum(1 for p in gone.filter(pc.starts_with(gone.column("path"), prefix)).column("path").to_pylist()
                      if p not in moved_from)

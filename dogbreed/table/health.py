@@ -53,6 +53,8 @@ class LogState:
     def readable_to(self) -> int | None:
         """The newest version that can be read (the one before the first problem), or None: none can."""
         if self.problem is not None:
+            if self.checkpoint is None and min(self.commits) > 0:  # the commits a reader would start from are gone
+                return None
             version = self.problem[0] - 1
             base = self.checkpoint if self.checkpoint is not None else 0
             return version if version >= base and (version in self.commits or version == self.checkpoint) else None
@@ -261,7 +263,8 @@ def repair(loc: Location, health: Health) -> list[str]:
     done: list[str] = []
     aside = f"{META_DIR}/{QUARANTINE}/{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}"
     if health.log.problem is not None:
-        first = health.log.problem[0]
+        # from the first damaged commit on; every commit where none can be read (the ones before would stay unreadable)
+        first = health.log.problem[0] if health.version is not None else min(health.log.commits)
         names = [name for v, name in sorted(health.log.commits.items()) if v >= first]
         for name in names:
             _move(loc, f"{LOG_DIR}/{name}", f"{aside}/{LOG_DIR}/{name}")

@@ -31,6 +31,7 @@ from dogbreed.vision.preprocessing import Preprocessing
 
 log = logging.getLogger("dogbreed.train")
 CONFIG_FILE = "train_config.yaml"
+HARMLESS = {".DS_Store", "Thumbs.db", "desktop.ini", "lost+found"}  # what a desktop or a file system puts in any folder
 # Keys that may change between a killed run and its restart without invalidating its checkpoints.
 _RESUME_FREE_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "torch_threads", "feature_actors", "max_failures",
                      "address", "progress"}
@@ -58,6 +59,7 @@ def _check_out(cfg: TrainConfig, out: Path) -> None:
         entries = sorted(os.listdir(out)) if out.is_dir() else []
     except OSError as e:
         raise ConfigError(f"cannot read --out {out}: {e.strerror or e}") from None
+    entries = [e for e in entries if e not in HARMLESS]
     if entries and CONFIG_FILE not in entries:
         raise ConfigError(f"--out {out} already holds {entries[0]!r}{' and more' if len(entries) > 1 else ''}, which "
                           "dogbreed training did not write; give a new or empty folder (training never writes beside "

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dogbreed.config import ScanConfig
+from dogbreed.scan.listing import text_path
 from dogbreed.table.output import Output
 from dogbreed.vectors.index import SimilarError, VectorIndex
 
@@ -62,13 +63,15 @@ def _query_rows(queries: list[str], current: pa.Table, cfg: ScanConfig,
                 positions: dict[str, int]) -> list[tuple[str, str | None, np.ndarray | None]]:
     """(query, embedding_id, vector or None when it is a stored row's) for each query."""
     plain = _find(current, queries, positions)
-    absolute = _find(current, [os.path.abspath(q) for q in queries], positions)
+    # a file here is looked up by the text path the scan gave it (a name spelling \\xe9 is not the byte 0xE9's row)
+    stored = [text_path(os.fsencode(os.path.abspath(q))) for q in queries]
+    absolute = _find(current, stored, positions)
     out, files = [], []
-    for q, i, j in zip(queries, plain, absolute):
-        if i >= 0:
+    for q, text, i, j in zip(queries, stored, plain, absolute):
+        if j >= 0 and (i < 0 or os.path.lexists(q)):
+            out.append((text, None, None))
+        elif i >= 0:
             out.append((q, None, None))
-        elif j >= 0:
-            out.append((os.path.abspath(q), None, None))
         elif os.path.isfile(q):
             out.append((q, None, None))
             files.append(q)

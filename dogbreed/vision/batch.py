@@ -23,7 +23,7 @@ Batch = dict[str, np.ndarray]
 # name -> numpy dtype ("O": Python objects, None for null)
 LISTED: dict[str, str] = {
     "path": "O",        # the path's text form (non-UTF-8 bytes escaped as \xNN)
-    "raw": "O",         # the path's exact bytes when they are not UTF-8, else None
+    "raw": "O",         # the path's exact bytes when the text form is not them (scan.listing.exact_bytes), else None
     "size_bytes": "i8",
     "mtime_ns": "i8",
     "ctime_ns": "i8",
@@ -80,7 +80,7 @@ def clean(batch: Batch) -> Batch:
 
 
 def raw_paths(batch: Batch) -> list[bytes]:
-    """The exact bytes to open for each row: the raw path where the name is not UTF-8, else the text path."""
+    """The exact bytes to open for each row: the raw path where the text form is not them, else the text path."""
     raws = batch.get("raw", [None] * len(batch["path"]))
     return [bytes(r) if r else os.fsencode(str(p)) for p, r in zip(batch["path"], raws)]
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import sys
 from functools import lru_cache
 
 import numpy as np
@@ -296,9 +297,13 @@ def check_plugins(names: list[str]) -> None:
             if not os.path.isfile(name):
                 raise ConfigError(f"key 'photos.plugins': the decoder plugin file {name} does not exist")
             continue
+        here = os.getcwd()  # the decoder children start with `python -m`, which puts the current folder first
+        sys.path.insert(0, here)
         try:
             found = importlib.util.find_spec(name) is not None
         except (ImportError, ValueError):
             found = False
+        finally:
+            sys.path.remove(here)
         if not found:
             raise ConfigError(f"key 'photos.plugins': no module named {name!r} can be imported for the decoders")

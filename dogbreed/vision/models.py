@@ -268,13 +268,18 @@ HUB_PROBE_S = 5.0  # connecting to the Hugging Face hub, before a download is tr
 
 
 def _reachable_hub() -> None:
-    """Raises ConnectionError when the hub's host (HF_ENDPOINT) cannot be reached within HUB_PROBE_S."""
+    """Raises ConnectionError when the hub's host (HF_ENDPOINT) cannot be reached within HUB_PROBE_S. Behind a proxy
+    (HTTPS_PROXY and the like) only the proxy can tell, so the download itself is tried."""
     import socket
+    import urllib.request
     from urllib.parse import urlsplit
 
     from huggingface_hub import constants
 
     url = urlsplit(constants.ENDPOINT)
+    proxies = urllib.request.getproxies()
+    if (proxies.get(url.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(url.hostname or ""):
+        return
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
                                  timeout=HUB_PROBE_S).close()

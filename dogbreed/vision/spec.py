@@ -5,7 +5,7 @@ model reference gives. Free of torch, so that a process running a converted netw
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -48,7 +48,7 @@ class ModelSpec(BaseModel):
     # cosine prototypes, which also use the ImageNet head's answer for breeds ImageNet has (PrototypeHead).
     head: Literal["linear", "prototypes"] = "linear"
     preprocessing: Preprocessing
-    imagenet_breed_indices: list[int] | None = None
+    imagenet_breed_indices: list[Annotated[int, Field(strict=True)]] | None = None  # true is not class 1
     metrics: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
     format_version: int = Field(FORMAT_VERSION, strict=True, ge=1)  # "1" (a string) is refused, not coerced
