@@ -85,11 +85,13 @@ def prune_mirrors(root: Path, keep: Path, now: float | None = None) -> list[str]
         try:  # another process may be making or removing mirrors here meanwhile: what fails is left for next time
             for mirror in (m for m in table.iterdir() if m.is_dir() and m != keep):
                 marker = mirror / USED
-                used = max(marker.stat().st_mtime if marker.exists() else 0.0, mirror.stat().st_mtime)
+                if not marker.exists():  # only a mirror this module marked is its own: anything else stays
+                    continue
+                used = max(marker.stat().st_mtime, mirror.stat().st_mtime)
                 if now - used > MIRROR_UNUSED_DAYS * 86400:
                     shutil.rmtree(mirror, ignore_errors=True)
                     removed.append(f"{table.name}/{mirror.name}")
-            if not any(table.iterdir()):
+            if removed and not any(table.iterdir()):
                 table.rmdir()
         except OSError:
             continue
