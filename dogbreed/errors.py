@@ -7,9 +7,11 @@ traceback. A photo that cannot be read is never an exception here: it is an erro
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import IntEnum
+from pathlib import Path
 
 
 class Exit(IntEnum):
@@ -54,6 +56,18 @@ class Failed(DogbreedError, RuntimeError):
     """The run started and could not finish (store unwritable, every photo lost); nothing was committed."""
 
     exit_code, label = Exit.FAILED, "failed"
+
+
+def report_target(path: Path, suffixes: tuple[str, ...], table: str) -> None:
+    """A file a command writes for the user must be named as what it is (.csv, .parquet, .html) and lie outside the
+    table: `latest --csv photo.jpg` overwrote the photo, and `--csv OUT/_delta_log/...json` the table's own log."""
+    if path.suffix.lower() not in suffixes:
+        raise UsageError(f"{path}: give a file name ending in {' or '.join(suffixes)} (an existing file of that name is "
+                         "replaced; nothing else is)")
+    if "://" not in table:
+        folder = os.path.realpath(table)
+        if os.path.realpath(path).startswith(folder.rstrip("/") + "/"):
+            raise UsageError(f"{path} lies inside the table {table}: write it elsewhere")
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from dogbreed.config import PhotoConfig
-from dogbreed.errors import UsageError, writing
+from dogbreed.errors import UsageError, report_target, writing
 from dogbreed.table import readers, schema
 from dogbreed.vision.decode import ImageError
 from dogbreed.vision.geometry import Geometry
@@ -296,6 +296,7 @@ def build_report(out_dir: str | Path, html_path: str | Path, max_gallery: int = 
     html_path = Path(html_path)
     output = Output(out_dir)
     runs = output.runs(output.require())
+    report_target(html_path, (".html", ".htm"), str(out_dir))
     if not runs:
         raise ReportError(f"{out_dir} has no committed scan run (expected a Delta table with {out_dir}/_delta_log).")
     rows = readers.latest(out_dir)
@@ -325,7 +326,7 @@ def build_report(out_dir: str | Path, html_path: str | Path, max_gallery: int = 
         problem_count=len(problems),
         lookalikes=lookalikes,
     )
-    html_path.parent.mkdir(parents=True, exist_ok=True)
     with writing(html_path):
+        html_path.parent.mkdir(parents=True, exist_ok=True)
         html_path.write_text(html, encoding="utf-8")
     return html_path

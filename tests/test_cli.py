@@ -104,17 +104,37 @@ def test_latest_of_a_folder_without_a_scan_is_one_sentence(tmp_path):
 
 
 @pytest.mark.parametrize("args", [
-    ["latest", "{out}", "--csv", "{tmp}"],  # a folder: IsADirectoryError traceback
+    ["latest", "{out}", "--csv", "{tmp}/folder.csv"],  # a folder: IsADirectoryError traceback
     ["latest", "{out}", "--csv", "{tmp}/no/such/folder/x.csv"],  # pandas' OSError traceback
-    ["latest", "{out}", "--parquet", "{tmp}"],
-    ["report", "{out}", "--html", "{tmp}"],
+    ["latest", "{out}", "--parquet", "{tmp}/folder.parquet"],
+    ["report", "{out}", "--html", "{tmp}/folder.html"],
 ])
 def test_an_output_file_that_cannot_be_written_is_one_sentence_and_exit_2(tmp_path, commit_rows, args):
     out = tmp_path / "table"
     commit_rows(out, [SAMPLES / "coffee.png"])
+    for folder in ("folder.csv", "folder.parquet", "folder.html"):
+        (tmp_path / folder).mkdir()
     r = runner.invoke(app, [a.format(out=out, tmp=tmp_path) for a in args])
     assert r.exit_code == 2, r.output
     assert r.output.strip().splitlines()[-1].startswith("error: cannot write ") and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["latest", "{out}", "--csv", "{photo}"], "give a file name ending in .csv"),
+    (["latest", "{out}", "--parquet", "{photo}"], "give a file name ending in .parquet"),
+    (["report", "{out}", "--html", "{photo}"], "give a file name ending in .html or .htm"),
+    (["latest", "{out}", "--parquet", "{out}/data/x.parquet"], "lies inside the table"),
+    (["report", "{out}", "--html", "{out}/r.html"], "lies inside the table"),
+])
+def test_an_output_file_is_never_a_photo_or_inside_the_table(tmp_path, commit_rows, args, reason):
+    """latest --csv and report --html overwrote a scanned photo, or the table's own log, and exited 0."""
+    out, photo = tmp_path / "table", tmp_path / "lab.jpg"
+    photo.write_bytes(b"my photo")
+    commit_rows(out, [photo])
+    before = sorted(p.name for p in out.rglob("*"))
+    r = runner.invoke(app, [a.format(out=out, photo=photo) for a in args])
+    assert r.exit_code == 2 and reason in r.output, r.output
+    assert photo.read_bytes() == b"my photo" and sorted(p.name for p in out.rglob("*")) == before
 
 
 def test_predict_annotate_into_a_file_is_one_sentence_and_exit_2(tmp_path):

@@ -10,7 +10,7 @@ import typer
 
 from dogbreed.cli.app import BreakLockOpt, ConfigOpt, ModelOpt, _scan_config, _user_errors, app
 from dogbreed.config import ConfigError
-from dogbreed.errors import writing
+from dogbreed.errors import report_target, writing
 
 OutArg = Annotated[str, typer.Argument(help="Scan output: a folder, s3://... or gs://... (a Delta table).")]
 
@@ -27,6 +27,9 @@ def latest(
     from dogbreed.table.output import Output
 
     with _user_errors():
+        for path, suffix in ((csv, ".csv"), (parquet, ".parquet")):
+            if path:
+                report_target(path, (suffix,), out_dir)
         Output(out_dir).require()
         df = readers.latest(out_dir, model_id=model_id)
         for path, write in ((csv, df.to_csv), (parquet, df.to_parquet)):
