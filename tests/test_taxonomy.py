@@ -83,6 +83,8 @@ def test_a_classes_file_takes_every_name_form_and_skips_comments(tmp_path):
     classes = taxonomy.read_classes(path)
     assert classes == ["004.Akita", "Golden retriever", "n02085620-Chihuahua"]
     assert [taxonomy.imagenet_index_for(c) for c in classes] == [None, 207, 151]
+    path.write_bytes(b"\xef\xbb\xbfGolden retriever\r\n004.Akita\r\n")  # a Windows editor's BOM and CRLF
+    assert taxonomy.read_classes(path) == ["Golden retriever", "004.Akita"]
 
 
 @pytest.mark.shared_data
