@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -327,6 +328,24 @@ def test_index_refresh_adds_only_the_new_runs_segment(tmp_path, predictor):
     assert sorted(s.rows for s in index.segments) == [1, 2]
     state = json.loads((Path(index.local) / "state.json").read_text())
     assert state["version"] == DeltaTable(str(out)).version()
+
+
+def test_a_tampered_index_state_naming_files_outside_it_is_rebuilt_and_deletes_nothing(tmp_path, predictor):
+    """A retired segment named '../../victim' made the next refresh delete victim.f16 outside the index."""
+    out = tmp_path / "out"
+    commit_photos(out, [SAMPLES / "grace_hopper.jpg"], predictor)
+    output = Output(out)
+    index = VectorIndex(output, load_default().embedding_id)
+    index.refresh(output.require())
+    victim = tmp_path / "victim.f16"
+    victim.write_bytes(b"mine")
+    state_path = Path(index.local) / "state.json"
+    state = json.loads(state_path.read_text())
+    state["retired"] = {os.path.relpath(tmp_path / "victim", index.local): 0.0}
+    state_path.write_text(json.dumps(state))
+    again = VectorIndex(output, load_default().embedding_id)
+    again.refresh(output.require())
+    assert victim.read_bytes() == b"mine" and again.retired == {} and len(again.segments) == 1
 
 
 @pytest.mark.slow  # two commits, a relabel and two searches: the full suite (CI) runs it

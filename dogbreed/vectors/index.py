@@ -40,6 +40,7 @@ from dogbreed.table.location import unwritable
 from dogbreed.table.objects import META_DIR
 from dogbreed.table.output import Output
 from dogbreed.table.readers import stream
+from dogbreed.table.store import is_run_id
 
 log = logging.getLogger("dogbreed.vectors")
 INDEX_DIR = "similar"
@@ -133,6 +134,9 @@ class VectorIndex:
             self.dim, self.version = int(doc["dim"]), int(doc["version"])
             self.segments = [Segment(s["name"], int(s["rows"])) for s in doc["segments"]]
             self.retired = {str(k): float(v) for k, v in doc.get("retired", {}).items()}
+            names = [seg.name for seg in self.segments] + list(self.retired)
+            if not all(is_run_id(name) for name in names):  # a name is a file name here: '../x' would reach outside
+                raise ValueError(f"a segment name that is not a run id: {next(n for n in names if not is_run_id(n))!r}")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             log.warning("the vector index of %s is unreadable (%s): building it again", self.output.out, e)
             self.dim, self.version, self.segments, self.retired = 0, -1, [], {}
