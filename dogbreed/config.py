@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dogbreed.errors import UsageError
+from dogbreed.errors import UsageError, read_text
 from dogbreed.vision.geometry import FACE_SIDE
 
 # What counts as a photo, for the scan and for labelled folders alike (the README's format table).
@@ -194,7 +194,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[st
         path = Path(path)
         source = str(path)
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            loaded = yaml.safe_load(read_text(path))
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
         except UnicodeDecodeError as e:

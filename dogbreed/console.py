@@ -6,9 +6,11 @@ warnings, refusals and the final line, and the log file gets everything at INFO 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
+import stat
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +25,9 @@ def setup_logging(log_file: str | None, verbose: bool = False) -> None:
     if log_file:
         try:
             Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+            mode = os.stat(log_file).st_mode if os.path.exists(log_file) else 0
+            if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):  # opening one for writing waits for a reader, maybe forever
+                raise OSError(errno.EINVAL, "it is a named pipe or socket, which could block the run")
             handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
         except OSError as e:
             print(f"warning: cannot write the log file {log_file}: {e.strerror or e}", file=sys.stderr)

@@ -7,7 +7,9 @@ traceback. A photo that cannot be read is never an exception here: it is an erro
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import IntEnum
@@ -56,6 +58,26 @@ class Failed(DogbreedError, RuntimeError):
     """The run started and could not finish (store unwritable, every photo lost); nothing was committed."""
 
     exit_code, label = Exit.FAILED, "failed"
+
+
+MAX_TEXT_BYTES = 4 << 20  # a config, a classes file or a model.json is kilobytes: nothing this large is one
+
+
+def read_text(path: str | Path, encoding: str = "utf-8", limit: int = MAX_TEXT_BYTES) -> str:
+    """A small text file the user named (a config, a classes file, a model.json), read with bounded effort: a named
+    pipe neither blocks the open nor the read, and a device (/dev/zero), a folder or a file over `limit` is an OSError
+    whose strerror says so, as for a missing file. Callers turn OSError and UnicodeDecodeError into their sentence."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO waits for a writer otherwise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        why = "it is a folder, not a file" if stat.S_ISDIR(mode) else "not a regular file (a device, pipe or socket)"
+        raise OSError(errno.EISDIR if stat.S_ISDIR(mode) else errno.EINVAL, why, str(path))
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit >> 20} MiB, far more than such a file holds", str(path))
+    return data.decode(encoding)
 
 
 def report_target(path: Path, suffixes: tuple[str, ...], table: str) -> None:

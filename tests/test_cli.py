@@ -164,3 +164,56 @@ def test_every_error_type_has_one_exit_code_from_the_one_table():
     for cls, code in expected.items():
         assert issubclass(cls, DogbreedError) and cls("x").exit_code == code, cls
     assert {int(e) for e in Exit} == {0, 1, 2, 3, 4, 5, 6, 130}
+
+
+def _fifo(tmp_path: Path) -> Path:
+    import os
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    return fifo
+
+
+@pytest.mark.timeout(60)  # the FIFO blocked the open forever, /dev/zero read until memory ran out
+@pytest.mark.parametrize("kind", ["device", "fifo", "folder", "huge"])
+def test_a_config_or_classes_file_that_is_no_text_file_is_one_sentence_not_a_hang(tmp_path, kind):
+    if kind == "huge":
+        special = tmp_path / "big.yaml"
+        with open(special, "wb") as f:
+            f.truncate(64 << 20)  # sparse: 64 MiB of zeros read as one YAML scalar before
+    else:
+        special = {"device": Path("/dev/zero"), "fifo": _fifo(tmp_path), "folder": tmp_path}[kind]
+    want = {"device": "not a regular file", "fifo": "not a regular file", "folder": "folder",
+            "huge": "larger than 4 mib"}[kind]
+    r = runner.invoke(app, ["scan", str(SAMPLES), "--out", str(tmp_path / "o"), "--config", str(special)])
+    assert r.exit_code == 2 and f"cannot read config file {special}: " in r.output, r.output
+    assert want in r.output.lower() and "Traceback" not in r.output
+    r = runner.invoke(app, ["evaluate", str(SAMPLES), "--classes", str(special)])
+    assert r.exit_code == 2 and f"cannot read the classes file {special}: " in r.output, r.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_log_file_that_is_a_named_pipe_is_a_warning_not_a_hang(tmp_path):
+    fifo = _fifo(tmp_path)
+    r = runner.invoke(app, ["scan", str(SAMPLES / "coffee.png"), "--out", str(tmp_path / "o"), "--dry-run",
+                            "--log-file", str(fifo)])
+    assert f"warning: cannot write the log file {fifo}: it is a named pipe" in r.output, r.output
+
+
+LONG = "n" * 300  # over the 255 bytes a name that ext4, xfs, btrfs and tmpfs take
+
+
+@pytest.mark.parametrize("args", [
+    ["scan", str(SAMPLES), "--out", "{tmp}/" + LONG],
+    ["scan", "{tmp}/" + LONG, "--out", "{tmp}/o"],
+    ["scan", str(SAMPLES), "--out", "{tmp}/o", "--model", "{tmp}/" + LONG],
+    ["latest", "{tmp}/" + LONG], ["check", "{tmp}/" + LONG], ["migrate", "{tmp}/" + LONG],
+    ["train", "{tmp}/" + LONG, "--out", "{tmp}/m"], ["train", str(SAMPLES), "--out", "{tmp}/" + LONG],
+], ids=["scan-out", "scan-root", "scan-model", "latest", "check", "migrate", "train-data", "train-out"])
+def test_a_name_too_long_for_the_file_system_is_one_sentence_and_exit_2(tmp_path, args):
+    """os.stat's ENAMETOOLONG was a traceback in most commands (a scan root: 'is the archive mounted?', exit 4)."""
+    r = runner.invoke(app, [a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert r.exit_code == 2, (r.output, r.exception)
+    assert "a name too long for the file system" in r.output and "…" in r.output and "Traceback" not in r.output
+    assert len(r.output.splitlines()) == 1

@@ -10,7 +10,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from dogbreed.errors import UsageError
+from dogbreed.errors import UsageError, read_text
 
 
 class DataError(UsageError):
@@ -139,7 +139,7 @@ def read_classes(source: str | Path) -> list[str]:
     the dog app's own list, shipped with dogbreed. A duplicate (same breed twice) is refused."""
     path = BUILTIN_CLASSES.get(str(source), Path(source))
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark (Windows editors) is not a name
+        lines = read_text(path, "utf-8-sig").splitlines()  # a byte-order mark (Windows editors) is not a name
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read the classes file {source}: {getattr(e, 'strerror', None) or e}") from None
     classes = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]

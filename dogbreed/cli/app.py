@@ -5,7 +5,9 @@ loads the config and calls one library function."""
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
@@ -54,10 +56,22 @@ def _user_errors() -> Iterator[None]:
         raise _fail(e.exit_code, e.label, str(e)) from None
     except Terminated as e:
         raise _fail(Exit.FAILED, "failed", f"{e}; nothing was committed") from None
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:  # only a name the user gave, or one made from it, can be too long
+            name = os.fsdecode(e.filename or "")
+            raise _fail(Exit.USAGE, "error", f"{name if len(name) <= 120 else name[:60] + '…' + name[-40:]}: a name "
+                        "too long for the file system (at most 255 bytes a name, 4,096 a path)") from None
+        _log_bug(e)
+        raise
     except Exception as e:
-        logging.getLogger("dogbreed").info("failed (exit %d): %s: %s", Exit.FAILED, type(e).__name__,
-                                           _one_line(str(e).splitlines()[0]) if str(e) else "")
+        _log_bug(e)
         raise  # a real bug: its traceback
+
+
+def _log_bug(e: Exception) -> None:
+    """A real bug keeps its traceback on the terminal; its one-line summary goes to the log file (exit 1)."""
+    logging.getLogger("dogbreed").info("failed (exit %d): %s: %s", Exit.FAILED, type(e).__name__,
+                                       _one_line(str(e).splitlines()[0]) if str(e) else "")
 
 
 def _scan_config(config: Path | None, **overrides) -> ScanConfig:

@@ -117,8 +117,12 @@ def check_root(root: str) -> None:
         if info.type != pafs.FileType.Directory:
             raise RootError(f"root {root} is not a folder")
         return
-    if not os.path.exists(root):
-        raise RootError(f"root {root} does not exist (is the archive mounted?)")
+    try:
+        os.stat(root)
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise  # a name no file system takes is a usage error (the CLI says so, exit 2), not an unmounted archive
+        raise RootError(f"root {root} does not exist (is the archive mounted?)") from None
     if not os.path.isdir(root):
         raise RootError(f"root {root} is not a folder")
     if not os.access(root, os.R_OK | os.X_OK):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dogbreed.breeds import taxonomy
+from dogbreed.errors import read_text
 from dogbreed.vision.preprocessing import Preprocessing  # preprocessing travels with the weights
 from dogbreed.vision.spec import (  # noqa: F401 - re-exported
     DEFAULT_BACKBONE,
@@ -125,9 +126,9 @@ def read_artifact_spec(model_dir: str | Path) -> tuple[ModelSpec, str]:
     if not spec_path.is_file() or not weights_path.is_file():
         raise ModelError(f"{model_dir} is not a model artifact: it needs {SPEC_FILE} and {WEIGHTS_FILE}")
     try:
-        doc = json.loads(spec_path.read_text(encoding="utf-8"))
+        doc = json.loads(read_text(spec_path))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{spec_path} is unreadable: {e}") from None
+        raise ModelError(f"{spec_path} is unreadable: {getattr(e, 'strerror', None) or e}") from None
     if isinstance(doc, dict) and isinstance(doc.get("format_version"), int) and doc["format_version"] > FORMAT_VERSION:
         raise ModelError(f"{model_dir} was written by a newer dogbreed (format {doc['format_version']})")
     stored = ModelFile.from_json(doc, str(spec_path))
