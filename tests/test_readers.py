@@ -5,6 +5,7 @@ deltalake, DuckDB, Polars), compaction, and migration from the old runs/ layout.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +17,7 @@ from typer.testing import CliRunner
 
 from dogbreed.cli import app
 from dogbreed.table import readers, schema
-from dogbreed.table.location import locate
+from dogbreed.table.location import OutputError, locate
 from dogbreed.table.maintain import MIGRATED_DIR, compact, migrate
 
 
@@ -186,6 +187,108 @@ def test_migrate_killed_half_way_is_simply_run_again(tmp_path, monkeypatch):
     assert migrate(str(out)) == ["20240102T000000000000Z-bbbbbb"]
     assert len(readers.read_all(out)) == 2 and len(readers.manifests(out)) == 2
     assert locate(out).remote is False
+
+
+
+A, B = "20240101T000000000000Z-aaaaaa", "20240102T000000000000Z-bbbbbb"
+
+
+def _tree(out: Path) -> dict[str, bytes | None]:
+    """Every path under `out` with its bytes (None for a folder, pipe or link to nothing): what 'unchanged' means."""
+    return {str(p.relative_to(out)): p.read_bytes() if p.is_file() else None for p in sorted(out.rglob("*"))}
+
+
+def _write_part(run: Path, columns: dict) -> None:
+    pq.write_table(pa.table(columns), run / "part-00001.parquet")
+
+
+# Each damages the second of two old runs (or runs/ itself); the first alone would have migrated before the change.
+DAMAGE = {
+    "manifest not JSON": (lambda run: (run / "_manifest.json").write_text('{"run_id": "x",'), "_manifest.json is not valid JSON"),
+    "manifest a list": (lambda run: (run / "_manifest.json").write_text("[1, 2]"), "_manifest.json is not a manifest (a JSON list"),
+    "manifest with NaN": (lambda run: (run / "_manifest.json").write_text('{"counts": NaN}'), "NaN is no JSON value"),
+    "manifest with a lone surrogate": (lambda run: (run / "_manifest.json").write_text('{"model_id": "\\ud800"}'),
+                                       "_manifest.json is not a manifest a Delta commit can hold"),
+    "manifest not UTF-8": (lambda run: (run / "_manifest.json").write_bytes(b'{"model_id": "\xff"}'), "_manifest.json is not UTF-8 text"),
+    "manifest a folder": (lambda run: ((run / "_manifest.json").unlink(), (run / "_manifest.json").mkdir()),
+                          "_manifest.json cannot be read (it is a folder"),
+    "manifest a pipe": (lambda run: ((run / "_manifest.json").unlink(), os.mkfifo(run / "_manifest.json")),
+                        "_manifest.json cannot be read (not a regular file"),
+    "run id not a string": (lambda run: (run / "_manifest.json").write_text('{"run_id": 5}'), "names no valid run id (a JSON int"),
+    "run id a path": (lambda run: (run / "_manifest.json").write_text('{"run_id": "../../x"}'), 'names no valid run id ("../../x"'),
+    "no run id, folder not one": (lambda run: ((run / "_manifest.json").write_text("{}"), run.rename(run.parent / "my run")),
+                                  "names no run id, and its folder's name is none (\"my run\""),
+    "run id of another run": (lambda run: (run / "_manifest.json").write_text(json.dumps({"run_id": A})),
+                              f"names the run {A}, as "),
+    "junk part file": (lambda run: (run / "part-00001.parquet").write_bytes(b"PAR1 not really"), "is not a readable Parquet file"),
+    "empty part file": (lambda run: (run / "part-00001.parquet").write_bytes(b""), "is not a readable Parquet file"),
+    "part file a folder": (lambda run: (run / "part-00001.parquet").mkdir(), "part-00001.parquet is not a regular file"),
+    "part without a path column": (lambda run: _write_part(run, {"status": ["dog"]}), "has no path column"),
+    "path of integers": (lambda run: _write_part(run, {"path": [1]}), "has a column path of type int64, not string"),
+    "width as text": (lambda run: _write_part(run, {"path": ["/p/x.jpg"], "width": ["wide"]}),
+                      "has a column width of type string, not int32"),
+    "width too wide": (lambda run: _write_part(run, {"path": ["/p/x.jpg"], "width": pa.array([2**40], pa.int64())}),
+                       "has a column width of type int64, not int32"),
+    "nanosecond times": (lambda run: _write_part(run, {"path": ["/p/x.jpg"], "mtime": pa.array([1001], pa.timestamp("ns"))}),
+                         "has a column mtime of type timestamp[ns], not timestamp[us, tz=UTC]"),
+    "config not UTF-8": (lambda run: (run / "_config.yaml").write_bytes(b"top_k: \xff\xfe\n"), "_config.yaml is not UTF-8 text"),
+    "a file in runs/": (lambda run: (run.parent / "notes.txt").write_text("mine"), "runs/notes.txt is not a run folder"),
+    "a folder without manifest": (lambda run: (run / "_manifest.json").unlink(), f"runs/{B} holds no _manifest.json"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=list(DAMAGE))
+def test_migrate_refuses_a_damaged_old_run_before_writing_anything(tmp_path, damage):
+    out = tmp_path / "out"
+    _old_run(out, A, ["/p/a.jpg"], "neither")
+    _old_run(out, B, ["/p/b.jpg"], "dog")
+    make, says = DAMAGE[damage]
+    make(out / schema.RUNS_DIR / B)
+    before = _tree(out)
+    with pytest.raises(OutputError) as e:
+        migrate(str(out))
+    message = str(e.value)
+    assert says in message, message
+    assert str(out / schema.RUNS_DIR) in message and "nothing was migrated" in message and "dogbreed migrate" in message
+    assert "\n" not in message and e.value.exit_code == 2
+    assert _tree(out) == before  # no commit, no lock, nothing moved
+
+
+def test_migrate_command_on_a_damaged_run_is_one_sentence_and_a_good_run_still_migrates(tmp_path):
+    out = tmp_path / "out"
+    _old_run(out, A, ["/p/a.jpg", "/p/b.jpg"], "neither")
+    _old_run(out, B, ["/p/c.jpg"], "dog")
+    (out / schema.RUNS_DIR / B / schema.MANIFEST).write_text("not json")
+    (out / schema.RUNS_DIR / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # a desktop's litter is no run, and no damage
+    before = _tree(out)
+    r = CliRunner().invoke(app, ["migrate", str(out)])
+    assert r.exit_code == 2 and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert r.output.startswith(f"error: {out / schema.RUNS_DIR / B / schema.MANIFEST} is not valid JSON"), r.output
+    assert f"move {out / schema.RUNS_DIR / B} out of {out}" in r.output
+    assert _tree(out) == before
+    (out / schema.RUNS_DIR / B).rename(tmp_path / B)  # what the sentence says to do
+    r = CliRunner().invoke(app, ["migrate", str(out)])
+    assert r.exit_code == 0 and "migrated 1 runs" in r.output, r.output
+    assert [m["run_id"] for m in readers.manifests(out)] == [A] and len(readers.read_all(out)) == 2
+    assert (out / MIGRATED_DIR / schema.RUNS_DIR / ".DS_Store").is_file()
+
+
+def test_a_part_damaged_behind_its_footer_stops_migrate_with_one_sentence_and_a_rerun_finishes(tmp_path):
+    """Pages are read only while writing: the runs before it stay migrated, and a second migrate skips them."""
+    out = tmp_path / "out"
+    _old_run(out, A, ["/p/a.jpg"], "neither")
+    _old_run(out, B, [f"/p/{i}.jpg" for i in range(100)], "dog")
+    part = out / schema.RUNS_DIR / B / "part-00000.parquet"
+    data = bytearray(part.read_bytes())
+    start = pq.ParquetFile(part).metadata.row_group(0).column(0).data_page_offset
+    data[start:start + 40] = bytes(b ^ 0xFF for b in data[start:start + 40])  # the path column's page header
+    part.write_bytes(bytes(data))
+    with pytest.raises(OutputError, match=f"{part} cannot be read .*1 runs were migrated before it, this one was not"):
+        migrate(str(out))
+    assert (out / schema.RUNS_DIR / B).is_dir() and [m["run_id"] for m in readers.manifests(out)] == [A]
+    (out / schema.RUNS_DIR / B).rename(tmp_path / B)
+    assert migrate(str(out)) == [] and len(readers.read_all(out)) == 1
+    assert not (out / schema.RUNS_DIR).exists()
 
 
 # ---- face boxes carry the detector's score --------------------------------------------------------------------
