@@ -31,3 +31,21 @@ def test_an_untested_ray_is_named_in_a_warning(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="dogbreed.cluster"):
         assert session.check_ray_version() is False
     assert "Ray 2.70.0 is outside the range dogbreed was tested with" in caplog.text
+
+
+def test_a_home_where_ray_cannot_keep_its_token_is_one_sentence_not_a_traceback(tmp_path):
+    """A real process with HOME=/dev/null (a cron job's account without a home): Ray's token setup raised
+    NotADirectoryError and the scan printed Ray's traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HOME": "/dev/null", "RAY_ADDRESS": ""}
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "coffee.png").write_bytes((ROOT / "dogbreed" / "samples" / "coffee.png").read_bytes())
+    r = subprocess.run([str(Path(sys.executable).with_name("dogbreed")), "scan", str(tmp_path / "photos"), "--out", str(tmp_path / "o")], env=env, capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("failed: cannot start a private local Ray: ")
+    assert "give a writable HOME" in r.stderr

@@ -8,6 +8,8 @@ import signal
 import threading
 from typing import Any, Callable
 
+from dogbreed.errors import Failed
+
 TESTED_RAY = ">=2.60,<2.61"  # equal to pyproject.toml's pin (a test keeps the two together)
 
 
@@ -43,7 +45,15 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> Callab
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
     on_term = signal.getsignal(signal.SIGTERM)
-    ray.init(**kwargs)
+    try:
+        ray.init(**kwargs)
+    except (OSError, RuntimeError, ValueError) as e:  # ConnectionError and TimeoutError are OSErrors
+        logging.getLogger("dogbreed.cluster").info("Ray did not start", exc_info=True)  # the log file keeps the traceback
+        home = os.path.expanduser("~")
+        hint = (f"; Ray keeps its token and session files under {home} and the temporary folder: give a writable HOME"
+                if isinstance(e, OSError) and str(getattr(e, "filename", "") or "").startswith(home) else "")
+        where = "a private local Ray" if address == "local" else f"the Ray cluster at {address}"
+        raise Failed(f"cannot start {where}: {(str(e).strip() or type(e).__name__).splitlines()[0]}{hint}") from None
     if callable(on_term) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_term)  # Ray's core worker replaces it with a handler that aborts
     import ray.data  # noqa: F401 - configures Ray Data's logging, which the next lines quieten
