@@ -95,8 +95,10 @@ def report_target(path: Path, suffixes: tuple[str, ...], table: str) -> None:
 @contextmanager
 def writing(path: object) -> Iterator[None]:
     """Writing a file or folder the user named: an OSError (a folder where a file goes, a missing parent folder, no
-    permission, a full disk) becomes one sentence naming it, not a traceback."""
+    permission: exit 2; a full disk, a read-only file system: exit 1) becomes one sentence naming it, not a traceback."""
     try:
         yield
     except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):  # the disk, not the name: exit 1, as a scan
+            raise Failed(f"cannot write {path}: {e.strerror or e}") from None
         raise UsageError(f"cannot write {path}: {e.strerror or e}") from None

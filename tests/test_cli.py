@@ -217,3 +217,39 @@ def test_a_name_too_long_for_the_file_system_is_one_sentence_and_exit_2(tmp_path
     assert r.exit_code == 2, (r.output, r.exception)
     assert "a name too long for the file system" in r.output and "…" in r.output and "Traceback" not in r.output
     assert len(r.output.splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["latest", "check", "report", "similar"])
+def test_a_folder_that_is_no_table_is_named_so_to_readers(tmp_path, command):
+    """Readers were told '--out … already holds …; give a new or empty folder', words for a scan's output."""
+    (tmp_path / "notes.txt").write_text("mine")
+    extra = {"report": ["--html", str(tmp_path.parent / "r.html")], "similar": [str(SAMPLES / "coffee.png")]}
+    r = runner.invoke(app, [command, str(tmp_path), *extra.get(command, [])])
+    assert r.exit_code == 2, r.output
+    assert r.output == f"error: {tmp_path} is not a dogbreed table: it holds 'notes.txt', which dogbreed did not write\n"
+    assert (tmp_path / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_root_given_twice_is_named_so_not_as_lying_inside_itself(tmp_path):
+    (tmp_path / "photos" / "inner").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "photos")
+    photos = str(tmp_path / "photos")
+    r = runner.invoke(app, ["scan", photos, f"{photos}/", str(tmp_path / "link"), f"{photos}/inner", "--out",
+                            str(tmp_path / "o"), "--dry-run"])
+    assert r.exit_code == 0 and "dry run: 0 files" in r.output, r.output
+    said = [line.split(": ", 1)[1] for line in r.output.splitlines() if "scanned once" in line]
+    assert sorted(said) == sorted([f"root {photos} is given twice (as {photos}/): its files are scanned once",
+                                   f"root {photos} is given twice (as {tmp_path / 'link'}): its files are scanned once",
+                                   f"root {photos}/inner lies inside root {photos}: its files are scanned once, through {photos}"])
+
+
+@pytest.mark.parametrize("args", [["latest", "--csv"], ["latest", "--parquet"], ["report", "--html"]])
+def test_a_full_disk_under_an_export_exits_1_as_the_readme_says(tmp_path, commit_rows, args):
+    """It exited 2 (a usage error), where the exit-code table puts a full disk under 1."""
+    out = str(tmp_path / "o")
+    commit_rows(out, ["/p/a.jpg"])
+    target = tmp_path / f"full.{args[1].lstrip('-')}"
+    target.symlink_to("/dev/full")  # every write: ENOSPC
+    r = runner.invoke(app, [args[0], out, args[1], str(target)])
+    assert r.exit_code == 1, r.output
+    assert r.output.startswith(f"failed: cannot write {target}: ") and "No space left on device" in r.output

@@ -143,7 +143,10 @@ def run_scan(cfg: ScanConfig, dry_run: bool = False) -> ScanSummary:
     roots = normalise_roots(cfg.roots)
     output.check_roots(roots.roots)
     for given, outer in roots.dropped:
-        log.warning("root %s lies inside root %s: its files are scanned once, through %s", given, outer, outer)
+        if normalise_roots([given]).roots == [outer]:  # the same folder again, perhaps by another name (a link)
+            log.warning("root %s is given twice (as %s): its files are scanned once", outer, given)
+        else:
+            log.warning("root %s lies inside root %s: its files are scanned once, through %s", given, outer, outer)
     check_plugins(cfg.photos.plugins)
     # The detector is decided here, once: settings_id names it and the workers run exactly it.
     cfg = cfg.model_copy(update={"roots": roots.roots, "face": resolved(cfg.face)})

@@ -76,7 +76,7 @@ def check(out: str, repair: bool = False, deep: bool = False, lease_s: float = 6
     """Verify the table at `out` (see dogbreed.table.health); with `repair`, mend it under the lock. Returns what was
     found, what was done and what a check finds afterwards. Without `repair` nothing is written."""
     output = Output(out, write=repair)
-    if inspect(output.loc) != "ours":
+    if inspect(output.loc, reading=not repair) != "ours":
         raise OutputError(f"{out} holds no dogbreed table")
     found = table_health.check(output.loc, deep)
     if not repair or found.ok:

@@ -45,7 +45,7 @@ class Output:
 
     def require(self):
         """The committed dogbreed table, for readers; one sentence when there is none (or it is not dogbreed's)."""
-        if inspect(self.loc) != "ours" or (table := self.snapshot()) is None:
+        if inspect(self.loc, reading=True) != "ours" or (table := self.snapshot()) is None:
             raise OutputError(f"{self.out} holds no committed scan run (no dogbreed table there)")
         return table
 

@@ -67,9 +67,10 @@ def _delta_name(loc: Location) -> str | None:
                           "dogbreed writes only to its own tables") from None
 
 
-def inspect(loc: Location) -> str:
+def inspect(loc: Location, reading: bool = False) -> str:
     """What the output is: 'new' (absent or empty), 'ours' (marked, or a dogbreed table from before the marker),
-    or 'old-layout' (the runs/ folders of dogbreed before the Delta table); anything else is an OutputError."""
+    or 'old-layout' (the runs/ folders of dogbreed before the Delta table); anything else is an OutputError, worded
+    for a command that would write there, or (`reading`) for one that reads a table (latest, check, similar)."""
     entries = _entries(loc)
     if not entries:
         return "new"
@@ -78,10 +79,11 @@ def inspect(loc: Location) -> str:
     if LOG_DIR in entries:
         name = _delta_name(loc)
         if name != TABLE_NAME:
-            raise OutputError(f"--out {loc.out} is a Delta table of another tool ({f'named {name!r}' if name else 'unnamed'}); "
+            other = f"is a Delta table of another tool ({f'named {name!r}' if name else 'unnamed'})"
+            raise OutputError(f"{loc.out} {other}, not a dogbreed table" if reading else f"--out {loc.out} {other}; "
                               "dogbreed writes only to its own tables: give a new folder")
         foreign = [e for e in entries if e not in OWN_ENTRIES and not DELTA_FILE.fullmatch(e)]
-        if foreign:
+        if foreign and not reading:  # a reader reads the table beside them; a writer never writes beside them
             raise OutputError(f"--out {loc.out} holds {foreign[0]!r} besides a dogbreed table; dogbreed writes only to "
                               "a folder of its own")
         return "ours"
@@ -91,9 +93,11 @@ def inspect(loc: Location) -> str:
         return "ours"  # a first run of an older dogbreed, killed before its commit: only its lock and run files
     if entries == [META_DIR] and all(is_temporary(e, MARKER) for e in _entries_of(loc, META_DIR)):
         return "new"  # another first run's claim in progress (its marker not yet linked in), or one killed half-way
-    raise OutputError(f"--out {loc.out} already holds {entries[0]!r}{' and more' if len(entries) > 1 else ''}, "
-                      "which dogbreed did not write; give a new or empty folder (dogbreed never writes beside other "
-                      "files)")
+    held = f"{entries[0]!r}{' and more' if len(entries) > 1 else ''}, which dogbreed did not write"
+    if reading:
+        raise OutputError(f"{loc.out} is not a dogbreed table: it holds {held}")
+    raise OutputError(f"--out {loc.out} already holds {held}; give a new or empty folder (dogbreed never writes beside "
+                      "other files)")
 
 
 def _entries_of(loc: Location, sub: str) -> list[str]:
