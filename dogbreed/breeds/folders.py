@@ -2,7 +2,7 @@
 
 Layouts: Stanford Dogs (``Images/n02085620-Chihuahua/``), the dog-app's split folders (``train/``,
 ``valid/``, ``test/`` of ``001.Affenpinscher/``), plain ``Golden_retriever/`` class folders, and for
-evaluation folders named ``humans/`` or ``other/`` whose photos are all of that category.
+evaluation folders named ``humans/`` or ``other/`` (given, or inside a breed tree) whose photos are all of that category.
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ from dogbreed.config import PHOTO_EXTENSIONS
 from dogbreed.scan.listing import list_roots, normalise_roots
 
 log = logging.getLogger("dogbreed.breeds")
-HUMANS, OTHER = "humans", "other"
+# Folder names (any case) that hold people or neither in an evaluation, never a breed: dogbreed's own humans/ and
+# other/, and the names people give them (the dog app's lfw/ is named by its source, so it is not among them).
+CATEGORY_FOLDERS = {**dict.fromkeys(("humans", "human", "people"), "human"),
+                    **dict.fromkeys(("other", "others", "neither"), "other")}
 SPLIT_NAMES = {"train": ("train",), "val": ("valid", "val", "validation"), "test": ("test",)}
 
 
@@ -107,6 +110,11 @@ def labelled_items(classes: dict[str, list[str]], class_names: list[str], source
     return [(p, index[folder]) for folder, paths in classes.items() if index[folder] is not None for p in paths]
 
 
+def category_folder(name: str) -> str | None:
+    """'human' or 'other' for a folder an evaluation reads as that category (humans/, other/, neither/, ...), else None."""
+    return CATEGORY_FOLDERS.get(name.strip().lower())
+
+
 @dataclass
 class LabelledPhotos:
     """Photos of labelled folders: category is dog / human / other; folder is the class folder of a dog."""
@@ -115,20 +123,37 @@ class LabelledPhotos:
     category: list[str] = field(default_factory=list)
     folder: list[str | None] = field(default_factory=list)
 
+    def add(self, paths: list[str], category: str, folder: str | None = None) -> None:
+        self.paths += paths
+        self.category += [category] * len(paths)
+        self.folder += [folder] * len(paths)
 
-def evaluation_photos(folders: list[str], extensions: list[str] | None = None) -> LabelledPhotos:
-    """A folder named humans/ or other/ holds that category; any other folder holds one class folder per breed."""
+
+def evaluation_photos(folders: list[str], extensions: list[str] | None = None,
+                      require_photos: bool = False) -> LabelledPhotos:
+    """A folder named humans/ or other/ (see CATEGORY_FOLDERS) holds that category; any other folder holds one class
+    folder per breed, where a humans/ or other/ folder is that category too, not a breed.
+
+    With require_photos, each folder must give labelled photos: one that gives none is a DataError naming it.
+    """
     out = LabelledPhotos()
     for folder in folders:
-        name = Path(folder.rstrip("/")).name.lower()
-        if name in (HUMANS, OTHER):
-            paths = photos_under(folder, extensions)
-            out.paths += paths
-            out.category += ["human" if name == HUMANS else "other"] * len(paths)
-            out.folder += [None] * len(paths)
-            continue
-        for class_folder, paths in class_folders(folder, extensions, min_classes=0).items():
-            out.paths += paths
-            out.category += ["dog"] * len(paths)
-            out.folder += [class_folder] * len(paths)
+        if not os.path.isdir(folder):
+            raise DataError(f"labelled folder {folder} does not exist" if not os.path.lexists(folder)
+                            else f"labelled folder {folder} is not a folder")
+        before = len(out.paths)
+        category = category_folder(Path(folder.rstrip("/")).name)
+        if category:
+            out.add(photos_under(folder, extensions), category)
+        else:
+            for class_folder, paths in class_folders(folder, extensions, min_classes=0).items():
+                inside = category_folder(class_folder)
+                out.add(paths, inside or "dog", None if inside else class_folder)
+        if require_photos and len(out.paths) == before:
+            if not photos_under(folder, extensions):
+                exts = list(extensions or PHOTO_EXTENSIONS)
+                raise DataError(f"no photos under {folder}: none of its files has a photo's extension "
+                                f"({', '.join(exts[:3])}{', ...' if len(exts) > 3 else ''})")
+            raise DataError(f"{folder} holds photos but no breed folders: put each breed's photos in a folder named "
+                            "for it, or name the folder humans/ or other/")
     return out

@@ -102,7 +102,10 @@ def evaluate_command(
     classes: Annotated[Optional[str], typer.Option(help="A taxonomy file (or dogapp133): the model's top-1/top-5 beside "
                                                    "zero-shot's, on breeds ImageNet has and lacks, and per breed.")] = None,
 ) -> None:
-    """Assess the detectors and the breed classifier on labelled photos, the way the dog-app did."""
+    """Assess the detectors and the breed classifier on labelled photos, the way the dog-app did.
+    Breed folders that name none of the classes are left out of breed accuracy with a warning; exit 2 when a folder
+    holds no photos, or no breed folder names a class."""
+    setup_logging(None)  # warnings (folders left out) on stderr, one line each; the figures alone on stdout
     with _user_errors():
         cfg = _scan_config(config, model=model)
         from dogbreed.vision.codecs import check_plugins  # here: --help imports no Pillow

@@ -8,14 +8,16 @@ accuracy the scan serves.
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
 
 from dogbreed.breeds.folders import class_index, evaluation_photos
-from dogbreed.config import ConfigError, ScanConfig
+from dogbreed.breeds.taxonomy import DataError
+from dogbreed.config import ScanConfig
 from dogbreed.scan.listing import exact_bytes, text_path
 from dogbreed.table import schema
 from dogbreed.table.store import utcnow
@@ -23,6 +25,8 @@ from dogbreed.vision.batch import Batch, column
 from dogbreed.vision.decision import settings_id
 from dogbreed.vision.faces import resolved
 from dogbreed.vision.predictors import BreedPredictor, Decoder
+
+log = logging.getLogger("dogbreed.evaluation")
 
 
 def analyze(paths: Iterable[str], cfg: ScanConfig, predictor: BreedPredictor | None = None) -> pd.DataFrame:
@@ -58,14 +62,22 @@ def listed(paths: list[str]) -> Batch:
             "ctime_ns": column([s.st_ctime_ns if s else 0 for s in stats], "i8")}
 
 
-def ranked_classes(df: pd.DataFrame, class_names: list[str], k: int = 5) -> np.ndarray:
-    """(n, k) class indices of each row's top-k breeds, best first; -1 where a row has no breeds (an error)."""
+def ranked_classes(df: pd.DataFrame, class_names: list[str], k: int = 5,
+                   match: Callable[[str], int | None] | None = None) -> np.ndarray:
+    """(n, k) class indices of each row's top-k breeds, best first; -1 where a row has no breeds (an error).
+
+    A breed not spelled as in class_names is looked up with match (folders.class_index), where the predictor's classes
+    are another taxonomy's (ImageNet's 'Brittany spaniel' is the dog app's 'Brittany'); -1 if it is none of them.
+    """
     index = {name: i for i, name in enumerate(class_names)}
     out = np.full((len(df), k), -1, dtype=np.int64)
     for r, breeds in enumerate(df["breeds"]):
         if breeds is not None:
             for c, b in enumerate(list(breeds)[:k]):
-                out[r, c] = index.get(b["breed"], -1)
+                name = b["breed"]
+                if name not in index and match is not None:
+                    index[name] = -1 if (i := match(name)) is None else i
+                out[r, c] = index.get(name, -1)
     return out
 
 
@@ -98,15 +110,49 @@ def classify(paths: list[str], truth: list[int], cfg: ScanConfig) -> dict[str, A
     return breed_metrics(np.asarray(truth), ranked_classes(df, names), names)
 
 
+def few(names: list[str], shown: int = 3) -> str:
+    """'A, B, C and 4 more': the first few of some names for a one-line message (an odd name shown escaped)."""
+    text = [n if n.isprintable() else repr(n) for n in names[:shown]]
+    return ", ".join(text) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def counted(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def breed_truth(folders: list[str | None], class_names: list[str], source: str, where: list[str]) -> np.ndarray:
+    """The class index of each dog photo's breed folder; -1 for a folder that names none of class_names (left out
+    of breed accuracy, with a warning naming them). No folder naming any class is a DataError: nothing to score."""
+    match = class_index(class_names)
+    index = {f: match(f) for f in sorted(set(folders))}
+    unknown = [f for f, i in index.items() if i is None]
+    if unknown and len(unknown) == len(index):
+        raise DataError(f"no breed folder under {', '.join(where)} is a class of {source} ({counted(len(unknown), 'folder')}: "
+                        f"{few(unknown)}): name each breed folder for one of its classes")
+    truth = np.array([-1 if index[f] is None else index[f] for f in folders], dtype=np.int64)
+    if unknown:
+        n = int((truth < 0).sum())
+        what = "that is not a class" if len(unknown) == 1 else "that are not classes"
+        log.warning("%s in %s %s of %s %s left out of the breed accuracy: %s", counted(n, "photo"),
+                    counted(len(unknown), "breed folder"), what, source, "is" if n == 1 else "are", few(unknown))
+    return truth
+
+
 def assess(folders: list[str], cfg: ScanConfig) -> dict[str, float | int]:
-    """Detector rates and breed accuracy over labelled folders, as a flat dict of figures (`dogbreed evaluate`)."""
-    photos = evaluation_photos(folders, cfg.extensions)
-    if not photos.paths:
-        raise ConfigError(f"no labelled photos found in {', '.join(folders)}")
+    """Detector rates and breed accuracy over labelled folders, as a flat dict of figures (`dogbreed evaluate`).
+
+    Every photo counts in the detector rates of its category; breed accuracy is over the photos of breed folders that
+    name one of the model's classes (breed_photos); photos of other breed folders are left out (breed_left_out).
+    """
+    photos = evaluation_photos(folders, cfg.extensions, require_photos=True)
     cfg = cfg.model_copy(update={"top_k": max(cfg.top_k, 5)})
     predictor = BreedPredictor.for_scan(cfg)
-    df = analyze(photos.paths, cfg, predictor)
+    names = predictor.spec.class_names
     cat = np.array(photos.category)
+    dogs = cat == "dog"
+    truth = breed_truth([f for f, d in zip(photos.folder, dogs) if d], names, f"the model {predictor.model_id}",
+                        folders) if dogs.any() else np.zeros(0, dtype=np.int64)
+    df = analyze(photos.paths, cfg, predictor)
     is_dog = df["status"].isin(["dog", "dog_and_human"]).to_numpy()
     has_face = df["face_count"].fillna(0).to_numpy() > 0
     report: dict[str, float | int] = {"photos": len(df), "errors": int((df["status"] == "error").sum())}
@@ -116,12 +162,11 @@ def assess(folders: list[str], cfg: ScanConfig) -> dict[str, float | int]:
         if m.any():
             report[f"dog_detected_in_{c}"] = float(is_dog[m].mean())
             report[f"face_detected_in_{c}"] = float(has_face[m].mean())
-    dogs = cat == "dog"
     if dogs.any():
-        names = predictor.spec.class_names
-        match = class_index(names)
-        truth = np.array([-1 if (i := match(f)) is None else i for f, d in zip(photos.folder, dogs) if d], dtype=np.int64)
-        figures = breed_metrics(truth, ranked_classes(df[dogs].reset_index(drop=True), names), names)
+        scored = truth >= 0
+        report["breed_photos"], report["breed_left_out"] = int(scored.sum()), int((~scored).sum())
+        ranked = ranked_classes(df[dogs].reset_index(drop=True), names)
+        figures = breed_metrics(truth[scored], ranked[scored], names)
         report["breed_top1"], report["breed_top5"] = figures["top1"], figures["top5"]
     expected = np.where(cat == "dog", "dog", np.where(cat == "human", "human", "neither"))
     report["status_correct"] = float((df["status"].to_numpy() == expected).mean())

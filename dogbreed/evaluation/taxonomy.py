@@ -3,24 +3,27 @@ on photos of breeds ImageNet has and of breeds it lacks, and per breed.
 
 Every photo is decoded once, through the scan's own decoder, and answered by both predictors the scan would run: the
 model, and zero-shot (the default model's ImageNet head restricted to the taxonomy's breeds that ImageNet has; a
-breed it lacks it can never name). Photos of breed folders the taxonomy does not name are left out and counted.
+breed it lacks it can never name). Photos of breed folders the taxonomy does not name, and of humans/ or other/
+folders, are left out, named in a warning and counted.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import numpy as np
 
-from dogbreed.breeds.folders import class_folders, class_index
-from dogbreed.breeds.taxonomy import breed_from_folder, imagenet_index_for, read_classes
+from dogbreed.breeds.folders import class_index, evaluation_photos
+from dogbreed.breeds.taxonomy import DataError, breed_from_folder, imagenet_index_for, read_classes
 from dogbreed.config import ConfigError, ScanConfig
-from dogbreed.evaluation.breeds import breed_metrics, listed, ranked_classes
+from dogbreed.evaluation.breeds import breed_metrics, breed_truth, counted, listed, ranked_classes
 from dogbreed.table import schema
 from dogbreed.table.store import utcnow
 from dogbreed.vision.faces import resolved
 
+log = logging.getLogger("dogbreed.evaluation")
 GROUPS = ("all", "known", "new")  # every photo; photos of breeds ImageNet has; of breeds it lacks
 
 
@@ -38,19 +41,23 @@ def zero_shot_model(classes: list[str]):
     return LoadedModel(base.net, spec, f"zero-shot@{base.model_id}")
 
 
-def labelled(folders: list[str], classes: list[str], extensions: list[str]) -> tuple[list[str], np.ndarray, int]:
-    """(photo paths, taxonomy class of each, photos of breeds the taxonomy does not name)."""
-    match = class_index(classes)
-    paths, truth, skipped = [], [], 0
-    for folder in folders:
-        for name, photos in class_folders(folder, extensions, min_classes=0).items():
-            c = match(name)
-            if c is None:
-                skipped += len(photos)
-                continue
-            paths += photos
-            truth += [c] * len(photos)
-    return paths, np.asarray(truth, dtype=np.int64), skipped
+def labelled(folders: list[str], classes: list[str], extensions: list[str],
+             source: str = "the taxonomy") -> tuple[list[str], np.ndarray, int, int]:
+    """(photo paths, taxonomy class of each, photos of breed folders the taxonomy does not name, photos of humans/ or
+    other/ folders): both kinds are left out, each with a warning, and nothing to measure is a DataError."""
+    photos = evaluation_photos(folders, extensions, require_photos=True)
+    dog = np.array(photos.category) == "dog"
+    not_breeds = int((~dog).sum())
+    if not_breeds:
+        log.warning("%s of humans/ or other/ folders left out: a taxonomy is measured on breed folders only",
+                    counted(not_breeds, "photo"))
+    if not dog.any():
+        raise DataError(f"no breed folders under {', '.join(folders)}: a taxonomy is measured on folders of dog photos, "
+                        "one folder per breed")
+    truth = breed_truth([f for f, d in zip(photos.folder, dog) if d], classes, source, folders)
+    paths = [p for p, d in zip(photos.paths, dog) if d]
+    keep = truth >= 0
+    return [p for p, k in zip(paths, keep) if k], truth[keep], int((~keep).sum()), not_breeds
 
 
 def compare(folders: list[str], classes_file: str, cfg: ScanConfig) -> dict[str, Any]:
@@ -59,9 +66,7 @@ def compare(folders: list[str], classes_file: str, cfg: ScanConfig) -> dict[str,
 
     classes = read_classes(classes_file)
     names = [breed_from_folder(c) for c in classes]
-    paths, truth, skipped = labelled(folders, classes, cfg.extensions)
-    if not paths:
-        raise ConfigError(f"no photos of the classes in {classes_file} under {', '.join(folders)}")
+    paths, truth, skipped, not_breeds = labelled(folders, classes, cfg.extensions, str(classes_file))
     cfg = cfg.model_copy(update={"top_k": max(cfg.top_k, 5), "face": resolved(cfg.face)})
     predictors = {"zero-shot": BreedPredictor(zero_shot_model(classes), top_k=5, count_dingo=cfg.count_dingo_as_dog),
                   "model": BreedPredictor.for_scan(cfg)}
@@ -77,12 +82,12 @@ def compare(folders: list[str], classes_file: str, cfg: ScanConfig) -> dict[str,
     import pandas as pd
 
     known = np.array([imagenet_index_for(classes[t]) is not None for t in truth])
-    figures: dict[str, Any] = {"photos": len(paths), "left_out": skipped, "classes": len(classes),
+    figures: dict[str, Any] = {"photos": len(paths), "left_out": skipped, "not_breeds": not_breeds, "classes": len(classes),
                                "model_id": predictors["model"].model_id, "groups": {}, "per_breed": []}
-    per_breed = {}
+    per_breed, match = {}, class_index(classes)
     for name in predictors:
         df = pd.concat(frames[name], ignore_index=True)
-        ranked = ranked_classes(df, names)
+        ranked = ranked_classes(df, names, match=match)  # match: a model of ImageNet's classes names them otherwise
         for group, mask in (("all", np.ones(len(truth), bool)), ("known", known), ("new", ~known)):
             if mask.any():
                 m = breed_metrics(truth[mask], ranked[mask], names)
@@ -97,7 +102,8 @@ def compare(folders: list[str], classes_file: str, cfg: ScanConfig) -> dict[str,
 
 
 def format_comparison(f: dict[str, Any]) -> str:
-    lines = [f"{f['photos']} photos of {f['classes']} classes ({f['left_out']} photos of other breeds left out); "
+    humans = f", {f['not_breeds']} of humans/other" if f.get("not_breeds") else ""
+    lines = [f"{f['photos']} photos of {f['classes']} classes ({f['left_out']} photos of other breeds{humans} left out); "
              f"model {f['model_id']}", f"{'':<24}{'zero-shot':>22}{'model':>22}", f"{'':<24}{'top-1':>11}{'top-5':>11}"
              f"{'top-1':>11}{'top-5':>11}"]
     labels = {"all": "all photos", "known": "breeds ImageNet has", "new": "breeds ImageNet lacks"}
