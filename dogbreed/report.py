@@ -145,16 +145,24 @@ def thumbnail(reader: PhotoReader, path: str | bytes, row: Mapping[str, Any]) ->
 
 
 def write_annotated(rows: pd.DataFrame, folder: str | Path, photos: PhotoConfig | None = None) -> list[Path]:
-    """`predict --annotate`: a copy of each decoded photo with its answer drawn on it, as <stem>.annotated.jpg."""
+    """`predict --annotate`: a copy of each decoded photo with its answer drawn on it, as <stem>.annotated.jpg.
+
+    Two photos of one stem (a/x.jpg, b/x.png) get x.annotated.jpg and x-2.annotated.jpg, and no copy is written over
+    a photo of this call (x.jpg beside its own earlier x.annotated.jpg, both given): each photo keeps its copy."""
     folder = Path(folder)
-    written = []
+    written: list[Path] = []
+    inputs = {os.path.realpath(p) for p in rows["path"]}
     reader = photo_reader(None, photos)
     try:
         for row in rows.to_dict("records"):
             if row["status"] not in IMAGE_STATUSES:
                 continue
             img = thumbnail(reader, row.get("path_bytes") or row["path"], row)
-            target = folder / (Path(row["path"]).stem + ".annotated.jpg")
+            stem, n = Path(row["path"]).stem, 1
+            target = folder / f"{stem}.annotated.jpg"
+            while target in written or os.path.realpath(target) in inputs:
+                n += 1
+                target = folder / f"{stem}-{n}.annotated.jpg"
             with writing(target):
                 folder.mkdir(parents=True, exist_ok=True)
                 img.save(target, quality=90)

@@ -253,3 +253,20 @@ def test_a_full_disk_under_an_export_exits_1_as_the_readme_says(tmp_path, commit
     r = runner.invoke(app, [args[0], out, args[1], str(target)])
     assert r.exit_code == 1, r.output
     assert r.output.startswith(f"failed: cannot write {target}: ") and "No space left on device" in r.output
+
+
+def test_predict_annotate_keeps_every_copy_and_never_writes_over_a_photo_it_reads(tmp_path):
+    """Two photos named x wrote one x.annotated.jpg, the second over the first; and a photo given as
+    ann/x.annotated.jpg was overwritten by x's copy."""
+    for sub in ("a", "b", "ann"):
+        (tmp_path / sub).mkdir()
+    (tmp_path / "a" / "x.png").write_bytes((SAMPLES / "coffee.png").read_bytes())
+    (tmp_path / "b" / "x.jpg").write_bytes((SAMPLES / "grace_hopper.jpg").read_bytes())
+    given = (SAMPLES / "Brittany_02625.jpg").read_bytes()
+    (tmp_path / "ann" / "x.annotated.jpg").write_bytes(given)
+    r = runner.invoke(app, ["predict", str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.jpg"),
+                            str(tmp_path / "ann" / "x.annotated.jpg"), "--annotate", str(tmp_path / "ann")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "ann" / "x.annotated.jpg").read_bytes() == given
+    assert sorted(p.name for p in (tmp_path / "ann").iterdir()) == [
+        "x-2.annotated.jpg", "x-3.annotated.jpg", "x.annotated.annotated.jpg", "x.annotated.jpg"]
