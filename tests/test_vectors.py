@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable, write_deltalake
 from PIL import Image, ImageOps
@@ -64,6 +66,25 @@ def _now():
     from dogbreed.table.store import utcnow
 
     return utcnow()
+
+
+TEST_NET = "test-net@0123"  # an embedding id no model makes: rows written here, searched by their stored paths
+
+
+def commit_vectors(out, vectors: dict[str, list[float] | None], status: str = "dog", eid: str = TEST_NET) -> str:
+    """Commit one run of rows holding these vectors (None: a row without one) as a scan writes them, no network run:
+    a table in milliseconds whose nearest neighbours are known."""
+    n, dim = len(vectors), max((len(v) for v in vectors.values() if v is not None), default=0)
+    valid = np.array([v is not None for v in vectors.values()], dtype=bool)
+    x = np.array([v if v is not None else [0.0] * dim for v in vectors.values()], dtype=np.float32).reshape(n, dim)
+    with Output(out, write=True).writing(30) as session:
+        with session.writer() as writer:
+            writer.write(schema.to_table({
+                "path": list(vectors), "status": [status] * n, "run_id": [writer.run_id] * n,
+                "embedding": schema.embedding_array(x, valid), "embedding_id": [eid if ok else None for ok in valid],
+                "processed_at": pa.array([_now()] * n, schema.UTC_US)}))
+        session.commit(writer, {"run_id": writer.run_id, "model_id": "test-model", "status": "committed"})
+    return writer.run_id
 
 
 def edited(path: Path, how: str) -> Image.Image:
@@ -346,6 +367,206 @@ def test_a_tampered_index_state_naming_files_outside_it_is_rebuilt_and_deletes_n
     again = VectorIndex(output, load_default().embedding_id)
     again.refresh(output.require())
     assert victim.read_bytes() == b"mine" and again.retired == {} and len(again.segments) == 1
+
+
+def _v(*head: float) -> list[float]:
+    return list(head) + [0.0] * (8 - len(head))
+
+
+def _new_process() -> None:
+    """What a next `dogbreed similar` starts from: nothing of the last search held in memory."""
+    from dogbreed.vectors import similar as similar_module
+
+    for cached in (similar_module._current, similar_module._positions, similar_module._index, similar_module._allowed):
+        cached.cache_clear()
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    """A table of two runs of 8-value vectors (b nearest a, then c, then d) searched once, so its index is built:
+    (out, index folder, first run, second run, the hits for a)."""
+    out = tmp_path / "out"
+    first = commit_vectors(out, {"/p/a.jpg": _v(1), "/p/b.jpg": _v(1, 0.2)})
+    second = commit_vectors(out, {"/p/c.jpg": _v(1, 1), "/p/d.jpg": _v(0, 1)})
+    (found,) = similar(str(out), ["/p/a.jpg"], ScanConfig(), k=3)
+    assert [h.path for h in found.hits] == ["/p/b.jpg", "/p/c.jpg", "/p/d.jpg"]
+    yield out, out / "_dogbreed" / "similar" / "test-net_0123", first, second, found.hits
+    _new_process()
+
+
+def _state(folder: Path, **changes) -> None:
+    state = json.loads((folder / "state.json").read_text())
+    for key, change in changes.items():
+        state[key] = change(state) if callable(change) else change
+    (folder / "state.json").write_text(json.dumps(state))
+
+
+def _one_segment_rows(n: int):
+    return lambda state: [dict(state["segments"][0], rows=n)] + state["segments"][1:]
+
+
+DAMAGE = {  # what a crash, a full disk, a hand or a sync tool left; the first run's segment unless said
+    "truncated vectors": lambda f, run: (f / f"{run}.f16").write_bytes((f / f"{run}.f16").read_bytes()[:10]),
+    "deleted vectors": lambda f, run: (f / f"{run}.f16").unlink(),
+    "junk keys": lambda f, run: (f / f"{run}.keys.parquet").write_bytes(b"PAR1 not parquet"),
+    "deleted keys": lambda f, run: (f / f"{run}.keys.parquet").unlink(),
+    "more rows than the files hold": lambda f, run: _state(f, segments=_one_segment_rows(7)),
+    "keys of another length": lambda f, run: pq.write_table(
+        pa.table({"path": ["/p/a.jpg", "/p/b.jpg", "/p/x.jpg"], "run_id": [run] * 3}), f / f"{run}.keys.parquet"),
+    "a narrower dim (every segment)": lambda f, run: _state(f, dim=4),
+    "a wider dim (every segment)": lambda f, run: _state(f, dim=16),
+}
+
+
+@pytest.mark.parametrize("how", list(DAMAGE))
+def test_a_damaged_index_is_written_again_from_the_table_with_one_warning(two_runs, how, caplog):
+    """A truncated or deleted vectors file, junk or deleted keys, or a state whose rows or dim the files do not hold
+    was a traceback (or, for a wrong dim, silently wrong hits): the damaged segments are written again."""
+    out, folder, first, second, hits = two_runs
+    untouched = (folder / f"{second}.f16").stat().st_mtime_ns
+    DAMAGE[how](folder, first)
+    _new_process()
+    (found,) = similar(str(out), ["/p/a.jpg"], ScanConfig(), k=3)
+    assert [(h.path, h.similarity) for h in found.hits] == [(h.path, h.similarity) for h in hits]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and str(out) in warnings[0] and "\n" not in warnings[0], warnings
+    for run in (first, second):
+        assert (folder / f"{run}.f16").stat().st_size == 2 * 8 * 2
+    if "every segment" not in how:
+        assert (folder / f"{second}.f16").stat().st_mtime_ns == untouched  # only the damaged segment is written
+    index = VectorIndex(Output(out), TEST_NET)
+    caplog.clear()
+    assert index.refresh(Output(out).require()) == 0 and not caplog.records  # whole again: nothing more to do
+    assert index.dim == 8 and sorted(s.rows for s in index.segments) == [2, 2]
+
+
+def test_a_wrong_dim_in_a_state_without_segments_is_not_taken_for_the_tables(two_runs, caplog):
+    """The state's dim was taken for the width of the table's vectors: 'holds vectors of 8 values beside vectors of
+    3 ... edited by hand?'."""
+    out, folder, first, second, hits = two_runs
+    _state(folder, dim=3, segments=[], version=0)
+    _new_process()
+    (found,) = similar(str(out), ["/p/a.jpg"], ScanConfig(), k=3)
+    assert [(h.path, h.similarity) for h in found.hits] == [(h.path, h.similarity) for h in hits]
+    assert json.loads((folder / "state.json").read_text())["dim"] == 8
+
+
+def test_an_index_of_coherent_files_narrower_than_the_tables_vectors_is_built_again(two_runs, caplog):
+    """A state and files that agree with each other, at a width the table's vectors do not have, gave wrong hits: a
+    new run's vectors (of the table's width) show it, and the whole index is made again from the table."""
+    out, folder, first, second, hits = two_runs
+    vectors = np.fromfile(folder / f"{first}.f16", dtype=np.float16).reshape(2, 8)
+    vectors[:, :4].copy().tofile(folder / f"{first}.f16")
+    _state(folder, dim=4, segments=lambda state: [s for s in state["segments"] if s["name"] == first])
+    commit_vectors(out, {"/p/e.jpg": _v(-1)})
+    _new_process()
+    (found,) = similar(str(out), ["/p/a.jpg"], ScanConfig(), k=3)
+    assert [(h.path, h.similarity) for h in found.hits] == [(h.path, h.similarity) for h in hits]
+    assert any("holds vectors of 4 values, the table's have 8: building it again" in r.getMessage()
+               for r in caplog.records)
+    assert (folder / f"{first}.f16").stat().st_size == 2 * 8 * 2
+
+
+def test_a_file_where_the_index_folder_belongs_is_one_sentence_exit_2_and_left_alone(two_runs):
+    out, folder, first, second, hits = two_runs
+    shutil.rmtree(folder.parent)
+    folder.parent.write_text("not dogbreed's")  # OUT/_dogbreed/similar is a file
+    proc = subprocess.run([str(DOGBREED), "similar", str(out), "/p/a.jpg"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == Exit.USAGE and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: the vector index of {out} belongs in {folder}, but {folder.parent} is a file, not a folder: move it "
+        "away and search again"]
+    assert folder.parent.read_text() == "not dogbreed's"
+    folder.parent.unlink()
+    folder.parent.mkdir()
+    folder.write_text("not dogbreed's either")  # the embedding's folder is a file
+    _new_process()
+    with pytest.raises(SimilarError, match=f"but {folder} is a file, not a folder"):
+        similar(str(out), ["/p/a.jpg"], ScanConfig())
+    assert folder.read_text() == "not dogbreed's either"
+
+
+def test_a_damaged_segment_that_cannot_be_written_again_is_one_sentence_and_deletes_nothing(two_runs):
+    out, folder, first, second, hits = two_runs
+    (folder / f"{first}.f16").unlink()
+    (folder / f"{first}.f16").mkdir()  # someone's folder where a segment's vectors belong
+    (folder / f"{first}.f16" / "mine.txt").write_text("mine")
+    _new_process()
+    with pytest.raises(SimilarError, match=f"the vector index of {out} cannot be written in {folder} "):
+        similar(str(out), ["/p/a.jpg"], ScanConfig())
+    assert (folder / f"{first}.f16" / "mine.txt").read_text() == "mine"
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+
+
+def test_a_damaged_index_through_the_cli_is_a_warning_line_and_the_right_hits(two_runs):
+    out, folder, first, second, hits = two_runs
+    (folder / f"{first}.f16").write_bytes(b"\0" * 5)
+    proc = subprocess.run([str(DOGBREED), "similar", str(out), "/p/a.jpg", "--k", "1", "--json"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert [h["path"] for h in json.loads(proc.stdout)["hits"]] == ["/p/b.jpg"]
+    (line,) = proc.stderr.strip().splitlines()
+    assert "vector index" in line and "damaged" in line and f"{first}.f16 holds 5 bytes" in line
+
+
+def test_a_dogbreed_cache_that_is_a_file_is_one_sentence_naming_it(two_runs, tmp_path, monkeypatch):
+    """A table this process cannot write gets its index in the user cache: DOGBREED_CACHE naming a file was a
+    NotADirectoryError traceback."""
+    from typer.testing import CliRunner
+
+    import dogbreed.vectors.index as index_module
+    from dogbreed.cli import app
+
+    out, folder, first, second, hits = two_runs
+    cache = tmp_path / "cache"
+    cache.write_text("a file")
+    monkeypatch.setenv("DOGBREED_CACHE", str(cache))
+    monkeypatch.setattr(index_module, "_writable", lambda output: False)  # as a read-only mount or bucket is
+    _new_process()
+    r = CliRunner().invoke(app, ["similar", str(out), "/p/a.jpg"])
+    assert r.exit_code == Exit.USAGE, r.output
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith(f"error: DOGBREED_CACHE={cache} cannot hold the vector index of {out} ({cache} is a file, ")
+    assert line.endswith("set DOGBREED_CACHE to a folder this user can write") and cache.read_text() == "a file"
+    monkeypatch.setenv("DOGBREED_CACHE", str(tmp_path / "cache2"))
+    _new_process()
+    (found,) = similar(str(out), ["/p/a.jpg"], ScanConfig(), k=3)  # a folder: the index is made there
+    assert [h.path for h in found.hits] == [h.path for h in hits] and list((tmp_path / "cache2").rglob("*.f16"))
+
+
+def test_similar_and_relabel_say_why_a_table_has_no_vectors(tmp_path, commit_rows):
+    """An empty table, or one of error rows only, was said to hold 'rows of runs before dogbreed stored vectors'."""
+    gone = tmp_path / "gone"
+    commit_rows(gone, ["/p/a.jpg"], status="dog")
+    commit_rows(gone, ["/p/a.jpg"], status="deleted")  # every file deleted since
+    broken = tmp_path / "broken"
+    commit_rows(broken, ["/p/a.jpg", "/p/b.txt"], status="error")
+    old = tmp_path / "old"
+    commit_rows(old, ["/p/a.jpg"], status="dog")
+    cases = {gone: "has no current rows to {} (no photo scanned into it yet, or every one deleted since)",
+             broken: "has no decoded photos to {}: its 2 current rows are errors or skipped files, which have no vectors",
+             old: "{}: its 1 decoded rows come from runs before dogbreed stored"}
+    for out, said in cases.items():
+        with pytest.raises(SimilarError) as e:
+            similar(str(out), ["/p/a.jpg"], ScanConfig())
+        assert said.format("search" if out != old else "holds no embeddings yet") in str(e.value)
+        with pytest.raises(RelabelError) as e:
+            relabel(str(out), ScanConfig(model="default"))
+        assert said.format("relabel" if out != old else "backbone)") in str(e.value)
+    mixed = tmp_path / "mixed"
+    commit_vectors(mixed, {"/p/a.jpg": _v(1), "/p/b.jpg": None}, status="dog")
+    commit_rows(mixed, ["/p/c.jpg"], status="error")
+    for query, said in (("/p/c.jpg", "it is an error row"), ("/p/b.jpg", "its row comes from a run before dogbreed")):
+        with pytest.raises(SimilarError, match=f"{query} has no embedding in {mixed}: {said}"):
+            similar(str(mixed), [query], ScanConfig())
+
+
+def test_a_query_embedded_wider_than_the_tables_vectors_is_one_sentence(tmp_path):
+    out = tmp_path / "out"
+    commit_vectors(out, {"/p/a.jpg": _v(1), "/p/b.jpg": _v(0, 1)}, eid=load_default().embedding_id)
+    with pytest.raises(SimilarError, match=r"coffee\.png was embedded as 1280 values by .*, but .* holds its vectors "
+                                           "as 8; the table was edited by hand"):
+        similar(str(out), [str(SAMPLES / "coffee.png")], ScanConfig())
 
 
 @pytest.mark.slow  # two commits, a relabel and two searches: the full suite (CI) runs it

@@ -14,6 +14,7 @@ a grace period later (RETIRE_GRACE_S, so that a search still reading an older st
 not grow by a full copy with every relabel. Exact search needs no training and has recall 1; at 1M rows a query takes
 about 0.2 s (README, "similar at scale"). Searching memory-maps the segments, so an s3:// table's index is kept
 beside it and mirrored into a local cache; a table this process cannot write gets its index in that cache only.
+The index is derived data: a segment whose files do not hold what the state says (segments.py) is written again.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import re
 import time
 import uuid
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,7 @@ from dogbreed.table.objects import META_DIR
 from dogbreed.table.output import Output
 from dogbreed.table.readers import stream
 from dogbreed.table.store import is_run_id
+from dogbreed.vectors.segments import OtherWidth, check, occupied, unusable_cache
 
 log = logging.getLogger("dogbreed.vectors")
 INDEX_DIR = "similar"
@@ -113,7 +116,10 @@ class VectorIndex:
         if self.beside is not None and not output.loc.remote:
             self.local = Path(self.beside)  # a local table's index is searched where it lies
         else:  # a mirror in the user cache: marked used, and the mirrors nobody opened for a month go
-            prune_mirrors(cache_home() / INDEX_DIR, keep=self.local)
+            try:
+                prune_mirrors(cache_home() / INDEX_DIR, keep=self.local)
+            except OSError as e:
+                raise unusable_cache(self.local, e, output.out) from None
         self.dim = 0
         self.segments: list[Segment] = []
         self.version = -1
@@ -137,6 +143,8 @@ class VectorIndex:
             names = [seg.name for seg in self.segments] + list(self.retired)
             if not all(is_run_id(name) for name in names):  # a name is a file name here: '../x' would reach outside
                 raise ValueError(f"a segment name that is not a run id: {next(n for n in names if not is_run_id(n))!r}")
+            if len({seg.name for seg in self.segments}) != len(self.segments):
+                raise ValueError("a segment named twice")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             log.warning("the vector index of %s is unreadable (%s): building it again", self.output.out, e)
             self.dim, self.version, self.segments, self.retired = 0, -1, [], {}
@@ -202,17 +210,36 @@ class VectorIndex:
         """Add a segment for every committed run whose vectors (of this embedding_id) are not indexed yet and that
         still owns a current row, retire the segments of runs that own none; returns the vectors added. `table` is
         the committed version to follow; `live`, the runs of its current rows with vectors of this network, where
-        the caller has them already."""
+        the caller has them already. A segment whose files do not hold what the state says is written again."""
+        where = occupied(self.local)
+        if where is not None:  # never removed: dogbreed writes no plain file there
+            raise SimilarError(f"the vector index of {self.output.out} belongs in {self.local}, but {where} is a file, "
+                               "not a folder: move it away and search again")
         self._read_state()
-        if self.version == table.version():
+        if live is None:  # at the state's own version, every segment it names is live
+            live = ({s.name for s in self.segments} if self.version == table.version() else
+                    self.live_runs(self.output.latest(["path", "run_id", "embedding_id"], table=table)))
+        if not self._drop_damaged(live) and self.version == table.version():
             return 0
-        if live is None:
-            live = self.live_runs(self.output.latest(["path", "run_id", "embedding_id"], table=table))
+        order = [m["run_id"] for m in self.output.runs(table) if m["run_id"] in live]
+        try:
+            return self._update(table, live, order)
+        except OSError as e:
+            raise SimilarError(f"the vector index of {self.output.out} cannot be written in {self.local} "
+                               f"({e.strerror or e})") from None
+
+    def _update(self, table, live: set[str], order: list[str]) -> int:
         have = {s.name for s in self.segments}
-        runs = [m["run_id"] for m in self.output.runs(table) if m["run_id"] not in have and m["run_id"] in live]
+        runs = [run for run in order if run not in have]
         added = 0
         if runs:
-            added = self._write_segments(table, runs)
+            try:
+                added = self._write_segments(table, runs)
+            except OtherWidth as e:  # the table's vectors are right: the index is made again from them
+                log.warning("the vector index of %s holds vectors of %d values, the table's have %d: building it "
+                            "again", self.output.out, self.dim, e.args[0])
+                self.segments, self.dim = [], 0
+                added = self._write_segments(table, order)
         now = time.time()
         for segment in self.segments:
             if segment.name not in live:
@@ -229,6 +256,19 @@ class VectorIndex:
             self._delete(name)
         self._sweep(now)
         return added
+
+    def _drop_damaged(self, live: set[str]) -> bool:
+        """Leave out of the state the live segments whose files do not hold what it says (the refresh writes them
+        again from the table); the keys read to check the others serve the search. Whether any was left out."""
+        keys, damaged = check([s for s in self.segments if s.name in live], self.dim, self._fetch)
+        self._keys.update(keys)
+        if damaged:
+            log.warning("the vector index of %s is damaged (%s): writing %d segment(s) again from the table",
+                        self.output.out, "; ".join(list(damaged.values())[:2]), len(damaged))
+            self.segments = [s for s in self.segments if s.name not in damaged]
+        if not self.segments:
+            self.dim = 0  # no file holds vectors of the state's width: the table's is taken
+        return bool(damaged)
 
     def _sweep(self, now: float) -> None:
         """Local segment files the state does not name and older than the grace: a refresh killed before its state
@@ -249,7 +289,8 @@ class VectorIndex:
 
     def _delete(self, name: str) -> None:
         for suffix in (".f16", ".keys.parquet"):
-            (self.local / f"{name}{suffix}").unlink(missing_ok=True)
+            with suppress(OSError):  # not a file of ours (a folder): left alone
+                (self.local / f"{name}{suffix}").unlink(missing_ok=True)
             if self.beside is not None and self.output.loc.remote:
                 try:
                     self.output.loc.fs.delete_file(f"{self.beside}/{name}{suffix}")
@@ -266,43 +307,53 @@ class VectorIndex:
 
         writers: dict[str, tuple] = {}
         self.local.mkdir(parents=True, exist_ok=True)
-        # One row group at a time (about 30 MB of vectors), never the table.
-        for batch in stream(self.output.out, table, ["path", "run_id", "embedding", "embedding_id"], READ_BATCH, wanted):
-            col = batch.column("embedding").combine_chunks()
-            valid = col.is_valid().to_numpy(zero_copy_only=False)
-            if not valid.any():
-                continue
-            values = col.filter(pa.array(valid)).flatten().to_numpy(zero_copy_only=False)
-            n_valid = int(valid.sum())
-            dim = len(values) // n_valid
-            if self.dim and dim != self.dim:
-                raise SimilarError(f"{self.output.out} holds vectors of {dim} values beside vectors of {self.dim} "
-                                   f"under one embedding id ({self.embedding_id}); the table was edited by hand?")
-            self.dim = dim
-            x = values.reshape(n_valid, dim).astype(np.float32)
-            x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-            keys = pa.table({"path": batch.column("path").filter(pa.array(valid)),
-                             "run_id": batch.column("run_id").filter(pa.array(valid))})
-            run_ids = keys.column("run_id").to_numpy(zero_copy_only=False)
-            for run in np.unique(run_ids):
-                mine = run_ids == run
-                if run not in writers:
-                    tmp = self.local / f".{run}.{uuid.uuid4().hex}"
-                    writers[run] = (tmp, open(tmp.with_suffix(".f16"), "wb"), [], [0])
-                _, f16, key_parts, count = writers[run]
-                f16.write(x[mine].astype(np.float16).tobytes())
-                key_parts.append(keys.filter(pa.array(mine)))
-                count[0] += int(mine.sum())
         added = 0
-        for run, (tmp, f16, key_parts, count) in writers.items():
-            f16.close()
-            pq.write_table(pa.concat_tables(key_parts), tmp.with_suffix(".parquet"))
-            os.replace(tmp.with_suffix(".f16"), self.local / f"{run}.f16")
-            os.replace(tmp.with_suffix(".parquet"), self.local / f"{run}.keys.parquet")
-            self._publish(f"{run}.f16")
-            self._publish(f"{run}.keys.parquet")
-            self.segments.append(Segment(run, count[0]))
-            added += count[0]
+        try:  # one row group at a time (about 30 MB of vectors), never the table
+            columns = ["path", "run_id", "embedding", "embedding_id"]
+            for batch in stream(self.output.out, table, columns, READ_BATCH, wanted):
+                col = batch.column("embedding").combine_chunks()
+                valid = col.is_valid().to_numpy(zero_copy_only=False)
+                if not valid.any():
+                    continue
+                values = col.filter(pa.array(valid)).flatten().to_numpy(zero_copy_only=False)
+                n_valid = int(valid.sum())
+                dim = len(values) // n_valid
+                if self.dim and dim != self.dim:
+                    if self.segments:  # the width came from the index, not from this pass over the table
+                        raise OtherWidth(dim)
+                    raise SimilarError(f"{self.output.out} holds vectors of {dim} values beside vectors of {self.dim} "
+                                       f"under one embedding id ({self.embedding_id}); the table was edited by hand?")
+                self.dim = dim
+                x = values.reshape(n_valid, dim).astype(np.float32)
+                x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+                keys = pa.table({"path": batch.column("path").filter(pa.array(valid)),
+                                 "run_id": batch.column("run_id").filter(pa.array(valid))})
+                run_ids = keys.column("run_id").to_numpy(zero_copy_only=False)
+                for run in np.unique(run_ids):
+                    mine = run_ids == run
+                    if run not in writers:
+                        tmp = self.local / f".{run}.{uuid.uuid4().hex}"
+                        writers[run] = (tmp, open(tmp.with_suffix(".f16"), "wb"), [], [0])
+                    _, f16, key_parts, count = writers[run]
+                    f16.write(x[mine].astype(np.float16).tobytes())
+                    key_parts.append(keys.filter(pa.array(mine)))
+                    count[0] += int(mine.sum())
+            for run, (tmp, f16, key_parts, count) in writers.items():
+                f16.close()
+                pq.write_table(pa.concat_tables(key_parts), tmp.with_suffix(".parquet"))
+                os.replace(tmp.with_suffix(".f16"), self.local / f"{run}.f16")
+                os.replace(tmp.with_suffix(".parquet"), self.local / f"{run}.keys.parquet")
+                self._publish(f"{run}.f16")
+                self._publish(f"{run}.keys.parquet")
+                self._keys.pop(run, None)  # a damaged segment written again: its keys are read anew
+                self._positions.pop(run, None)
+                self.segments.append(Segment(run, count[0]))
+                added += count[0]
+        finally:  # a table that cannot be read, vectors of two widths, a file in the way: no temporary file stays
+            for tmp, f16, _, _ in writers.values():
+                f16.close()
+                for suffix in (".f16", ".parquet"):
+                    tmp.with_suffix(suffix).unlink(missing_ok=True)
         return added
 
     # ---- search ------------------------------------------------------------------------------------------------

@@ -66,6 +66,25 @@ def _current_keys(session, embedding_id: str) -> tuple[pa.Table, int]:
     return mine.select(["path", "run_id"]), decoded.num_rows - mine.num_rows
 
 
+def _no_vectors(out: str, session, embedding_id: str, model: str) -> str:
+    """Why no current row has a vector this model can relabel, as it is: no rows, no decoded ones, another backbone's
+    vectors, or rows of runs before dogbreed stored vectors."""
+    rows = session.latest(["status", "embedding_id"])
+    rows = rows.filter(pc.not_equal(rows.column("status"), "deleted"))
+    if not rows.num_rows:
+        return f"{out} has no current rows to relabel (no photo scanned into it yet, or every one deleted since)"
+    decoded = rows.filter(pc.is_in(rows.column("status"), value_set=pa.array(schema.OK_STATUSES)))
+    if not decoded.num_rows:
+        return (f"{out} has no decoded photos to relabel: its {rows.num_rows} current rows are errors or skipped "
+                "files, which have no vectors")
+    have = decoded.column("embedding_id").drop_null().unique().to_pylist()
+    return (f"{out} has no vectors made by {embedding_id} ({model}'s backbone)"
+            + (f"; its vectors come from {', '.join(have)}: this model's backbone differs (a fine-tuned or another "
+               "model), so a scan is needed: dogbreed scan ... --mode all --model ..." if have else
+               f": its {decoded.num_rows} decoded rows come from runs before dogbreed stored vectors (or from a scan "
+               "with inference.embeddings off); a scan is needed: dogbreed scan ... --mode all"))
+
+
 class Relabeller:
     """Table batches -> relabelled rows of exactly SCHEMA: the current rows among them (by path and run_id), with
     their answers made again by the model's heads from their vectors. Loads the model once; pure per batch, so the
@@ -168,12 +187,7 @@ def relabel(out: str, cfg: ScanConfig, break_lock: bool = False) -> RelabelSumma
     with output.writing(cfg.lock_lease_s, what="relabel", break_lock=break_lock) as session:
         keys, without = _current_keys(session, loaded.embedding_id)
         if not keys.num_rows:
-            have = session.latest(["embedding_id"]).column("embedding_id").drop_null().unique().to_pylist()
-            raise RelabelError(
-                f"{out} has no vectors made by {loaded.embedding_id} ({cfg.model}'s backbone)"
-                + (f"; its vectors come from {', '.join(have)}: this model's backbone differs (a fine-tuned or another "
-                   "model), so a scan is needed: dogbreed scan ... --mode all --model ..." if have else
-                   ": its rows were scanned before dogbreed stored vectors; a scan is needed"))
+            raise RelabelError(_no_vectors(out, session, loaded.embedding_id, cfg.model))
         with session.writer() as writer:
             if cfg.address or os.environ.get("RAY_ADDRESS"):
                 from dogbreed.cluster.session import start_ray

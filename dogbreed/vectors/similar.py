@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 from dogbreed.config import ScanConfig
 from dogbreed.scan.listing import text_path
 from dogbreed.table.output import Output
+from dogbreed.table.schema import OK_STATUSES
 from dogbreed.vectors.index import SimilarError, VectorIndex
 
 CURRENT = ["path", "run_id", "status", "breed", "breed_prob", "embedding_id"]
@@ -96,10 +97,8 @@ def similar(out: str, queries: list[str], cfg: ScanConfig, k: int = 20, status: 
     table = output.require()
     current = _current(str(out), table.version())
     positions = _positions(str(out), table.version())
-    with_vectors = pc.is_valid(current.column("embedding_id"))
-    if not pc.any(with_vectors).as_py():
-        raise SimilarError(f"{out} holds no embeddings yet (rows of runs before dogbreed stored them have none); "
-                           "scan it with --mode all to store them")
+    if not pc.any(pc.is_valid(current.column("embedding_id"))).as_py():
+        raise SimilarError(_no_vectors(out, current))
     resolved = _query_rows(queries, current, cfg, positions)
     ids = set(pc.unique(current.column("embedding_id")).drop_null().to_pylist())
     results = []
@@ -108,12 +107,16 @@ def similar(out: str, queries: list[str], cfg: ScanConfig, k: int = 20, status: 
             row = int(_find(current, [query], positions)[0])
             eid = current.column("embedding_id")[row].as_py()
             if eid is None:
-                raise SimilarError(f"{query} has no embedding in {out} (status {current.column('status')[row].as_py()}, "
-                                   "or scanned before dogbreed stored them)")
+                why = _WITHOUT.get(current.column("status")[row].as_py(), "its row comes from a run before dogbreed "
+                                   "stored vectors (or from a scan with inference.embeddings off)")
+                raise SimilarError(f"{query} has no embedding in {out}: {why}")
         elif eid not in ids:
             raise SimilarError(f"the query was embedded by {eid}, but the vectors in {out} were made by "
                                f"{', '.join(sorted(ids))}; pass the model the archive was scanned with (--model)")
         index = _index(str(out), table.version(), eid)
+        if vector is not None and len(vector) != index.dim:  # the index's widths are checked against its files
+            raise SimilarError(f"{query} was embedded as {len(vector)} values by {eid}, but {out} holds its vectors as "
+                               f"{index.dim}; the table was edited by hand?")
         allowed = _allowed(str(out), table.version(), eid, status)
         if vector is None:
             vector = _stored_vector(index, query, current.column("run_id")[row].as_py())
@@ -122,6 +125,22 @@ def similar(out: str, queries: list[str], cfg: ScanConfig, k: int = 20, status: 
         results.append(Found(query, [Hit(p, round(sim, 4), current.column("status")[int(r)].as_py(),
                                          current.column("breed")[int(r)].as_py()) for (p, _, sim), r in zip(hits, rows)]))
     return results
+
+
+_WITHOUT = {"error": "it is an error row (its file could not be read as a photo)",
+            "skipped": "it is a skipped row (not a photo, never opened)"}  # why a current row has no vector
+
+
+def _no_vectors(out: str, current: pa.Table) -> str:
+    """Why no current row of `out` has a vector, as it is: no rows, no decoded ones, or rows of older runs."""
+    if not current.num_rows:
+        return f"{out} has no current rows to search (no photo scanned into it yet, or every one deleted since)"
+    decoded = pc.sum(pc.is_in(current.column("status"), value_set=pa.array(OK_STATUSES))).as_py() or 0
+    if not decoded:
+        return (f"{out} has no decoded photos to search: its {current.num_rows} current rows are errors or skipped "
+                "files, which have no vectors")
+    return (f"{out} holds no embeddings yet: its {decoded} decoded rows come from runs before dogbreed stored them (or "
+            "from a scan with inference.embeddings off); scan it with --mode all to store them")
 
 
 @lru_cache(maxsize=4)
