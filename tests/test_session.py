@@ -49,3 +49,24 @@ def test_a_home_where_ray_cannot_keep_its_token_is_one_sentence_not_a_traceback(
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("failed: cannot start a private local Ray: ")
     assert "give a writable HOME" in r.stderr
+
+
+def test_only_ray_datas_own_console_handler_is_quietened(monkeypatch):
+    """The loop also set Ray Data's session log file to ERROR, and any other handler found on ray.data (pytest's log
+    capture, left there in a long test session): later tests saw no warnings at all."""
+    import ray
+    import ray.data  # noqa: F401 - configures Ray Data's handlers
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
+    data = logging.getLogger("ray.data")
+    mine = logging.StreamHandler()
+    data.addHandler(mine)
+    try:
+        assert session.start_ray() is ray.shutdown
+        levels = {type(h).__name__: h.level for h in data.handlers}
+        assert levels["PlainRayHandler"] == logging.ERROR  # Ray Data's console: errors only
+        assert levels.get("SessionFileHandler", logging.NOTSET) < logging.ERROR  # its log file keeps everything
+        assert mine.level == logging.NOTSET
+    finally:
+        data.removeHandler(mine)

@@ -58,7 +58,10 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> Callab
         signal.signal(signal.SIGTERM, on_term)  # Ray's core worker replaces it with a handler that aborts
     import ray.data  # noqa: F401 - configures Ray Data's logging, which the next lines quieten
 
-    for handler in logging.getLogger("ray.data").handlers:  # its log file keeps everything; the console only errors
-        if not isinstance(handler, logging.FileHandler):
+    # Ray Data's own console handler shows only errors; its session log file (a plain Handler) keeps everything, and
+    # handlers that are not Ray's (the caller's, or a test's log capture) keep their levels.
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
+                and type(handler).__module__.startswith("ray."):
             handler.setLevel(logging.ERROR)
     return ray.shutdown
