@@ -10,7 +10,6 @@ import errno
 import logging
 import os
 import signal
-import stat
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,15 +23,27 @@ def setup_logging(log_file: str | None, verbose: bool = False) -> None:
     handlers: list[logging.Handler] = [console]
     if log_file:
         try:
-            Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-            mode = os.stat(log_file).st_mode if os.path.exists(log_file) else 0
-            if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):  # opening one for writing waits for a reader, maybe forever
-                raise OSError(errno.EINVAL, "it is a named pipe or socket, which could block the run")
-            handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+            handlers.append(_log_file_handler(log_file))
         except OSError as e:
             print(f"warning: cannot write the log file {log_file}: {e.strerror or e}", file=sys.stderr)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _log_file_handler(log_file: str) -> logging.Handler:
+    """Appends to `log_file` (made with its folder where missing). A named pipe is written as any file (`--log-file
+    /dev/stdout` under Docker or systemd, `| tee`), but one that nobody reads is refused at once, not waited on."""
+    Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    try:  # O_NONBLOCK: opening a FIFO without a reader fails (ENXIO) instead of waiting for one
+        fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            raise OSError(errno.ENXIO, "it is a named pipe that nobody reads") from None
+        raise
+    os.set_blocking(fd, True)  # this very descriptor is kept: closing it would be end-of-file to the pipe's reader
+    handler = logging.FileHandler(log_file, encoding="utf-8", delay=True)
+    handler.setStream(open(fd, "a", encoding="utf-8"))
+    return handler
 
 
 @contextmanager

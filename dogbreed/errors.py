@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,21 +64,46 @@ class Failed(DogbreedError, RuntimeError):
 MAX_TEXT_BYTES = 4 << 20  # a config, a classes file or a model.json is kilobytes: nothing this large is one
 
 
-def read_text(path: str | Path, encoding: str = "utf-8", limit: int = MAX_TEXT_BYTES) -> str:
-    """A small text file the user named (a config, a classes file, a model.json), read with bounded effort: a named
-    pipe neither blocks the open nor the read, and a device (/dev/zero), a folder or a file over `limit` is an OSError
-    whose strerror says so, as for a missing file. Callers turn OSError and UnicodeDecodeError into their sentence."""
+def read_text(path: str | Path, encoding: str = "utf-8", limit: int = MAX_TEXT_BYTES, streams: bool = True) -> str:
+    """A small text file the user named (a config, a classes file, a model.json), read with bounded effort: at most
+    `limit` bytes (/dev/zero, a huge file: an OSError whose strerror says so). A named pipe (`--config <(...)`,
+    /dev/stdin) is read as it is written, waiting at most PIPE_WAIT_S for the next bytes, never for ever for a writer
+    that does not come; without `streams` (a file inside a table) only a regular file is read. A folder is an OSError
+    too. Callers turn OSError and UnicodeDecodeError into their sentence."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO waits for a writer otherwise
     mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    if stat.S_ISDIR(mode) or not (streams or stat.S_ISREG(mode)):
         os.close(fd)
-        why = "it is a folder, not a file" if stat.S_ISDIR(mode) else "not a regular file (a device, pipe or socket)"
-        raise OSError(errno.EISDIR if stat.S_ISDIR(mode) else errno.EINVAL, why, str(path))
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(limit + 1)
+        raise OSError(errno.EISDIR, "it is a folder, not a file", str(path)) if stat.S_ISDIR(mode) else \
+            OSError(errno.EINVAL, "not a regular file (a device, pipe or socket)", str(path))
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        if stat.S_ISREG(mode):
+            data = f.read(limit + 1)
+        else:
+            data = _read_stream(fd, limit, str(path))
     if len(data) > limit:
         raise OSError(errno.EFBIG, f"larger than {limit >> 20} MiB, far more than such a file holds", str(path))
     return data.decode(encoding)
+
+
+PIPE_WAIT_S = 30.0  # a pipe's writer (`<(...)`, a cron pipeline) writes at once: this long without a byte is none
+
+
+def _read_stream(fd: int, limit: int, name: str) -> bytes:
+    """A pipe's or device's bytes to its end, or limit + 1 of them; PIPE_WAIT_S at most between two reads."""
+    chunks, size = [], 0
+    while size <= limit:
+        if not select.select([fd], [], [], PIPE_WAIT_S)[0]:
+            raise OSError(errno.ETIMEDOUT, f"nothing came through it for {PIPE_WAIT_S:g} s", name)
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def report_target(path: Path, suffixes: tuple[str, ...], table: str) -> None:

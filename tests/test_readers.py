@@ -149,6 +149,8 @@ def test_migrate_converts_the_runs_layout_keeping_every_row(tmp_path):
     _old_run(out, "20240102T000000000000Z-bbbbbb", ["/p/b.jpg", "/p/c.jpg"], "dog")
     (out / "_staging" / "20240103T000000000000Z-cccccc").mkdir(parents=True)  # a killed run's leftovers
     (out / ".lock").write_text("pid 1")
+    # A copy through a Mac leaves AppleDouble files beside the parts; they hold no rows (the run was refused as junk).
+    (out / schema.RUNS_DIR / "20240101T000000000000Z-aaaaaa" / "._part-00000.parquet").write_bytes(b"\0\5\26\7 Mac OS X")
     r = CliRunner().invoke(app, ["migrate", str(out)])
     assert r.exit_code == 0, r.output
     assert "migrated 2 runs" in r.output

@@ -206,14 +206,15 @@ def _old_run(out: str, root: Path, folder: Path) -> OldRun:
         json.dumps(manifest, allow_nan=False, ensure_ascii=False).encode("utf-8")
     except (ValueError, RecursionError) as e:
         raise damaged(path, f"is not a manifest a Delta commit can hold ({first_line(e)})") from None
-    parts = [(part, _part_columns(part, damaged)) for part in sorted(folder.glob("*.parquet"))]
+    parts = [(part, _part_columns(part, damaged)) for part in sorted(folder.glob("*.parquet"))
+             if not part.name.startswith(".")]  # macOS's ._part-*.parquet (AppleDouble), a writer's hidden temporary
     return OldRun(folder, run_id, manifest, parts)
 
 
 def _small_text(path: Path, damaged: Callable[[Path, str], OutputError]) -> str:
     """A manifest or config as UTF-8 text, read with bounded effort (errors.read_text: no pipe, device or huge file)."""
     try:
-        return read_text(path)
+        return read_text(path, streams=False)  # a pipe in an old run is damage, not a writer to wait for
     except OSError as e:
         raise damaged(path, f"cannot be read ({e.strerror or e})") from None
     except UnicodeDecodeError as e:

@@ -65,10 +65,10 @@ def damage(vectors: Path, keys: Path, rows: int, dim: int) -> tuple[str | None, 
 def occupied(folder: Path) -> Path | None:
     """The file (or anything but a folder) standing where `folder` or one of its parents should be; None when the
     path is folders, or free to make."""
-    for path in (folder, *folder.parents):
-        if path.is_dir():
+    for path in (folder, *folder.parents):  # os.path: a folder that cannot be searched is no error here
+        if os.path.isdir(path):
             return None
-        if path.exists() or path.is_symlink():
+        if os.path.lexists(path):
             return path
     return None
 
