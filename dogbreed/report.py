@@ -144,29 +144,30 @@ def thumbnail(reader: PhotoReader, path: str | bytes, row: Mapping[str, Any]) ->
     return annotate(Image.fromarray(result.small, "RGB"), row, full_size=(result.width, result.height))
 
 
-def write_annotated(rows: pd.DataFrame, folder: str | Path, photos: PhotoConfig | None = None) -> list[Path]:
-    """`predict --annotate`: a copy of each decoded photo with its answer drawn on it, as <stem>.annotated.jpg.
+def write_annotated(rows: pd.DataFrame, folder: str | Path, photos: PhotoConfig | None = None) -> dict[str, Path]:
+    """`predict --annotate`: a copy of each decoded photo with its answer drawn on it, as <stem>.annotated.jpg;
+    returns {photo path: its copy}.
 
-    Two photos of one stem (a/x.jpg, b/x.png) get x.annotated.jpg and x-2.annotated.jpg, and no copy is written over
-    a photo of this call (x.jpg beside its own earlier x.annotated.jpg, both given): each photo keeps its copy."""
+    Each photo's own name is kept for it; a second photo of one stem (a/x.jpg after b/x.png) gets the first free
+    x-2, x-3 … that is no other photo's own name, and no copy is written over a photo of this call."""
     folder = Path(folder)
-    written: list[Path] = []
+    images = [row for row in rows.to_dict("records") if row["status"] in IMAGE_STATUSES]
     inputs = {os.path.realpath(p) for p in rows["path"]}
+    own = {folder / f"{Path(row['path']).stem}.annotated.jpg" for row in images}
+    written: dict[str, Path] = {}
     reader = photo_reader(None, photos)
     try:
-        for row in rows.to_dict("records"):
-            if row["status"] not in IMAGE_STATUSES:
-                continue
+        for row in images:
             img = thumbnail(reader, row.get("path_bytes") or row["path"], row)
             stem, n = Path(row["path"]).stem, 1
             target = folder / f"{stem}.annotated.jpg"
-            while target in written or os.path.realpath(target) in inputs:
+            while target in written.values() or os.path.realpath(target) in inputs or (n > 1 and target in own):
                 n += 1
                 target = folder / f"{stem}-{n}.annotated.jpg"
             with writing(target):
                 folder.mkdir(parents=True, exist_ok=True)
                 img.save(target, quality=90)
-            written.append(target)
+            written[row["path"]] = target
     finally:
         reader.close()
     return written

@@ -298,16 +298,21 @@ def test_a_full_disk_under_an_export_exits_1_as_the_readme_says(tmp_path, commit
 
 def test_predict_annotate_keeps_every_copy_and_never_writes_over_a_photo_it_reads(tmp_path):
     """Two photos named x wrote one x.annotated.jpg, the second over the first; and a photo given as
-    ann/x.annotated.jpg was overwritten by x's copy."""
-    for sub in ("a", "b", "ann"):
+    ann/x.annotated.jpg was overwritten by x's copy. A photo named x-2 keeps x-2.annotated.jpg for itself."""
+    for sub in ("a", "b", "c", "ann"):
         (tmp_path / sub).mkdir()
     (tmp_path / "a" / "x.png").write_bytes((SAMPLES / "coffee.png").read_bytes())
     (tmp_path / "b" / "x.jpg").write_bytes((SAMPLES / "grace_hopper.jpg").read_bytes())
+    (tmp_path / "c" / "x-2.png").write_bytes((SAMPLES / "chelsea_cat.png").read_bytes())
     given = (SAMPLES / "Brittany_02625.jpg").read_bytes()
     (tmp_path / "ann" / "x.annotated.jpg").write_bytes(given)
-    r = runner.invoke(app, ["predict", str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.jpg"),
-                            str(tmp_path / "ann" / "x.annotated.jpg"), "--annotate", str(tmp_path / "ann")])
+    photos = [tmp_path / "a" / "x.png", tmp_path / "b" / "x.jpg", tmp_path / "c" / "x-2.png", tmp_path / "ann" / "x.annotated.jpg"]
+    r = runner.invoke(app, ["predict", *map(str, photos), "--annotate", str(tmp_path / "ann"), "--json"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "ann" / "x.annotated.jpg").read_bytes() == given
-    assert sorted(p.name for p in (tmp_path / "ann").iterdir()) == [
-        "x-2.annotated.jpg", "x-3.annotated.jpg", "x.annotated.annotated.jpg", "x.annotated.jpg"]
+    rows = [json.loads(line) for line in r.output.splitlines() if line.startswith("{")]
+    assert [Path(row["annotated"]).name for row in rows] == [
+        "x-3.annotated.jpg", "x-4.annotated.jpg", "x-2.annotated.jpg", "x.annotated.annotated.jpg"]
+    assert sorted(p.name for p in (tmp_path / "ann").iterdir()) == sorted(
+        ["x.annotated.jpg", "x-2.annotated.jpg", "x-3.annotated.jpg", "x-4.annotated.jpg", "x.annotated.annotated.jpg"])
+    assert f"note: the annotated copy of {photos[1]} is {tmp_path / 'ann' / 'x-4.annotated.jpg'}" in r.output

@@ -80,11 +80,13 @@ def predict(
         from dogbreed.table import schema
 
         df = analyze([str(p) for p in images], cfg)
+        copies = write_annotated(df, annotate, cfg.photos) if annotate else {}
         for row in df.to_dict("records"):
-            typer.echo(json.dumps({k: row[k] for k in schema.PREDICT_COLUMNS}, default=str) if as_json
-                       else f"{row['path']}: {describe(row)}")
-        if annotate:
-            write_annotated(df, annotate, cfg.photos)
+            shown = {k: row[k] for k in schema.PREDICT_COLUMNS} | ({"annotated": copies.get(row["path"])} if annotate else {})
+            typer.echo(json.dumps(shown, default=str) if as_json else f"{row['path']}: {describe(row)}")
+        for path, copy in copies.items():  # a copy not named for its photo's stem alone is named here
+            if copy.name != f"{Path(path).stem}.annotated.jpg":
+                typer.echo(f"note: the annotated copy of {path} is {copy}", err=True)
     if (df["status"] == "error").any():  # as a scan with error rows: the answers stand, and a script can tell
         raise typer.Exit(Exit.BAD_PHOTOS)
 
