@@ -187,3 +187,15 @@ def test_humans_and_other_filed_inside_a_breed_tree_of_real_photos(shared_data, 
     assert (figures["breed_photos"], figures["breed_left_out"]) == (4, 0)
     assert figures["face_detected_in_human"] == 1.0 and figures["dog_detected_in_human"] == 0.0
     assert figures["status_correct"] >= 0.9
+
+
+def test_evaluate_without_classes_keeps_the_detector_rates_when_no_folder_names_a_breed(tmp_path):
+    """Folders named for the dogs (Rex/) were refused outright: the detector rates are still worth having."""
+    _tree(tmp_path, {"Rex": ["Brittany_02625.jpg"], "humans": ["grace_hopper.jpg"]})
+    r = runner.invoke(app, ["evaluate", str(tmp_path), "--json"])
+    assert r.exit_code == 0, r.output
+    figures = json.loads(r.stdout)
+    assert (figures["dog_photos"], figures["human_photos"], figures["breed_photos"], figures["breed_left_out"]) == (1, 1, 0, 1)
+    assert figures["dog_detected_in_dog"] == 1.0 and "breed_top1" not in figures
+    (warning,) = [line for line in r.stderr.splitlines() if "WARNING" in line]
+    assert warning.endswith("is left out of the breed accuracy: Rex")

@@ -106,7 +106,7 @@ def evaluate_command(
 ) -> None:
     """Assess the detectors and the breed classifier on labelled photos, the way the dog-app did.
     Breed folders that name none of the classes are left out of breed accuracy with a warning; exit 2 when a folder
-    holds no photos, or no breed folder names a class."""
+    holds no photos, or (with --classes) no breed folder names a class."""
     setup_logging(None)  # warnings (folders left out) on stderr, one line each; the figures alone on stdout
     with _user_errors():
         cfg = _scan_config(config, model=model)

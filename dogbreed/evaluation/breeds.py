@@ -120,13 +120,15 @@ def counted(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def breed_truth(folders: list[str | None], class_names: list[str], source: str, where: list[str]) -> np.ndarray:
+def breed_truth(folders: list[str | None], class_names: list[str], source: str, where: list[str],
+                required: bool = True) -> np.ndarray:
     """The class index of each dog photo's breed folder; -1 for a folder that names none of class_names (left out
-    of breed accuracy, with a warning naming them). No folder naming any class is a DataError: nothing to score."""
+    of breed accuracy, with a warning naming them). No folder naming any class is a DataError where the breeds are
+    what is measured (`required`: a taxonomy); otherwise (detector rates too) the same warning, and no accuracy."""
     match = class_index(class_names)
     index = {f: match(f) for f in sorted(set(folders))}
     unknown = [f for f, i in index.items() if i is None]
-    if unknown and len(unknown) == len(index):
+    if required and unknown and len(unknown) == len(index):
         raise DataError(f"no breed folder under {', '.join(where)} is a class of {source} ({counted(len(unknown), 'folder')}: "
                         f"{few(unknown)}): name each breed folder for one of its classes")
     truth = np.array([-1 if index[f] is None else index[f] for f in folders], dtype=np.int64)
@@ -151,7 +153,7 @@ def assess(folders: list[str], cfg: ScanConfig) -> dict[str, float | int]:
     cat = np.array(photos.category)
     dogs = cat == "dog"
     truth = breed_truth([f for f, d in zip(photos.folder, dogs) if d], names, f"the model {predictor.model_id}",
-                        folders) if dogs.any() else np.zeros(0, dtype=np.int64)
+                        folders, required=False) if dogs.any() else np.zeros(0, dtype=np.int64)
     df = analyze(photos.paths, cfg, predictor)
     is_dog = df["status"].isin(["dog", "dog_and_human"]).to_numpy()
     has_face = df["face_count"].fillna(0).to_numpy() > 0
@@ -165,9 +167,10 @@ def assess(folders: list[str], cfg: ScanConfig) -> dict[str, float | int]:
     if dogs.any():
         scored = truth >= 0
         report["breed_photos"], report["breed_left_out"] = int(scored.sum()), int((~scored).sum())
-        ranked = ranked_classes(df[dogs].reset_index(drop=True), names)
-        figures = breed_metrics(truth[scored], ranked[scored], names)
-        report["breed_top1"], report["breed_top5"] = figures["top1"], figures["top5"]
+        if scored.any():  # no folder naming a breed of the model: the detector rates stand, no breed accuracy
+            ranked = ranked_classes(df[dogs].reset_index(drop=True), names)
+            figures = breed_metrics(truth[scored], ranked[scored], names)
+            report["breed_top1"], report["breed_top5"] = figures["top1"], figures["top5"]
     expected = np.where(cat == "dog", "dog", np.where(cat == "human", "human", "neither"))
     report["status_correct"] = float((df["status"].to_numpy() == expected).mean())
     return report
