@@ -51,8 +51,8 @@ def _marker(loc: Location) -> dict | None:
     except ValueError:
         doc = None
     if not isinstance(doc, dict) or doc.get("format") != MARKER_FORMAT:
-        raise OutputError(f"--out {loc.out}: {META_DIR}/{MARKER} is not a dogbreed table marker; "
-                          "this output was not made by dogbreed")
+        raise OutputError(f"{loc.out}: {META_DIR}/{MARKER} is not a dogbreed table marker; this folder was not made "
+                          "by dogbreed")
     return doc
 
 
@@ -63,8 +63,8 @@ def _delta_name(loc: Location) -> str | None:
     try:
         return DeltaTable(loc.uri, storage_options=loc.storage_options()).metadata().name or ""
     except Exception as e:  # noqa: BLE001 - a log that cannot be read is not ours to judge
-        raise OutputError(f"--out {loc.out} holds a Delta log that cannot be read ({first_line(e)}); "
-                          "dogbreed writes only to its own tables") from None
+        raise OutputError(f"{loc.out} holds a Delta log that cannot be read ({first_line(e)}); dogbreed reads and "
+                          "writes only its own tables") from None
 
 
 def inspect(loc: Location, reading: bool = False) -> str:
