@@ -185,3 +185,23 @@ def test_a_scan_on_a_damaged_table_stops_before_decoding_with_the_sentence(tmp_p
     proc = cli("scan", str(tmp_path / "new"), "--out", out, env=os.environ | {"RAY_ADDRESS": ""})
     assert proc.returncode == Exit.USAGE
     assert "is damaged at version 1" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("path", ["../victim.parquet", "%2E%2E/victim.parquet", "/abs/victim.parquet", "file:///x.parquet"])
+def test_a_commit_naming_a_file_outside_the_table_is_damage_and_repair_never_moves_that_file(tmp_path, commit_rows, path):
+    """check --repair moved a user's file (../victim.parquet, named by a hand-made commit) into the quarantine."""
+    import json
+
+    from dogbreed.table.health import check, repair
+
+    out = _table(tmp_path, str(tmp_path / "out"), commit_rows)
+    victim = tmp_path / "victim.parquet"
+    victim.write_text("mine")
+    add = {"add": {"path": path, "size": 4, "partitionValues": {}, "modificationTime": 1, "dataChange": True}}
+    (tmp_path / "out" / LOG_DIR / f"{2:020d}.json").write_text(
+        json.dumps({"commitInfo": {"timestamp": 1, "operation": "WRITE"}}) + "\n" + json.dumps(add) + "\n")
+    health = check(locate(out))
+    assert not health.ok and health.log.problem[0] == 2 and "names a data file outside the table" in health.log.problem[2]
+    repair(locate(out), health)
+    assert victim.read_text() == "mine" and not list((tmp_path / "out" / "_dogbreed").rglob("victim*"))
+    assert check(locate(out)).ok and DeltaTable(out).version() == 1

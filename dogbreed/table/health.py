@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterator
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -106,7 +107,20 @@ def _bad_commit(loc: Location, name: str) -> str | None:
         return "is not valid JSON (garbled or cut short)"
     if not actions or not all(isinstance(a, dict) and len(a) >= 1 for a in actions):
         return "holds no Delta actions"
+    for action in actions:  # a file a commit adds or removes lies in the table: repair moves it, compact deletes it
+        for kind in ("add", "remove"):
+            path = action.get(kind, {}).get("path") if isinstance(action.get(kind), dict) else None
+            if kind in action and not _inside(path):
+                return f"names a data file outside the table ({str(path)[:80]!r}; edited by hand?)"
     return None
+
+
+def _inside(path: object) -> bool:
+    """Whether a log's (URL-encoded) data file path is one dogbreed writes: relative, below the table's folder."""
+    if not isinstance(path, str) or not path:
+        return False
+    parts = unquote(path).replace("\\", "/").split("/")
+    return not unquote(path).startswith("/") and ":" not in parts[0] and ".." not in parts and "" not in parts
 
 
 def log_damage(loc: Location, error: BaseException) -> DamagedTable:
