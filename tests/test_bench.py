@@ -53,3 +53,110 @@ def test_benchmark_produces_every_figure(tmp_path, write_photo, scan_config):
         assert (title in text) == (key in r.measures), key  # a row for every measure made, none for one not made
     assert "storing embeddings costs" in text and "best of 2 runs each" in text
     assert "of the round before (640-px face copy, eager torch), measured now" in text
+
+
+# ------------------------------------------------------------------ what bench may delete, and its options
+class _Started(Exception):
+    """Raised where the real work would begin: a test that reaches it was not refused up front."""
+
+
+def _no_work(*args, **kwargs):
+    raise _Started("the benchmark started its work")
+
+
+@pytest.fixture
+def stubbed(monkeypatch):
+    """The heavy steps stubbed out: a run that is not refused up front stops at the first of them (exit 1)."""
+    from dogbreed.bench import archive, vectors
+
+    monkeypatch.setattr(vectors, "real_vectors", _no_work)
+    monkeypatch.setattr(archive, "_dry_run", _no_work)
+
+
+def _bench(*args: str):
+    from typer.testing import CliRunner
+
+    from dogbreed.cli import app
+
+    return CliRunner().invoke(app, ["bench", *args])
+
+
+@pytest.mark.parametrize("mode, folder", [("similar", "similar-20"), ("archive", "out-20-dry"), ("archive", "archive-20")])
+def test_bench_refuses_to_delete_a_folder_it_did_not_make(tmp_path, stubbed, mode, folder):
+    wd = tmp_path / "wd"
+    (wd / folder).mkdir(parents=True)
+    (wd / folder / "precious.txt").write_text("notes")
+    r = _bench("--mode", mode, "--rows", "20", "--files", "20", "--workdir", str(wd))
+    assert (wd / folder / "precious.txt").read_text() == "notes", "bench deleted a folder it had not made"
+    assert r.exit_code == 2, r.output
+    (line,) = r.output.strip().splitlines()[-1:]
+    assert str(wd / folder) in line and "Traceback" not in r.output, r.output
+
+
+def test_speed_scan_replaces_only_an_output_it_made(tmp_path, monkeypatch):
+    from dogbreed.errors import UsageError
+    from dogbreed.scan import job
+
+    monkeypatch.setattr(job, "run_scan", _no_work)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("notes")
+    with pytest.raises(UsageError, match=str(out)):
+        bench.scan([tmp_path], out, None)
+    assert (out / "precious.txt").read_text() == "notes"
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--mode", "similar", "--rows", "10"], "--rows"), (["--mode", "similar", "--rows", "abc"], "--rows"),
+    (["--mode", "similar", "--rows", ""], "--rows"), (["--mode", "archive", "--files", "abc"], "--files"),
+    (["--mode", "archive", "--files", "1e3"], "--files"), (["--mode", "archive", "--files", "0"], "--files"),
+    (["--mode", "archive", "--files", "-5"], "--files"), (["--mode", "archive", "--files", ""], "--files"),
+    (["--mode", "archive", "--files", "10,,x"], "--files"), (["--mode", "similar", "--data", "/nonexistent"], "/nonexistent"),
+    (["--mode", "archive", "--data", "/nonexistent"], "/nonexistent")])
+def test_bad_bench_options_are_one_sentence_before_any_work(tmp_path, stubbed, args, named):
+    r = _bench(*args, "--workdir", str(tmp_path / "wd"))
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output and named in r.output.strip().splitlines()[-1], r.output
+
+
+def test_workdir_folders_are_replaced_only_when_marked(tmp_path):
+    from dogbreed.bench import workdir
+    from dogbreed.errors import UsageError
+
+    made = workdir.fresh(tmp_path / "wd" / "similar-20")
+    (made / "table").mkdir()
+    assert (made / workdir.MARKER).is_file()
+    assert workdir.fresh(made) == made and [p.name for p in made.iterdir()] == [workdir.MARKER]  # replaced, empty
+    workdir.remove(made)
+    assert not made.exists()
+    workdir.remove(made)  # nothing there: nothing to do
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "precious.txt").write_text("notes")
+    link = tmp_path / "wd" / "out"
+    link.symlink_to(workdir.fresh(tmp_path / "marked"))  # a link to a marked folder is not the benchmark's folder
+    for folder in (theirs, link):
+        with pytest.raises(UsageError, match="not made by dogbreed bench"):
+            workdir.fresh(folder)
+        with pytest.raises(UsageError, match=str(folder)):
+            workdir.claim(folder.parent, [folder.name])
+        workdir.tidy(folder)
+    assert (theirs / "precious.txt").read_text() == "notes" and (tmp_path / "marked" / workdir.MARKER).is_file()
+    with pytest.raises(UsageError, match="is a file"):
+        workdir.claim(theirs / "precious.txt", ["out"])
+
+
+@pytest.mark.parametrize("text, sizes", [("2000,10_000", [2000, 10000]), (" 20 , 30", [20, 30]), ("20", [20])])
+def test_size_lists(text, sizes):
+    from dogbreed.bench.workdir import parse_sizes
+
+    assert parse_sizes(text, "--rows", 20) == sizes
+
+
+@pytest.mark.parametrize("text", ["19", "1e3", "abc", "", "20,", "-20", "²⁰", "3000000"])
+def test_bad_size_lists_are_one_sentence(text):
+    from dogbreed.bench.workdir import parse_sizes
+    from dogbreed.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"--files .*: give comma-separated whole numbers, each at least 20 and at most"):
+        parse_sizes(text, "--files", 20, 2_000_000)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,9 +24,11 @@ from typing import Callable
 import pyarrow as pa
 
 from dogbreed.bench.photos import find_sources, make_photos
+from dogbreed.bench.workdir import claim, fresh, tidy
 
 PER_FOLDER = 1000
 DISTINCT = 40  # source photos: 1,000,000 files are 25,000 links per inode
+MAX_FILES = DISTINCT * 50_000  # ext4 takes about 65,000 links per inode
 TARGET_RSS_GROWTH_MB = 300.0  # driver peak at 1M files minus its peak at the smallest size
 TARGET_FIRST_RESULT_S = 60.0
 TARGET_DRY_RUN_S = 60.0
@@ -171,7 +172,6 @@ def _commit_done(root: Path, out: Path, config: Path | None) -> int:
 
 
 def _us(ns: pa.ChunkedArray) -> pa.Array:
-
     from dogbreed.table import schema
 
     return schema.timestamps(ns)
@@ -188,23 +188,27 @@ def _unchanged(root: Path, out: Path, fig: SizeFigures, config: Path | None) -> 
 
 def run_archive_benchmark(workdir: Path, sizes: list[int], data: Path | None = None, stream_s: float = 20.0,
                           log: Callable[[str], None] = print) -> list[SizeFigures]:
-    """Every figure for every archive size, smallest first; the archives are removed afterwards."""
+    """Every figure for every archive size, smallest first; the archives are removed afterwards. Each archive and
+    table lies in a folder of workdir that the benchmark made (workdir.fresh): a folder there it did not make is
+    refused before any work, never deleted."""
+    names = {n: [f"archive-{n}", f"out-{n}-dry", f"out-{n}-scan", f"out-{n}-done"] for n in sizes}
+    claim(workdir, [name for n in sizes for name in names[n]])
     sources = make_photos(find_sources(data, log=log), workdir / "sources", DISTINCT, size=(320, 240))
     figures = []
     for n in sorted(sizes):
-        root = workdir / f"archive-{n}"
-        shutil.rmtree(root, ignore_errors=True)
+        folders = [workdir / name for name in names[n]]
         fig = SizeFigures(n)
-        t = time.perf_counter()
-        make_archive(root, n, sources)
-        fig.build_s = time.perf_counter() - t
         try:
-            _dry_run(root, workdir / f"out-{n}-dry", fig)
-            _scan_start(root, workdir / f"out-{n}-scan", fig, stream_s, limit_s=600)
-            _unchanged(root, workdir / f"out-{n}-done", fig, None)
+            root, dry, started, done = (fresh(f) / what for f, what in zip(folders, ("photos", "table", "table", "table")))
+            t = time.perf_counter()
+            make_archive(root, n, sources)
+            fig.build_s = time.perf_counter() - t
+            _dry_run(root, dry, fig)
+            _scan_start(root, started, fig, stream_s, limit_s=600)
+            _unchanged(root, done, fig, None)
         finally:
-            for p in (root, workdir / f"out-{n}-dry", workdir / f"out-{n}-scan", workdir / f"out-{n}-done"):
-                shutil.rmtree(p, ignore_errors=True)
+            for f in folders:
+                tidy(f)
         log(format_size(fig))
         figures.append(fig)
     return figures

@@ -22,6 +22,7 @@ import numpy as np
 from dogbreed.bench.memory import Sampling
 from dogbreed.bench.photos import find_sources, make_photos
 from dogbreed.bench.speed import Measure, ray_shutdown, ray_startup, scan
+from dogbreed.bench.workdir import claim
 from dogbreed.config import ScanConfig
 
 TARGET = 0.90  # issue 13: the scan reaches 90% of min(decode bound, model bound)
@@ -268,6 +269,7 @@ def run_gpu_benchmark(workdir: Path, cfg: ScanConfig, n: int = 200, size: tuple[
     from dogbreed.vision.models import describe_model
     from dogbreed.vision.predictors import BreedPredictor
 
+    claim(workdir, ["gpu-out"])  # before any work: the scans replace workdir/gpu-out, only if an earlier run made it
     cuda, cores = torch.cuda.is_available(), int(os.cpu_count() or 1)
     if not cuda:
         log(NO_CUDA)

@@ -12,10 +12,12 @@ import numpy as np
 from PIL import Image
 
 from dogbreed.config import PhotoConfig
+from dogbreed.errors import UsageError
 from dogbreed.vision.decode import decode, read_bytes
 from dogbreed.vision.geometry import Geometry
 
 SOURCE_FOLDERS = ("imagewoof/val-unseen", "humans", "other")  # dogs, faces and neither, taken in turn
+DEFAULT_DATA = Path("../shared/data")  # the project's photos beside the checkout, where there are some
 
 
 def samples() -> Path:
@@ -23,14 +25,26 @@ def samples() -> Path:
     return Path(str(files("dogbreed") / "samples"))
 
 
+def data_folder(data: Path | None) -> Path | None:
+    """The folder --data names (refused in one sentence unless it holds one of SOURCE_FOLDERS); without --data,
+    DEFAULT_DATA where it exists, else None (the samples)."""
+    if data is None:
+        return DEFAULT_DATA if DEFAULT_DATA.is_dir() else None
+    if not data.is_dir():
+        raise UsageError(f"--data {data}: no such folder")
+    if not any((data / f).is_dir() for f in SOURCE_FOLDERS):
+        raise UsageError(f"--data {data} holds none of the folders the benchmark takes photos from: {', '.join(SOURCE_FOLDERS)}")
+    return data
+
+
 def find_sources(data: Path | None, limit: int = 90, log: Callable[[str], None] = print) -> list[Path]:
     """Real photos to build the benchmark from: `data` (../shared/data: dogs, faces, neither in turn), else the samples."""
-    data = data or Path("/nonexistent")
-    folders = [sorted(p for p in (data / f).rglob("*") if p.is_file()) for f in SOURCE_FOLDERS if (data / f).is_dir()]
+    folders = [sorted(p for p in (data / f).rglob("*") if p.is_file()) for f in SOURCE_FOLDERS if (data / f).is_dir()] \
+        if data is not None else []
     if any(folders):
         mixed = [p for group in zip(*[f for f in folders if f]) for p in group]
         return mixed[:limit]
-    log(f"note: {data} is absent; the benchmark is built from the bundled samples in {samples()} instead")
+    log(f"note: no photos in {data or DEFAULT_DATA}; the benchmark is built from the bundled samples in {samples()} instead")
     return sorted(p for p in samples().iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
 
 

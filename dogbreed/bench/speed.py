@@ -9,7 +9,6 @@ Where a scan's time goes is read from the processes themselves (CPU seconds per 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 from dogbreed.bench.memory import Clock, PeakMemory
 from dogbreed.bench.photos import find_sources, make_photos
 from dogbreed.bench.vectors import storing_cost
+from dogbreed.bench.workdir import claim, fresh
 from dogbreed.cluster.session import start_ray
 from dogbreed.config import PhotoConfig, ScanConfig
 from dogbreed.vision.decode import decode, read_bytes
@@ -28,7 +28,6 @@ from dogbreed.vision.geometry import Geometry
 CLASSIC_CASCADE = "haarcascade_frontalface_default.xml"  # what the dog-app used
 SMALL_CLASSIC_FACTOR = 8  # the classic loop runs on this many times --classic small photos (12 s of 12-MP ones: 0.6 s)
 BEFORE_FACE_SIDE = 640  # the face copy of the round before OpenVINO and the 480-px copy: its bound is re-measured in each run
-
 
 
 @dataclass
@@ -190,12 +189,12 @@ def ray_shutdown() -> float:
 
 
 def scan(roots: list[Path], out: Path, cfg: ScanConfig) -> Measure:
-    """run_scan end to end on a fresh output folder, in the Ray already started (images/s excludes Ray's own startup);
-    its stages are the CPU seconds of each kind of process (driver, actor, decode workers and their children)."""
+    """run_scan end to end on a fresh table in `out` (replaced only if the benchmark made it), in the Ray already started
+    (images/s excludes Ray's startup); stages: CPU seconds per kind of process (driver, actor, decode workers, children)."""
     from dogbreed.scan.job import run_scan
 
-    shutil.rmtree(out, ignore_errors=True)
-    cfg = cfg.model_copy(update={"roots": [str(r) for r in roots], "out": str(out), "mode": "missing"})
+    table = fresh(out) / "table"  # the table beside nothing else: the scan writes only to a folder of its own
+    cfg = cfg.model_copy(update={"roots": [str(r) for r in roots], "out": str(table), "mode": "missing"})
     with PeakMemory() as mem:
         t = time.perf_counter()
         summary = run_scan(cfg)
@@ -335,6 +334,7 @@ def run_benchmark(workdir: Path, cfg: ScanConfig, n: int = 40, classic_n: int = 
     scan `vector_runs` times storing embeddings and as many times storing none."""
     from dogbreed.vision.predictors import BreedPredictor
 
+    claim(workdir, ["out"])  # before any work: the scans replace workdir/out, only if an earlier run made it
     sources = sources or find_sources(None, log=log)
     cores = int(os.cpu_count() or 1)
     kinds = [(f"{size[0]}x{size[1]} JPEG q{quality}", size)] + ([("small (the originals)", None)] if small else [])

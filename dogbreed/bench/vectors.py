@@ -142,14 +142,18 @@ def exact_top10(out: Path, queries: list[str]) -> list[list[str]]:
 
 def run_vector_benchmark(workdir: Path, sizes: list[int], sources: list[Path],
                          log: Callable[[str], None] = print) -> list[VectorFigures]:
-    import shutil
+    """Every figure for every table size (at least QUERIES rows), each table in workdir/similar-ROWS, a folder the
+    benchmark made (workdir.fresh) and deletes afterwards: a folder there it did not make is refused before any work."""
+    from dogbreed.bench.workdir import claim, fresh, remove
 
+    if min(sizes) < QUERIES:
+        raise ValueError(f"{min(sizes)} rows: the benchmark's {QUERIES} queries need at least as many rows")
+    claim(workdir, [f"similar-{rows}" for rows in sizes])
     log(f"vectors: embedding {min(len(sources), 256)} real photos")
     base = real_vectors(sources)
     figures = []
     for rows in sizes:
-        out = workdir / f"similar-{rows}"
-        shutil.rmtree(out, ignore_errors=True)
+        out = fresh(workdir / f"similar-{rows}") / "table"
         fig = VectorFigures(rows)
         log(f"vectors: {rows} rows: writing the table")
         make_table(out, rows, base)
@@ -174,7 +178,7 @@ def run_vector_benchmark(workdir: Path, sizes: list[int], sources: list[Path],
         fig.relabel_s, fig.relabel_peak_mb = rl["seconds"], rl["peak_mb"]
         figures.append(fig)
         log(format_figures(fig))
-        shutil.rmtree(out, ignore_errors=True)
+        remove(out.parent)
     return figures
 
 

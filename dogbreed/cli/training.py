@@ -54,48 +54,53 @@ def bench(
     small_photos: Annotated[int, typer.Option(min=2, help="speed: N for the small photos (334: about 1,000 in all).")] = 334,
     classic: Annotated[int, typer.Option(min=1, help="speed: photos (of the N) for the slow classic dog-app loop; "
                                          "8 times as many small ones.")] = 8,
-    files: Annotated[str, typer.Option(help="archive: comma-separated archive sizes.")] = "2000,10000,100000,1000000",
-    rows: Annotated[str, typer.Option(help="similar: comma-separated table sizes.")] = "10000,100000,1000000",
-    workdir: Annotated[Path, typer.Option(help="Generated photos are kept here and reused by the next run.")] = Path("/tmp/dogbreed-bench"),
-    data: Annotated[Path, typer.Option(help="Real photos to build from (falls back to the bundled samples).")] = Path("../shared/data"),
+    files: Annotated[str, typer.Option(help="archive: comma-separated archive sizes, 1 to 2,000,000 files.")] = "2000,10000,100000,1000000",
+    rows: Annotated[str, typer.Option(help="similar: comma-separated table sizes, 20 rows or more.")] = "10000,100000,1000000",
+    workdir: Annotated[Path, typer.Option(help="Generated photos are kept here and reused by the next run; the folders "
+                                          "bench makes here are marked, and it deletes no other.")] = Path("/tmp/dogbreed-bench"),
+    data: Annotated[Optional[Path], typer.Option(help="Real photos to build from; default: ../shared/data where it "
+                                                 "exists, else the bundled samples.")] = None,
     small: Annotated[bool, typer.Option("--small/--no-small", help="speed: also measure the original small photos.")] = True,
     config: ConfigOpt = None,
     model: ModelOpt = None,
 ) -> None:
-    """Benchmarks: `--mode speed` or `--mode gpu` (12-MP and small photos), or `--mode archive` (10k to 1M files)."""
+    """Benchmarks: `--mode speed` or `--mode gpu` (12-MP and small photos), `--mode archive` (10k to 1M files) or
+    `--mode similar` (10k to 1M rows)."""
     with _user_errors():
-        if mode == "archive":
-            from dogbreed.bench.archive import format_report as archive_report
-            from dogbreed.bench.archive import run_archive_benchmark
+        from dogbreed.bench.photos import data_folder, find_sources
 
-            sizes = [int(v.replace("_", "")) for v in files.split(",") if v.strip()]
-            typer.echo(archive_report(run_archive_benchmark(workdir, sizes, data if data.is_dir() else None,
-                                                            log=typer.echo)))
+        if mode not in ("speed", "gpu", "archive", "similar"):
+            raise ConfigError(f"--mode {mode!r}: expected speed, gpu, archive or similar")
+        source = data_folder(data)  # --data given: a folder of photos, or one sentence
+        if mode == "archive":
+            from dogbreed.bench.archive import MAX_FILES, run_archive_benchmark
+            from dogbreed.bench.archive import format_report as archive_report
+            from dogbreed.bench.workdir import parse_sizes
+
+            sizes = parse_sizes(files, "--files", 1, MAX_FILES)
+            typer.echo(archive_report(run_archive_benchmark(workdir, sizes, source, log=typer.echo)))
             return
         if mode == "similar":
-            from dogbreed.bench.photos import find_sources
+            from dogbreed.bench.vectors import QUERIES, run_vector_benchmark
             from dogbreed.bench.vectors import format_report as vector_report
-            from dogbreed.bench.vectors import run_vector_benchmark
+            from dogbreed.bench.workdir import claim, parse_sizes
 
-            sizes = [int(v.replace("_", "")) for v in rows.split(",") if v.strip()]
-            sources = find_sources(data if data.is_dir() else None, log=typer.echo)
+            sizes = parse_sizes(rows, "--rows", QUERIES)
+            claim(workdir, [f"similar-{n}" for n in sizes])  # before the photos are read, as well as before the tables
+            sources = find_sources(source, log=typer.echo)
             typer.echo(vector_report(run_vector_benchmark(workdir, sizes, sources, log=typer.echo)))
             return
-        if mode not in ("speed", "gpu"):
-            raise ConfigError(f"--mode {mode!r}: expected speed, gpu, archive or similar")
         cfg = _scan_config(config, model=model)
         if mode == "gpu":
             from dogbreed.bench.gpu import format_gpu_report, run_gpu_benchmark
-            from dogbreed.bench.photos import find_sources
 
             report = run_gpu_benchmark(workdir, cfg, n=photos, small=small, log=typer.echo,
-                                       sources=find_sources(data if data.is_dir() else None, log=typer.echo))
+                                       sources=find_sources(source, log=typer.echo))
             typer.echo(format_gpu_report(report))
             return
-        from dogbreed.bench.photos import find_sources
         from dogbreed.bench.speed import run_benchmark
         from dogbreed.bench.speed_report import format_report
 
         report = run_benchmark(workdir, cfg, n=photos, classic_n=classic, small=small, small_n=small_photos,
-                               sources=find_sources(data if data.is_dir() else None, log=typer.echo))
+                               sources=find_sources(source, log=typer.echo))
     typer.echo(format_report(report))
