@@ -182,10 +182,13 @@ def follow_job(client: Cluster, job_id: str, out: TextIO) -> JobOutcome:
     except KeyboardInterrupt:
         print(f"\nstopped following; {job_id} keeps running (dogbreed stop {job_id} stops it)", file=out)
         return JobOutcome(job_id, "RUNNING", Exit.INTERRUPTED, "interrupted")
-    except (OSError, asyncio.TimeoutError) as e:  # aiohttp's errors are OSErrors; the head went away
+    except (OSError, asyncio.TimeoutError) as e:  # Cluster.tail's errors are OSErrors; the head went away
         print(f"\nlost the log stream of {job_id} ({e or type(e).__name__}); it may still be running "
               f"(dogbreed logs {job_id})", file=out)
-    return outcome(client, job_id)
+    try:
+        return outcome(client, job_id)
+    except SubmitError as e:  # the job was submitted: not exit 2 ("nothing ran"), but a status nobody knows
+        return JobOutcome(job_id, "UNKNOWN", Exit.FAILED, f"its status could not be read: {e}")
 
 
 def outcome(client: Cluster, job_id: str) -> JobOutcome:
@@ -193,6 +196,7 @@ def outcome(client: Cluster, job_id: str) -> JobOutcome:
     info = client.job(job_id)
     status = str(info.get("status"))
     code = info.get("driver_exit_code")
+    code = code if isinstance(code, int) and not isinstance(code, bool) and 0 <= code <= 255 else None
     if status == "SUCCEEDED":
         exit_code = code or Exit.OK
     elif status == "FAILED":
@@ -201,7 +205,7 @@ def outcome(client: Cluster, job_id: str) -> JobOutcome:
         exit_code = Exit.STOPPED
     else:
         exit_code = Exit.FAILED
-    return JobOutcome(job_id, status, exit_code, info.get("message") or "")
+    return JobOutcome(job_id, status, exit_code, str(info.get("message") or ""))
 
 
 def list_jobs(address: str | None = None, token: str | None = None,
@@ -209,10 +213,17 @@ def list_jobs(address: str | None = None, token: str | None = None,
     """The cluster's jobs, newest first: id, status, start time (UTC), entrypoint."""
     rows = []
     for j in connect(address, token, timeout_s).list_jobs():
-        started = datetime.fromtimestamp(j["start_time"] / 1000, timezone.utc) if j.get("start_time") else None
-        rows.append({"job_id": j.get("submission_id") or j.get("job_id"), "status": str(j.get("status")),
-                     "started": f"{started:%Y-%m-%d %H:%M:%S}" if started else "", "entrypoint": j.get("entrypoint", "")})
+        rows.append({"job_id": str(j.get("submission_id") or j.get("job_id")), "status": str(j.get("status")),
+                     "started": _started(j.get("start_time")), "entrypoint": str(j.get("entrypoint") or "")})
     return sorted(rows, key=lambda r: r["started"], reverse=True)
+
+
+def _started(ms: Any) -> str:
+    """A job's start time (milliseconds since the epoch) in UTC, or "" where the dashboard gave none it could mean."""
+    try:
+        return f"{datetime.fromtimestamp(ms / 1000, timezone.utc):%Y-%m-%d %H:%M:%S}" if ms else ""
+    except (TypeError, ValueError, OverflowError, OSError):  # not a number, or out of any calendar's range
+        return ""
 
 
 def job_logs(job_id: str, address: str | None = None, token: str | None = None,
