@@ -4,6 +4,7 @@ cluster timing out, against real servers on 127.0.0.1 that accept connections bu
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import threading
@@ -175,3 +176,186 @@ def test_every_later_request_times_out_too(tmp_path):
         server.hung.set()
         server.shutdown()
         server.server_close()
+
+
+# --------------------------------------------------------------------------- dashboards that answer oddly
+
+
+class _OddDashboard(BaseHTTPRequestHandler):
+    """A dashboard in one of the hostile tester's modes (as /tmp/probe's fake.py, but each wait ends with the test):
+    "trickle" sends /api/version's answer a byte at a time, "wshang" never answers the log websocket's handshake,
+    "weird" answers JSON of other shapes, "ok" answers as a Jobs API with a RUNNING job and no log stream."""
+
+    protocol_version = "HTTP/1.1"
+
+    def _send(self, obj, code=200):
+        body = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        mode, p = self.server.mode, self.path
+        if p.startswith("/api/version") and mode == "trickle":
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "100000000")
+            self.end_headers()
+            self.wfile.write(b'{"ray_version": "2.60.0", "pad": "')
+            t0 = time.monotonic()  # a byte every 0.2 s: each read is quick, the whole answer never comes
+            while not self.server.stop.wait(0.2) and time.monotonic() - t0 < 8:
+                self.wfile.write(b"x")
+                self.wfile.flush()
+            self.close_connection = True
+            return
+        if p.startswith("/api/version"):
+            return self._send({"ray_version": "2.60.0", "version": "4", "ray_commit": "x", "session_name": "s"})
+        if p.endswith("/logs/tail"):
+            if mode == "wshang":
+                self.server.stop.wait(8)
+                self.close_connection = True
+                return
+            return self._send({}, 404)
+        if p.endswith("/logs"):
+            return self._send([1, 2] if mode == "weird" else {"logs": "hello\n"})
+        if p == "/api/jobs/":
+            return self._send({"a": 1} if mode == "weird" else [{"submission_id": None, "start_time": "soon"},
+                                                                  {"job_id": "j2", "start_time": 10**30, "status": "RUNNING"}])
+        if p.startswith("/api/jobs/"):
+            return self._send([1] if mode == "weird" else {"status": "RUNNING", "driver_exit_code": "3"})
+        if p.startswith("/api/v0/nodes"):
+            return self._send({"data": {}} if mode == "weird" else {"data": {"result": {"result": [
+                {"state": "ALIVE", "resources_total": {"GPU": 2}}, {"state": "DEAD", "resources_total": {"GPU": "x"}}]}}})
+        return self._send({}, 404)
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        return self._send(["stopped"] if self.server.mode == "weird" else {"stopped": True})
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def dashboard():
+    """dashboard(mode) -> the URL of an _OddDashboard on 127.0.0.1, stopped (every wait ended) after the test."""
+    servers = []
+
+    def start(mode: str) -> str:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _OddDashboard)
+        server.mode, server.stop = mode, threading.Event()
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.stop.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_head_answering_a_byte_at_a_time_is_given_up_at_the_deadline(dashboard):
+    """requests' timeout bounds each read only: a byte every 0.2 s used to keep `dogbreed jobs` waiting for ever."""
+    url = dashboard("trickle")
+    t0 = time.monotonic()
+    with pytest.raises(submit.SubmitError, match=r"^the Ray dashboard at http://127\.0\.0\.1:\d+ began answering but did "
+                       r"not finish within 1 s"):
+        submit.connect(url, timeout_s=1)
+    assert time.monotonic() - t0 < 4
+    t0 = time.monotonic()
+    r = CliRunner().invoke(app, ["jobs", "--address", url, "--timeout", "1"])
+    assert r.exit_code == Exit.USAGE, r.output
+    assert "did not finish within 1 s" in r.output and "Traceback" not in r.output
+    assert time.monotonic() - t0 < 4
+
+
+def test_a_log_stream_whose_handshake_never_completes_is_given_up(dashboard):
+    """A head that takes the job but never answers the log websocket's upgrade used to hang `submit` after "submitted"."""
+    client = submit.Cluster(dashboard("wshang"), timeout_s=1)
+    out = io.StringIO()
+    t0 = time.monotonic()
+    result = submit.follow_job(client, "dogbreed-scan-x", out)
+    assert time.monotonic() - t0 < 4
+    assert "lost the log stream of dogbreed-scan-x (the dashboard did not open it within 1 s)" in out.getvalue()
+    assert (result.status, result.exit_code) == ("RUNNING", Exit.FAILED)  # "3" is no exit code: the status decides
+
+
+def test_a_log_stream_refused_is_one_line_and_the_status_still_read(dashboard):
+    out = io.StringIO()
+    result = submit.follow_job(submit.Cluster(dashboard("ok"), timeout_s=1), "dogbreed-scan-x", out)
+    assert "(the dashboard did not open it: HTTP 404); it may still be running" in out.getvalue()
+    assert (result.status, result.exit_code) == ("RUNNING", Exit.FAILED)
+
+
+@pytest.mark.parametrize("command", [["jobs"], ["logs", "x"], ["stop", "x"]])
+def test_json_of_another_shape_is_one_sentence_not_a_traceback(dashboard, command):
+    url = dashboard("weird")
+    r = CliRunner().invoke(app, [*command, "--address", url, "--timeout", "2"])
+    assert r.exit_code == Exit.USAGE, r.output
+    assert f"the dashboard at {url} answered something that is not a Ray Jobs API reply" in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+
+
+def test_gpus_and_a_job_status_of_another_shape_are_one_sentence(dashboard):
+    client = submit.Cluster(dashboard("weird"), timeout_s=2)
+    with pytest.raises(submit.SubmitError, match="not a Ray Jobs API reply"):
+        client.gpus()
+    result = submit.follow_job(client, "dogbreed-scan-x", io.StringIO())  # submitted: exit 1, never 2 ("nothing ran")
+    assert (result.status, result.exit_code) == ("UNKNOWN", Exit.FAILED)
+    assert "not a Ray Jobs API reply" in result.message
+
+
+def test_odd_fields_in_a_well_shaped_answer_are_shown_as_they_can_be(dashboard):
+    url = dashboard("ok")
+    assert submit.Cluster(url, timeout_s=2).gpus() == 2.0  # a dead node's odd resources do not count
+    rows = submit.list_jobs(url, timeout_s=2)
+    assert {(r["job_id"], r["status"], r["started"]) for r in rows} == {("None", "None", ""), ("j2", "RUNNING", "")}
+    r = CliRunner().invoke(app, ["jobs", "--address", url, "--timeout", "2"])
+    assert r.exit_code == 0 and "j2" in r.output, r.output
+
+
+def test_a_log_stream_that_opens_is_followed_to_its_end():
+    """The bounded handshake still lets a real websocket through: its lines, then the job's status."""
+    import asyncio
+
+    from aiohttp import web
+
+    async def tail(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        for line in ("scanning\n", "run r1: 3 files\n"):
+            await ws.send_str(line)
+        await ws.close()
+        return ws
+
+    async def job(request):
+        return web.json_response({"status": "SUCCEEDED", "driver_exit_code": 3})
+
+    web_app = web.Application()
+    web_app.router.add_get("/api/jobs/{id}/logs/tail", tail)
+    web_app.router.add_get("/api/jobs/{id}", job)
+    loop, ready = asyncio.new_event_loop(), threading.Event()
+    runner = web.AppRunner(web_app)
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        loop.run_until_complete(site.start())
+        serve.port = runner.addresses[0][1]  # the port the OS chose
+        ready.set()
+        loop.run_forever()
+
+    threading.Thread(target=serve, daemon=True).start()
+    assert ready.wait(10)
+    try:
+        out = io.StringIO()
+        result = submit.follow_job(submit.Cluster(f"http://127.0.0.1:{serve.port}", timeout_s=2), "dogbreed-scan-x", out)
+        assert out.getvalue() == "scanning\nrun r1: 3 files\n"
+        assert (result.status, result.exit_code) == ("SUCCEEDED", 3)
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
