@@ -6,6 +6,7 @@ Unknown keys and wrong types fail with the key's dotted name and the file they c
 from __future__ import annotations
 
 import os
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -183,7 +184,18 @@ def _format_error(err: ValidationError, source: str) -> str:
         if key in MOVED:
             return f"{source}: key '{key}' is now '{MOVED[key]}'"
         return f"{source}: unknown key '{key}'"
-    return f"{source}: key '{key}': {first['msg']} (got {first.get('input')!r})"
+    return f"{source}: key '{key}': {first['msg']} (got {_shown(first.get('input'))})"
+
+
+_REPR = reprlib.Repr()  # a value as given, cut short: an alias bomb (300 bytes of YAML) expands to 10^9 items in repr
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 5, 5, 80, 80, 40
+
+
+def _shown(value: Any) -> str:
+    try:
+        return _REPR.repr(value)
+    except ValueError:  # an int past Python's 4,300-digit conversion limit
+        return "a number too long to show"
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> C:
@@ -203,6 +215,8 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[st
             raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
         except RecursionError:
             raise ConfigError(f"{path}: nested too deeply to be a dogbreed config") from None
+        except ValueError as e:  # a number past Python's 4,300-digit conversion limit
+            raise ConfigError(f"{path}: not a usable YAML value: {str(e).split(';')[0]}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

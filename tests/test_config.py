@@ -99,3 +99,17 @@ def test_unknown_face_detector_is_one_sentence_naming_the_key(tmp_path):
         load_config(ScanConfig, f)
     assert str(e.value).startswith(f"{f}: key 'face.detector'") and "'mtcnn'" in str(e.value)
     assert "\n" not in str(e.value) and "yunet" in str(e.value) and "haar" in str(e.value)
+
+
+@pytest.mark.timeout(60)  # the sentence's repr of the expanded aliases ran for minutes, gigabytes deep
+def test_a_yaml_alias_bomb_or_a_5000_digit_number_is_one_short_sentence(tmp_path):
+    levels = ["&a0 [" + ",".join(["x"] * 10) + "]"] + [f"&a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    bomb = tmp_path / "lol.yaml"
+    bomb.write_text(f"top_k: [{', '.join(levels)}]\n")  # 10^9 'x' once expanded; 300-odd bytes of YAML
+    with pytest.raises(ConfigError) as e:
+        load_config(ScanConfig, bomb)
+    assert str(e.value).startswith(f"{bomb}: key 'top_k': Input should be a valid integer (got [") and len(str(e.value)) < 400
+    big = tmp_path / "big.yaml"
+    big.write_text(f"top_k: {'9' * 5000}\n")
+    with pytest.raises(ConfigError, match=r"not a usable YAML value: Exceeds the limit \(4300 digits\)"):
+        load_config(ScanConfig, big)
