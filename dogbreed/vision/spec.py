@@ -4,16 +4,21 @@ model reference gives. Free of torch, so that a process running a converted netw
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dogbreed.errors import UsageError
 from dogbreed.vision.preprocessing import Preprocessing  # preprocessing travels with the weights
 
 FORMAT_VERSION = 1
 IMAGENET_CLASSES = 1000  # every backbone keeps its ImageNet-1k head: the dog score is read from it
+# timm's pretrained weights crop 0.875-1.0 of the photo's short side; below half the crop keeps under a quarter of the
+# photo (crop_pct 1e-6 resized every photo to a 224-million-pixel side first), which no trained model asks for.
+MIN_CROP_PCT = 0.5
+MAX_NOTE_DEPTH = 32  # metrics and training notes: records of records, a few levels deep
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 # timm's data config of the default's weights (Preprocessing.for_backbone(DEFAULT_BACKBONE)), written out so that
@@ -52,6 +57,39 @@ class ModelSpec(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
     format_version: int = Field(FORMAT_VERSION, strict=True, ge=1)  # "1" (a string) is refused, not coerced
+
+    @field_validator("class_names")
+    @classmethod
+    def _printable_names(cls, names: list[str]) -> list[str]:
+        """A class name is printed as a breed on a line of its own: an empty one printed a bare 'dog', and one with
+        a newline printed a line of its own making."""
+        for i, name in enumerate(names):
+            if not name.strip():
+                raise ValueError(f"class name {i} is empty: every class needs a name to print")
+            if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name):
+                raise ValueError(f"class name {i} ({name!r}) holds a control character or line break")
+        return names
+
+    @field_validator("metrics", "training")
+    @classmethod
+    def _shallow(cls, notes: dict[str, Any]) -> dict[str, Any]:
+        """Notes are a few levels of records; hundreds of levels passed JSON and then broke writing the model_id."""
+        level, stack = 0, [notes]
+        while stack:
+            level += 1
+            if level > MAX_NOTE_DEPTH:
+                raise ValueError(f"it nests more than {MAX_NOTE_DEPTH} levels deep")
+            stack = [v for item in stack for v in (item.values() if isinstance(item, dict) else item)
+                     if isinstance(v, (dict, list))]
+        return notes
+
+    @field_validator("preprocessing")
+    @classmethod
+    def _sane_crop(cls, prep: Preprocessing) -> Preprocessing:
+        if prep.crop_pct < MIN_CROP_PCT:
+            raise ValueError(f"crop_pct {prep.crop_pct:g} keeps almost nothing of a photo: a model's crop_pct is "
+                             f"{MIN_CROP_PCT:g} to 1 (timm's weights use 0.875 to 1)")
+        return prep
 
     @model_validator(mode="after")
     def _breeds_from_imagenet(self) -> "ModelSpec":
