@@ -335,3 +335,114 @@ def test_a_bad_model_on_an_existing_output_is_refused_before_ray_and_leaves_the_
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "do not fit test_efficientnet with 3 breeds" in lines[0], proc.stderr[-2000:]
     assert "Started a local Ray" not in proc.stderr and readers.manifests(out) == before
+
+
+# ---- a doctored artifact: one sentence, never a traceback or an empty answer ----------------------------------
+
+
+@pytest.mark.parametrize("text, reason", [
+    ('{"format_version": ' + "9" * 5000 + "}", "it holds a number of thousands of digits"),  # was ValueError
+    ('{"format_version": 1, "backbone": ' + "9" * 5000 + "}", "it holds a number of thousands of digits"),
+    ("[" * 100000, "it nests lists or objects thousands deep"),  # was RecursionError
+])
+def test_a_model_json_python_cannot_parse_is_one_sentence(tmp_path, text, reason):
+    _tiny_artifact(tmp_path)
+    (tmp_path / "m" / "model.json").write_text(text)
+    with pytest.raises(ModelError, match=f"model.json is not a usable dogbreed model description: {reason}") as e:
+        models.describe_model(tmp_path / "m")
+    assert "\n" not in str(e.value)
+
+
+def test_a_huge_format_version_is_not_printed_whole(tmp_path):
+    _tiny_artifact(tmp_path)
+    j = tmp_path / "m" / "model.json"
+    j.write_text(json.dumps(json.loads(j.read_text()) | {"format_version": 10**4000}))
+    with pytest.raises(ModelError, match="written by a newer dogbreed [(]format of a far newer kind[)]") as e:
+        models.describe_model(tmp_path / "m")
+    assert len(str(e.value)) < 300
+
+
+def _nested(depth: int) -> list:
+    x: list = []
+    for _ in range(depth):
+        x = [x]
+    return x
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (lambda d: d.update(class_names=["a", ""]), "key 'class_names': class name 1 is empty"),
+    (lambda d: d.update(class_names=["  ", "b"]), "key 'class_names': class name 0 is empty"),
+    (lambda d: d.update(class_names=["a", "b\nerror: fake line"]), "key 'class_names': class name 1 .* holds a control"),
+    (lambda d: d.update(class_names=["a\x1b[31m", "b"]), "key 'class_names': class name 0 .* holds a control"),
+    (lambda d: d.update(class_names=["a", "b\u2028c"]), "key 'class_names': class name 1 .* line break"),
+    (lambda d: d["preprocessing"].update(crop_pct=1e-6), "key 'preprocessing': crop_pct 1e-06 keeps almost nothing"),
+    (lambda d: d["preprocessing"].update(crop_pct=0.49), "key 'preprocessing': crop_pct 0.49 keeps almost nothing"),
+    (lambda d: d.update(training={"x": _nested(900)}), "key 'training': it nests more than 32 levels deep"),
+])
+def test_unprintable_class_names_and_a_tiny_crop_are_refused(tmp_path, edit, reason):
+    """An empty name printed a bare 'dog', a newline a fake line of output; crop_pct 1e-6 resized every photo to a
+    224-million-pixel side; 900 levels of notes passed JSON and then broke computing the model_id."""
+    _edited_artifact_fails(tmp_path, edit, reason)
+
+
+def test_names_of_any_script_and_timms_crops_are_accepted(tmp_path):
+    _tiny_artifact(tmp_path)
+    _consistent(tmp_path / "m", class_names=["Chien de Saint-Hubert é", "柴犬", "Ca de bou"],
+                preprocessing=Preprocessing(input_size=64, crop_pct=0.5).__dict__ | {"mean": [0.5] * 3, "std": [0.5] * 3})
+    spec, _ = models.describe_model(tmp_path / "m")
+    assert spec.class_names[1] == "柴犬" and spec.preprocessing.crop_pct == 0.5
+
+
+def _doctored_weights(tmp_path: Path, name: str, change) -> Path:
+    """The tiny artifact with one tensor changed and its hash and model_id made to fit, as someone could."""
+    from safetensors.torch import load_file, save_file
+
+    _tiny_artifact(tmp_path)
+    w = tmp_path / "m" / models.WEIGHTS_FILE
+    state = load_file(str(w))
+    state[name] = change(state[name])
+    save_file(state, str(w))
+    _consistent(tmp_path / "m")
+    return tmp_path / "m"
+
+
+@pytest.mark.parametrize("name, change, problem", [
+    ("breed_head.bias", lambda t: t.fill_(float("nan")), "breed_head.bias holds NaN or infinite values"),
+    ("backbone.conv_stem.weight", lambda t: t.fill_(float("inf")), "backbone.conv_stem.weight holds NaN or infinite"),
+    ("breed_head.weight", lambda t: t.double().fill_(1e39), "breed_head.weight holds NaN or infinite"),  # past float32
+    ("breed_head.weight", lambda t: t.to(torch.int8), "breed_head.weight is stored as int8, where the network needs "
+                                                       "float16, bfloat16, float32 or float64 weights"),
+    ("backbone.bn1.num_batches_tracked", lambda t: t.double(), "backbone.bn1.num_batches_tracked is stored as float64, "
+                                                               "where the network needs integers"),
+])
+def test_weights_that_cannot_be_used_are_one_sentence_naming_the_tensor(tmp_path, name, change, problem):
+    """NaN or infinite weights gave every photo 'neither' with no probabilities, exit 0; int8 weights were converted
+    silently into whole numbers. The driver's check (headers and tensors) and the worker's load both refuse them."""
+    folder = _doctored_weights(tmp_path, name, change)
+    with pytest.raises(ModelError, match=f"the weights in model.safetensors cannot be used [(]{problem}") as e:
+        models.check_model(folder)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ModelError, match=f"the weights in model.safetensors cannot be used [(]{problem}"):
+        models.load_artifact(folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_are_a_legitimate_artifact(tmp_path, dtype):
+    """A checkpoint saved after .half() (as many published ones are) widens exactly to float32: the same model."""
+    folder = _doctored_weights(tmp_path, "breed_head.weight", lambda t: t.to(dtype))
+    models.check_model(folder)
+    loaded = models.load_artifact(folder)
+    assert loaded.net.breed_head.weight.dtype == torch.float32
+
+
+def test_a_non_finite_timm_weights_file_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    state = create_backbone("test_efficientnet").state_dict()
+    state["classifier.bias"] = torch.full_like(state["classifier.bias"], float("nan"))
+    save_file(state, str(tmp_path / "nan.safetensors"))
+    ref = f"timm:test_efficientnet={tmp_path / 'nan.safetensors'}"
+    with pytest.raises(ModelError, match="cannot be used [(]classifier.bias holds NaN or infinite values[)]"):
+        models.check_model(ref)
+    with pytest.raises(ModelError, match="cannot be used [(]classifier.bias holds NaN or infinite values[)]"):
+        models.load_model(ref)

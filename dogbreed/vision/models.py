@@ -31,6 +31,8 @@ from dogbreed.vision.spec import (  # noqa: F401 - re-exported
 )
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from dogbreed.vision.nets import BreedNet
 
 # The networks (dogbreed.vision.nets, torch, timm) are imported where a function builds one: describing or checking
@@ -129,8 +131,16 @@ def read_artifact_spec(model_dir: str | Path) -> tuple[ModelSpec, str]:
         doc = json.loads(read_text(spec_path))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelError(f"{spec_path} is unreadable: {getattr(e, 'strerror', None) or e}") from None
-    if isinstance(doc, dict) and isinstance(doc.get("format_version"), int) and doc["format_version"] > FORMAT_VERSION:
-        raise ModelError(f"{model_dir} was written by a newer dogbreed (format {doc['format_version']})")
+    except ValueError:  # Python reads no integer of over 4300 digits (sys.get_int_max_str_digits)
+        raise ModelError(f"{spec_path} is not a usable dogbreed model description: it holds a number of thousands of "
+                         "digits") from None
+    except RecursionError:
+        raise ModelError(f"{spec_path} is not a usable dogbreed model description: it nests lists or objects "
+                         "thousands deep") from None
+    version = doc.get("format_version") if isinstance(doc, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        shown = version if version < 10**6 else "of a far newer kind"  # a 4,000-digit number is no version
+        raise ModelError(f"{model_dir} was written by a newer dogbreed (format {shown})")
     stored = ModelFile.from_json(doc, str(spec_path))
     spec = ModelSpec.model_validate(stored.model_dump(exclude={"weights_sha256", "model_id"}))
     sha = _sha256_file(weights_path)
@@ -150,8 +160,9 @@ def _known_backbone(name: str, source: str) -> None:
         raise ModelError(f"{source}: {name!r} is not a timm model name, so no backbone can be built from it")
 
 
-def _shapes(backbone: str, num_breeds: int | None = None, head: str = "linear", wrapped: bool = True) -> dict[str, tuple]:
-    """The tensors (name -> shape) a network has, built without memory (on the meta device) where timm allows."""
+def _shapes(backbone: str, num_breeds: int | None = None, head: str = "linear", wrapped: bool = True) -> dict[str, Tensor]:
+    """The tensors (name -> tensor, for its shape and dtype) a network has, built without memory (on the meta device)
+    where timm allows."""
     import timm
     import torch
 
@@ -164,26 +175,39 @@ def _shapes(backbone: str, num_breeds: int | None = None, head: str = "linear", 
     except Exception:  # noqa: BLE001 - a model that cannot be built on meta is built for real (once, on the driver)
         net = timm.create_model(backbone, pretrained=False)
         net = BreedNet(net, num_breeds, head) if wrapped else net
-    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    return dict(net.state_dict())
 
 
-def check_weights(path: Path, expected: dict[str, tuple], source: str, what: str) -> None:
-    """A weights file must really be safetensors and hold exactly the network's tensors, in its shapes: checked from
-    the file's header, so a bad model is one sentence before any worker starts, never a traceback in one."""
+def check_weights(path: Path, expected: dict[str, Tensor], source: str, what: str) -> None:
+    """A weights file must really be safetensors and hold exactly the network's tensors, in its shapes (from the
+    file's header), each of a usable dtype and finite (read one tensor at a time): a bad model is one sentence before
+    any worker starts, never a traceback or an empty answer in one."""
     from safetensors import safe_open
+
+    from dogbreed.vision.nets import weights_problem
+
+    def unreadable(e: Exception) -> ModelError:
+        return ModelError(f"{source}: {path.name} is not a safetensors weights file "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})")
 
     try:
         with safe_open(str(path), framework="pt") as f:
             got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 - a pickle, a truncated file, garbage: not safetensors
-        raise ModelError(f"{source}: {path.name} is not a safetensors weights file "
-                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise unreadable(e) from None
     missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
-    wrong = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
+    wrong = sorted(k for k in expected.keys() & got.keys() if tuple(expected[k].shape) != got[k])
     if missing or unexpected or wrong:
-        detail = (f"{wrong[0]} is {list(got[wrong[0]])} where {what} needs {list(expected[wrong[0]])}" if wrong else
-                  f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}")
+        detail = (f"{wrong[0]} is {list(got[wrong[0]])} where {what} needs {list(expected[wrong[0]].shape)}" if wrong
+                  else f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}")
         raise ModelError(f"{source}: the weights in {path.name} do not fit {what} ({detail})")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            problem = next(filter(None, (weights_problem(k, f.get_tensor(k), expected[k]) for k in expected)), None)
+    except Exception as e:  # noqa: BLE001 - a header that lies about where its data lies
+        raise unreadable(e) from None
+    if problem:
+        raise ModelError(f"{source}: the weights in {path.name} cannot be used ({problem})")
 
 
 def check_model(ref: str | Path = DEFAULT_MODEL) -> tuple[ModelSpec, str]:
@@ -210,7 +234,7 @@ def load_artifact(model_dir: str | Path) -> LoadedModel:
     _known_backbone(spec.backbone, str(model_dir))
     import timm
 
-    from dogbreed.vision.nets import BreedNet, read_weights
+    from dogbreed.vision.nets import BreedNet, check_state, read_weights
 
     try:
         backbone = timm.create_model(spec.backbone, pretrained=False)
@@ -219,6 +243,7 @@ def load_artifact(model_dir: str | Path) -> LoadedModel:
     num_breeds = len(spec.class_names) if spec.breed_source == "head" else None
     net = BreedNet(backbone, num_breeds, spec.head)
     state = read_weights(model_dir / WEIGHTS_FILE)
+    check_state(state, net.state_dict(), f"{model_dir}: the weights in {WEIGHTS_FILE}")
     fits = f"{model_dir}: weights do not fit backbone {spec.backbone!r} with {num_breeds or 0} breeds"
     try:
         missing, unexpected = net.load_state_dict(state, strict=False)

@@ -115,12 +115,41 @@ class Outputs(nn.Module):
         return imagenet, breeds, feats
 
 
+# Floating-point weights may be stored as F16 or BF16 (a checkpoint saved after .half(), as many published ones are):
+# widening them to the network's float32 is exact, so the model computes what its author's did. F64 narrows.
+FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def weights_problem(name: str, stored: torch.Tensor, held: torch.Tensor) -> str | None:
+    """Why a stored tensor cannot become the network's tensor `held` (its dtype is what counts), or None. Loading
+    converts silently: int8 weights became whole numbers, and NaN or infinity made every photo's answer empty."""
+    if held.dtype.is_floating_point:
+        if stored.dtype not in FLOAT_WEIGHTS:
+            return f"{name} is stored as {str(stored.dtype).removeprefix('torch.')}, where the network needs " \
+                   "float16, bfloat16, float32 or float64 weights"
+        if not torch.isfinite(stored.to(held.dtype)).all():  # after the cast: a float64 past float32's range is inf
+            return f"{name} holds NaN or infinite values"
+    elif stored.dtype.is_floating_point or stored.dtype.is_complex or stored.dtype == torch.bool:
+        return f"{name} is stored as {str(stored.dtype).removeprefix('torch.')}, where the network needs integers"
+    return None
+
+
+def check_state(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], weights: str) -> None:
+    """Every stored tensor that the network holds (by name) must be of a usable dtype and finite: else one sentence,
+    '`weights` cannot be used (why)'."""
+    for name, stored in state.items():
+        if name in own and (problem := weights_problem(name, stored, own[name])):
+            raise ModelError(f"{weights} cannot be used ({problem})")
+
+
 def _load_state_in_order(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load weights whose names differ from timm's but whose order and shapes match (e.g. lukemelas-style files)."""
     own = module.state_dict()
     if len(own) != len(state) or any(a.shape != b.shape for a, b in zip(own.values(), state.values())):
         raise ModelError(f"weights in {source} do not fit {type(module).__name__}: tensor count or shapes differ")
-    module.load_state_dict(dict(zip(own.keys(), state.values())), strict=True)
+    renamed = dict(zip(own.keys(), state.values()))
+    check_state(renamed, own, f"the weights in {source}")
+    module.load_state_dict(renamed, strict=True)
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -158,6 +187,7 @@ def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = N
         weights = default_weights_path()
     if weights is not None:
         state = read_weights(weights)
+        check_state(state, net.state_dict(), f"the weights in {weights}")
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError:
