@@ -362,11 +362,12 @@ def test_two_stage_run_through_ray_train_writes_a_usable_artifact(ray_local, sha
 
 def test_changed_setup_refuses_to_resume(tmp_path, shapes, tiny_weights, shrunk_config):
     cfg = shrunk_config("train", data=shapes, out=tmp_path / "model", weights=tiny_weights)
-    driver._check_resume(cfg, tmp_path / "model")
+    splits = train_data.make_splits(str(shapes))
+    driver._check_resume(cfg, tmp_path / "model", splits)
     (tmp_path / "model" / cfg.run_name).mkdir()
-    driver._check_resume(cfg.model_copy(update={"num_workers": 2}), tmp_path / "model")  # resources may change
+    driver._check_resume(cfg.model_copy(update={"num_workers": 2}), tmp_path / "model", splits)  # resources may change
     with pytest.raises(ConfigError, match="lr"):
-        driver._check_resume(cfg.model_copy(update={"lr": 0.5}), tmp_path / "model")
+        driver._check_resume(cfg.model_copy(update={"lr": 0.5}), tmp_path / "model", splits)
 
 
 def _checkpoints(out: Path) -> list[Path]:
@@ -398,3 +399,80 @@ def test_killed_run_resumes_from_its_last_checkpoint(shapes, tiny_weights, tmp_p
     training = load_artifact(out).spec.training
     assert training["resumed_at_epochs"] and training["resumed_at_epochs"][0] >= 1
     assert [int(r.split(",")[0]) for r in (out / "history.csv").read_text().splitlines()[1:]] == [1, 2, 3, 4]
+
+
+# ---- refusals before Ray starts ------------------------------------------------------------------------------
+
+
+def test_resume_refuses_checkpoints_of_other_classes_or_other_photos(tmp_path, tiny_weights, shrunk_config):
+    """A class folder added between runs crashed the resumed workers (size mismatch for breed_head.weight); changed
+    photos resumed silently on weights that had seen what the new seeded split may now call test photos."""
+    data = make_folders(tmp_path / "d", n=4)
+    out = tmp_path / "model"
+    cfg = shrunk_config("train", data=data, out=out, weights=tiny_weights)
+    driver._check_resume(cfg, out, train_data.make_splits(str(data)))
+    (out / cfg.run_name).mkdir()
+    driver._check_resume(cfg, out, train_data.make_splits(str(data)))  # same classes, same photos: resumes
+    make_folders(tmp_path / "more", n=3, classes=("004.Papillon",))
+    (tmp_path / "more" / "004.Papillon").rename(data / "004.Papillon")
+    with pytest.raises(ConfigError, match=r"other classes \(added Papillon\)"):
+        driver._check_resume(cfg, out, train_data.make_splits(str(data)))
+    for p in (data / "004.Papillon").iterdir():
+        p.unlink()
+    (data / "004.Papillon").rmdir()
+    (data / CLASSES[0] / "000.jpg").unlink()
+    with pytest.raises(ConfigError, match="other photos"):
+        driver._check_resume(cfg, out, train_data.make_splits(str(data)))
+
+
+def test_val_and_test_must_be_labelled_and_apart_from_the_training_photos(tmp_path):
+    data = make_folders(tmp_path / "d", n=4)
+    other = make_folders(tmp_path / "other", n=2, seed=1)
+    for val, test, reason in [(data, None, "validation photos .* share 12 photos with the training photos"),
+                              (other, data, "test photos .* share 12 photos with the training photos"),
+                              (other, other, "test photos .* share 6 photos with the validation photos"),
+                              (data / CLASSES[0], None, "validation folder .* holds no photos in class folders")]:
+        with pytest.raises(train_data.DataError, match=reason):
+            train_data.make_splits(str(data), str(val), test and str(test))
+    (tmp_path / "link").symlink_to(data)  # the same photos by another path
+    with pytest.raises(train_data.DataError, match="share 12 photos"):
+        train_data.make_splits(str(data), str(tmp_path / "link"))
+    s = train_data.make_splits(str(data), str(other))
+    assert (len(s.train), len(s.val), len(s.test)) == (12, 6, 0)  # 10% of 4 photos a class carves no test photo
+
+
+def test_cli_refuses_overlapping_splits_in_one_sentence(tmp_path):
+    data = make_folders(tmp_path / "d", n=4)
+    r = CliRunner().invoke(app, ["train", str(data), "--val", str(data), "--test", str(data), "--out",
+                                 str(tmp_path / "m"), "--mode", "freeze", "--epochs", "1"])
+    assert r.exit_code == 2, r.output
+    assert "share 12 photos" in r.output and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "m").exists()
+
+
+def test_max_failures_is_bounded():
+    for bad in (-1, 1000):
+        with pytest.raises(ConfigError, match="max_failures"):
+            load_train_config(str(CONFIG), {"data": "d", "out": "o", "max_failures": bad})
+    assert load_train_config(str(CONFIG), {"data": "d", "out": "o", "max_failures": 0}).max_failures == 0
+
+
+def test_no_test_photos_gives_no_test_metrics_and_a_note(tmp_path, caplog):
+    cfg = load_train_config(str(CONFIG), {"data": "d", "out": "o"})
+    with caplog.at_level("WARNING"):
+        assert driver._test_metrics(tmp_path, [], cfg) == {}
+    assert "no test photos" in caplog.text
+
+
+@pytest.mark.slow
+def test_training_with_a_val_folder_and_no_test_photos_completes_without_test_metrics(ray_local, tiny_weights, tmp_path,
+                                                                                      shrunk_yaml):
+    """--val without --test leaves the test split empty; evaluation of no photos ended the run with KeyError."""
+    data = make_folders(tmp_path / "d", n=4)
+    val = make_folders(tmp_path / "v", n=2, seed=1)
+    config = shrunk_yaml("train", weights=tiny_weights, epochs=1, mode="freeze")
+    r = CliRunner().invoke(app, ["train", str(data), "--val", str(val), "--config", str(config), "--out",
+                                 str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    metrics = load_artifact(tmp_path / "m").spec.metrics
+    assert "test_top1" not in metrics and "val_top1" in metrics

@@ -65,7 +65,8 @@ class TrainConfig(_Strict):
     photos: PhotoConfig = Field(default_factory=PhotoConfig, description="how photos are opened: the scan's guards "
                                 "and decode size (keep them equal to the scan's, so training's crops are its crops)")
     decode: TrainDecodeConfig = Field(default_factory=TrainDecodeConfig, description="the Ray Data decode tasks")
-    max_failures: int = Field(2, ge=-1, description="worker-failure restarts from the last checkpoint (-1 = unlimited)")
+    max_failures: int = Field(2, ge=0, le=10, description="worker-failure restarts from the last checkpoint; bounded "
+                              "(0-10), since nothing retries without bound")
     progress: bool = Field(False, description="show Ray Data progress bars")
     address: str | None = Field(None, description="Ray address; null = RAY_ADDRESS or a local Ray started here")
 

@@ -90,6 +90,11 @@ def make_splits(data: str, val_data: str | None = None, test_data: str | None = 
     missing = [k for k, v in given.items() if v is None] if carve else []
     parts = {k: labelled_items(class_folders(v, extensions, min_classes=0), folders, v, unknown_ok=bool(classes))
              for k, v in given.items() if v is not None}
+    for k, items in parts.items():
+        if not items:
+            raise DataError(f"{_ROLE[k]} folder {given[k]} holds no photos in class folders of the model's classes; "
+                            "give a folder of breed folders (a breed folder itself labels nothing)")
+    _check_apart({"train": train} | parts, {"train": str(train_root)} | given)
     parts.setdefault("val", [])
     parts.setdefault("test", [])
     if missing:  # carve what is missing out of the training photos, 10% each
@@ -98,6 +103,20 @@ def make_splits(data: str, val_data: str | None = None, test_data: str | None = 
         parts.update(zip(missing, carved[1:]))
     roots = {"data": root} | {k: Path(v) for k, v in given.items() if v is not None}
     return Splits(folders, train, parts["val"], parts["test"], fingerprint(roots, extensions))
+
+
+_ROLE = {"train": "training", "val": "validation", "test": "test"}
+
+
+def _check_apart(parts: dict[str, list[Item]], roots: dict[str, Any]) -> None:
+    """Refuse splits that share photos (by real path): a test measured on training photos measures nothing."""
+    real = {k: {os.path.realpath(p) for p, _ in items} for k, items in parts.items()}
+    names = list(real)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if shared := real[a] & real[b]:
+                raise DataError(f"the {_ROLE[b]} photos ({roots[b]}) share {len(shared)} photos with the {_ROLE[a]} "
+                                f"photos ({roots[a]}), e.g. {min(shared)}; give folders that hold different photos")
 
 
 # ---- decoding, in a sandboxed child per Ray worker process ---------------------------------------------------

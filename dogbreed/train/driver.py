@@ -6,6 +6,7 @@ stored in model.json is the accuracy `dogbreed evaluate --model` reports on the 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -26,11 +27,12 @@ from dogbreed.train.fewshot import fit_prototypes
 from dogbreed.train.worker import STATE_FILE, stages, train_loop_per_worker
 from dogbreed.vision.codecs import check_plugins
 from dogbreed.vision.models import ModelSpec, read_artifact_spec, save_artifact
-from dogbreed.vision.nets import BreedNet, create_backbone
+from dogbreed.vision.nets import BreedNet, ModelError, create_backbone
 from dogbreed.vision.preprocessing import Preprocessing
 
 log = logging.getLogger("dogbreed.train")
 CONFIG_FILE = "train_config.yaml"
+DATA_FILE = "train_data.json"  # the classes and data fingerprint the checkpoints under out/run_name were trained on
 HARMLESS = {".DS_Store", "Thumbs.db", "desktop.ini", "lost+found"}  # what a desktop or a file system puts in any folder
 # Keys that may change between a killed run and its restart without invalidating its checkpoints.
 _RESUME_FREE_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "torch_threads", "feature_actors", "max_failures",
@@ -66,21 +68,61 @@ def _check_out(cfg: TrainConfig, out: Path) -> None:
                           "other files)")
 
 
-def _check_resume(cfg: TrainConfig, out: Path) -> None:
-    """Refuse to resume a run whose checkpoints came from a different training setup."""
+def _check_resume(cfg: TrainConfig, out: Path, splits: Splits) -> None:
+    """Refuse to resume a run whose checkpoints came from a different training setup, other classes or other photos;
+    then record this run's setup (train_config.yaml) and data (train_data.json) beside its checkpoints."""
     import yaml
 
     _check_out(cfg, out)
-    saved_path = out / CONFIG_FILE
-    if saved_path.is_file() and (out / cfg.run_name).is_dir():
+    saved_path, run = out / CONFIG_FILE, out / cfg.run_name
+    if saved_path.is_file() and run.is_dir():
         saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
         now = cfg.model_dump(mode="json")
         changed = sorted(k for k in now if k not in _RESUME_FREE_KEYS and saved.get(k) != now[k])
         if changed:
-            raise ConfigError(f"{out / cfg.run_name} holds checkpoints of a run with different {', '.join(changed)}; "
+            raise ConfigError(f"{run} holds checkpoints of a run with different {', '.join(changed)}; "
                               "use another out folder or run_name")
+        _check_same_data(run, out / DATA_FILE, splits)
     out.mkdir(parents=True, exist_ok=True)
     saved_path.write_text(dump_config(cfg), encoding="utf-8")
+    (out / DATA_FILE).write_text(json.dumps({"class_folders": splits.class_folders, "class_names": splits.class_names,
+                                             "data_fingerprint": splits.fingerprint}, indent=1), encoding="utf-8")
+
+
+def _check_same_data(run: Path, data_file: Path, splits: Splits) -> None:
+    """Checkpoints of other classes cannot load (the breed head has another shape). Checkpoints of other photos are
+    refused too: the seeded split would move photos the weights trained on into validation and test, so the model
+    selection and test_top1 would silently measure training photos."""
+    saved = _saved_data(data_file)
+    if saved is None:
+        log.warning("%s does not record the data its checkpoints were trained on; resuming as is", run)
+        return
+    start_over = f"use another --out or run_name, or delete {run} to start over"
+    before, now = saved.get("class_names") or [], splits.class_names
+    if before != now:
+        diff = [f"{what} {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}" for what, names in
+                (("added", [c for c in now if c not in before]), ("removed", [c for c in before if c not in now])) if names]
+        raise ConfigError(f"{run} holds checkpoints of a run on other classes ({'; '.join(diff) or 'another order'}); "
+                          f"{start_over}")
+    if saved.get("data_fingerprint") != splits.fingerprint:
+        raise ConfigError(f"{run} holds checkpoints of a run on other photos (photos were added, removed or changed "
+                          f"since, so its split no longer holds); {start_over}")
+
+
+def _saved_data(data_file: Path) -> dict[str, Any] | None:
+    """The classes and fingerprint of the run's data: train_data.json, or (a run of an older dogbreed) its finished
+    artifact's model.json; None when neither tells."""
+    try:
+        return json.loads(data_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {data_file}: {e}; delete it to start over") from None
+    try:
+        spec, _ = read_artifact_spec(data_file.parent)
+    except ModelError:
+        return None
+    return {"class_names": spec.class_names, "data_fingerprint": spec.training.get("data_fingerprint")}
 
 
 def _datasets(cfg: TrainConfig, splits: Splits, prep: Preprocessing) -> dict[str, Any]:
@@ -124,12 +166,16 @@ def fit(cfg: TrainConfig) -> TrainResult:
         raise ConfigError("training needs both 'data' and 'out'")
     t0 = time.perf_counter()
     out = Path(cfg.out).resolve()
-    _check_resume(cfg, out)
+    _check_out(cfg, out)
     check_plugins(cfg.photos.plugins)
     classes = read_classes(cfg.classes) if cfg.classes else None
     splits = make_splits(cfg.data, cfg.val_data, cfg.test_data, cfg.seed, cfg.extensions, classes,
                          carve=cfg.mode != "fewshot")
     splits = _keep_answerable(splits, cfg.missing_classes)
+    if cfg.mode != "fewshot" and not splits.val:
+        raise ConfigError(f"no validation photos: 10% of each class of {cfg.data} rounds to none; give --val, or more "
+                          "photos")
+    _check_resume(cfg, out, splits)
     backbone = create_backbone(cfg.backbone, cfg.weights, cfg.pretrained)
     prep = Preprocessing.for_backbone(cfg.backbone, cfg.input_size)
     start_ray(cfg.address)
@@ -154,8 +200,7 @@ def fit(cfg: TrainConfig) -> TrainResult:
                      preprocessing=prep, metrics={"val_loss": best["val_loss"], "val_top1": best["val_acc"]},
                      training=training)
     save_artifact(net, spec, out)
-    test = test_artifact(out, splits.test, cfg, out / "test")
-    spec.metrics |= {"test_top1": test["top1"], "test_top5": test["top5"], "test_n": test["n"]}
+    spec.metrics |= _test_metrics(out, splits.test, cfg)
     spec.training["wall_seconds"] = round(time.perf_counter() - t0, 1)
     model_id = save_artifact(net, spec, out)  # same weights and identity: same model_id, metrics added
     return TrainResult(out, model_id, spec.metrics | {"wall_seconds": spec.training["wall_seconds"]})
@@ -205,12 +250,20 @@ def _fit_fewshot(cfg: TrainConfig, out: Path, splits: Splits, backbone, prep: Pr
     spec = ModelSpec(backbone=cfg.backbone, class_names=splits.class_names, breed_source="head", head="prototypes",
                      preprocessing=prep, metrics={"loo_top1": fitted.loo_top1}, training=training)
     save_artifact(net, spec, out)
-    if splits.test:
-        test = test_artifact(out, splits.test, cfg, out / "test")
-        spec.metrics |= {"test_top1": test["top1"], "test_top5": test["top5"], "test_n": test["n"]}
+    spec.metrics |= _test_metrics(out, splits.test, cfg)
     spec.training["wall_seconds"] = round(time.perf_counter() - t0, 1)
     model_id = save_artifact(net, spec, out)
     return TrainResult(out, model_id, spec.metrics | {"wall_seconds": spec.training["wall_seconds"]})
+
+
+def _test_metrics(model_dir: Path, items: list[Item], cfg: TrainConfig) -> dict[str, Any]:
+    """The artifact's test metrics and report (model_dir/test), or none, with a note, when there are no test photos."""
+    if not items:
+        log.warning("no test photos (give --test, or enough photos for a 10%% test split): the model has no test "
+                    "metrics; `dogbreed evaluate --model` measures it on labelled photos later")
+        return {}
+    test = test_artifact(model_dir, items, cfg, model_dir / "test")
+    return {"test_top1": test["top1"], "test_top5": test["top5"], "test_n": test["n"]}
 
 
 def test_artifact(model_dir: str | Path, items: list[Item], cfg: TrainConfig,
