@@ -253,3 +253,20 @@ def test_an_unreachable_store_is_one_sentence(s3_out, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     with pytest.raises(OutputError, match=r"^--out s3://\S+: cannot reach the store \(.*\); check the credentials"):
         check_out(s3_out)
+
+
+def test_a_gs_store_gives_up_in_seconds_not_the_google_clients_fifteen_minutes():
+    """`scan --out gs://bucket/out` without credentials or network was alive after 935 s, deaf to SIGTERM (the
+    hostile tester's finding): Google's client retries for 15 minutes by default. Every gs:// filesystem dogbreed
+    makes (output, roots, photos) comes from filesystem_from_uri; a URI's own retry_limit_seconds is kept."""
+    import datetime
+
+    from dogbreed.table.location import GCS_RETRY_S, filesystem_from_uri
+
+    def retry_limit(fs) -> datetime.timedelta:
+        return fs.__reduce__()[1][0]["retry_time_limit"]  # GcsFileSystem's own options, as pickle sees them
+
+    fs, root = filesystem_from_uri("gs://bucket/some/out")
+    assert root == "bucket/some/out" and retry_limit(fs) == datetime.timedelta(seconds=GCS_RETRY_S)
+    assert retry_limit(filesystem_from_uri("gs://bucket/out?retry_limit_seconds=3")[0]) == datetime.timedelta(seconds=3)
+    assert retry_limit(locate("gs://bucket/out").fs) == datetime.timedelta(seconds=GCS_RETRY_S)

@@ -109,8 +109,10 @@ def check_root(root: str) -> None:
     if is_uri(root):
         from pyarrow import fs as pafs
 
+        from dogbreed.table.location import filesystem_from_uri
+
         try:
-            filesystem, base = pafs.FileSystem.from_uri(root)
+            filesystem, base = filesystem_from_uri(root)
             info = filesystem.get_file_info(base)
         except Exception as e:  # noqa: BLE001 - any filesystem failure refuses the root
             raise RootError(f"root {root} is unreachable: {str(e).splitlines()[0]}") from None
@@ -259,7 +261,9 @@ def _walk_uri(root: str, index: int, include_hidden: bool) -> list[pa.RecordBatc
     """Every object under a pyarrow filesystem URI (s3://, gs://, file://)."""
     from pyarrow import fs as pafs
 
-    filesystem, base = pafs.FileSystem.from_uri(root)
+    from dogbreed.table.location import filesystem_from_uri
+
+    filesystem, base = filesystem_from_uri(root)
     scheme = root.split("://", 1)[0]
     out = _Chunks(index)
     infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))

@@ -72,6 +72,18 @@ def _check_name(out: str, path: str, remote: bool) -> None:
                           "give another folder name")
 
 
+GCS_RETRY_S = 15  # Google's client retries a call for 15 minutes by default, deaf to SIGTERM all the while
+
+
+def filesystem_from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """pafs.FileSystem.from_uri, with a gs:// store's retries bounded (Arrow's retry_limit_seconds URI option, unless
+    the URI sets it): an unreachable bucket or missing credentials is an error in seconds, not a hang."""
+    parts = urlsplit(uri)
+    if parts.scheme in ("gs", "gcs") and "retry_limit_seconds" not in parts.query:
+        uri += ("&" if parts.query else "?") + f"retry_limit_seconds={GCS_RETRY_S}"
+    return pafs.FileSystem.from_uri(uri)
+
+
 def locate(out: str | Path) -> Location:
     """Parse --out into a Location without touching the store (OutputError for an unsupported URI or name)."""
     out = str(out)
@@ -89,7 +101,7 @@ def locate(out: str | Path) -> Location:
     prefix = parts.path.strip("/")
     uri = f"{parts.scheme}://{parts.netloc}" + (f"/{prefix}" if prefix else "")
     try:
-        fs, root = pafs.FileSystem.from_uri(uri)
+        fs, root = filesystem_from_uri(uri)
     except (OSError, ValueError, pa.ArrowException) as e:
         raise OutputError(f"--out {out}: cannot use {parts.scheme}:// storage here ({first_line(e)})") from None
     return Location(out, uri, fs, root.rstrip("/"))

@@ -102,9 +102,9 @@ def read_bytes(path: str | bytes, max_bytes: int) -> bytes:
     """The file's bytes (local path, raw bytes path, or URI), refusing files over max_bytes."""
     try:
         if is_uri(path):
-            from pyarrow import fs as pafs
+            from dogbreed.table.location import filesystem_from_uri
 
-            filesystem, p = pafs.FileSystem.from_uri(os.fsdecode(path))
+            filesystem, p = filesystem_from_uri(os.fsdecode(path))
             with filesystem.open_input_file(p) as f:
                 if f.size() > max_bytes:
                     raise ImageError(f"file is {f.size()} bytes, over the {max_bytes}-byte limit")
