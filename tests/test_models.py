@@ -446,3 +446,22 @@ def test_a_non_finite_timm_weights_file_is_refused(tmp_path):
         models.check_model(ref)
     with pytest.raises(ModelError, match="cannot be used [(]classifier.bias holds NaN or infinite values[)]"):
         models.load_model(ref)
+
+
+@pytest.mark.parametrize("index", [1000, -2])
+def test_a_prototype_heads_imagenet_class_out_of_range_is_refused(tmp_path, index):
+    """An index past the ImageNet head was an IndexError traceback in every worker."""
+    from safetensors.torch import load_file, save_file
+
+    spec = ModelSpec(backbone="test_efficientnet", class_names=["a", "b"], breed_source="head", head="prototypes",
+                     preprocessing=Preprocessing(input_size=64, crop_pct=1.0))
+    models.save_artifact(BreedNet(create_backbone("test_efficientnet"), 2, head="prototypes"), spec, tmp_path / "m")
+    w = tmp_path / "m" / models.WEIGHTS_FILE
+    state = load_file(str(w))
+    state["breed_head.imagenet_index"] = torch.tensor([208, index])
+    save_file(state, str(w))
+    _consistent(tmp_path / "m")
+    problem = f"breed_head.imagenet_index holds {index}: a breed's ImageNet class is 0-999, or -1 for none"
+    for check in (models.check_model, models.load_artifact):
+        with pytest.raises(ModelError, match=f"cannot be used [(]{problem}[)]"):
+            check(tmp_path / "m")

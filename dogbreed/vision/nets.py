@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dogbreed.vision.preprocessing import Preprocessing
-from dogbreed.vision.spec import DEFAULT_BACKBONE, ModelError, default_weights_path  # noqa: F401 - also found here
+from dogbreed.vision.spec import DEFAULT_BACKBONE, IMAGENET_CLASSES, ModelError, default_weights_path  # noqa: F401 - also found here
 
 
 def normalise(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
@@ -131,6 +131,9 @@ def weights_problem(name: str, stored: torch.Tensor, held: torch.Tensor) -> str 
             return f"{name} holds NaN or infinite values"
     elif stored.dtype.is_floating_point or stored.dtype.is_complex or stored.dtype == torch.bool:
         return f"{name} is stored as {str(stored.dtype).removeprefix('torch.')}, where the network needs integers"
+    elif name.endswith("imagenet_index") and stored.numel() and not -1 <= stored.min() <= stored.max() < IMAGENET_CLASSES:
+        bad = stored.max() if stored.max() >= IMAGENET_CLASSES else stored.min()  # was a traceback in every worker
+        return f"{name} holds {int(bad)}: a breed's ImageNet class is 0-{IMAGENET_CLASSES - 1}, or -1 for none"
     return None
 
 
