@@ -316,3 +316,17 @@ def test_predict_annotate_keeps_every_copy_and_never_writes_over_a_photo_it_read
     assert sorted(p.name for p in (tmp_path / "ann").iterdir()) == sorted(
         ["x.annotated.jpg", "x-2.annotated.jpg", "x-3.annotated.jpg", "x-4.annotated.jpg", "x.annotated.annotated.jpg"])
     assert f"note: the annotated copy of {photos[1]} is {tmp_path / 'ann' / 'x-4.annotated.jpg'}" in r.output
+
+
+@pytest.mark.timeout(120)
+def test_predict_names_a_fifo_a_device_and_an_object_uri_as_the_scan_would(tmp_path):
+    """A FIFO waited 73 s for 'decoder hung', /dev/zero was 'out of memory while decoding', and s3://bucket/x.jpg
+    became the local path ./s3:/bucket/x.jpg that 'vanished before it could be read' (a URI Arrow cannot read
+    stands for it here: it fails before any connection)."""
+    fifo = _fifo(tmp_path)
+    r = runner.invoke(app, ["predict", "--json", str(fifo), "/dev/zero", "http://127.0.0.1:9/x.jpg"])
+    assert r.exit_code == 3, r.output
+    rows = [json.loads(line) for line in r.output.splitlines() if line.startswith("{")]
+    assert [row["path"] for row in rows] == [str(fifo), "/dev/zero", "http://127.0.0.1:9/x.jpg"]
+    assert [row["error"] for row in rows[:2]] == ["not a regular file (a device, FIFO or socket); never opened"] * 2
+    assert rows[2]["status"] == "error" and "vanished" not in rows[2]["error"]

@@ -62,7 +62,7 @@ def scan(
 
 @app.command()
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="Photo files.")],
+    images: Annotated[list[str], typer.Argument(help="Photo files (or s3:// / gs:// objects).")],
     model: ModelOpt = None,
     config: ConfigOpt = None,
     annotate: Annotated[Optional[Path], typer.Option(help="Write copies with the answer drawn on them here.")] = None,

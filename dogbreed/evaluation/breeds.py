@@ -23,6 +23,7 @@ from dogbreed.table import schema
 from dogbreed.table.store import utcnow
 from dogbreed.vision.batch import Batch, column
 from dogbreed.vision.decision import settings_id
+from dogbreed.vision.decode import is_uri
 from dogbreed.vision.faces import resolved
 from dogbreed.vision.predictors import BreedPredictor, Decoder
 
@@ -36,7 +37,7 @@ def analyze(paths: Iterable[str], cfg: ScanConfig, predictor: BreedPredictor | N
     predictor = predictor or BreedPredictor.for_scan(cfg)
     decoder = Decoder(predictor.spec.preprocessing, cfg.face, cfg.photos)
     settings = settings_id(cfg)
-    paths = [os.path.abspath(p) for p in paths]
+    paths = [p if is_uri(p) else os.path.abspath(p) for p in paths]  # an s3:// object stays one
     frames = []
     try:
         for i in range(0, len(paths), batch_size):

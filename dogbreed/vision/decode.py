@@ -109,6 +109,8 @@ def read_bytes(path: str | bytes, max_bytes: int) -> bytes:
                 if f.size() > max_bytes:
                     raise ImageError(f"file is {f.size()} bytes, over the {max_bytes}-byte limit")
                 return f.read()
+        if not stat.S_ISREG(os.stat(path).st_mode):  # opening a FIFO waits for a writer; /dev/zero never ends
+            raise ImageError("not a regular file (a device, FIFO or socket); never opened")
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size > max_bytes:
