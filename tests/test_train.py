@@ -476,3 +476,11 @@ def test_training_with_a_val_folder_and_no_test_photos_completes_without_test_me
     assert r.exit_code == 0, r.output
     metrics = load_artifact(tmp_path / "m").spec.metrics
     assert "test_top1" not in metrics and "val_top1" in metrics
+
+
+def test_too_few_photos_for_a_validation_split_is_refused_before_ray(tmp_path):
+    data = make_folders(tmp_path / "d", n=1, classes=CLASSES[:2])  # 10% of 1 photo a class rounds to none
+    cfg = load_train_config(str(CONFIG), {"data": str(data), "out": str(tmp_path / "m"), "backbone": TINY})
+    with pytest.raises(ConfigError, match="no validation photos"):
+        driver.fit(cfg)
+    assert not (tmp_path / "m").exists()
