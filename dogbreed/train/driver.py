@@ -259,8 +259,8 @@ def _fit_fewshot(cfg: TrainConfig, out: Path, splits: Splits, backbone, prep: Pr
 def _test_metrics(model_dir: Path, items: list[Item], cfg: TrainConfig) -> dict[str, Any]:
     """The artifact's test metrics and report (model_dir/test), or none, with a note, when there are no test photos."""
     if not items:
-        log.warning("no test photos (give --test, or enough photos for a 10%% test split): the model has no test "
-                    "metrics; `dogbreed evaluate --model` measures it on labelled photos later")
+        log.warning("no test photos%s: the model has no test metrics; give --test, or measure it later with "
+                    "`dogbreed evaluate --model`", "" if cfg.mode == "fewshot" else " (10%% of each class rounds to none)")
         return {}
     test = test_artifact(model_dir, items, cfg, model_dir / "test")
     return {"test_top1": test["top1"], "test_top5": test["top5"], "test_n": test["n"]}
