@@ -21,7 +21,7 @@ import pyarrow as pa
 from dogbreed.cluster.session import start_ray
 from dogbreed.config import ScanConfig, dump_config
 from dogbreed.errors import Exit, Failed
-from dogbreed.scan.listing import RootError, list_roots, normalise_roots
+from dogbreed.scan.listing import RootError, check_root, list_roots, normalise_roots
 from dogbreed.scan.pipeline import run_pipeline
 from dogbreed.scan.plan import KNOWN_COLUMNS, Plan, ScanRefused, make_plan
 from dogbreed.table import readers, schema
@@ -142,6 +142,11 @@ def run_scan(cfg: ScanConfig, dry_run: bool = False) -> ScanSummary:
     output = Output(cfg.out, write=not dry_run)
     roots = normalise_roots(cfg.roots)
     output.check_roots(roots.roots)
+    for root in roots.roots:  # an unmounted archive is refused at once, before seconds of model checking
+        try:
+            check_root(root)
+        except RootError as e:
+            raise ScanRefused(str(e)) from None
     for given, outer in roots.dropped:
         if normalise_roots([given]).roots == [outer]:  # the same folder again, perhaps by another name (a link)
             log.warning("root %s is given twice (as %s): its files are scanned once", outer, given)
