@@ -90,6 +90,7 @@ def test_missing_bucket_is_one_sentence_exit_2(s3_out):
 
 
 @pytest.mark.shared_data
+@pytest.mark.slow  # several seconds; the inner loop stays under 150 s, the full suite (CI) runs it
 def test_evaluate_command(shared_data):
     r = runner.invoke(app, ["evaluate", "--json", str(shared_data / "humans"), str(shared_data / "other")])
     assert r.exit_code == 0, r.output

@@ -206,6 +206,7 @@ def test_fingerprinting_a_fifo_swapped_in_since_the_listing_returns_at_once(tmp_
     assert fingerprint_file(str(tmp_path / "a.jpg")) is not None
 
 
+@pytest.mark.slow  # several seconds; the inner loop stays under 150 s, the full suite (CI) runs it
 def test_an_extreme_aspect_ratio_gets_its_crop_not_out_of_memory(monkeypatch):
     """A 1x60000 PNG asked for a 256 x 15.4-million-pixel resize before the crop: 'out of memory while decoding'."""
     from dogbreed.vision import decode as decode_module

@@ -49,6 +49,7 @@ def test_latest_does_not_depend_on_file_order_and_survives_compaction(three_runs
     assert len(readers.read_all(out)) == 6 and len(readers.manifests(out)) == 3
 
 
+@pytest.mark.slow  # several seconds; the inner loop stays under 150 s, the full suite (CI) runs it
 def test_compaction_on_s3_keeps_every_row_and_removes_what_it_replaced(s3_out, commit_rows):
     import boto3
 

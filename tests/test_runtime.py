@@ -121,6 +121,7 @@ def test_a_cpu_actor_with_the_model_id_runs_the_cached_network_without_torch(pai
     assert np.allclose(np.load(cache / "out.npy"), np.concatenate([imagenet, breeds], 1), atol=1e-4)
 
 
+@pytest.mark.slow  # several seconds; the inner loop stays under 150 s, the full suite (CI) runs it
 def test_models_that_share_an_id_but_not_a_description_do_not_share_a_conversion(pair, tmp_path, monkeypatch):
     """The zero-shot restriction of the default model to a taxonomy keeps the default's id; its breed list differs,
     and so does what is converted (the breed probabilities are part of the network)."""

@@ -65,6 +65,7 @@ def test_resources_this_machines_ray_cannot_hold_are_refused_not_waited_for(tmp_
     assert readers.manifests(tmp_path / "out") == []  # nothing committed
 
 
+@pytest.mark.slow  # several seconds; the inner loop stays under 150 s, the full suite (CI) runs it
 def test_dtypes_do_not_drift_between_runs(tmp_path, ray_local, scan_config):
     out = tmp_path / "out"
     (tmp_path / "a").mkdir()

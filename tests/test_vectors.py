@@ -123,6 +123,7 @@ def test_decoded_rows_store_a_1280_value_vector_and_its_network_error_rows_none(
     assert "embedding" not in readers.latest(out).columns  # a plain read leaves the vectors out
 
 
+@pytest.mark.slow  # several seconds; the inner loop stays under 150 s, the full suite (CI) runs it
 def test_a_scan_told_not_to_store_embeddings_gives_the_same_answers_with_null_vectors(tmp_path, predictor):
     photos = [SAMPLES / "grace_hopper.jpg", SAMPLES / "Brittany_02625.jpg"]
     plain = BreedPredictor(load_default(), top_k=3, embeddings=False)
@@ -262,6 +263,7 @@ def freeze_artifact(folder: Path, seed: int = 0, classes=("Golden retriever", "S
     return folder
 
 
+@pytest.mark.slow  # several seconds; the inner loop stays under 150 s, the full suite (CI) runs it
 def test_relabel_is_what_a_scan_with_the_model_gives_and_keeps_the_history(tmp_path, predictor, monkeypatch):
     from dogbreed.vision import runtime
 
@@ -646,6 +648,7 @@ def test_relabel_gives_what_a_real_scan_with_the_model_gives(tmp_path, predictor
     assert set(now["status"]) >= {"dog", "human"}  # both kinds of answer are compared
 
 
+@pytest.mark.slow  # several seconds; the inner loop stays under 150 s, the full suite (CI) runs it
 def test_the_report_shows_look_alikes_of_a_few_dog_photos(tmp_path, predictor):
     from dogbreed.report import build_report
 
