@@ -76,7 +76,7 @@ def read_text(path: str | Path, encoding: str = "utf-8", limit: int = MAX_TEXT_B
         os.close(fd)
         raise OSError(errno.EISDIR, "it is a folder, not a file", str(path)) if stat.S_ISDIR(mode) else \
             OSError(errno.EINVAL, "not a regular file (a device, pipe or socket)", str(path))
-    with os.fdopen(fd, "rb", buffering=0) as f:
+    with os.fdopen(fd, "rb", buffering=-1 if stat.S_ISREG(mode) else 0) as f:  # buffered: read(n) loops over short reads
         if stat.S_ISREG(mode):
             data = f.read(limit + 1)
         else:
