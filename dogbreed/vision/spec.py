@@ -39,6 +39,18 @@ class ModelError(UsageError):
     """A model reference that cannot be used (missing, tampered, mismatched); one readable sentence."""
 
 
+def unprintable_class_name(names: list[str]) -> str | None:
+    """Why a class name cannot be a model's (None if all can): a class name is printed as a breed on a line of its
+    own, so an empty one printed a bare 'dog', and one with a newline printed a line of its own making. Training
+    asks before it starts, of its class folders' names."""
+    for i, name in enumerate(names):
+        if not name.strip():
+            return f"class name {i} is empty: every class needs a name to print"
+        if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name):
+            return f"class name {i} ({name!r}) holds a control character or line break"
+    return None
+
+
 class ModelSpec(BaseModel):
     """Everything besides the weights that a model needs to be used correctly (model.json, validated)."""
 
@@ -61,13 +73,9 @@ class ModelSpec(BaseModel):
     @field_validator("class_names")
     @classmethod
     def _printable_names(cls, names: list[str]) -> list[str]:
-        """A class name is printed as a breed on a line of its own: an empty one printed a bare 'dog', and one with
-        a newline printed a line of its own making."""
-        for i, name in enumerate(names):
-            if not name.strip():
-                raise ValueError(f"class name {i} is empty: every class needs a name to print")
-            if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name):
-                raise ValueError(f"class name {i} ({name!r}) holds a control character or line break")
+        why = unprintable_class_name(names)
+        if why:
+            raise ValueError(why)
         return names
 
     @field_validator("metrics", "training")
