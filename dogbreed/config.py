@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from dogbreed.errors import UsageError, read_text
 from dogbreed.vision.geometry import FACE_SIDE
@@ -33,6 +33,15 @@ def cache_home() -> Path:
     if given:
         return Path(given)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dogbreed"
+
+
+def expand_home(value: str) -> str:
+    """A path that begins with ~ or ~user, as a shell would expand it (YAML and --opt=~/x are not expanded by the
+    shell); anything else, URIs included, as given."""
+    return os.path.expanduser(value) if value.startswith("~") else value
+
+
+LocalPath = Annotated[str, AfterValidator(expand_home)]  # a config value naming a file or folder (or a URI)
 
 
 class ConfigError(UsageError):
@@ -57,7 +66,7 @@ class FaceConfig(_Strict):
     rotate_deg: float = Field(30.0, ge=0.0, le=90.0, description="yunet: turn used to re-check candidates; 0 = upright only")
     max_verify: int = Field(4, ge=0, description="yunet: most candidates re-checked per photo (bounds the cost on fur)")
     # alt2 "found" faces in 2% of dog photos where the classic _default cascade did in 16%, at the same recall on people.
-    cascade: str = Field("haarcascade_frontalface_alt2.xml", description="haar: file in cv2.data.haarcascades, or a path")
+    cascade: LocalPath = Field("haarcascade_frontalface_alt2.xml", description="haar: file in cv2.data.haarcascades, or a path")
     scale_factor: float = Field(1.1, gt=1.0, description="haar: cascade pyramid step")
     min_neighbors: int = Field(7, ge=0, description="haar: overlapping detections a face needs; higher = fewer false "
                                "faces on fur")
@@ -73,7 +82,7 @@ class PhotoConfig(_Strict):
                              "then is declared hung, its decoder process is killed and it becomes an error row")
     max_memory_mb: int | None = Field(4096, ge=256, le=1 << 30, description="memory cap of a decoder process (RLIMIT_DATA); a photo "
                                       "needing more becomes an error row instead of waking the OOM killer; null = none")
-    plugins: list[str] = Field(default_factory=list, description="Pillow plugins imported in each decoder process: "
+    plugins: list[LocalPath] = Field(default_factory=list, description="Pillow plugins imported in each decoder process: "
                                "module names or .py files")
     face_side: int = Field(FACE_SIDE, ge=64, description="longest side of the small copy the face detector sees; a "
                            "photo is decoded at the smallest scale that serves it and the model crop, so training "
@@ -120,9 +129,9 @@ class InferenceConfig(_Strict):
 class ScanConfig(_Strict):
     """Everything the scan job needs; see configs/scan.yaml for the documented defaults."""
 
-    roots: list[str] = Field(default_factory=list, description="folders or URIs (s3://, gs://) to scan recursively")
-    out: str | None = Field(None, description="output Delta table: a local folder, or an s3:// or gs:// URI")
-    model: str = Field("default", description="'default' (offline EfficientNet-Lite0), a model artifact folder, or "
+    roots: list[LocalPath] = Field(default_factory=list, description="folders or URIs (s3://, gs://) to scan recursively")
+    out: LocalPath | None = Field(None, description="output Delta table: a local folder, or an s3:// or gs:// URI")
+    model: LocalPath = Field("default", description="'default' (offline EfficientNet-Lite0), a model artifact folder, or "
                        "timm:NAME[=FILE.safetensors] (any timm ImageNet-1k classifier, zero-shot)")
     address: str | None = Field(None, description="Ray address; null = RAY_ADDRESS or a local Ray started here")
     mode: Literal["missing", "all"] = Field("missing", description="missing = only new/changed files; all = everything")
@@ -146,7 +155,7 @@ class ScanConfig(_Strict):
     retry_errors: bool = Field(False, description="also retry error rows that cannot change until their file does")
     break_lock: bool = Field(False, description="take the output's lock even if its record says it is held, is "
                              "malformed or is dated in the future (a run holding it then fails to commit)")
-    log_file: str | None = Field(None, description="append the job's log lines here")
+    log_file: LocalPath | None = Field(None, description="append the job's log lines here")
     progress: bool | None = Field(None, description="one progress bar; null = only when stderr is a terminal")
     lock_lease_s: float = Field(60.0, ge=5, le=DAY_S, description="lease of the output's lock; a running scan renews it 4 times "
                                 "per lease, a killed one's lock is free again after this long")

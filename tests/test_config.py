@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from dogbreed.config import ConfigError, ScanConfig, dump_config, load_config
-from dogbreed.train.config import TrainConfig
+from dogbreed.train.config import TrainConfig, load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,3 +113,18 @@ def test_a_yaml_alias_bomb_or_a_5000_digit_number_is_one_short_sentence(tmp_path
     big.write_text(f"top_k: {'9' * 5000}\n")
     with pytest.raises(ConfigError, match=r"not a usable YAML value: Exceeds the limit \(4300 digits\)"):
         load_config(ScanConfig, big)
+
+
+def test_a_path_that_begins_with_a_tilde_is_the_users_home_as_a_shell_would_make_it(tmp_path, monkeypatch):
+    """`log_file: ~/dogbreed.log` in a YAML (or `--out=~/x`, which bash leaves alone) made a folder named `~` under
+    the current one; a tilde anywhere else, and URIs, stay as given."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "scan.yaml").write_text("roots: [~/photos, s3://b/~x, a~b]\nout: ~/out\nlog_file: ~/scan.log\n"
+                                        "model: ~/models/m\nphotos: {plugins: [~/p.py, mod]}\n", encoding="utf-8")
+    cfg = load_config(ScanConfig, tmp_path / "scan.yaml")
+    assert cfg.roots == [str(tmp_path / "photos"), "s3://b/~x", "a~b"]
+    assert (cfg.out, cfg.log_file, cfg.model) == (str(tmp_path / "out"), str(tmp_path / "scan.log"), str(tmp_path / "models/m"))
+    assert cfg.photos.plugins == [str(tmp_path / "p.py"), "mod"]
+    train = load_train_config(None, {"data": "~/d", "out": "~/m", "classes": "~/c.txt", "val_data": "v"})
+    assert (train.data, train.out, train.classes, train.val_data) == (str(tmp_path / "d"), str(tmp_path / "m"),
+                                                                      str(tmp_path / "c.txt"), "v")

@@ -425,6 +425,24 @@ def test_resume_refuses_checkpoints_of_other_classes_or_other_photos(tmp_path, t
         driver._check_resume(cfg, out, train_data.make_splits(str(data)))
 
 
+def test_resume_takes_the_same_photos_under_another_name(tmp_path, tiny_weights, shrunk_config, monkeypatch):
+    """Resume compared the photo folder as a plain string: `data2` against `/abs/data2` (or a moved folder holding the
+    same photos) was refused as "a run with different data". What the folder holds is compared instead."""
+    data = make_folders(tmp_path / "d", n=4)
+    out = tmp_path / "model"
+    cfg = shrunk_config("train", data=data, out=out, weights=tiny_weights)
+    driver._check_resume(cfg, out, train_data.make_splits(str(data)))
+    (out / cfg.run_name).mkdir()
+    monkeypatch.chdir(tmp_path)
+    relative = cfg.model_copy(update={"data": "d", "out": "model"})
+    driver._check_resume(relative, out, train_data.make_splits("d"))  # the same folder, named relatively: resumes
+    data.rename(tmp_path / "moved")
+    driver._check_resume(cfg.model_copy(update={"data": str(tmp_path / "moved")}), out,
+                         train_data.make_splits(str(tmp_path / "moved")))  # moved, same photos: resumes
+    with pytest.raises(ConfigError, match="different lr"):  # what the run does still counts
+        driver._check_resume(relative.model_copy(update={"lr": 0.5}), out, train_data.make_splits(str(tmp_path / "moved")))
+
+
 def test_val_and_test_must_be_labelled_and_apart_from_the_training_photos(tmp_path):
     data = make_folders(tmp_path / "d", n=4)
     other = make_folders(tmp_path / "other", n=2, seed=1)

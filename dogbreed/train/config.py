@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from dogbreed.config import PHOTO_EXTENSIONS, ConfigError, PhotoConfig, _Strict, load_config
+from dogbreed.config import PHOTO_EXTENSIONS, ConfigError, LocalPath, PhotoConfig, _Strict, load_config
 from dogbreed.vision.spec import DEFAULT_BACKBONE
 
 __all__ = ["TrainConfig", "load_train_config", "ConfigError"]
@@ -24,17 +24,17 @@ class TrainDecodeConfig(_Strict):
 class TrainConfig(_Strict):
     """What to train on, how, and with which resources."""
 
-    data: str | None = Field(None, description="labelled photo folder: class folders, Stanford Images/, or train/valid/test")
-    val_data: str | None = Field(None, description="separate class-folder set for model selection; null = split from data")
-    test_data: str | None = Field(None, description="separate class-folder set for the final test; null = split from data")
-    out: str | None = Field(None, description="artifact folder; checkpoints and results live beside the weights")
+    data: LocalPath | None = Field(None, description="labelled photo folder: class folders, Stanford Images/, or train/valid/test")
+    val_data: LocalPath | None = Field(None, description="separate class-folder set for model selection; null = split from data")
+    test_data: LocalPath | None = Field(None, description="separate class-folder set for the final test; null = split from data")
+    out: LocalPath | None = Field(None, description="artifact folder; checkpoints and results live beside the weights")
     run_name: str = Field("run", description="Ray Train run name under out/; same out + name resumes a killed run")
     backbone: str = Field(DEFAULT_BACKBONE, description="timm model name; must keep its ImageNet-1k head")
-    weights: str | None = Field(None, description="local weights file; null = offline default (or random for other backbones)")
+    weights: LocalPath | None = Field(None, description="local weights file; null = offline default (or random for other backbones)")
     pretrained: bool = Field(False, description="download timm hub weights (needs network)")
     input_size: int | None = Field(None, ge=32, description="square input side; null = the model's own")
     head_init: Literal["imagenet", "random"] = Field("imagenet", description="start breed rows from the ImageNet classifier")
-    classes: str | None = Field(None, description="taxonomy file (one class a line: dog-app, plain or Stanford names; "
+    classes: LocalPath | None = Field(None, description="taxonomy file (one class a line: dog-app, plain or Stanford names; "
                                 "'dogapp133' = the dog app's 133); null = one class per folder of data")
     missing_classes: Literal["refuse", "drop"] = Field("refuse", description="a class with neither photos nor an "
                                                        "ImageNet class: refuse the run, or drop it with a warning")

@@ -34,9 +34,11 @@ log = logging.getLogger("dogbreed.train")
 CONFIG_FILE = "train_config.yaml"
 DATA_FILE = "train_data.json"  # the classes and data fingerprint the checkpoints under out/run_name were trained on
 HARMLESS = {".DS_Store", "Thumbs.db", "desktop.ini", "lost+found"}  # what a desktop or a file system puts in any folder
-# Keys that may change between a killed run and its restart without invalidating its checkpoints.
+# Keys that may change between a killed run and its restart without invalidating its checkpoints. Where the photos,
+# the class list and the output are named is free too (data2 or /abs/data2, a moved folder): what they hold is what
+# counts, and the data fingerprint and class names in train_data.json compare exactly that.
 _RESUME_FREE_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "torch_threads", "feature_actors", "max_failures",
-                     "address", "progress"}
+                     "address", "progress", "data", "val_data", "test_data", "out", "classes"}
 
 
 @dataclass
