@@ -443,6 +443,21 @@ def test_resume_takes_the_same_photos_under_another_name(tmp_path, tiny_weights,
         driver._check_resume(relative.model_copy(update={"lr": 0.5}), out, train_data.make_splits(str(tmp_path / "moved")))
 
 
+def test_a_humans_or_other_folder_in_the_training_tree_is_left_out_not_learnt_as_a_breed(tmp_path, caplog):
+    """A dog-app tree with humans/ beside the breeds trained a "humans" class, which the scan then gave as a breed."""
+    data = make_folders(tmp_path / "d", n=4)
+    make_folders(tmp_path / "d", n=3, classes=("humans", "Other"))
+    make_folders(tmp_path / "v", n=2, classes=(CLASSES[0], "people"))
+    with caplog.at_level("WARNING", logger="dogbreed.breeds"):
+        splits = train_data.make_splits(str(data), val_data=str(tmp_path / "v"))
+    assert splits.class_folders == list(CLASSES)
+    assert all(os.path.basename(os.path.dirname(p)) in CLASSES for p, _ in splits.train + splits.val + splits.test)
+    assert "Other/, humans/ left out" in caplog.text and "people/ left out" in caplog.text
+    make_folders(tmp_path / "one", n=3, classes=(CLASSES[0], "humans"))
+    with pytest.raises(train_data.DataError, match="at least two class folders"):  # humans/ does not make it two
+        train_data.make_splits(str(tmp_path / "one"))
+
+
 def test_val_and_test_must_be_labelled_and_apart_from_the_training_photos(tmp_path):
     data = make_folders(tmp_path / "d", n=4)
     other = make_folders(tmp_path / "other", n=2, seed=1)

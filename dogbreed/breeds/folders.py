@@ -40,10 +40,13 @@ def photos_under(root: str | Path, extensions: list[str] | None = None) -> list[
     return sorted(p for p in paths if p.lower().endswith(exts))
 
 
-def class_folders(root: str | Path, extensions: list[str] | None = None, min_classes: int = 2) -> dict[str, list[str]]:
+def class_folders(root: str | Path, extensions: list[str] | None = None, min_classes: int = 2,
+                  breeds_only: bool = False) -> dict[str, list[str]]:
     """{class folder name: sorted photo paths} of a class-per-folder tree (Stanford ``Images/`` is entered).
 
-    Training needs two classes at least; an evaluation folder may hold one breed, or none (min_classes=0).
+    Training needs two classes at least; an evaluation folder may hold one breed, or none (min_classes=0). With
+    breeds_only (training), a humans/ or other/ folder (CATEGORY_FOLDERS) is left out with a warning: it holds
+    people or neither, never a breed a model should answer with.
     """
     root = Path(root)
     if not root.is_dir():
@@ -55,6 +58,11 @@ def class_folders(root: str | Path, extensions: list[str] | None = None, min_cla
         rel = Path(path).relative_to(root.resolve())
         if len(rel.parts) >= 2 and not rel.parts[0].startswith("."):  # a file directly in root has no label
             classes.setdefault(rel.parts[0], []).append(path)
+    categories = sorted(c for c in classes if breeds_only and category_folder(c))
+    if categories:
+        log.warning("%s: %s left out: a folder of people or of neither, not a breed", root,
+                    ", ".join(f"{c}/" for c in categories))
+        classes = {c: paths for c, paths in classes.items() if c not in categories}
     if len(classes) < min_classes:
         need = "at least two class folders" if min_classes == 2 else f"at least {min_classes} class folder(s)"
         raise DataError(f"{root} needs {need} with photos (found {len(classes)})")

@@ -84,12 +84,13 @@ def make_splits(data: str, val_data: str | None = None, test_data: str | None = 
     root = Path(data)
     split_roots = split_folders(root) if root.is_dir() else None
     train_root = split_roots["train"] if split_roots else root
-    found = class_folders(train_root, extensions, min_classes=0 if classes else 2)
+    found = class_folders(train_root, extensions, min_classes=0 if classes else 2, breeds_only=True)
     folders = classes or list(found)
     train = labelled_items(found, folders, train_root, unknown_ok=bool(classes))
     given = {"val": val_data or (split_roots or {}).get("val"), "test": test_data or (split_roots or {}).get("test")}
     missing = [k for k, v in given.items() if v is None] if carve else []
-    parts = {k: labelled_items(class_folders(v, extensions, min_classes=0), folders, v, unknown_ok=bool(classes))
+    parts = {k: labelled_items(class_folders(v, extensions, min_classes=0, breeds_only=True), folders, v,
+                               unknown_ok=bool(classes))
              for k, v in given.items() if v is not None}
     for k, items in parts.items():
         if not items:
