@@ -375,6 +375,8 @@ def _nested(depth: int) -> list:
     (lambda d: d.update(class_names=["a", "b\nerror: fake line"]), "key 'class_names': class name 1 .* holds a control"),
     (lambda d: d.update(class_names=["a\x1b[31m", "b"]), "key 'class_names': class name 0 .* holds a control"),
     (lambda d: d.update(class_names=["a", "b\u2028c"]), "key 'class_names': class name 1 .* line break"),
+    (lambda d: d.update(class_names=["Pug", "pug "]), "key 'class_names': class names 0 and 1 are both 'pug ': a breed named"),
+    (lambda d: d.update(class_names=["L\u00f6wchen", "Lo\u0308wchen"]), "key 'class_names': class names 0 and 1 are both"),
     (lambda d: d["preprocessing"].update(crop_pct=1e-6), "key 'preprocessing': crop_pct 1e-06 keeps almost nothing"),
     (lambda d: d["preprocessing"].update(crop_pct=0.49), "key 'preprocessing': crop_pct 0.49 keeps almost nothing"),
     (lambda d: d.update(training={"x": _nested(900)}), "key 'training': it nests more than 32 levels deep"),

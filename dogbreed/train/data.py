@@ -24,7 +24,7 @@ from dogbreed.breeds.folders import DataError, class_folders, labelled_items, ph
 from dogbreed.config import PhotoConfig
 from dogbreed.train.config import TrainDecodeConfig
 from dogbreed.vision.preprocessing import Preprocessing
-from dogbreed.vision.spec import unprintable_class_name
+from dogbreed.vision.spec import unusable_class_name
 from dogbreed.vision.worker import PhotoTask, shared_reader
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def make_splits(data: str, val_data: str | None = None, test_data: str | None = 
         parts.update(zip(missing, carved[1:]))
     roots = {"data": root} | {k: Path(v) for k, v in given.items() if v is not None}
     splits = Splits(folders, train, parts["val"], parts["test"], fingerprint(roots, extensions))
-    why = unprintable_class_name(splits.class_names)
+    why = unusable_class_name(splits.class_names)
     if why:  # the model's spec refuses it: before training, not after it
         raise DataError(f"{data}: {why}; rename that class folder")
     return splits

@@ -39,15 +39,21 @@ class ModelError(UsageError):
     """A model reference that cannot be used (missing, tampered, mismatched); one readable sentence."""
 
 
-def unprintable_class_name(names: list[str]) -> str | None:
+def unusable_class_name(names: list[str]) -> str | None:
     """Why a class name cannot be a model's (None if all can): a class name is printed as a breed on a line of its
-    own, so an empty one printed a bare 'dog', and one with a newline printed a line of its own making. Training
+    own, so an empty one printed a bare 'dog', and one with a newline printed a line of its own making; a name given
+    twice (ignoring case and spacing) split its breed's probability between two rows that read the same. Training
     asks before it starts, of its class folders' names."""
+    seen: dict[str, int] = {}
     for i, name in enumerate(names):
         if not name.strip():
             return f"class name {i} is empty: every class needs a name to print"
         if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name):
             return f"class name {i} ({name!r}) holds a control character or line break"
+        key = " ".join(unicodedata.normalize("NFC", name).casefold().split())
+        if key in seen:
+            return f"class names {seen[key]} and {i} are both {name!r}: a breed named twice splits its probability in two"
+        seen[key] = i
     return None
 
 
@@ -73,7 +79,7 @@ class ModelSpec(BaseModel):
     @field_validator("class_names")
     @classmethod
     def _printable_names(cls, names: list[str]) -> list[str]:
-        why = unprintable_class_name(names)
+        why = unusable_class_name(names)
         if why:
             raise ValueError(why)
         return names
