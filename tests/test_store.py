@@ -236,6 +236,8 @@ def test_a_paused_holder_loses_its_lease_and_never_commits_beside_the_run_that_t
 def test_unusable_outputs_are_one_sentence_and_create_nothing(tmp_path, s3_out):
     with pytest.raises(OutputError, match=r"^--out ftp://host/x: ftp:// output is not supported"):
         check_out("ftp://host/x")
+    with pytest.raises(OutputError, match=r"^--out http://127.0.0.1:9/x: http:// output is not supported"):
+        check_out("http://127.0.0.1:9/x")  # was a complaint about the ':' of the port
     (tmp_path / "f").write_text("x")
     with pytest.raises(OutputError, match="is a file, not a folder"):
         check_out(str(tmp_path / "f"))
@@ -246,6 +248,21 @@ def test_unusable_outputs_are_one_sentence_and_create_nothing(tmp_path, s3_out):
     import boto3
 
     assert "Contents" not in boto3.client("s3").list_objects_v2(Bucket=bucket)
+
+
+def test_a_uri_no_store_serves_is_one_sentence_for_a_root_a_photo_and_an_out(tmp_path):
+    """Arrow said "ArrowInvalid: Unrecognized filesystem type in URI" for predict http://..., and named no remedy."""
+    from dogbreed.scan.listing import RootError, check_root
+    from dogbreed.table.location import filesystem_from_uri
+    from dogbreed.vision.decode import ImageError, read_bytes
+
+    with pytest.raises(ValueError, match=r"^http:// is not storage dogbreed can read; give a local path, an s3://"):
+        filesystem_from_uri("http://127.0.0.1:9/x.jpg")
+    with pytest.raises(ImageError, match=r"^http:// is not storage dogbreed can read"):
+        read_bytes("http://127.0.0.1:9/x.jpg", 1000)
+    with pytest.raises(RootError, match=r"^root https://127.0.0.1:9/p is unreachable: https:// is not storage"):
+        check_root("https://127.0.0.1:9/p")
+    assert filesystem_from_uri(f"file://{tmp_path}")[1] == str(tmp_path)
 
 
 @pytest.mark.slow  # the S3 client's bounded retries take 6 s

@@ -79,6 +79,8 @@ def filesystem_from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     """pafs.FileSystem.from_uri, with a gs:// store's retries bounded (Arrow's retry_limit_seconds URI option, unless
     the URI sets it): an unreachable bucket or missing credentials is an error in seconds, not a hang."""
     parts = urlsplit(uri)
+    if parts.scheme not in (*SCHEMES, "gcs", "file"):  # Arrow's own words name no remedy: "Unrecognized filesystem type"
+        raise ValueError(f"{parts.scheme}:// is not storage dogbreed can read; give a local path, an s3:// or a gs:// URI")
     if parts.scheme in ("gs", "gcs") and "retry_limit_seconds" not in parts.query:
         uri += ("&" if parts.query else "?") + f"retry_limit_seconds={GCS_RETRY_S}"
     return pafs.FileSystem.from_uri(uri)
@@ -91,11 +93,11 @@ def locate(out: str | Path) -> Location:
         root = str(Path(out).absolute())
         _check_name(out, root, remote=False)
         return Location(out, root, pafs.LocalFileSystem(), root)
-    _check_name(out, out.split("://", 1)[1], remote=True)
     parts = urlsplit(out)
     if parts.scheme not in SCHEMES:
         raise OutputError(f"--out {out}: {parts.scheme}:// output is not supported; give a local folder, "
                           "an s3:// or a gs:// URI")
+    _check_name(out, out.split("://", 1)[1], remote=True)
     if not parts.netloc:
         raise OutputError(f"--out {out} names no bucket")
     prefix = parts.path.strip("/")

@@ -104,7 +104,10 @@ def read_bytes(path: str | bytes, max_bytes: int) -> bytes:
         if is_uri(path):
             from dogbreed.table.location import filesystem_from_uri
 
-            filesystem, p = filesystem_from_uri(os.fsdecode(path))
+            try:
+                filesystem, p = filesystem_from_uri(os.fsdecode(path))
+            except ValueError as e:  # a scheme no store serves (http://): a sentence, not Arrow's exception name
+                raise ImageError(str(e).splitlines()[0]) from None
             with filesystem.open_input_file(p) as f:
                 if f.size() > max_bytes:
                     raise ImageError(f"file is {f.size()} bytes, over the {max_bytes}-byte limit")
