@@ -156,6 +156,10 @@ def test_check_refuses_what_is_not_a_dogbreed_table(tmp_path):
     proc = cli("check", str(tmp_path / "photos"))
     assert proc.returncode == Exit.USAGE and str(tmp_path / "photos") in _one_sentence(proc)
     assert "DAMAGED" not in proc.stdout
+    proc = cli("check", "--repair", str(tmp_path / "photos"))  # said "--out ... already holds", an option never given
+    assert proc.returncode == Exit.USAGE and _one_sentence(proc) == \
+        f"error: {tmp_path / 'photos'} is not a dogbreed table: it holds 'a.jpg', which dogbreed did not write"
+    assert os.listdir(tmp_path / "photos") == ["a.jpg"]
 
 
 @pytest.mark.slow  # an S3 server; the same code as the local cases above

@@ -76,7 +76,9 @@ def check(out: str, repair: bool = False, deep: bool = False, lease_s: float = 6
     """Verify the table at `out` (see dogbreed.table.health); with `repair`, mend it under the lock. Returns what was
     found, what was done and what a check finds afterwards. Without `repair` nothing is written."""
     output = Output(out, write=repair)
-    if inspect(output.loc, reading=not repair) != "ours":
+    # Read first, so a folder of anything else is "not a dogbreed table", not a writer's "--out ... already holds";
+    # a repair then also refuses a table with other files beside it, as every writer does.
+    if inspect(output.loc, reading=True) != "ours" or (repair and inspect(output.loc) != "ours"):
         raise OutputError(f"{out} holds no dogbreed table")
     found = table_health.check(output.loc, deep)
     if not repair or found.ok:
