@@ -27,6 +27,7 @@ class Exit(IntEnum):
     REFUSED = 4  # the archive looks unavailable (missing root, emptied, mass deletion); nothing changed
     LOCKED = 5  # another run holds the output's lock
     STOPPED = 6  # submit: the job was stopped on the cluster
+    UNFINISHED = 7  # submit: following ended before the job did (log stream lost, status unreadable); it may still run
     INTERRUPTED = 130  # submit: Ctrl-C while following; the job keeps running
 
 

@@ -188,7 +188,7 @@ def follow_job(client: Cluster, job_id: str, out: TextIO) -> JobOutcome:
     try:
         return outcome(client, job_id)
     except SubmitError as e:  # the job was submitted: not exit 2 ("nothing ran"), but a status nobody knows
-        return JobOutcome(job_id, "UNKNOWN", Exit.FAILED, f"its status could not be read: {e}")
+        return JobOutcome(job_id, "UNKNOWN", Exit.UNFINISHED, f"its status could not be read: {e}")
 
 
 def outcome(client: Cluster, job_id: str) -> JobOutcome:
@@ -203,8 +203,8 @@ def outcome(client: Cluster, job_id: str) -> JobOutcome:
         exit_code = code if code else Exit.FAILED
     elif status == "STOPPED":
         exit_code = Exit.STOPPED
-    else:
-        exit_code = Exit.FAILED
+    else:  # PENDING or RUNNING when following ended: not a failure, a job whose end nobody saw (it may yet succeed)
+        exit_code = Exit.UNFINISHED
     return JobOutcome(job_id, status, exit_code, str(info.get("message") or ""))
 
 
