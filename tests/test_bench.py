@@ -108,6 +108,7 @@ def test_speed_scan_replaces_only_an_output_it_made(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("args, named", [
     (["--mode", "similar", "--rows", "10"], "--rows"), (["--mode", "similar", "--rows", "abc"], "--rows"),
+    (["--mode", "similar", "--rows", "20,1000000000000"], "--rows"),
     (["--mode", "similar", "--rows", ""], "--rows"), (["--mode", "archive", "--files", "abc"], "--files"),
     (["--mode", "archive", "--files", "1e3"], "--files"), (["--mode", "archive", "--files", "0"], "--files"),
     (["--mode", "archive", "--files", "-5"], "--files"), (["--mode", "archive", "--files", ""], "--files"),

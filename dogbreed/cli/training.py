@@ -55,7 +55,7 @@ def bench(
     classic: Annotated[int, typer.Option(min=1, help="speed: photos (of the N) for the slow classic dog-app loop; "
                                          "8 times as many small ones.")] = 8,
     files: Annotated[str, typer.Option(help="archive: comma-separated archive sizes, 1 to 2,000,000 files.")] = "2000,10000,100000,1000000",
-    rows: Annotated[str, typer.Option(help="similar: comma-separated table sizes, 20 rows or more.")] = "10000,100000,1000000",
+    rows: Annotated[str, typer.Option(help="similar: comma-separated table sizes, 20 to 10,000,000 rows.")] = "10000,100000,1000000",
     workdir: Annotated[Path, typer.Option(help="Generated photos are kept here and reused by the next run; the folders "
                                           "bench makes here are marked, and it deletes no other.")] = Path("/tmp/dogbreed-bench"),
     data: Annotated[Optional[Path], typer.Option(help="Real photos to build from; default: ../shared/data where it "
@@ -81,11 +81,11 @@ def bench(
             typer.echo(archive_report(run_archive_benchmark(workdir, sizes, source, log=typer.echo)))
             return
         if mode == "similar":
-            from dogbreed.bench.vectors import QUERIES, run_vector_benchmark
+            from dogbreed.bench.vectors import MAX_ROWS, QUERIES, run_vector_benchmark
             from dogbreed.bench.vectors import format_report as vector_report
             from dogbreed.bench.workdir import claim, parse_sizes
 
-            sizes = parse_sizes(rows, "--rows", QUERIES)
+            sizes = parse_sizes(rows, "--rows", QUERIES, MAX_ROWS)
             claim(workdir, [f"similar-{n}" for n in sizes])  # before the photos are read, as well as before the tables
             sources = find_sources(source, log=typer.echo)
             typer.echo(vector_report(run_vector_benchmark(workdir, sizes, sources, log=typer.echo)))
