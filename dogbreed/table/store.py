@@ -15,6 +15,7 @@ import re
 import socket
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -154,9 +155,9 @@ class RunWriter:
         self._inflight = self._pool.submit(self._write_group, table)
 
     def _drain(self) -> None:
-        inflight, self._inflight = self._inflight, None
-        if inflight is not None:
-            inflight.result()
+        if self._inflight is not None:
+            self._inflight.result()  # a signal may interrupt this wait: the write then stays in flight for abandon()
+            self._inflight = None
 
     def _write_group(self, table: pa.Table) -> None:
         if self._writer is not None and self._file_rows >= self.FILE_ROWS:
@@ -210,10 +211,9 @@ class RunWriter:
 
     def abandon(self) -> None:
         """Close and delete the files this run wrote (a run that failed or was refused), and its record."""
-        try:
-            self._drain()
-        except Exception:  # noqa: BLE001 - the run is being abandoned; its files go whatever the last write did
-            pass
+        if self._inflight is not None:  # whatever it raised; closing the writer under a write crashed natively
+            futures_wait([self._inflight])  # (SIGTERM had interrupted the wait for it: a segfault, no sentence)
+            self._inflight = None
         try:
             if self._writer is not None:
                 self._writer.close()
