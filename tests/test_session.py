@@ -70,3 +70,39 @@ def test_only_ray_datas_own_console_handler_is_quietened(monkeypatch):
         assert mine.level == logging.NOTSET
     finally:
         data.removeHandler(mine)
+
+
+def test_a_sigterm_while_ray_starts_unwinds_with_dogbreeds_sentence(tmp_path):
+    """SIGTERM in a scan's first seconds met Ray's own handler (installed for ray.init), whose sys.exit(15) passed
+    every handler: exit 15, no sentence, no log line, and Ray's agents outliving the run for a minute. A real process
+    with dogbreed's handler, signalled while ray.init runs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, time\n"
+            "import ray\n"  # imported before 'starting': the signal then lands in ray.init, not in the import
+            "from dogbreed.console import Terminated, stop_on_sigterm\n"
+            "from dogbreed.cluster import session\n"
+            "stop_on_sigterm()\n"
+            "print('starting', flush=True)\n"
+            "try:\n"
+            "    session.start_ray(num_cpus=1)\n"
+            "    print('started', flush=True)\n"
+            "except Terminated as e:\n"
+            "    print('unwound:', e, ray.is_initialized(), flush=True)\n"
+            "    sys.exit(1)\n")
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        assert proc.stdout.readline().strip() == "starting"
+        time.sleep(1.0)  # ray.init takes seconds: the signal lands inside it
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1 and out.strip() == "unwound: stopped by SIGTERM False", (proc.returncode, out)

@@ -47,6 +47,13 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> Callab
     on_term = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(**kwargs)
+    except SystemExit as e:  # Ray's own handler, installed for the call, turns a SIGTERM into sys.exit(15)
+        if e.code != signal.SIGTERM or not _main_thread():
+            raise
+        ray.shutdown()  # what it had started (dashboard, agents) would otherwise outlive us for a minute
+        signal.signal(signal.SIGTERM, on_term if on_term is not None else signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)  # handled as the caller's handler would (dogbreed's unwinds with a sentence)
+        raise
     except (OSError, RuntimeError, ValueError) as e:  # ConnectionError and TimeoutError are OSErrors
         logging.getLogger("dogbreed.cluster").info("Ray did not start", exc_info=True)  # the log file keeps the traceback
         home = os.path.expanduser("~")
@@ -54,7 +61,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> Callab
                 if isinstance(e, OSError) and str(getattr(e, "filename", "") or "").startswith(home) else "")
         where = "a private local Ray" if address == "local" else f"the Ray cluster at {address}"
         raise Failed(f"cannot start {where}: {(str(e).strip() or type(e).__name__).splitlines()[0]}{hint}") from None
-    if callable(on_term) and threading.current_thread() is threading.main_thread():
+    if callable(on_term) and _main_thread():
         signal.signal(signal.SIGTERM, on_term)  # Ray's core worker replaces it with a handler that aborts
     import ray.data  # noqa: F401 - configures Ray Data's logging, which the next lines quieten
 
@@ -65,3 +72,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> Callab
                 and type(handler).__module__.startswith("ray."):
             handler.setLevel(logging.ERROR)
     return ray.shutdown
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
