@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import select
 import stat
 from collections.abc import Iterator
@@ -108,14 +109,22 @@ def _read_stream(fd: int, limit: int, name: str) -> bytes:
 
 
 def report_target(path: Path, suffixes: tuple[str, ...], table: str) -> None:
-    """A file a command writes for the user must be named as what it is (.csv, .parquet, .html) and lie outside the
-    table: `latest --csv photo.jpg` overwrote the photo, and `--csv OUT/_delta_log/...json` the table's own log."""
+    """A file a command writes for the user must be named as what it is (.csv, .parquet, .html), lead to a file of
+    that kind if it is a link, and lie outside the table: `latest --csv photo.jpg` overwrote the photo, `--csv x.csv`
+    (a link to a photo) overwrote the photo it leads to, and `--csv OUT/_delta_log/...json` the table's own log."""
+    kinds = " or ".join(suffixes)
     if path.suffix.lower() not in suffixes:
-        raise UsageError(f"{path}: give a file name ending in {' or '.join(suffixes)} (an existing file of that name is "
-                         "replaced; nothing else is)")
+        raise UsageError(f"{path}: give a file name ending in {kinds} (an existing file of that name is replaced; "
+                         "nothing else is)")
+    real = os.path.realpath(path)
+    if Path(real).suffix.lower() not in suffixes:
+        raise UsageError(f"{path} is a link to {real}, which is no {kinds} file: give another name (the file a link "
+                         "leads to is the one replaced)")
+    if os.path.isdir(real) or (os.path.lexists(real) and not os.path.isfile(real)):
+        raise UsageError(f"cannot write {path}: it is a folder, device or pipe, not a file")
     if "://" not in table:
         folder = os.path.realpath(table)
-        if os.path.realpath(path).startswith(folder.rstrip("/") + "/"):
+        if real.startswith(folder.rstrip("/") + "/"):
             raise UsageError(f"{path} lies inside the table {table}: write it elsewhere")
 
 
@@ -129,3 +138,30 @@ def writing(path: object) -> Iterator[None]:
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):  # the disk, not the name: exit 1, as a scan
             raise Failed(f"cannot write {path}: {e.strerror or e}") from None
         raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+@contextmanager
+def replacing(path: Path, parents: bool = False) -> Iterator[Path]:
+    """Write a file the user named (latest --csv/--parquet, report --html) whole or not at all: the body writes the
+    temporary file this yields (.NAME.dogbreed-tmp-RANDOM, beside the file `path` leads to), which then takes that
+    file's place in one step (os.replace). So a hard link's other names (a photo) keep their content, a link to a
+    .csv elsewhere is updated where it leads, and a failed or stopped write leaves the old file as it was and no
+    temporary file (a SIGKILL can leave one, under that name). With `parents`, missing folders are made first.
+    An OSError is one sentence, as in writing()."""
+    with writing(path):
+        if parents:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        dest = Path(os.path.realpath(path))
+        if dest.exists() and not os.access(dest, os.W_OK):  # a file made read-only stays so, as when written in place
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        name = os.fsdecode(os.fsencode(dest.name)[:200])  # the temporary name stays within NAME_MAX
+        tmp = dest.with_name(f".{name}.dogbreed-tmp-{secrets.token_hex(6)}")
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0o666 less the umask, as a new file
+        try:
+            yield tmp
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())  # on disk before it takes the name
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from dogbreed.config import PhotoConfig
-from dogbreed.errors import UsageError, report_target, writing
+from dogbreed.errors import UsageError, replacing, report_target, writing
 from dogbreed.table import readers, schema
 from dogbreed.vision.decode import ImageError
 from dogbreed.vision.geometry import Geometry
@@ -335,7 +335,6 @@ def build_report(out_dir: str | Path, html_path: str | Path, max_gallery: int = 
         problem_count=len(problems),
         lookalikes=lookalikes,
     )
-    with writing(html_path):
-        html_path.parent.mkdir(parents=True, exist_ok=True)
-        html_path.write_text(html, encoding="utf-8")
+    with replacing(html_path, parents=True) as tmp:
+        tmp.write_text(html, encoding="utf-8")
     return html_path

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 import shutil
 import subprocess
@@ -246,3 +248,128 @@ def test_a_breed_name_with_dollar_signs_is_drawn_as_written():
     fig.canvas.draw()  # mathtext would raise a ParseException here
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert r"\$x^\$ terrier" in labels  # escaped, so matplotlib prints the '$' itself
+
+
+EXPORTS = {"csv": ["latest", "{out}", "--csv"], "parquet": ["latest", "{out}", "--parquet"], "html": ["report", "{out}", "--html"]}
+
+
+def _export(out: Path, kind: str, target: Path):
+    """`latest --csv/--parquet F` or `report --html F`, in process."""
+    from typer.testing import CliRunner
+
+    from dogbreed.cli import app
+
+    return CliRunner().invoke(app, [a.format(out=out) for a in EXPORTS[kind]] + [str(target)])
+
+
+def _holds_export(path: Path, kind: str) -> bool:
+    if kind == "html":
+        return "<html" in path.read_text(encoding="utf-8").lower()
+    table = pd.read_csv(path) if kind == "csv" else pd.read_parquet(path)
+    return list(table["path"]) == ["/p/a.jpg"]
+
+
+def _leftovers(*folders: Path) -> list[str]:
+    return [p.name for folder in folders for p in folder.iterdir() if "dogbreed-tmp" in p.name]
+
+
+@pytest.fixture
+def export_case(tmp_path, commit_rows):
+    """A table of one row, and a folder with a photo that is not in it (an export named F must never reach it)."""
+    out, photos = tmp_path / "table", tmp_path / "photos"
+    photos.mkdir()
+    photo = photos / "dog.jpg"
+    photo.write_bytes((Path(report.__file__).parent / "samples" / "Brittany_02625.jpg").read_bytes())
+    commit_rows(out, ["/p/a.jpg"])
+    return out, photo, photo.read_bytes()
+
+
+@pytest.mark.parametrize("kind", EXPORTS)
+def test_an_export_named_f_through_a_link_to_a_photo_is_refused_and_the_photo_kept(export_case, tmp_path, kind):
+    """`latest --parquet x.parquet`, x.parquet a link to a photo, wrote Parquet over the photo and exited 0."""
+    out, photo, before = export_case
+    target = tmp_path / f"x.{kind}"
+    target.symlink_to(photo)
+    r = _export(out, kind, target)
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith(f"error: {target} is a link to {photo}, which is no .{kind}") and r.output.count("\n") == 1
+    assert photo.read_bytes() == before and os.readlink(target) == str(photo)
+
+
+@pytest.mark.parametrize("kind", EXPORTS)
+def test_an_export_over_a_hard_link_of_a_photo_replaces_that_name_only(export_case, tmp_path, kind):
+    """F a hard link of a photo: writing F in place truncated the photo (one file, two names)."""
+    out, photo, before = export_case
+    target = tmp_path / f"x.{kind}"
+    os.link(photo, target)
+    r = _export(out, kind, target)
+    assert r.exit_code == 0, r.output
+    assert photo.read_bytes() == before and photo.stat().st_nlink == 1
+    assert _holds_export(target, kind) and not _leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("kind", EXPORTS)
+def test_an_export_through_a_link_to_a_file_of_its_kind_replaces_that_file_whole(export_case, tmp_path, kind):
+    """A link to a .csv elsewhere is updated where it leads, by a new file taking its name: a reader who has the old
+    one open reads it whole (written in place, it read a truncated file overwritten under it)."""
+    out, _, _ = export_case
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    real, target = elsewhere / f"shared.{kind}", tmp_path / f"x.{kind}"
+    real.write_bytes(b"old export " * 1000)
+    target.symlink_to(real)
+    with open(real, "rb") as reader:
+        r = _export(out, kind, target)
+        assert r.exit_code == 0, r.output
+        assert reader.read() == b"old export " * 1000
+    assert target.is_symlink() and os.readlink(target) == str(real) and _holds_export(real, kind)
+    assert not _leftovers(tmp_path, elsewhere)
+
+
+@pytest.mark.parametrize("kind", EXPORTS)
+def test_an_export_that_fails_midway_leaves_the_old_file_and_no_half_one(export_case, tmp_path, monkeypatch, kind):
+    """A full disk midway through the write left a half file where the old export was (exit 1, as the README says)."""
+    out, _, _ = export_case
+    target = tmp_path / f"x.{kind}"
+    target.write_bytes(b"yesterday's export")
+
+    def half(self, arg, *args, **kwargs):  # df.to_csv(path, ...) or path.write_text(text, ...)
+        (self if isinstance(self, Path) else Path(arg)).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    owner, method = {"csv": (pd.DataFrame, "to_csv"), "parquet": (pd.DataFrame, "to_parquet"), "html": (Path, "write_text")}[kind]
+    monkeypatch.setattr(owner, method, half)
+    r = _export(out, kind, target)
+    assert r.exit_code == 1 and r.output == f"failed: cannot write {target}: No space left on device\n", r.output
+    assert target.read_bytes() == b"yesterday's export" and not _leftovers(tmp_path)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Path:
+    """A real 256 KiB file system (tmpfs), unmounted afterwards; skips where mounting is not allowed."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)]
+    if os.geteuid() != 0 or not shutil.which("mount") or subprocess.run(mount, capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root in a container that allows mounts")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.mark.parametrize("kind", EXPORTS)
+def test_an_export_onto_a_full_disk_exits_1_and_keeps_the_old_file(export_case, small_disk, kind):
+    """A full disk: exit 1, as the exit-code table says, and yesterday's export is still whole (it was truncated)."""
+    out, _, _ = export_case
+    target = small_disk / f"x.{kind}"
+    target.write_bytes(b"yesterday's export")
+    with open(small_disk / "filler", "wb", buffering=0) as f:  # to the last byte
+        for chunk in (65536, 1):
+            try:
+                while f.write(b"\0" * chunk):
+                    pass
+            except OSError:
+                pass
+    r = _export(out, kind, target)
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith(f"failed: cannot write {target}: ") and "No space left on device" in r.output
+    assert target.read_bytes() == b"yesterday's export" and not _leftovers(small_disk)

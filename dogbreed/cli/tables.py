@@ -10,7 +10,7 @@ import typer
 
 from dogbreed.cli.app import BreakLockOpt, ConfigOpt, ModelOpt, _scan_config, _user_errors, app
 from dogbreed.config import ConfigError
-from dogbreed.errors import report_target, writing
+from dogbreed.errors import replacing, report_target
 
 OutArg = Annotated[str, typer.Argument(help="Scan output: a folder, s3://... or gs://... (a Delta table).")]
 
@@ -34,8 +34,8 @@ def latest(
         df = readers.latest(out_dir, model_id=model_id)
         for path, write in ((csv, df.to_csv), (parquet, df.to_parquet)):
             if path:
-                with writing(path):
-                    write(path, index=False)
+                with replacing(path) as tmp:
+                    write(tmp, index=False)
     if not csv and not parquet:
         typer.echo(df[schema.SUMMARY_COLUMNS].to_string(index=False))
     typer.echo(f"{len(df)} photos; " + ", ".join(f"{k} {v}" for k, v in df["status"].value_counts().items()), err=True)
