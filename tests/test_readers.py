@@ -331,3 +331,15 @@ def test_runs_written_before_scores_existed_migrate_with_a_null_score(tmp_path):
     migrate(out)
     df = readers.latest(out)
     assert df["faces"][0].tolist() == [{"x": 1, "y": 2, "w": 3, "h": 4, "score": None}]
+
+
+def test_latest_command_on_a_table_without_a_current_photo_says_so_in_one_line(tmp_path, commit_rows):
+    """It printed pandas' "Empty DataFrame / Columns: [...] / Index: []" and "0 photos; "."""
+    out = str(tmp_path / "out")
+    commit_rows(out, ["/p/a.jpg"])
+    commit_rows(out, ["/p/a.jpg"], status="deleted")
+    for extra, of_model in (([], ""), (["--model-id", "test-model"], " of model test-model")):
+        r = CliRunner().invoke(app, ["latest", out, *extra])
+        assert r.exit_code == 0 and r.stdout == "", r.output
+        assert r.stderr == f"0 photos: {out} holds no current photo{of_model} (its scans found none, or every photo " \
+                           "they found was deleted since)\n"

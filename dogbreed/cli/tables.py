@@ -36,6 +36,11 @@ def latest(
             if path:
                 with replacing(path) as tmp:
                     write(tmp, index=False)
+    if df.empty:  # not pandas' "Empty DataFrame / Columns: [...] / Index: []" and "0 photos; "
+        of_model = f" of model {model_id}" if model_id else ""
+        typer.echo(f"0 photos: {out_dir} holds no current photo{of_model} (its scans found none, or every photo they "
+                   "found was deleted since)", err=True)
+        return
     if not csv and not parquet:
         typer.echo(df[schema.SUMMARY_COLUMNS].to_string(index=False))
     typer.echo(f"{len(df)} photos; " + ", ".join(f"{k} {v}" for k, v in df["status"].value_counts().items()), err=True)
