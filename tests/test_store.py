@@ -316,6 +316,48 @@ def test_an_unreachable_store_is_one_sentence(s3_out, monkeypatch):
         check_out(s3_out)
 
 
+@pytest.mark.slow  # waits out the bounded timeouts: about 20 s each
+def test_a_store_that_takes_the_connection_and_never_answers_is_given_up_in_seconds(monkeypatch):
+    """An endpoint that accepted connections and never replied: `latest`, `check` and `compact` took 100 s in S3's
+    client (its default retries) and then, past that check, 182 s more in deltalake's object store (retry_timeout
+    180 s), which outlasts the scan's 60-s lock lease. Both clients now stop after a bounded silence."""
+    import socket
+    import threading
+
+    from deltalake import DeltaTable
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(server.accept()[0])  # taken, never answered
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(key, "x")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(OutputError, match=r"^--out s3://silent/t: cannot reach the store \(.*Timeout"):
+            check_out("s3://silent/t")
+        assert time.monotonic() - t0 < 45
+        t0 = time.monotonic()
+        with pytest.raises(Exception, match="retry_timeout"):
+            DeltaTable("s3://silent/t", storage_options=locate("s3://silent/t").storage_options())
+        assert time.monotonic() - t0 < 45
+    finally:
+        server.close()
+        for c in held:
+            c.close()
+
+
 def test_a_gs_store_gives_up_in_seconds_not_the_google_clients_fifteen_minutes():
     """`scan --out gs://bucket/out` without credentials or network was alive after 935 s, deaf to SIGTERM (the
     hostile tester's finding): Google's client retries for 15 minutes by default. Every gs:// filesystem dogbreed

@@ -44,10 +44,16 @@ class Location:
         return "/".join([self.root, *parts])
 
     def storage_options(self) -> dict[str, str] | None:
-        """deltalake reads the standard AWS_* / GOOGLE_* variables itself; an http:// endpoint must be allowed."""
+        """deltalake reads the standard AWS_* / GOOGLE_* variables itself; an http:// endpoint must be allowed, and its
+        retries are bounded (its object store retries a request that gets no answer for 180 s by default: `latest`
+        took 3 minutes against a store that accepted connections and never answered)."""
+        if not self.remote:
+            return None
+        options = {"connect_timeout": f"{STORE_CONNECT_S}s", "timeout": f"{STORE_REQUEST_S}s",
+                   "retry_timeout": f"{STORE_RETRY_S}s", "max_retries": str(STORE_ATTEMPTS - 1)}
         if self.uri.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL", "").startswith("http://"):
-            return {"AWS_ALLOW_HTTP": "true"}
-        return None
+            options["AWS_ALLOW_HTTP"] = "true"
+        return options
 
 
 # Names Delta Lake's object store cannot hold: it percent-decodes paths (a folder "a%2Fb" would be written as a/b,
@@ -73,6 +79,10 @@ def _check_name(out: str, path: str, remote: bool) -> None:
 
 
 GCS_RETRY_S = 15  # Google's client retries a call for 15 minutes by default, deaf to SIGTERM all the while
+# An object store that takes the connection and never answers: each request gives up after STORE_REQUEST_S without a
+# byte (a slow upload that still moves is not cut), and after STORE_ATTEMPTS tries, so a command ends in well under a
+# minute with one sentence (S3's client defaults took 100 s, deltalake's 180 s).
+STORE_CONNECT_S, STORE_REQUEST_S, STORE_ATTEMPTS, STORE_RETRY_S = 5, 10, 2, 30
 
 
 def filesystem_from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -83,7 +93,13 @@ def filesystem_from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
         raise ValueError(f"{parts.scheme}:// is not storage dogbreed can read; give a local path, an s3:// or a gs:// URI")
     if parts.scheme in ("gs", "gcs") and "retry_limit_seconds" not in parts.query:
         uri += ("&" if parts.query else "?") + f"retry_limit_seconds={GCS_RETRY_S}"
-    return pafs.FileSystem.from_uri(uri)
+    fs, path = pafs.FileSystem.from_uri(uri)
+    if parts.scheme == "s3" and not parts.query:  # the same store (region, endpoint as Arrow found them), with bounds
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+        fs = pafs.S3FileSystem(region=fs.region or None, endpoint_override=endpoint, connect_timeout=STORE_CONNECT_S,
+                               request_timeout=STORE_REQUEST_S,
+                               retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=STORE_ATTEMPTS))
+    return fs, path
 
 
 def locate(out: str | Path) -> Location:
