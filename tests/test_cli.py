@@ -286,15 +286,17 @@ def test_a_root_given_twice_is_named_so_not_as_lying_inside_itself(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["latest", "--csv"], ["latest", "--parquet"], ["report", "--html"]])
-def test_a_full_disk_under_an_export_exits_1_as_the_readme_says(tmp_path, commit_rows, args):
-    """It exited 2 (a usage error), where the exit-code table puts a full disk under 1."""
+def test_an_export_named_as_a_link_to_a_device_is_refused_before_any_work(tmp_path, commit_rows, args):
+    """A link full.csv -> /dev/full was written through (the exit-1 "disk full" case this test checked before); an
+    export now replaces the file a link leads to, so a link to what is no such file is refused (exit 2). The full
+    disk itself: tests/test_report.py (a real small tmpfs, and a write that fails half-way)."""
     out = str(tmp_path / "o")
     commit_rows(out, ["/p/a.jpg"])
     target = tmp_path / f"full.{args[1].lstrip('-')}"
-    target.symlink_to("/dev/full")  # every write: ENOSPC
+    target.symlink_to("/dev/full")
     r = runner.invoke(app, [args[0], out, args[1], str(target)])
-    assert r.exit_code == 1, r.output
-    assert r.output.startswith(f"failed: cannot write {target}: ") and "No space left on device" in r.output
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith(f"error: {target} is a link to /dev/full, which is no ."), r.output
 
 
 def test_predict_annotate_keeps_every_copy_and_never_writes_over_a_photo_it_reads(tmp_path):
