@@ -110,3 +110,24 @@ def test_the_shipped_imagenet_classes_are_timms():
     assert taxonomy.imagenet_wnids() == [info.index_to_label_name(i) for i in range(1000)]
     assert list(taxonomy._imagenet()[1]) == [info.index_to_description(i) for i in range(1000)]
     assert taxonomy.imagenet_names()[207] == "golden retriever"
+
+
+@pytest.mark.parametrize("lines, named", [
+    ("Samoyed\nSamoyede\nBeagle\n", "'Samoyed' and 'Samoyede' (both ImageNet's Samoyed)"),
+    ("Doberman pinscher\nDoberman\n", "'Doberman pinscher' and 'Doberman' (both ImageNet's Doberman)"),
+    ("Brittany\nBrittany spaniel\n", "'Brittany' and 'Brittany spaniel' (both ImageNet's Brittany spaniel)"),
+    ("Shih-Tzu\nShih_Tzu\n", "'Shih-Tzu' and 'Shih_Tzu'"),
+    ("L\u00f6wchen\nLo\u0308wchen\n", "'L\u00f6wchen' and 'Lo\u0308wchen'")])
+def test_a_classes_file_naming_one_breed_twice_by_a_synonym_or_a_spelling_is_refused(tmp_path, lines, named):
+    """Samoyed + Samoyede were two classes: the one without photos kept ImageNet's row and won every answer, so the
+    model scored 0% on its own training photos."""
+    (tmp_path / "c.txt").write_text(lines, encoding="utf-8")
+    with pytest.raises(taxonomy.DataError, match="names one breed twice") as e:
+        taxonomy.read_classes(tmp_path / "c.txt")
+    assert str(e.value).endswith(named)
+
+
+def test_a_folder_copied_from_macos_matches_its_class_whatever_the_unicode_form():
+    """evaluate left an NFD Löwchen folder out against the model's NFC Löwchen class."""
+    assert taxonomy.canonical("Lo\u0308wchen") == taxonomy.canonical("L\u00f6wchen") == "l\u00f6wchen"
+    assert taxonomy.one_breed_twice(taxonomy.read_classes("dogapp133")) is None

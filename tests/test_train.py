@@ -528,8 +528,8 @@ def test_a_class_folder_no_model_could_name_is_refused_before_training(tmp_path,
         (tmp_path / "data" / folder).mkdir(parents=True)
         for i in range(3):
             Image.new("RGB", (8, 8)).save(tmp_path / "data" / folder / f"{i}.jpg")
-    with pytest.raises(DataError, match=r"holds a control character or line break|is empty|are both 'poodle'"):
+    with pytest.raises(DataError, match=r"holds a control character or line break|is empty|one breed is named twice: 'Poodle' and 'poodle'"):
         train_data.make_splits(str(tmp_path / "data"))
     r = CliRunner().invoke(app, ["train", str(tmp_path / "data"), "--out", str(tmp_path / "m"), "--mode", "fewshot"])
-    assert r.exit_code == 2 and r.output.startswith(f"error: {tmp_path / 'data'}: class name"), r.output
+    assert r.exit_code == 2 and r.output.startswith(f"error: {tmp_path / 'data'}: "), r.output
     assert not (tmp_path / "m").exists()

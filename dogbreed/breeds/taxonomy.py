@@ -7,6 +7,7 @@ Stanford Dogs ``n02085620-Chihuahua``, the dog-app's ``001.Affenpinscher`` and p
 from __future__ import annotations
 
 import re
+import unicodedata
 from functools import lru_cache
 from pathlib import Path
 
@@ -73,8 +74,9 @@ def breed_from_folder(folder: str) -> str:
 
 
 def canonical(name: str) -> str:
-    """Comparable form of a breed name: case, '_', '-' and spacing do not matter."""
-    return re.sub(r"[\s_\-]+", " ", name).strip().lower()
+    """Comparable form of a breed name: case, '_', '-', spacing and Unicode normalisation (a folder copied from macOS
+    spells Löwchen with a combining accent) do not matter."""
+    return re.sub(r"[\s_\-]+", " ", unicodedata.normalize("NFC", name)).strip().casefold()
 
 
 def wnid_from_folder(folder: str) -> str | None:
@@ -112,6 +114,16 @@ SYNONYMS: dict[str, int | None] = {
 }
 
 
+@lru_cache(maxsize=1)
+def _imagenet_synonyms() -> dict[str, int]:
+    """Every WordNet synonym of every ImageNet class, in comparable form: its class (the first class naming it)."""
+    found: dict[str, int] = {}
+    for i, description in enumerate(_imagenet()[1]):
+        for s in description.split(","):
+            found.setdefault(canonical(s), i)
+    return found
+
+
 @lru_cache(maxsize=4096)
 def imagenet_index_for(folder: str) -> int | None:
     """ImageNet class of a breed name or folder: the synonym table first, then the WordNet id, then any of the class's
@@ -124,9 +136,24 @@ def imagenet_index_for(folder: str) -> int | None:
         wnids = imagenet_wnids()
         if wnid in wnids:
             return wnids.index(wnid)
-    for i, description in enumerate(_imagenet()[1]):
-        if any(canonical(s) == wanted for s in description.split(",")):
-            return i
+    return _imagenet_synonyms().get(wanted)
+
+
+def one_breed_twice(classes: list[str]) -> str | None:
+    """Two class names (or folders) of one breed, in words, or None: the same name however spelt (see canonical), or
+    two names of one ImageNet class (Samoyed and Samoyede, Brittany and Brittany spaniel). Two classes of one breed
+    split its photos and probability: the one without photos won every answer."""
+    names: dict[str, str] = {}
+    classes_of: dict[int, str] = {}
+    for c in classes:
+        key, index = canonical(breed_from_folder(c)), imagenet_index_for(c)
+        if key in names:
+            return f"{names[key]!r} and {c!r}"
+        if index is not None and index in classes_of:
+            return f"{classes_of[index]!r} and {c!r} (both ImageNet's {imagenet_names()[index]})"
+        names[key] = c
+        if index is not None:
+            classes_of[index] = c
     return None
 
 
@@ -143,12 +170,9 @@ def read_classes(source: str | Path) -> list[str]:
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read the classes file {source}: {getattr(e, 'strerror', None) or e}") from None
     classes = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-    seen: dict[str, str] = {}
-    for c in classes:
-        key = canonical(breed_from_folder(c))
-        if key in seen:
-            raise DataError(f"the classes file {source} names one breed twice: {seen[key]!r} and {c!r}")
-        seen[key] = c
+    twice = one_breed_twice(classes)
+    if twice:
+        raise DataError(f"the classes file {source} names one breed twice: {twice}")
     if len(classes) < 2:
         raise DataError(f"the classes file {source} needs two classes at least (found {len(classes)})")
     return classes

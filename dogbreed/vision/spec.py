@@ -39,22 +39,27 @@ class ModelError(UsageError):
     """A model reference that cannot be used (missing, tampered, mismatched); one readable sentence."""
 
 
+# Invisible format characters a name may hold: the zero-width (non-)joiners some scripts spell words with.
+_JOINERS = {"\u200c", "\u200d"}
+
+
 def unusable_class_name(names: list[str]) -> str | None:
     """Why a class name cannot be a model's (None if all can): a class name is printed as a breed on a line of its
-    own, so an empty one printed a bare 'dog', and one with a newline printed a line of its own making; a name given
-    twice (ignoring case and spacing) split its breed's probability between two rows that read the same. Training
-    asks before it starts, of its class folders' names."""
-    seen: dict[str, int] = {}
+    own, so an empty one printed a bare 'dog', one with a newline printed a line of its own making, and an invisible
+    format character (a zero-width space, a right-to-left override) made a breed that reads "Beagle" differ from
+    Beagle; one breed named twice (however spelt, or by two names of one ImageNet class) split its probability
+    between two rows. Training asks before it starts, of its class folders' names."""
+    from dogbreed.breeds.taxonomy import one_breed_twice
+
     for i, name in enumerate(names):
         if not name.strip():
             return f"class name {i} is empty: every class needs a name to print"
         if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name):
             return f"class name {i} ({name!r}) holds a control character or line break"
-        key = " ".join(unicodedata.normalize("NFC", name).casefold().split())
-        if key in seen:
-            return f"class names {seen[key]} and {i} are both {name!r}: a breed named twice splits its probability in two"
-        seen[key] = i
-    return None
+        if any(unicodedata.category(c) == "Cf" and c not in _JOINERS for c in name):
+            return f"class name {i} ({name!r}) holds an invisible format character"
+    twice = one_breed_twice(names)
+    return f"one breed is named twice: {twice}; a breed named twice splits its probability in two" if twice else None
 
 
 class ModelSpec(BaseModel):
