@@ -11,7 +11,7 @@ import pytest
 from deltalake import DeltaTable
 
 from dogbreed.errors import Exit
-from dogbreed.table.location import locate
+from dogbreed.table.location import OutputError, locate
 from dogbreed.table.objects import LOG_DIR
 from tests.processes import cli
 
@@ -209,3 +209,168 @@ def test_a_commit_naming_a_file_outside_the_table_is_damage_and_repair_never_mov
     repair(locate(out), health)
     assert victim.read_text() == "mine" and not list((tmp_path / "out" / "_dogbreed").rglob("victim*"))
     assert check(locate(out)).ok and DeltaTable(out).version() == 1
+
+
+def _checkpointed(tmp_path: Path, commit_rows) -> tuple[str, Path]:
+    """Versions 0..3 with a checkpoint at 2 (as compact leaves it); latest: a neither, b dog, c dog."""
+    out = _table(tmp_path, str(tmp_path / "out"), commit_rows)
+    commit_rows(out, [tmp_path / "a.jpg"], status="neither")
+    DeltaTable(out).create_checkpoint()
+    commit_rows(out, [tmp_path / "c.jpg"], status="dog")
+    return out, tmp_path / "out" / LOG_DIR
+
+
+def _latest(out: str) -> dict[str, str]:
+    from dogbreed.table import readers
+
+    current = readers.latest(out)
+    return {Path(p).name: s for p, s in zip(current["path"], current["status"])}
+
+
+def _quarantined(tmp_path: Path) -> list[str]:
+    """The log entries repair moved aside."""
+    return sorted(p.name for p in (tmp_path / "out" / "_dogbreed" / "quarantine").glob(f"*/{LOG_DIR}/*"))
+
+
+CHECKPOINT = f"{2:020d}.checkpoint.parquet"
+
+
+@pytest.mark.parametrize("damage", ["lost", "truncated"])
+def test_a_damaged_checkpoint_whose_commits_are_all_there_is_moved_aside_and_every_row_stays(tmp_path, commit_rows, damage):
+    """check --repair moved every commit aside for a lost checkpoint (an empty table), and left a truncated one."""
+    from dogbreed.table.health import check, repair
+
+    out, log = _checkpointed(tmp_path, commit_rows)
+    if damage == "lost":
+        (log / CHECKPOINT).unlink()
+    else:
+        os.truncate(log / CHECKPOINT, 100)
+    found = check(locate(out))
+    text = "\n".join(found.lines())
+    assert not found.ok and found.version == 3 and found.log.problem is None, text
+    assert ("_last_checkpoint names checkpoint 2, which is missing" if damage == "lost" else
+            f"{CHECKPOINT} cannot be read (not a whole Parquet file") in text, text
+    assert "version 3: 4 data files, 4 present and readable" in text and "loses nothing" in text, text
+    repair(locate(out), found)
+    assert _quarantined(tmp_path) == sorted(["_last_checkpoint"] + ([CHECKPOINT] if damage == "truncated" else []))
+    assert sorted(p.name for p in log.iterdir()) == [f"{v:020d}.json" for v in range(4)]  # every commit stays
+    assert check(locate(out)).ok and _latest(out) == {"a.jpg": "neither", "b.jpg": "dog", "c.jpg": "dog"}
+
+
+def test_a_damaged_checkpoint_whose_earlier_commits_were_cleaned_up_leaves_a_table_every_reader_opens(tmp_path, commit_rows):
+    """Repair left the corrupt checkpoint in place and check said "a new output": no command could open the table."""
+    from dogbreed.table.health import check, repair
+    from dogbreed.table.output import Output
+
+    out, log = _checkpointed(tmp_path, commit_rows)
+    os.truncate(log / CHECKPOINT, 100)
+    for v in (0, 1):  # what compact's log retention does
+        (log / f"{v:020d}.json").unlink()
+    found = check(locate(out))
+    text = "\n".join(found.lines())
+    assert not found.ok and found.version is None, text
+    assert f"version 2 ({LOG_DIR}/{CHECKPOINT}) cannot be read" in text and "commits before it were cleaned up" in text
+    repair(locate(out), found)
+    assert list(log.iterdir()) == [] and CHECKPOINT in _quarantined(tmp_path)
+    after = check(locate(out))
+    assert after.ok and "no commits, but data/ holds 4 data file(s) of an earlier history" in after.lines()[1]
+    with pytest.raises(OutputError, match="holds no committed scan run"):
+        Output(out).require()
+
+
+@pytest.mark.parametrize("hint", ['{"version":99,"size":3}', '{"vers'])
+def test_a_stale_or_garbled_last_checkpoint_is_damage_and_repair_moves_only_it(tmp_path, commit_rows, hint):
+    """check said ok while every scan was refused ("Had a _last_checkpoint hint but didn't find any checkpoints")."""
+    from dogbreed.table.health import check, repair
+
+    out, log = _checkpointed(tmp_path, commit_rows)
+    (log / "_last_checkpoint").write_text(hint)
+    found = check(locate(out))
+    assert not found.ok and [name for name, _ in found.log.strays] == ["_last_checkpoint"], found.lines()
+    repair(locate(out), found)
+    assert _quarantined(tmp_path) == ["_last_checkpoint"] and (log / CHECKPOINT).is_file()
+    assert check(locate(out)).ok and _latest(out) == {"a.jpg": "neither", "b.jpg": "dog", "c.jpg": "dog"}
+
+
+def test_another_tables_commit_is_damage_and_readers_send_the_user_to_check(tmp_path, commit_rows):
+    """A commit copied from another Delta table: check said ok, and latest was an IndexError traceback."""
+    import shutil
+
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from dogbreed.table import readers
+    from dogbreed.table.health import DamagedTable, check, repair
+
+    out = _table(tmp_path, str(tmp_path / "out"), commit_rows)
+    write_deltalake(str(tmp_path / "foreign"), pa.table({"x": [1, 2, 3], "path": ["a", "b", "c"]}), name="other")
+    shutil.copy(tmp_path / "foreign" / LOG_DIR / f"{0:020d}.json", tmp_path / "out" / LOG_DIR / f"{2:020d}.json")
+    for part in (tmp_path / "foreign").glob("*.parquet"):
+        shutil.copy(part, tmp_path / "out")
+    with pytest.raises(DamagedTable, match=f"`dogbreed check {out}`"):
+        readers.latest(out)
+    found = check(locate(out))
+    assert not found.ok and found.log.problem[0] == 2 and "another table's metadata (name 'other'" in found.log.problem[2]
+    repair(locate(out), found)
+    assert check(locate(out)).ok and DeltaTable(out).version() == 1 and _quarantined(tmp_path) == [f"{2:020d}.json"]
+    assert _latest(out) == {"a.jpg": "dog", "b.jpg": "dog", "c.jpg": "human"}
+
+
+def test_new_columns_added_by_a_later_dogbreed_are_not_another_tables_metadata(tmp_path, commit_rows):
+    from deltalake import Field
+
+    from dogbreed.table import deltalog, store
+    from dogbreed.table.health import check
+
+    assert deltalog.TABLE_NAME == store.TABLE_NAME
+    out = _table(tmp_path, str(tmp_path / "out"), commit_rows)
+    DeltaTable(out).alter.add_columns([Field("later", "string")])
+    assert check(locate(out)).ok
+
+
+def test_a_replayed_commit_that_adds_a_removed_file_again_is_damage(tmp_path, commit_rows):
+    """A copy of an old commit as the next version re-adds a file compact removed: check said ok, latest doubled rows."""
+    import shutil
+
+    from dogbreed.table.health import check, repair
+    from dogbreed.table.maintain import compact
+
+    out = _table(tmp_path, str(tmp_path / "out"), commit_rows)
+    compact(out, retention_hours=1)  # version 2 removes both files, adds one
+    shutil.copy(tmp_path / "out" / LOG_DIR / f"{1:020d}.json", tmp_path / "out" / LOG_DIR / f"{3:020d}.json")
+    found = check(locate(out))
+    assert not found.ok and found.log.problem[0] == 3, found.lines()
+    assert "again, which version 2 already removed (a copied or replayed commit?)" in found.log.problem[2]
+    repair(locate(out), found)
+    assert check(locate(out)).ok and _latest(out) == {"a.jpg": "dog", "b.jpg": "dog", "c.jpg": "human"}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_log_entry_that_is_not_a_file_is_named_never_opened_and_moved_aside(tmp_path, commit_rows, kind):
+    """check waited forever on a FIFO named like the next commit; latest answered from the version before it."""
+    from dogbreed.table import readers
+    from dogbreed.table.health import DamagedTable
+
+    out = _table(tmp_path, str(tmp_path / "out"), commit_rows)
+    entry = tmp_path / "out" / LOG_DIR / f"{2:020d}.json"
+    os.mkfifo(entry) if kind == "fifo" else entry.mkdir()
+    found = cli("check", out, timeout=60)  # a hang is a TimeoutExpired
+    assert found.returncode == Exit.FAILED and f"DAMAGED log: version 2 ({LOG_DIR}/{entry.name}) is " in found.stdout
+    with pytest.raises(DamagedTable, match=f"damaged at version 2: {LOG_DIR}/{entry.name} is "):
+        readers.latest(out)
+    fixed = cli("check", out, "--repair", timeout=60)
+    assert fixed.returncode == Exit.OK, fixed.stdout + fixed.stderr
+    assert not os.path.lexists(entry) and _quarantined(tmp_path) == [entry.name]
+    assert _latest(out) == {"a.jpg": "dog", "b.jpg": "dog", "c.jpg": "human"}
+
+
+def test_a_scan_stops_before_decoding_on_a_fifo_named_like_the_next_commit(tmp_path, commit_rows):
+    """The scan decoded every photo, then said another writer had committed (exit 5), every night."""
+    out = _table(tmp_path, str(tmp_path / "out"), commit_rows)
+    os.mkfifo(tmp_path / "out" / LOG_DIR / f"{2:020d}.json")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "d.jpg").write_bytes(b"x")
+    proc = cli("scan", str(tmp_path / "new"), "--out", out, env=os.environ | {"RAY_ADDRESS": ""}, timeout=120)
+    assert proc.returncode == Exit.USAGE, proc.stderr
+    assert _one_sentence(proc).startswith(f"error: table {out} is damaged at version 2: {LOG_DIR}/{2:020d}.json is not a "
+                                          "regular file")

@@ -49,6 +49,44 @@ def test_latest_does_not_depend_on_file_order_and_survives_compaction(three_runs
     assert len(readers.read_all(out)) == 6 and len(readers.manifests(out)) == 3
 
 
+def _hand_commit(out: str, path: str) -> None:
+    """The next log version, adding one file by hand (as a copied commit or a hand edit would)."""
+    log = Path(out, "_delta_log")
+    version = max(int(p.name[:20]) for p in log.glob("*.json")) + 1
+    add = {"path": path, "size": os.path.getsize(Path(out, path)), "partitionValues": {}, "modificationTime": 1,
+           "dataChange": True}
+    (log / f"{version:020d}.json").write_text(json.dumps({"commitInfo": {"timestamp": 1, "operation": "WRITE"}}) + "\n"
+                                              + json.dumps({"add": add}) + "\n")
+
+
+def test_latest_is_one_row_per_path_when_a_replayed_commit_adds_a_removed_file_again(three_runs):
+    """A copy of an old commit after a compaction re-adds a file the compaction removed: latest gave rows twice."""
+    out, expected, (_, r2, _) = three_runs
+    compact(out, retention_hours=1)
+    _hand_commit(out, DeltaTable(out, version=1).get_add_actions(flatten=True).column("path")[0].as_py())
+    current = readers.latest(out)
+    assert len(current) == current["path"].nunique() == 3
+    assert dict(zip(current["path"], current["run_id"])) == expected
+
+
+def test_two_rows_of_one_path_in_its_newest_run_give_one_the_same_on_every_read(three_runs):
+    """A run's rows added twice (a copy of its file under another name): the one processed last, deterministically."""
+    out, expected, (_, r2, _) = three_runs
+    name = next(p for p in DeltaTable(out).get_add_actions(flatten=True).column("path").to_pylist() if r2 in p)
+    rows = pq.read_table(Path(out, name))
+    later = pa.array([t.as_py() + pd.Timedelta(seconds=1) for t in rows.column("processed_at")], schema.UTC_US)
+    rows = rows.set_column(rows.schema.get_field_index("processed_at"), "processed_at", later)
+    rows = rows.set_column(rows.schema.get_field_index("status"), "status", pa.array(["human"] * rows.num_rows))
+    pq.write_table(rows, Path(out, name.replace("part-00000", "part-00001")))
+    _hand_commit(out, name.replace("part-00000", "part-00001"))
+    for _ in range(2):
+        current = readers.latest(out)
+        assert len(current) == current["path"].nunique() == 3
+        assert dict(zip(current["path"], current["run_id"])) == expected
+        assert dict(zip(current["path"], current["status"])) == {"/p/a.jpg": "neither", "/p/b.jpg": "human",
+                                                                 "/p/d.jpg": "human"}
+
+
 @pytest.mark.slow  # several seconds; the inner loop stays under 150 s, the full suite (CI) runs it
 def test_compaction_on_s3_keeps_every_row_and_removes_what_it_replaced(s3_out, commit_rows):
     import boto3

@@ -9,127 +9,43 @@ every file the current version references present (at its recorded size) and rea
 - log commits from the first damaged one on are moved aside (``_dogbreed/quarantine/<time>/``), so the last
   version before the damage is current again;
 - data files that are missing or unreadable are removed from the current version by a Delta ``FSCK`` commit
-  (unreadable ones moved aside first). Older versions, and the history, stay.
+  (unreadable ones moved aside first). Older versions, and the history, stay;
+- a checkpoint lost or unreadable, a ``_last_checkpoint`` naming none, an entry named like a commit that is no file:
+  only those are moved aside where every commit readers need is there (they replay the commits instead). Where
+  compact's log retention cleaned up the commits before the checkpoint, no version can be read: the whole log goes.
 
 The photos whose rows were lost simply have no row (or an older one) again: the next scan decodes them.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterator
-from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dogbreed.table.location import Location, OutputError, first_line
+from dogbreed.table.deltalog import CLEANED, HINT, DamagedTable, LogState, check_hint, read_log, reason
+from dogbreed.table.location import Location, first_line
 from dogbreed.table.objects import LOG_DIR, META_DIR
 
+__all__ = ["DamagedTable", "Health", "LogState", "check", "log_damage", "read_log", "reading", "repair"]
 QUARANTINE = "quarantine"
-_COMMIT = re.compile(r"(\d{20})\.json")
-_CHECKPOINT = re.compile(r"(\d{20})\.checkpoint(\.\d+\.\d+)?\.parquet")
-
-
-class DamagedTable(OutputError):
-    """A table whose log or data files cannot be read; the sentence names the table, the version and the file."""
-
-
-def _hint(loc: Location) -> str:
-    return f"`dogbreed check {loc.out}` verifies it and says how to repair it"
-
-
-@dataclass
-class LogState:
-    commits: dict[int, str]  # version -> file name, of every commit in the log
-    checkpoint: int | None  # the newest checkpoint's version
-    problem: tuple[int, str, str] | None  # (version, file, what is wrong) of the first damaged commit
-
-    @property
-    def readable_to(self) -> int | None:
-        """The newest version that can be read (the one before the first problem), or None: none can."""
-        if self.problem is not None:
-            if self.checkpoint is None and min(self.commits) > 0:  # the commits a reader would start from are gone
-                return None
-            version = self.problem[0] - 1
-            base = self.checkpoint if self.checkpoint is not None else 0
-            return version if version >= base and (version in self.commits or version == self.checkpoint) else None
-        return max(self.commits) if self.commits else None
-
-
-def read_log(loc: Location) -> LogState:
-    """The log's commits and checkpoints, and the first commit Delta readers would stumble on."""
-    try:
-        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path(LOG_DIR), allow_not_found=True))
-    except (OSError, pa.ArrowException) as e:
-        raise DamagedTable(f"table {loc.out}: its log ({LOG_DIR}) cannot be listed: {first_line(e)}") from None
-    commits, checkpoints = {}, []
-    for info in infos:
-        if (m := _COMMIT.fullmatch(info.base_name)):
-            commits[int(m.group(1))] = info.base_name
-        elif (m := _CHECKPOINT.fullmatch(info.base_name)):
-            checkpoints.append(int(m.group(1)))
-    checkpoint = max(checkpoints) if checkpoints else None
-    state = LogState(commits, checkpoint, None)
-    if not commits:
-        return state
-    if checkpoint is None and min(commits) > 0 and (hinted := _checkpoint_hint(loc)) is not None:
-        # the commits before the checkpoint _last_checkpoint names were cleaned up, and the checkpoint is gone too
-        state.problem = (hinted, f"{hinted:020d}.checkpoint.parquet",
-                         "is missing (the checkpoint _last_checkpoint names; the commits before it were cleaned up)")
-        return state
-    first = checkpoint + 1 if checkpoint is not None else 0
-    for version in range(first, max(commits) + 1):
-        name = commits.get(version, f"{version:020d}.json")
-        if version not in commits:
-            state.problem = (version, name, "is missing")
-            break
-        why = _bad_commit(loc, name)
-        if why:
-            state.problem = (version, name, why)
-            break
-    return state
-
-
-def _bad_commit(loc: Location, name: str) -> str | None:
-    try:
-        with loc.fs.open_input_stream(loc.path(LOG_DIR, name)) as f:
-            text = f.read().decode("utf-8")
-        actions = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except (OSError, pa.ArrowException) as e:
-        return f"cannot be read ({first_line(e)})"
-    except (UnicodeDecodeError, ValueError):
-        return "is not valid JSON (garbled or cut short)"
-    if not actions or not all(isinstance(a, dict) and len(a) >= 1 for a in actions):
-        return "holds no Delta actions"
-    for action in actions:  # a file a commit adds or removes lies in the table: repair moves it, compact deletes it
-        for kind in ("add", "remove"):
-            path = action.get(kind, {}).get("path") if isinstance(action.get(kind), dict) else None
-            if kind in action and not _inside(path):
-                return f"names a data file outside the table ({str(path)[:80]!r}; edited by hand?)"
-    return None
-
-
-def _inside(path: object) -> bool:
-    """Whether a log's (URL-encoded) data file path is one dogbreed writes: relative, below the table's folder."""
-    if not isinstance(path, str) or not path:
-        return False
-    parts = unquote(path).replace("\\", "/").split("/")
-    return not unquote(path).startswith("/") and ":" not in parts[0] and ".." not in parts and "" not in parts
 
 
 def log_damage(loc: Location, error: BaseException) -> DamagedTable:
-    """The sentence for a table deltalake could not open: the first damaged commit, where the log shows one."""
-    problem = read_log(loc).problem
-    if problem is not None:
-        version, name, what = problem
-        return DamagedTable(f"table {loc.out} is damaged at version {version}: {LOG_DIR}/{name} {what}; {_hint(loc)}")
-    return DamagedTable(f"table {loc.out}: its log cannot be read ({first_line(error)}); {_hint(loc)}")
+    """The sentence for a table deltalake could not open: the first damaged commit or log entry the log shows."""
+    log = read_log(loc)
+    if log.problem is not None:
+        version, name, what = log.problem
+        return DamagedTable(f"table {loc.out} is damaged at version {version}: {LOG_DIR}/{name} {what}; {check_hint(loc)}")
+    if log.strays:
+        name, what = log.strays[0]
+        return DamagedTable(f"table {loc.out} is damaged: {LOG_DIR}/{name} {what}; {check_hint(loc)}")
+    return DamagedTable(f"table {loc.out}: its log cannot be read ({first_line(error)}); {check_hint(loc)}")
 
 
 def _version(table: Any) -> str:
@@ -149,16 +65,9 @@ def reading(loc: Location, table: Any) -> Iterator[None]:
         name = next((p for p in (_files(table) if table is not None else []) if p in text), None)
         if name is None:
             raise DamagedTable(f"cannot read the table at {loc.out}: {first_line(e)}") from None
-        what = "is missing" if isinstance(e, FileNotFoundError) else f"cannot be read ({_reason(e)})"
+        what = "is missing" if isinstance(e, FileNotFoundError) else f"cannot be read ({reason(e)})"
         raise DamagedTable(f"table {loc.out} is damaged at version {_version(table)}: data file {name} {what}; "
-                           f"{_hint(loc)}") from None
-
-
-def _reason(e: BaseException) -> str:
-    text = first_line(e)
-    if "magic bytes not found" in text or "Couldn't deserialize thrift" in text or "footer" in text.lower():
-        return "not a whole Parquet file: truncated or overwritten"
-    return text.split(": ", 1)[-1] if text.startswith("Could not open Parquet input source") else text
+                           f"{check_hint(loc)}") from None
 
 
 def _files(table: Any) -> list[str]:
@@ -182,24 +91,29 @@ class Health:
 
     @property
     def ok(self) -> bool:
-        return self.log.problem is None and not self.missing and not self.unreadable
+        return self.log.problem is None and not self.log.strays and not self.missing and not self.unreadable
 
     def lines(self) -> list[str]:
         log, out = self.log, [f"table {self.out}"]
-        if not log.commits and self.unlogged:
-            return out + [f"  no commits, but data/ holds {self.unlogged} data file(s) of an earlier history (its log was "
-                          "deleted, or its first version moved aside by --repair): the next scan starts the table "
-                          "again and decodes every photo"]
-        if not log.commits:
+        if not log.commits and not log.others and not log.strays and log.checkpoint is None:
+            if self.unlogged:
+                return out + [f"  no commits, but data/ holds {self.unlogged} data file(s) of an earlier history (its "
+                              "log was deleted, or its first version moved aside by --repair): the next scan starts "
+                              "the table again and decodes every photo"]
             return out + ["  no commits: nothing to check (a new output)"]
-        versions = sorted(log.commits)
-        out.append(f"  log: versions {versions[0]}..{versions[-1]}"
+        versions = sorted(set(log.commits) | set(log.others)) or [log.checkpoint]
+        out.append((f"  log: versions {versions[0]}..{versions[-1]}" if versions != [None] else "  log: no commits")
                    + (f", checkpoint at {log.checkpoint}" if log.checkpoint is not None else ""))
+        for name, what in log.strays:
+            out.append(f"  DAMAGED log entry: {LOG_DIR}/{name} {what}")
+        if log.strays and log.problem is None and self.version is not None:
+            out.append("  every commit readers need is sound: moving the entries above aside loses nothing")
         if log.problem:
             v, name, what = log.problem
             last = versions[-1]
-            out.append(f"  DAMAGED log: version {v} ({LOG_DIR}/{name}) {what}; "
-                       + (f"versions {v}..{last} cannot be read" if last > v else f"version {v} cannot be read"))
+            out.append(f"  DAMAGED log: version {v} ({LOG_DIR}/{name}) {what}"
+                       + ("" if what.endswith(CLEANED) else "; " + (f"versions {v}..{last} cannot be read" if last > v
+                                                                    else f"version {v} cannot be read")))
         if self.version is None:
             out.append("  no version can be read")
         else:
@@ -210,16 +124,24 @@ class Health:
         if self.ok:
             out.append("  ok")
             return out
-        steps = []
+        lost = self.log.problem is not None or self.missing or self.unreadable
+        out.append(f"  repair: `dogbreed check {self.out} --repair` {' and '.join(self._steps())}"
+                   + (", keeping the history" if self.version is not None else "")
+                   + ("; the next scan decodes again the photos whose rows were lost" if lost else ""))
+        return out
+
+    def _steps(self) -> list[str]:
+        log, steps = self.log, []
+        if self.version is None:
+            return [f"moves the whole log aside to {META_DIR}/{QUARANTINE}/ (no version is left: the next scan starts "
+                    "over)"]
+        if log.strays:
+            steps.append("moves the damaged log entries aside")
         if log.problem:
-            steps.append("moves the damaged log commits aside" + (" (the last good version becomes current)"
-                                                                  if self.version is not None else
-                                                                  " (no version is left: the next scan starts over)"))
+            steps.append("moves the damaged log commits aside (the last good version becomes current)")
         if self.missing or self.unreadable:
             steps.append("removes the damaged data files from the table in a new version")
-        out.append(f"  repair: `dogbreed check {self.out} --repair` {' and '.join(steps)}, keeping the history; "
-                   "the next scan decodes again the photos whose rows were lost")
-        return out
+        return steps
 
 
 def check(loc: Location, deep: bool = False) -> Health:
@@ -228,22 +150,28 @@ def check(loc: Location, deep: bool = False) -> Health:
 
     health = Health(loc.out, read_log(loc))
     health.version = health.log.readable_to
-    if not health.log.commits:
-        try:
-            infos = loc.fs.get_file_info(pafs.FileSelector(loc.path("data"), recursive=True, allow_not_found=True))
-        except (OSError, pa.ArrowException):
-            infos = []
+    if not health.log.commits:  # data files of an earlier history: a run's under data/, compact's in the folder
+        infos = []
+        for folder, recursive in (("data", True), ("", False)):
+            try:
+                infos += loc.fs.get_file_info(pafs.FileSelector(loc.path(folder) if folder else loc.root,
+                                                                recursive=recursive, allow_not_found=True))
+            except (OSError, pa.ArrowException):
+                pass
         health.unlogged = sum(1 for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
     if health.version is None:
         return health
-    try:
-        table = DeltaTable(loc.uri, version=health.version, storage_options=loc.storage_options())
-    except Exception as e:  # noqa: BLE001 - deltalake's own errors: the log holds more than read_log sees
-        health.log.problem = (health.version, f"{health.version:020d}.json", f"cannot be loaded ({first_line(e)})")
-        health.version = None
-        return health
-    adds = table.get_add_actions(flatten=True)
-    sizes = dict(zip(adds.column("path").to_pylist(), adds.column("size_bytes").to_pylist()))
+    if health.log.strays and health.log.files is not None:
+        sizes = health.log.files  # deltalake would stop at the entries repair moves aside: the log's own replay
+    else:
+        try:
+            table = DeltaTable(loc.uri, version=health.version, storage_options=loc.storage_options())
+        except Exception as e:  # noqa: BLE001 - deltalake's own errors: the log holds more than read_log sees
+            health.log.problem = (health.version, f"{health.version:020d}.json", f"cannot be loaded ({first_line(e)})")
+            health.version = None
+            return health
+        adds = table.get_add_actions(flatten=True)
+        sizes = dict(zip(adds.column("path").to_pylist(), adds.column("size_bytes").to_pylist()))
     health.files = len(sizes)
     infos = loc.fs.get_file_info([loc.path(p) for p in sizes]) if sizes else []
     for (name, size), info in zip(sizes.items(), infos):
@@ -266,8 +194,9 @@ def _unreadable(loc: Location, name: str, deep: bool) -> str | None:
                 for i in range(parquet.num_row_groups):
                     parquet.read_row_group(i)
     except (OSError, pa.ArrowException) as e:
-        return _reason(e)
-    return None
+        return reason(e)
+    missing = sorted({"path", "run_id"} - set(parquet.schema_arrow.names))
+    return f"is not a dogbreed data file (no {', '.join(missing)} column)" if missing else None
 
 
 def repair(loc: Location, health: Health) -> list[str]:
@@ -276,17 +205,29 @@ def repair(loc: Location, health: Health) -> list[str]:
 
     done: list[str] = []
     aside = f"{META_DIR}/{QUARANTINE}/{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}"
-    if health.log.problem is not None:
-        # from the first damaged commit on; every commit where none can be read (the ones before would stay unreadable)
-        first = health.log.problem[0] if health.version is not None else min(health.log.commits)
-        names = [name for v, name in sorted(health.log.commits.items()) if v >= first]
-        for name in names:
+    log = health.log
+    if log.problem is not None or log.strays:
+        if health.version is None:  # nothing can be read: the whole log goes, or a checkpoint left would be read
+            first = -1
+        else:
+            first = log.problem[0] if log.problem is not None else health.version + 1
+        names = [name for v, name in sorted({**log.commits, **log.others}.items()) if v >= first]
+        names += [stray for stray, _ in log.strays if stray != HINT and stray not in names]
+        names += [n for v, ns in sorted(log.checkpoints.items()) if v >= first or first < 0 for n in ns if n not in names]
+        # _last_checkpoint naming a version moved aside (or none) would send readers there
+        hinted = log.hint is not None and (log.hint < 0 or any(s == HINT for s, _ in log.strays) or
+                                           (bool(names) and log.hint >= first))
+        for name in names + ([HINT] if hinted else []):
             _move(loc, f"{LOG_DIR}/{name}", f"{aside}/{LOG_DIR}/{name}")
-        _drop_checkpoint_hint(loc, first)
-        done.append(f"moved {len(names)} log commit(s) from version {first} on to {aside}/{LOG_DIR}/")
+        if names:
+            done.append(f"moved {len(names)} log entr{'y' if len(names) == 1 else 'ies'} "
+                        + (f"from version {first} on " if first >= 0 and log.problem is not None else "")
+                        + f"to {aside}/{LOG_DIR}/" + (f" (and {HINT})" if hinted else ""))
+        elif hinted:
+            done.append(f"moved {LOG_DIR}/{HINT} to {aside}/{LOG_DIR}/ (readers replay the commits instead)")
         health = check(loc)
     if health.version is None:
-        done.append("no version is left: the next scan starts the table again (its data files stay in data/)")
+        done.append("no version is left: the next scan starts the table again (its data files stay where they are)")
         return done
     for name, _ in health.unreadable:
         _move(loc, name, f"{aside}/{name}")
@@ -304,19 +245,3 @@ def _move(loc: Location, src: str, dst: str) -> None:
         loc.fs.create_dir(loc.path(dst.rsplit("/", 1)[0]), recursive=True)
     loc.fs.move(loc.path(src), loc.path(dst))
 
-
-def _checkpoint_hint(loc: Location) -> int | None:
-    """The version _last_checkpoint names, or None (absent, unreadable)."""
-    try:
-        with loc.fs.open_input_stream(loc.path(LOG_DIR, "_last_checkpoint")) as f:
-            version = json.loads(f.read()).get("version")
-    except (OSError, pa.ArrowException, ValueError, AttributeError):
-        return None
-    return version if isinstance(version, int) and version >= 0 else None
-
-
-def _drop_checkpoint_hint(loc: Location, first: int) -> None:
-    """_last_checkpoint pointing at a version that was moved aside would send readers there."""
-    version = _checkpoint_hint(loc)
-    if version is not None and version >= first:
-        loc.fs.delete_file(loc.path(LOG_DIR, "_last_checkpoint"))

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from dogbreed.table.deltalog import DamagedTable, check_hint, check_next
 from dogbreed.table.health import reading
 from dogbreed.table.location import locate
 from dogbreed.table.schema import REPEATED, ROW_COLUMNS, SCHEMA, empty_table
@@ -36,6 +37,7 @@ def dataset(out: Any, dictionaries: tuple[str, ...] = (), table: Any = None) -> 
     None before the first commit. Read it with a column list: the embedding is ~2 KB per decoded row."""
     loc = locate(out)
     table = table if table is not None else open_table(loc)
+    check_next(loc, table.version() if table is not None else None)  # a FIFO or folder as the next commit
     if table is None:
         return None
     files = [loc.path(p) for p in table.get_add_actions(flatten=True).column("path").to_pylist()]
@@ -127,6 +129,9 @@ def latest_table(out: Any, columns: list[str] | None = None, model_id: str | Non
     if model_id:  # a deletion is recorded without a model: keep it so vanished files drop out
         filt = filt | (pc.field("status") == "deleted")
     table = _scan(out, ds, table, columns=cols, filter=filt)
+    if table.column("path").null_count or table.column("run_id").null_count:
+        raise DamagedTable(f"table {out} holds rows without a path or run id, which dogbreed never writes (another "
+                           f"table's file, or a commit edited by hand?); {check_hint(locate(out))}")
     if table.num_rows < 2:
         return table
     # A path's latest row is the one of its newest run (run ids sort by start time, runs never overlap, and a
@@ -140,7 +145,23 @@ def latest_table(out: Any, columns: list[str] | None = None, model_id: str | Non
     codes = paths.indices.to_numpy(zero_copy_only=False)
     best = np.zeros(len(paths.dictionary), dtype=order.dtype)
     np.maximum.at(best, codes, rank)
-    return table.filter(pa.array(rank == best[codes]))
+    keep = rank == best[codes]
+    if np.count_nonzero(keep) > len(paths.dictionary):
+        keep = _one_per_path(table, codes, keep)
+    return table.filter(pa.array(keep))
+
+
+def _one_per_path(table: pa.Table, codes: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Of several rows of one path in its newest run (a commit replayed by hand adds a file twice), the one processed
+    last, then the last in file order: one row per path, the same one on every read of a version."""
+    rows = np.flatnonzero(keep)
+    at = pc.cast(table.column("processed_at").take(pa.array(rows)), pa.int64()).fill_null(np.iinfo(np.int64).min)
+    order = np.lexsort((rows, at.to_numpy(), codes[rows]))
+    ordered = codes[rows][order]
+    last = np.append(ordered[1:] != ordered[:-1], True)
+    keep = np.zeros(len(keep), dtype=bool)
+    keep[rows[order][last]] = True
+    return keep
 
 
 def latest(out: Any, model_id: str | None = None, vectors: bool = False) -> pd.DataFrame:
