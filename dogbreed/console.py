@@ -16,6 +16,12 @@ from pathlib import Path
 from typing import Iterator
 
 
+def printable(name: str) -> str:
+    """A name (a file, a breed) as printed on a line: as it is, or quoted with escapes where it holds a newline or
+    another control character, so a file named "x.jpg\\ncat.jpg: dog: ..." cannot print a line of its own making."""
+    return name if name.isprintable() else repr(name)
+
+
 def setup_logging(log_file: str | None, verbose: bool = False) -> None:
     """INFO and up go to the log file; the terminal (or cron's mail) gets warnings and errors only."""
     console = logging.StreamHandler(sys.stderr)

@@ -32,7 +32,7 @@ def test_predict_json_and_bad_file(tmp_path):
     assert r.exit_code == 3, "a photo that cannot be read exits 3, as a scan with error rows does (it exited 0)"
     rows = [json.loads(line) for line in r.output.strip().splitlines()]
     assert rows[0]["status"] == "error" and rows[0]["error"] == "not a recognised image format"
-    assert rows[1]["status"] == "error" and "vanished" in rows[1]["error"]
+    assert rows[1]["status"] == "error" and rows[1]["error"].startswith("no such file")
     assert rows[2]["status"] == "neither"
 
 
@@ -333,3 +333,27 @@ def test_predict_names_a_fifo_a_device_and_an_object_uri_as_the_scan_would(tmp_p
     assert [row["path"] for row in rows] == [str(fifo), "/dev/zero", "http://127.0.0.1:9/x.jpg"]
     assert [row["error"] for row in rows[:2]] == ["not a regular file (a device, FIFO or socket); never opened"] * 2
     assert rows[2]["status"] == "error" and "vanished" not in rows[2]["error"]
+
+
+def test_predict_prints_each_photo_on_one_line_and_its_json_is_strict_json(tmp_path):
+    """A file named "x.jpg\\ncat.jpg: dog: Labrador retriever (0.99)\\ny.jpg" printed three lines, one a forged answer;
+    --json wrote NaN (no JSON; node and strict parsers refuse it); a folder was "a device, FIFO or socket" and a file
+    never there "vanished"."""
+    odd = tmp_path / "x.jpg\ncat.jpg: dog: Labrador retriever (0.99)\ny.jpg"
+    odd.write_bytes((SAMPLES / "Brittany_02625.jpg").read_bytes())
+    (tmp_path / "folder").mkdir()
+    given = [str(odd), str(tmp_path / "folder"), str(tmp_path / "never.jpg")]
+    r = runner.invoke(app, ["predict", *given])
+    assert r.exit_code == 3
+    lines = r.output.strip().splitlines()
+    assert lines == [f"{str(odd)!r}: dog: Brittany spaniel (0.95)", f"{tmp_path / 'folder'}: error: is a folder, not a file",
+                     f"{tmp_path / 'never.jpg'}: error: no such file (missing, or removed before it could be read)"], lines
+
+    def strict(constant):
+        raise ValueError(f"{constant} is no JSON")
+
+    r = runner.invoke(app, ["predict", *given, "--json"])
+    rows = [json.loads(line, parse_constant=strict) for line in r.output.strip().splitlines()]
+    assert [row["path"] for row in rows] == given and rows[0]["error"] is None and rows[2]["dog_score"] is None
+    r = runner.invoke(app, ["predict", given[0], "--model", str(odd)])
+    assert r.exit_code == 2 and "is a file, not a model folder" in r.output

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from dogbreed.cli.app import BreakLockOpt, ConfigOpt, ModelOpt, _scan_config, _user_errors, app
-from dogbreed.console import native_stderr_quiet, setup_logging, stop_on_sigterm
+from dogbreed.console import native_stderr_quiet, printable, setup_logging, stop_on_sigterm
 from dogbreed.errors import Exit
 
 
@@ -53,7 +53,7 @@ def scan(
             if total:
                 typer.echo(f"{title} ({total}, first {len(paths)}):")
                 for path in paths:
-                    typer.echo(f"  {path!r}" if not path.isprintable() else f"  {path}")
+                    typer.echo(f"  {printable(path)}")
         typer.echo(summary.line())
         raise typer.Exit(Exit.OK)
     typer.echo(summary.line())
@@ -82,11 +82,14 @@ def predict(
         df = analyze([str(p) for p in images], cfg)
         copies = write_annotated(df, annotate, cfg.photos) if annotate else {}
         for row in df.to_dict("records"):
-            shown = {k: row[k] for k in schema.PREDICT_COLUMNS} | ({"annotated": copies.get(row["path"])} if annotate else {})
-            typer.echo(json.dumps(shown, default=str) if as_json else f"{row['path']}: {describe(row)}")
+            # pandas' NaN (no error, no breed) is null: NaN is no JSON, and strict parsers (node, jq's) refuse it
+            shown = {k: None if isinstance(row[k], float) and row[k] != row[k] else row[k] for k in schema.PREDICT_COLUMNS}
+            shown |= {"annotated": copies.get(row["path"])} if annotate else {}
+            typer.echo(json.dumps(shown, default=str, allow_nan=False) if as_json
+                       else f"{printable(row['path'])}: {describe(row)}")
         for path, copy in copies.items():  # a copy not named for its photo's stem alone is named here
             if copy.name != f"{Path(path).stem}.annotated.jpg":
-                typer.echo(f"note: the annotated copy of {path} is {copy}", err=True)
+                typer.echo(f"note: the annotated copy of {printable(path)} is {printable(str(copy))}", err=True)
     if (df["status"] == "error").any():  # as a scan with error rows: the answers stand, and a script can tell
         raise typer.Exit(Exit.BAD_PHOTOS)
 

@@ -10,6 +10,7 @@ import typer
 
 from dogbreed.cli.app import BreakLockOpt, ConfigOpt, ModelOpt, _scan_config, _user_errors, app
 from dogbreed.config import ConfigError
+from dogbreed.console import printable
 from dogbreed.errors import replacing, report_target
 
 OutArg = Annotated[str, typer.Argument(help="Scan output: a folder, s3://... or gs://... (a Delta table).")]
@@ -137,8 +138,7 @@ def similar(
             continue
         typer.echo(f"{f.query}:")
         for h in f.hits:
-            shown = h.path if h.path.isprintable() else repr(h.path)
-            typer.echo(f"  {h.similarity:.3f}  {h.status:<13} {h.breed or '-':<28} {shown}")
+            typer.echo(f"  {h.similarity:.3f}  {h.status:<13} {h.breed or '-':<28} {printable(h.path)}")
 
 
 @app.command()

@@ -18,6 +18,7 @@ import pandas as pd
 from dogbreed.breeds.folders import class_index, evaluation_photos
 from dogbreed.breeds.taxonomy import DataError
 from dogbreed.config import ScanConfig
+from dogbreed.console import printable
 from dogbreed.scan.listing import exact_bytes, text_path
 from dogbreed.table import schema
 from dogbreed.table.store import utcnow
@@ -113,7 +114,7 @@ def classify(paths: list[str], truth: list[int], cfg: ScanConfig) -> dict[str, A
 
 def few(names: list[str], shown: int = 3) -> str:
     """'A, B, C and 4 more': the first few of some names for a one-line message (an odd name shown escaped)."""
-    text = [n if n.isprintable() else repr(n) for n in names[:shown]]
+    text = [printable(n) for n in names[:shown]]
     return ", ".join(text) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 

@@ -112,7 +112,10 @@ def read_bytes(path: str | bytes, max_bytes: int) -> bytes:
                 if f.size() > max_bytes:
                     raise ImageError(f"file is {f.size()} bytes, over the {max_bytes}-byte limit")
                 return f.read()
-        if not stat.S_ISREG(os.stat(path).st_mode):  # opening a FIFO waits for a writer; /dev/zero never ends
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise ImageError("is a folder, not a file", permanent=False)
+        if not stat.S_ISREG(mode):  # opening a FIFO waits for a writer; /dev/zero never ends
             raise ImageError("not a regular file (a device, FIFO or socket); never opened")
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -126,7 +129,7 @@ def read_bytes(path: str | bytes, max_bytes: int) -> bytes:
     except PermissionError:
         raise ImageError("permission denied", permanent=False) from None
     except FileNotFoundError:
-        raise ImageError("vanished before it could be read", permanent=False) from None
+        raise ImageError("no such file (missing, or removed before it could be read)", permanent=False) from None
     except OSError as e:
         raise ImageError(f"cannot read: {e.strerror or e}", permanent=False) from None
 

@@ -124,7 +124,8 @@ def read_artifact_spec(model_dir: str | Path) -> tuple[ModelSpec, str]:
     model_dir = Path(model_dir)
     spec_path, weights_path = model_dir / SPEC_FILE, model_dir / WEIGHTS_FILE
     if not model_dir.is_dir():
-        raise ModelError(f"model folder {model_dir} does not exist")
+        raise ModelError(f"model folder {model_dir} " + ("is a file, not a model folder (give the folder that holds "
+                                                          f"{SPEC_FILE} and {WEIGHTS_FILE})" if model_dir.exists() else "does not exist"))
     if not spec_path.is_file() or not weights_path.is_file():
         raise ModelError(f"{model_dir} is not a model artifact: it needs {SPEC_FILE} and {WEIGHTS_FILE}")
     try:
