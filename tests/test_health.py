@@ -309,6 +309,12 @@ def test_another_tables_commit_is_damage_and_readers_send_the_user_to_check(tmp_
         shutil.copy(part, tmp_path / "out")
     with pytest.raises(DamagedTable, match=f"`dogbreed check {out}`"):
         readers.latest(out)
+    from dogbreed.table.maintain import compact
+
+    log_before = sorted(os.listdir(tmp_path / "out" / LOG_DIR))
+    with pytest.raises(DamagedTable, match="damaged at version 2: .*another table's metadata"):
+        compact(out, retention_hours=1)  # it folded the foreign rows into dogbreed's compacted file for good
+    assert sorted(os.listdir(tmp_path / "out" / LOG_DIR)) == log_before
     found = check(locate(out))
     assert not found.ok and found.log.problem[0] == 2 and "another table's metadata (name 'other'" in found.log.problem[2]
     repair(locate(out), found)

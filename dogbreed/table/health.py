@@ -36,8 +36,9 @@ __all__ = ["DamagedTable", "Health", "LogState", "check", "log_damage", "read_lo
 QUARANTINE = "quarantine"
 
 
-def log_damage(loc: Location, error: BaseException) -> DamagedTable:
-    """The sentence for a table deltalake could not open: the first damaged commit or log entry the log shows."""
+def log_damage(loc: Location, error: BaseException | None) -> DamagedTable | None:
+    """The sentence for a table deltalake could not open: the first damaged commit or log entry the log shows. With
+    no error (deltalake opened it), None where the log shows no damage: a writer asks before it rewrites the table."""
     log = read_log(loc)
     if log.problem is not None:
         version, name, what = log.problem
@@ -45,6 +46,8 @@ def log_damage(loc: Location, error: BaseException) -> DamagedTable:
     if log.strays:
         name, what = log.strays[0]
         return DamagedTable(f"table {loc.out} is damaged: {LOG_DIR}/{name} {what}; {check_hint(loc)}")
+    if error is None:
+        return None
     return DamagedTable(f"table {loc.out}: its log cannot be read ({first_line(error)}); {check_hint(loc)}")
 
 

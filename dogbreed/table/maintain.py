@@ -54,6 +54,9 @@ def compact(out: str, retention_hours: int, lease_s: float = 60.0, break_lock: b
     """
     output = Output(out, write=True)
     output.require()  # a committed dogbreed table, before anything (a marker, a lock) is written
+    damage = table_health.log_damage(output.loc, None)  # deltalake reads past another table's commit, and compacting
+    if damage is not None:  # would fold its rows into dogbreed's files for good (so would the schema commit below)
+        raise damage
     with output.writing(lease_s, what="compact", break_lock=break_lock) as session:
         table = session.table
         before = len(table.get_add_actions(flatten=True))

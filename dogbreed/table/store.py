@@ -27,13 +27,13 @@ import pyarrow.parquet as pq
 
 from dogbreed.errors import Failed, Locked
 from dogbreed.table import schema
+from dogbreed.table.deltalog import TABLE_NAME, check_next
 from dogbreed.table.health import log_damage
 from dogbreed.table.location import Location, first_line
 from dogbreed.table.objects import LOG_DIR, objects
 
 DATA_DIR = "data"  # OUT/data/<run_id>/part-*.parquet: a run's files, under a prefix of its own
 RUNS_DIR = "runs"  # OUT/_dogbreed/runs/<run_id>.json: the files a run in progress has created
-TABLE_NAME = "dogbreed scan results"
 
 
 class ScanLocked(Locked):
@@ -300,6 +300,7 @@ def commit(loc: Location, table, adds: list[Any], manifest: dict[str, Any]) -> i
         return planned + 1
     except (CommitFailedError, DeltaError) as e:
         if isinstance(e, CommitFailedError) or "exists" in str(e).lower():
+            check_next(loc, table.version() if table is not None else None)  # not a writer: a FIFO or folder there
             raise ScanLocked(f"another writer committed to {loc.out} while this run was in progress; "
                              "this run was discarded") from None
         raise StoreError(f"cannot commit the run to {loc.out}: {first_line(e)}") from None
