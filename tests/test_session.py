@@ -106,3 +106,27 @@ def test_a_sigterm_while_ray_starts_unwinds_with_dogbreeds_sentence(tmp_path):
             proc.kill()
             proc.wait()
     assert proc.returncode == 1 and out.strip() == "unwound: stopped by SIGTERM False", (proc.returncode, out)
+
+
+def test_an_address_nothing_answers_at_is_one_sentence_in_seconds():
+    """`train --address 127.0.0.1:1` was still retrying after 7 minutes (ray.init waits for a GCS for ever, with a
+    warning every 5 s); the scan and relabel join Ray the same way."""
+    import socket
+    import time
+
+    import pytest
+
+    from dogbreed.errors import Failed
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    t0 = time.monotonic()
+    with pytest.raises(Failed, match=rf"^cannot join the Ray cluster at 127.0.0.1:{port}: Connection refused; is the"):
+        session.start_ray(f"127.0.0.1:{port}")
+    with pytest.raises(Failed, match=rf"^cannot join the Ray cluster at ray://127.0.0.1:{port}: Connection refused"):
+        session.start_ray(f"ray://127.0.0.1:{port}")
+    with pytest.raises(Failed, match="give HOST:PORT"):
+        session.start_ray("head-without-port")
+    assert time.monotonic() - t0 < 10

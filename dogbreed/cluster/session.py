@@ -39,6 +39,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> Callab
     if ray.is_initialized():
         return None
     address = address or os.environ.get("RAY_ADDRESS") or "local"
+    _probe(address)
     kwargs: dict[str, Any] = {"address": address, "log_to_driver": False, "logging_level": logging.ERROR}
     if address == "local":
         kwargs["include_dashboard"] = False
@@ -76,3 +77,30 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> Callab
 
 def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
+
+
+PROBE_S = 5.0  # a cluster head that does not take a connection in this long is taken as unreachable
+
+
+def _probe(address: str) -> None:
+    """Refuse an address nothing answers at, in seconds: ray.init retries a GCS that refuses the connection for ever
+    (still retrying after 7 minutes), printing a warning every 5 s. `local` and `auto` are Ray's to find."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if address in ("local", "auto"):
+        return
+    parts = urlsplit(address if "://" in address else f"gcs://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is no number
+        host, port = None, None
+    if not host or not port:
+        raise Failed(f"cannot join the Ray cluster at {address}: give HOST:PORT (its head's GCS port, 6379 by "
+                     "default) or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, port), timeout=PROBE_S).close()
+    except OSError as e:
+        why = "no answer within {:g} s".format(PROBE_S) if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise Failed(f"cannot join the Ray cluster at {address}: {why}; is the cluster up, and is that its head's "
+                     "address?") from None
