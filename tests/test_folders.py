@@ -32,6 +32,26 @@ def test_class_folders_of_each_layout(tmp_path):
     assert split_folders(tmp_path / "plain") is None
 
 
+def test_breed_folders_beside_a_layout_folder_are_named_as_left_out(tmp_path, caplog):
+    """A tree with Beagle/ and Samoyed/ beside an Images/ (or train/ and valid/) folder trained on that folder
+    alone: 20 photos of the other breeds left out, without a word."""
+    for name in ("Beagle/a.jpg", "Samoyed/b.jpg", "Images/Akita/c.jpg", "Images/Lowchen/d.jpg"):
+        _touch(tmp_path / "im" / name)
+    for name in ("Beagle/a.jpg", "train/Akita/c.jpg", "valid/Akita/d.jpg", "test/Akita/e.jpg"):
+        _touch(tmp_path / "sv" / name)
+    with caplog.at_level("WARNING", logger="dogbreed.breeds"):
+        assert list(class_folders(tmp_path / "im")) == ["Akita", "Lowchen"]
+        assert set(split_folders(tmp_path / "sv")) == {"train", "val", "test"}
+    assert "holds Images/ (Stanford Dogs' layout): only that is read; the folders beside it are left out: Beagle, " \
+        "Samoyed" in caplog.text
+    assert "the folders beside it are left out: Beagle" in caplog.text.split("sv holds")[1]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dogbreed.breeds"):
+        class_folders(tmp_path / "im" / "Images")
+        split_folders(tmp_path / "sv" / "train")
+    assert not caplog.text  # a plain tree says nothing
+
+
 def test_a_name_that_is_not_utf8_is_kept_exactly(tmp_path):
     raw = os.fsencode(str(tmp_path)) + b"/A/caf\xe9.jpg"
     os.makedirs(os.fsencode(str(tmp_path / "A")), exist_ok=True)

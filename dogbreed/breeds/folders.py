@@ -52,6 +52,7 @@ def class_folders(root: str | Path, extensions: list[str] | None = None, min_cla
     if not root.is_dir():
         raise DataError(f"labelled folder {root} does not exist")
     if (root / "Images").is_dir():
+        _left_beside(root, {"Images"}, "Images/ (Stanford Dogs' layout)")
         root = root / "Images"
     classes: dict[str, list[str]] = {}
     for path in photos_under(root, extensions):
@@ -77,7 +78,22 @@ def split_folders(root: str | Path) -> dict[str, Path] | None:
         present = [root / n for n in names if (root / n).is_dir()]
         if present:
             found[split] = present[0]
-    return found if "train" in found and "val" in found else None
+    if "train" not in found or "val" not in found:
+        return None
+    _left_beside(root, {p.name for p in found.values()}, "train/ and valid/ (the dog app's split)")
+    return found
+
+
+def _left_beside(root: Path, used: set[str], layout: str) -> None:
+    """A tree whose layout folder is read alone: say which other folders beside it are left out (a breed folder
+    there would otherwise train nothing, without a word)."""
+    try:
+        others = sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name not in used and not e.name.startswith("."))
+    except OSError:
+        return
+    if others:
+        log.warning("%s holds %s: only %s read; the folders beside it are left out: %s%s", root, layout,
+                    "that is" if len(used) == 1 else "those are", ", ".join(others[:5]), ", ..." if len(others) > 5 else "")
 
 
 def class_index(class_names: list[str]):
