@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from dogbreed.config import PhotoConfig
-from dogbreed.errors import UsageError, replacing, report_target, writing
+from dogbreed.errors import UsageError, replacing, report_target
 from dogbreed.table import readers, schema
 from dogbreed.vision.decode import ImageError
 from dogbreed.vision.geometry import Geometry
@@ -161,12 +161,13 @@ def write_annotated(rows: pd.DataFrame, folder: str | Path, photos: PhotoConfig 
             img = thumbnail(reader, row.get("path_bytes") or row["path"], row)
             stem, n = Path(row["path"]).stem, 1
             target = folder / f"{stem}.annotated.jpg"
-            while target in written.values() or os.path.realpath(target) in inputs or (n > 1 and target in own):
+            # a link of that name is never written through (it may lead to any photo): the next free name is taken
+            while (target in written.values() or os.path.realpath(target) in inputs or (n > 1 and target in own)
+                   or os.path.islink(target)):
                 n += 1
                 target = folder / f"{stem}-{n}.annotated.jpg"
-            with writing(target):
-                folder.mkdir(parents=True, exist_ok=True)
-                img.save(target, quality=90)
+            with replacing(target, parents=True) as tmp:  # whole or not at all; a hard link's other names keep theirs
+                img.save(tmp, format="JPEG", quality=90)
             written[row["path"]] = target
     finally:
         reader.close()

@@ -1,6 +1,7 @@
 """The typer app end to end through typer's runner: same library functions, clear errors, exit codes."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -319,6 +320,27 @@ def test_predict_annotate_keeps_every_copy_and_never_writes_over_a_photo_it_read
     assert sorted(p.name for p in (tmp_path / "ann").iterdir()) == sorted(
         ["x.annotated.jpg", "x-2.annotated.jpg", "x-3.annotated.jpg", "x-4.annotated.jpg", "x.annotated.annotated.jpg"])
     assert f"note: the annotated copy of {photos[1]} is {tmp_path / 'ann' / 'x-4.annotated.jpg'}" in r.output
+
+
+def test_predict_annotate_never_writes_through_a_link_or_into_a_hard_linked_photo(tmp_path):
+    """An x.annotated.jpg in the folder that was a link to some other photo got the copy written over that photo;
+    a hard link of a photo under that name shared the overwrite."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "ann").mkdir()
+    (tmp_path / "in" / "x.png").write_bytes((SAMPLES / "coffee.png").read_bytes())
+    victim, kept = tmp_path / "victim.jpg", (SAMPLES / "Brittany_02625.jpg").read_bytes()
+    victim.write_bytes(kept)
+    (tmp_path / "ann" / "x.annotated.jpg").symlink_to(victim)
+    (tmp_path / "in" / "y.png").write_bytes((SAMPLES / "coffee.png").read_bytes())
+    os.link(victim, tmp_path / "ann" / "y.annotated.jpg")
+    r = runner.invoke(app, ["predict", str(tmp_path / "in" / "x.png"), str(tmp_path / "in" / "y.png"),
+                            "--annotate", str(tmp_path / "ann"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert victim.read_bytes() == kept  # neither through the link nor through the shared inode
+    rows = [json.loads(line) for line in r.output.splitlines() if line.startswith("{")]
+    assert [Path(row["annotated"]).name for row in rows] == ["x-2.annotated.jpg", "y.annotated.jpg"]
+    assert (tmp_path / "ann" / "x.annotated.jpg").is_symlink()  # the user's link is left as it was
+    assert not [p for p in os.listdir(tmp_path / "ann") if "dogbreed-tmp" in p]
 
 
 @pytest.mark.timeout(120)
