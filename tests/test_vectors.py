@@ -210,6 +210,9 @@ def test_similar_refuses_in_one_sentence(tmp_path, predictor, commit_rows):
         similar(str(out), [str(text)], ScanConfig())
     with pytest.raises(SimilarError, match="is neither a photo in the table nor a file here"):
         similar(str(out), [str(tmp_path / "nowhere.jpg")], ScanConfig())
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")  # was "neither a photo in the table nor a file here"
+    with pytest.raises(SimilarError, match=r"zero\.jpg is not a photo in the table, and here it is no regular file"):
+        similar(str(out), [str(tmp_path / "zero.jpg")], ScanConfig())
     empty = tmp_path / "old"
     commit_rows(empty, ["/p/a.jpg"], status="dog")  # rows without vectors
     with pytest.raises(SimilarError, match="holds no embeddings yet"):

@@ -76,6 +76,9 @@ def _query_rows(queries: list[str], current: pa.Table, cfg: ScanConfig,
         elif os.path.isfile(q):
             out.append((q, None, None))
             files.append(q)
+        elif os.path.exists(q):  # a folder, a FIFO, a device (a link to /dev/zero): never opened
+            what = "a folder" if os.path.isdir(q) else "no regular file (a device, FIFO or socket)"
+            raise SimilarError(f"{q} is not a photo in the table, and here it is {what}, not a photo file")
         else:
             raise SimilarError(f"{q} is neither a photo in the table nor a file here")
     if files:
