@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 Item = tuple[str, int]  # (photo path, class index)
 
 __all__ = ["DataError", "Item", "Splits", "make_splits", "stratified_split", "fingerprint", "image_dataset",
-           "feature_dataset", "decode_batch"]
+           "feature_dataset", "decode_batch", "photo_ids"]
 
 
 @dataclass
@@ -154,8 +154,8 @@ def decode_batch(batch: dict[str, np.ndarray], prep: Preprocessing, train: bool,
     from PIL import Image
 
     reader = shared_reader(photo_task(prep, photos, train))
-    xs, ys = [], []
-    for path, label in zip(batch["path"], batch["label"]):
+    xs, ys, kept = [], [], []
+    for n, (path, label) in enumerate(zip(batch["path"], batch["label"])):
         result = reader(os.fsencode(str(path)))
         if not result.ok:
             log.warning("training photo %s left out: %s", path, result.error)
@@ -163,8 +163,12 @@ def decode_batch(batch: dict[str, np.ndarray], prep: Preprocessing, train: bool,
         xs.append(np.asarray(_augment(prep)(Image.fromarray(result.rgb, "RGB")), dtype=np.uint8) if train
                   else result.image)
         ys.append(int(label))
+        kept.append(n)
     shape = (0, prep.input_size, prep.input_size, 3)
-    return {"x": np.stack(xs) if xs else np.zeros(shape, np.uint8), "label": np.asarray(ys, dtype=np.int64)}
+    out = {"x": np.stack(xs) if xs else np.zeros(shape, np.uint8), "label": np.asarray(ys, dtype=np.int64)}
+    if "i" in batch:  # which photos came through: the driver names those left out (workers' logs never reach it)
+        out["i"] = np.asarray(batch["i"], dtype=np.int64)[kept]
+    return out
 
 
 def decode_views(batch: dict[str, np.ndarray], prep: Preprocessing, views: int,
@@ -208,6 +212,9 @@ def view_features(items: list[Item], prep: Preprocessing, model: dict[str, Any],
                         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
                         num_gpus=1 if use_gpu else 0, max_restarts=tasks.max_retries, max_task_retries=tasks.max_retries)
     rows = ds.to_pandas()
+    if not len(rows):
+        raise DataError(f"none of the {len(items)} training photos could be used (each was left out: unreadable, "
+                        "not a photo, or too large); see the photos' folders")
     used = np.unique(rows["i"].to_numpy())
     d = len(rows["x"].iloc[0])
     feats = np.zeros((len(items), 1 + views, d), dtype=np.float32)
@@ -216,12 +223,14 @@ def view_features(items: list[Item], prep: Preprocessing, model: dict[str, Any],
 
 
 def image_dataset(items: list[Item], prep: Preprocessing, train: bool, batch_size: int, photos: PhotoConfig,
-                  tasks: TrainDecodeConfig):
-    """Lazy Ray Dataset of {"x", "label"}; re-executed (reshuffled, re-augmented) every epoch it is read."""
+                  tasks: TrainDecodeConfig, ids: bool = False):
+    """Lazy Ray Dataset of {"x", "label"} (and "i", each photo's index in items, with ids); re-executed
+    (reshuffled, re-augmented) every epoch it is read."""
     import ray.data
 
     blocks = max(1, min(256, len(items) // (2 * batch_size)))
-    ds = ray.data.from_items([{"path": p, "label": y} for p, y in items], override_num_blocks=blocks)
+    ds = ray.data.from_items([{"path": p, "label": y} | ({"i": i} if ids else {}) for i, (p, y) in enumerate(items)],
+                             override_num_blocks=blocks)
     if train:
         ds = ds.random_shuffle()
     return ds.map_batches(decode_batch, fn_kwargs={"prep": prep, "train": train, "photos": photos},
@@ -230,14 +239,22 @@ def image_dataset(items: list[Item], prep: Preprocessing, train: bool, batch_siz
 
 def feature_dataset(items: list[Item], prep: Preprocessing, model: dict[str, Any], actors: int, use_gpu: bool,
                     batch_size: int, photos: PhotoConfig, tasks: TrainDecodeConfig):
-    """Bottleneck features of every photo, computed once (un-augmented) and materialised in the object store."""
+    """Bottleneck features of every photo, computed once (un-augmented) and materialised in the object store; "i"
+    says which of items each row is (photo_ids: those that could be used)."""
     import ray.data
 
     from dogbreed.vision.predictors import FeatureExtractor
 
-    ds = image_dataset(items, prep, train=False, batch_size=batch_size, photos=photos, tasks=tasks)
+    ds = image_dataset(items, prep, train=False, batch_size=batch_size, photos=photos, tasks=tasks, ids=True)
     return ds.map_batches(FeatureExtractor, fn_constructor_kwargs=model | {"prep": asdict(prep),
                                                                            "device": "cuda" if use_gpu else "cpu"},
                           batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
                           num_gpus=1 if use_gpu else 0, max_restarts=tasks.max_retries,
                           max_task_retries=tasks.max_retries).materialize()
+
+
+def photo_ids(features) -> np.ndarray:
+    """The sorted indices ("i") of the photos a materialised feature dataset holds: those that could be used."""
+    if not features.count():
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(features.select_columns(["i"]).to_pandas()["i"].to_numpy())

@@ -10,10 +10,13 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -21,8 +24,10 @@ import dogbreed.train.report as report
 from dogbreed.breeds.taxonomy import imagenet_index_for, read_classes
 from dogbreed.cluster.session import start_ray
 from dogbreed.config import ConfigError, ScanConfig, dump_config
+from dogbreed.console import Terminated
+from dogbreed.errors import Refused
 from dogbreed.train.config import TrainConfig
-from dogbreed.train.data import Item, Splits, feature_dataset, image_dataset, make_splits, view_features
+from dogbreed.train.data import Item, Splits, feature_dataset, image_dataset, make_splits, photo_ids, view_features
 from dogbreed.train.fewshot import fit_prototypes
 from dogbreed.train.worker import STATE_FILE, stages, train_loop_per_worker
 from dogbreed.vision.codecs import check_plugins
@@ -138,7 +143,7 @@ def _datasets(cfg: TrainConfig, splits: Splits, prep: Preprocessing) -> dict[str
     return ds
 
 
-def _run_trainer(cfg: TrainConfig, out: Path, splits: Splits, prep: Preprocessing):
+def _run_trainer(cfg: TrainConfig, out: Path, splits: Splits, prep: Preprocessing, datasets: dict[str, Any]):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -153,7 +158,7 @@ def _run_trainer(cfg: TrainConfig, out: Path, splits: Splits, prep: Preprocessin
         run_config=RunConfig(name=cfg.run_name, storage_path=str(out),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets=_datasets(cfg, splits, prep),
+        datasets=datasets,
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -177,14 +182,33 @@ def fit(cfg: TrainConfig) -> TrainResult:
     if cfg.mode != "fewshot" and not splits.val:
         raise ConfigError(f"no validation photos: 10% of each class of {cfg.data} rounds to none; give --val, or more "
                           "photos")
-    _check_resume(cfg, out, splits)
     backbone = create_backbone(cfg.backbone, cfg.weights, cfg.pretrained)
     prep = Preprocessing.for_backbone(cfg.backbone, cfg.input_size)
-    start_ray(cfg.address)
-    _progress_bars(cfg.progress)
-    if cfg.mode == "fewshot":
-        return _fit_fewshot(cfg, out, splits, backbone, prep, t0)
-    saved = _run_trainer(cfg, out, splits, prep)
+    with _unwind_on_sigterm():
+        shutdown = start_ray(cfg.address)
+        try:
+            _check_resources(cfg)  # before out is written: a refused run changes nothing
+            # The listed photos are checked and recorded: a class that loses every photo in decoding loses it again
+            # on a restart (the fingerprint pins the photos), so its checkpoints stay those of the same classes.
+            _check_resume(cfg, out, splits)
+            _progress_bars(cfg.progress)
+            if cfg.mode == "fewshot":
+                return _fit_fewshot(cfg, out, splits, backbone, prep, t0)
+            return _fit_trainer(cfg, out, splits, backbone, prep, t0)
+        finally:
+            if shutdown:
+                shutdown()  # what Ray had started, also when a SIGTERM unwinds the run
+
+
+def _fit_trainer(cfg: TrainConfig, out: Path, splits: Splits, backbone, prep: Preprocessing, t0: float) -> TrainResult:
+    """freeze, finetune, two-stage: Ray Train on the photos, then the best epoch exported and tested."""
+    datasets = _datasets(cfg, splits, prep)
+    if "train_features" in datasets:  # the photos that could be decoded are known: decide the classes on those
+        kept = _after_decoding(splits, photo_ids(datasets["train_features"]), cfg.missing_classes)
+        if kept.class_folders != splits.class_folders:  # a class dropped: its labels shift, so features are redone
+            datasets = _datasets(cfg, kept, prep)
+        splits = kept
+    saved = _run_trainer(cfg, out, splits, prep, datasets)
     net = BreedNet(backbone, len(splits.class_folders))
     net.load_state_dict(saved["best_model"])
     history = saved["run"]["history"]
@@ -216,10 +240,11 @@ def _keep_answerable(splits: Splits, missing: str) -> Splits:
         return splits
     names = [splits.class_names[i] for i in neither]
     if missing == "refuse":
-        raise ConfigError(f"{len(names)} classes have neither photos in the data nor an ImageNet class to start from: "
-                          f"{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}; add photos, or set "
+        raise ConfigError(f"{_classes(len(names))} neither photos that could be used nor an ImageNet class to start "
+                          f"from: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}; add photos, or set "
                           "missing_classes: drop")
-    log.warning("left out %d classes that have neither photos nor an ImageNet class: %s", len(names), ", ".join(names))
+    log.warning("left out %s neither photos that could be used nor an ImageNet class: %s", _classes(len(names)),
+                ", ".join(names))
     keep = [i for i in range(len(splits.class_folders)) if i not in set(neither)]
     new = {old: n for n, old in enumerate(keep)}
 
@@ -230,6 +255,80 @@ def _keep_answerable(splits: Splits, missing: str) -> Splits:
                    val=relabel(splits.val), test=relabel(splits.test))
 
 
+def _classes(n: int) -> str:
+    return "1 class that has" if n == 1 else f"{n} classes that have"
+
+
+def _after_decoding(splits: Splits, used: Any, missing: str) -> Splits:
+    """The training photos that could be decoded (indices `used` of splits.train): one warning line counts and names
+    those left out (each photo's own line is logged inside a Ray worker, which the terminal never shows), and a class
+    left with no photo and no ImageNet class is refused or dropped (_keep_answerable)."""
+    used = [int(i) for i in used]
+    kept = set(used)
+    left = [p for i, (p, _) in enumerate(splits.train) if i not in kept]
+    if left:
+        log.warning("%d of %d training photos could not be used and were left out (unreadable, not a photo, or too "
+                    "large): %s%s", len(left), len(splits.train), ", ".join(left[:3]), ", ..." if len(left) > 3 else "")
+    return _keep_answerable(replace(splits, train=[splits.train[i] for i in used]), missing)
+
+
+def _check_resources(cfg: TrainConfig) -> None:
+    """Refuse, before any work, what a private local Ray can never hold: it never grows, so Ray Train's workers or the
+    feature actors would wait for ever (as the scan refuses in scan.pipeline._inference_resources). A cluster joined
+    by address may autoscale: there Ray waits, as it does for the scan."""
+    import ray
+
+    if (cfg.address or os.environ.get("RAY_ADDRESS") or "local") != "local":  # start_ray's own choice
+        return
+    have = ray.cluster_resources()
+    features = cfg.mode == "fewshot" or any(s.from_features for s in stages(cfg))
+    if cfg.use_gpu:
+        need = max(cfg.num_workers if cfg.mode != "fewshot" else 0, cfg.feature_actors if features else 0)
+        if have.get("GPU", 0) < need:
+            who = " and ".join(w for w, on in (("Ray Train worker", cfg.mode != "fewshot"), ("feature actor", features)) if on)
+            raise Refused(f"--gpu asks for {need} GPU{'s' * (need > 1)} (one per {who}) but this machine's Ray has "
+                          f"{have.get('GPU', 0):g}: train on the CPU (--cpu), or join a cluster with GPUs (--address)")
+    if cfg.mode == "fewshot":
+        return
+    # A stage that trains on photos decodes them in Ray Data tasks while the workers hold their CPUs
+    decodes = not all(s.from_features for s in stages(cfg))
+    need_cpus = cfg.num_workers * cfg.cpus_per_worker + (cfg.decode.num_cpus if decodes else 0)
+    if need_cpus > have.get("CPU", 0) + 1e-6:
+        tasks = f" and a decode task at decode.num_cpus {cfg.decode.num_cpus:g}" if decodes else ""
+        raise Refused(f"{cfg.num_workers} Ray Train worker(s) at cpus_per_worker {cfg.cpus_per_worker:g}{tasks} need "
+                      f"{need_cpus:g} CPUs, but this machine's Ray has {have.get('CPU', 0):g}: lower --workers or "
+                      "cpus_per_worker")
+
+
+@contextmanager
+def _unwind_on_sigterm() -> Iterator[None]:
+    """A SIGTERM during training unwinds as console.Terminated (one sentence, exit 1, Ray stopped).
+
+    Without a handler of ours, the one Ray's core worker installs in ray.init aborts with a C++ stack dump (exit 134).
+    And a handler that raises Terminated is not enough: inside ray.get (Ray Train's fit waits in one), Ray runs signal
+    handlers in its check_signals, which passes on only KeyboardInterrupt (and SystemExit); any other exception
+    surfaces later as a SystemError. So the handler raises KeyboardInterrupt, and here it becomes Terminated."""
+    before = signal.getsignal(signal.SIGTERM)
+    if before is signal.SIG_IGN or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+
+    def handler(signum, frame):
+        got.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    except KeyboardInterrupt:
+        if got:
+            raise Terminated("stopped by SIGTERM") from None
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
+
+
 def _fit_fewshot(cfg: TrainConfig, out: Path, splits: Splits, backbone, prep: Preprocessing, t0: float) -> TrainResult:
     """Few-shot: features of every photo and its views (Ray Data), then calibrated prototypes (dogbreed.train.fewshot)."""
     import numpy as np
@@ -237,7 +336,8 @@ def _fit_fewshot(cfg: TrainConfig, out: Path, splits: Splits, backbone, prep: Pr
     model = {"backbone": cfg.backbone, "weights": cfg.weights, "pretrained": cfg.pretrained}
     X, views, used = view_features(splits.train, prep, model, cfg.fewshot_views, cfg.feature_actors, cfg.use_gpu,
                                    cfg.batch_size, cfg.photos, cfg.decode)
-    y = np.array([splits.train[i][1] for i in used])
+    splits = _after_decoding(splits, used, cfg.missing_classes)  # rows of X and views: splits.train, in order
+    y = np.array([label for _, label in splits.train])
     index = np.array([-1 if (i := imagenet_index_for(c)) is None else i for c in splits.class_folders])
     classifier = backbone.get_classifier()
     fitted = fit_prototypes(X, views, y, index, classifier.weight.detach().numpy(), classifier.bias.detach().numpy(),
@@ -262,7 +362,7 @@ def _test_metrics(model_dir: Path, items: list[Item], cfg: TrainConfig) -> dict[
     """The artifact's test metrics and report (model_dir/test), or none, with a note, when there are no test photos."""
     if not items:
         log.warning("no test photos%s: the model has no test metrics; give --test, or measure it later with "
-                    "`dogbreed evaluate --model`", "" if cfg.mode == "fewshot" else " (10%% of each class rounds to none)")
+                    "`dogbreed evaluate --model`", "" if cfg.mode == "fewshot" else " (10% of each class rounds to none)")
         return {}
     test = test_artifact(model_dir, items, cfg, model_dir / "test")
     return {"test_top1": test["top1"], "test_top5": test["top5"], "test_n": test["n"]}
