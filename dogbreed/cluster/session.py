@@ -26,6 +26,17 @@ def check_ray_version() -> bool:
     return False
 
 
+def ray_address(address: str | None = None) -> str:
+    """The Ray a run uses: `address`, else RAY_ADDRESS, else "local" (a private Ray started for the run)."""
+    return address or os.environ.get("RAY_ADDRESS") or "local"
+
+
+def is_private(address: str | None = None) -> bool:
+    """Whether the run gets a private local Ray: it never grows, so a request it cannot hold is refused up front
+    (a cluster joined by address may autoscale: there Ray waits)."""
+    return ray_address(address) == "local"
+
+
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> Callable[[], None] | None:
     """Join `address` (or RAY_ADDRESS), else start a private local Ray: never another user's `ray start`.
 
@@ -38,7 +49,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> Callab
     check_ray_version()
     if ray.is_initialized():
         return None
-    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    address = ray_address(address)
     _probe(address)
     kwargs: dict[str, Any] = {"address": address, "log_to_driver": False, "logging_level": logging.ERROR}
     if address == "local":

@@ -8,7 +8,6 @@ photos come back as 'lost' rows (see the job).
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import warnings
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from dogbreed.cluster.session import is_private
 from dogbreed.config import ScanConfig
 from dogbreed.scan.plan import ScanRefused
 from dogbreed.table import schema
@@ -78,7 +78,7 @@ def _inference_resources(cfg: ScanConfig) -> tuple[float, int, int]:
         raise ScanRefused(f"the config asks for {num_gpus} GPU per inference actor but the cluster has {gpus_in_cluster:g} GPUs")
     actors = cfg.inference.concurrency or (max(1, int(gpus_in_cluster // num_gpus)) if num_gpus else 1)
     cpus = resources.get("CPU", 1)
-    if not (cfg.address or os.environ.get("RAY_ADDRESS")):  # this run's own Ray, which never grows: a request it
+    if is_private(cfg.address):  # this run's own Ray, which never grows: a request it
         # cannot hold would wait for ever (a cluster that autoscales may add the nodes, so there Ray waits)
         need = actors * cfg.inference.num_cpus + cfg.decode.num_cpus
         if need > cpus + 1e-6:

@@ -22,7 +22,7 @@ import torch
 
 import dogbreed.train.report as report
 from dogbreed.breeds.taxonomy import imagenet_index_for, read_classes
-from dogbreed.cluster.session import start_ray
+from dogbreed.cluster.session import is_private, start_ray
 from dogbreed.config import ConfigError, ScanConfig, dump_config
 from dogbreed.console import Terminated
 from dogbreed.errors import Refused
@@ -278,7 +278,7 @@ def _check_resources(cfg: TrainConfig) -> None:
     by address may autoscale: there Ray waits, as it does for the scan."""
     import ray
 
-    if (cfg.address or os.environ.get("RAY_ADDRESS") or "local") != "local":  # start_ray's own choice
+    if not is_private(cfg.address):
         return
     have = ray.cluster_resources()
     features = cfg.mode == "fewshot" or any(s.from_features for s in stages(cfg))
