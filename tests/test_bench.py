@@ -162,3 +162,25 @@ def test_bad_size_lists_are_one_sentence(text):
 
     with pytest.raises(UsageError, match=r"--files .*: give comma-separated whole numbers, each at least 20 and at most"):
         parse_sizes(text, "--files", 20, 2_000_000)
+
+
+@pytest.mark.parametrize("mode, runner", [("gpu", "dogbreed.bench.gpu.run_gpu_benchmark"),
+                                          ("speed", "dogbreed.bench.speed.run_benchmark")])
+def test_the_benchmarks_get_the_face_detector_that_will_really_run(tmp_path, monkeypatch, mode, runner):
+    """On the GPU machine (CPython 3.12: no yuface wheel) the scans fell back to haar, and then the stage bounds,
+    which load the configured detector directly, failed: 'face.detector yunet: the yuface package is not installed'."""
+    import importlib
+
+    from dogbreed.vision import faces
+
+    monkeypatch.setattr(faces, "_yuface", lambda: None)
+    seen = {}
+
+    def record(workdir, cfg, **kwargs):
+        seen["detector"] = cfg.face.detector
+        raise SystemExit(0)
+
+    module, name = runner.rsplit(".", 1)
+    monkeypatch.setattr(importlib.import_module(module), name, record)
+    _bench("--mode", mode, "--workdir", str(tmp_path / "wd"))
+    assert seen == {"detector": "haar"}

@@ -301,14 +301,21 @@ def test_scan_with_decode_on_the_device_writes_the_rows_of_a_cpu_scan(tmp_path, 
 
 
 # ------------------------------------------------------------------------------------------- CUDA
+def _faces() -> FaceConfig:
+    """The detector that runs on this node: the GPU machine's CPython 3.12 has no yuface wheel (haar there)."""
+    from dogbreed.vision.faces import resolved
+
+    return resolved(FaceConfig())
+
+
 @pytest.mark.gpu
 @cuda_only
 def test_cuda_batched_decode_gives_the_cpu_rows(tmp_path, predictor):
     paths = sorted(SAMPLES.iterdir()) + make_variants(tmp_path)
     cuda_predictor = BreedPredictor(top_k=3, device="cuda")
     batch = _batch(paths)
-    cpu = predictor(Decoder(PREP, FaceConfig())(batch))
-    dd = device_decode.DeviceDecoder(PREP, FaceConfig(), device="cuda", face_threads=2)
+    cpu = predictor(Decoder(PREP, _faces())(batch))
+    dd = device_decode.DeviceDecoder(PREP, _faces(), device="cuda", face_threads=2)
     decoded = dd(device_decode.JpegShipper(PREP)(batch))
     assert decoded["image"].device.type == "cuda"
     dev = cuda_predictor(decoded)
@@ -323,7 +330,7 @@ def test_cuda_decode_of_a_batch_with_a_bad_jpeg_keeps_the_good_ones_on_the_devic
     paths = [p for p in make_variants(tmp_path, big=(1600, 1200)) if p.name in ("big.jpg", "no_tables.jpg", "rotated.jpg")]
     shipped = device_decode.JpegShipper(PREP)(_batch(paths))
     assert list(shipped[device_decode.KIND]) == [device_decode.JPEG] * 3
-    dd = device_decode.DeviceDecoder(PREP, FaceConfig(), PhotoConfig(), device="cuda")
+    dd = device_decode.DeviceDecoder(PREP, _faces(), PhotoConfig(), device="cuda")
     out = dd(shipped)
     assert dd.fallbacks == 1 and list(out["ok"]) == [True, False, True]
     cpu = Decoder(PREP)(_batch(paths))

@@ -90,7 +90,12 @@ def bench(
             sources = find_sources(source, log=typer.echo)
             typer.echo(vector_report(run_vector_benchmark(workdir, sizes, sources, log=typer.echo)))
             return
+        from dogbreed.vision import faces
+
+        # The detector that will really run (yunet falls back to haar where yuface has no wheel), decided once: the
+        # stage bounds load it directly, and asked for yunet there they failed after the scans (on the GPU machine).
         cfg = _scan_config(config, model=model)
+        cfg = cfg.model_copy(update={"face": faces.resolved(cfg.face)})
         if mode == "gpu":
             from dogbreed.bench.gpu import format_gpu_report, run_gpu_benchmark
 
