@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from dogbreed import report
 from dogbreed.table import readers, schema
 from dogbreed.table.output import Output
+from tests.test_storage_faults import _fill
 
 NASTY_NAME = 'photo <script>alert("x") & ünï 🐶\nline.jpg'  # a file name cannot hold "/"
 NASTY_REASON = 'cannot identify image <script>alert("boom")</script> & "quotes"\nsecond line'
@@ -362,13 +363,7 @@ def test_an_export_onto_a_full_disk_exits_1_and_keeps_the_old_file(export_case, 
     out, _, _ = export_case
     target = small_disk / f"x.{kind}"
     target.write_bytes(b"yesterday's export")
-    with open(small_disk / "filler", "wb", buffering=0) as f:  # to the last byte
-        for chunk in (65536, 1):
-            try:
-                while f.write(b"\0" * chunk):
-                    pass
-            except OSError:
-                pass
+    _fill(small_disk)  # to the last byte
     r = _export(out, kind, target)
     assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
     assert r.output.startswith(f"failed: cannot write {target}: ") and "No space left on device" in r.output
